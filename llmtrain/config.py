@@ -1,0 +1,321 @@
+"""The root config: one typed dataclass tree, loaded from YAML, overridden by dotted CLI keys.
+
+Precedence is CLI > YAML > named model size > dataclass defaults. Loading is strict: an unknown key is
+an error naming the key and the nearest valid one; a value of the wrong type is an error naming the key
+and the expected type. Each component owns its sub-config (``ModelConfig`` in ``llmtrain.models``,
+``DataConfig`` in ``llmtrain.data``); this module only composes them and derives the values that depend
+on more than one of them (``Derived``), once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmtrain.data.config import DataConfig
+from llmtrain.models.config import ModelConfig, apply_model_preset
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: the message says which key is wrong and what to change."""
+
+
+@dataclass
+class TrainConfig:
+    # Number of optimizer steps to run in total (a resumed run continues up to this step).
+    max_steps: int = 300
+    # Seed for weight init, data order and dropout; the same seed gives the same run on any layout.
+    seed: int = 1234
+    # Sequences per forward pass on one data-parallel rank.
+    micro_batch_size: int = 8
+    # Sequences per optimizer step over all data-parallel ranks; gradient accumulation is derived.
+    global_batch_size: int = 16
+    # Tokens per training sequence (must not exceed model.block_size).
+    seq_len: int = 128
+    # 'auto' continues from <out_dir>/checkpoints/latest if present, 'none' starts fresh, or a checkpoint path.
+    resume: str = "auto"
+    # Run a held-out evaluation every N steps (0 disables periodic eval; a final eval always runs).
+    eval_interval: int = 100
+    # Micro-batches per evaluation on each rank.
+    eval_batches: int = 16
+    # Clip the global gradient norm to this value (0 disables clipping).
+    grad_clip: float = 1.0
+    # Tokens generated from `sample_prompt` at the end of training (0 disables the sample).
+    sample_tokens: int = 48
+    # Prompt for the generated sample printed at the end of training.
+    sample_prompt: str = "And God said"
+    # Stop the run after this many consecutive steps with a non-finite loss (each one is skipped).
+    max_nonfinite_steps: int = 5
+
+
+@dataclass
+class OptimConfig:
+    # Peak learning rate reached at the end of warmup.
+    lr: float = 1e-3
+    # Final learning rate as a fraction of `lr` at the end of the decay.
+    min_lr_ratio: float = 0.1
+    # Linear warmup steps from 0 to `lr`.
+    warmup_steps: int = 20
+    # Steps over which the LR decays after warmup (default: the rest of train.max_steps).
+    decay_steps: int | None = None
+    # Decay shape after warmup.
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # AdamW decoupled weight decay (applied to matrices only, not to norms, biases or embeddings' positions).
+    weight_decay: float = 0.1
+    # AdamW beta1.
+    beta1: float = 0.9
+    # AdamW beta2.
+    beta2: float = 0.95
+    # AdamW epsilon.
+    eps: float = 1e-8
+
+
+@dataclass
+class ParallelConfig:
+    # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters).
+    zero_stage: int = 0
+    # Keep optimizer state in CPU memory (ZeRO-Offload; stage 1-3).
+    offload_optimizer: bool = False
+    # Keep parameters in CPU memory (ZeRO-Infinity; stage 3 only).
+    offload_params: bool = False
+    # Tensor-parallel degree.
+    tp: int = 1
+    # Pipeline-parallel degree (number of stages).
+    pp: int = 1
+    # Recompute activations in backward: none | full | selective | every_n.
+    activation_checkpointing: Literal["none", "full", "selective", "every_n"] = "none"
+    # With activation_checkpointing=every_n: checkpoint every n-th block.
+    checkpoint_every_n: int = 2
+    # Extra DeepSpeed config keys merged last (logged); for knobs llmtrain does not model itself.
+    deepspeed_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    # Save a checkpoint every N steps (0: only at the end of training).
+    interval: int = 100
+    # Keep the last K checkpoints; older ones are deleted after a newer one is complete.
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    # Write one console line and one metrics.jsonl record every N steps.
+    interval: int = 10
+    # Also log to Weights & Biases (offline mode when WANDB_MODE is unset and there is no API key).
+    wandb: bool = False
+    # W&B project name.
+    wandb_project: str = "llmtrain"
+    # Show a progress bar on rank 0 when attached to a terminal.
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    # Run directory: config.yaml, metrics.jsonl, checkpoints/, loss.png. An existing one is resumed.
+    out_dir: str = "runs/gpt_debug"
+    # Numeric format of training: fp32, bf16 (mixed, fp32 master weights) or fp16 (GPU only).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The model: a named size (model.name) plus any field overrides.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The data: corpus, tokenizer and loader.
+    data: DataConfig = field(default_factory=DataConfig)
+    # The training loop.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # The optimizer and learning-rate schedule.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # The parallel layout and memory savers.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Checkpoint cadence and retention.
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Logging sinks.
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the world size, once, in one place."""
+
+    world_size: int
+    dp_size: int
+    grad_accum: int
+    tokens_per_step: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe YAML (or the defaults when `path` is None) and apply dotted `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    raw = apply_model_preset(raw, ConfigError)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path} (pass a YAML file from recipes/, e.g. recipes/gpt_debug.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must contain a mapping of config keys at the top level")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.max_steps=50")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            valid = [prefix + n for n in names]
+            near = difflib.get_close_matches(prefix + str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys here: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list; got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping; got {value!r}")
+        return value
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"'{key}' must be of type {tp.__name__}; got {value!r} ({type(value).__name__})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and derived values
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no world size: ranges and combinations of keys."""
+    t, p = cfg.train, cfg.parallel
+    _positive(t.max_steps, "train.max_steps")
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    _positive(t.global_batch_size, "train.global_batch_size")
+    _positive(t.seq_len, "train.seq_len")
+    _positive(p.tp, "parallel.tp")
+    _positive(p.pp, "parallel.pp")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3; got {p.zero_stage}")
+    if t.seq_len > cfg.model.block_size:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.block_size={cfg.model.block_size}; "
+            f"lower train.seq_len or raise model.block_size"
+        )
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+    if t.resume not in ("auto", "none") and not t.resume:
+        raise ConfigError("train.resume must be 'auto', 'none' or a checkpoint path")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last must be >= 1")
+    if cfg.log.interval < 1:
+        raise ConfigError("log.interval must be >= 1")
+
+
+def _positive(value: int, key: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1; got {value}")
+
+
+def derive(cfg: Config, world_size: int) -> Derived:
+    """Layout checks that need the world size, and the values derived from it."""
+    t, p = cfg.train, cfg.parallel
+    model_par = p.tp * p.pp
+    if world_size % model_par:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {p.tp}*{p.pp}; "
+            f"launch a multiple of {model_par} processes or change tp/pp"
+        )
+    dp = world_size // model_par
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size * "
+            f"data-parallel size = {t.micro_batch_size}*{dp} = {per_step}; set train.global_batch_size to a "
+            f"multiple of {per_step}"
+        )
+    return Derived(
+        world_size=world_size,
+        dp_size=dp,
+        grad_accum=t.global_batch_size // per_step,
+        tokens_per_step=t.global_batch_size * t.seq_len,
+    )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
