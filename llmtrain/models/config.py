@@ -1,0 +1,63 @@
+"""Model configs and named sizes.
+
+A recipe picks a size with `model.name` and may override any field; `apply_model_preset` merges the
+named size under the recipe's keys, so precedence stays CLI > YAML > named size > defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    # Named size this config starts from (see MODEL_SIZES); other model.* keys override it.
+    name: str = "gpt_debug"
+    # Model family.
+    arch: Literal["gpt"] = "gpt"
+    # Number of transformer blocks.
+    n_layer: int = 4
+    # Attention heads per block.
+    n_head: int = 4
+    # Hidden width (d_model).
+    n_embd: int = 256
+    # Embedding rows; must be >= the tokenizer's vocabulary (padded sizes are faster on GPU).
+    vocab_size: int = 8192
+    # Maximum sequence length (number of learned positions).
+    block_size: int = 256
+    # Dropout on attention, residual and embedding outputs (0 for pre-training, as is usual now).
+    dropout: float = 0.0
+    # Use biases in linear layers and LayerNorms (GPT-2 does).
+    bias: bool = True
+    # Tie the output head to the token embedding.
+    tie_embeddings: bool = True
+    # Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layer).
+    init_std: float = 0.02
+    # Checkpoint or run directory whose weights initialise the model (fresh optimizer and step 0).
+    init_from: str | None = None
+
+
+# Named sizes. GPT-3 paper table 2.1 shapes at seq 2048, GPT-2 vocab padded to a multiple of 64.
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "gpt_debug": dict(arch="gpt", n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
+    "gpt_125m": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=2048),
+    "gpt_350m": dict(arch="gpt", n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=2048),
+    "gpt_760m": dict(arch="gpt", n_layer=24, n_head=16, n_embd=1536, vocab_size=50304, block_size=2048),
+    # GPT-3 XL width and depth (~1.3B); 16 heads of 128.
+    "gpt_1b": dict(arch="gpt", n_layer=24, n_head=16, n_embd=2048, vocab_size=50304, block_size=2048),
+}
+
+
+def apply_model_preset(raw: dict[str, Any], error: type[Exception] = ValueError) -> dict[str, Any]:
+    """Return `raw` with `model` = the named size's fields updated by the recipe's model keys."""
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise error(f"'model' must be a mapping, got {model!r}")
+    name = model.get("name", ModelConfig.name)
+    if name not in MODEL_SIZES:
+        near = difflib.get_close_matches(str(name), MODEL_SIZES, n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"choose one of {', '.join(MODEL_SIZES)}"
+        raise error(f"unknown model.name '{name}'; {hint}")
+    return {**raw, "model": {**MODEL_SIZES[name], **model, "name": name}}
