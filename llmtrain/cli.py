@@ -1,0 +1,96 @@
+"""The `llmtrain` command: one entry point, one sub-command per job.
+
+User errors (a bad key, an impossible layout, a missing checkpoint, a corrupt file) print one line,
+`error: ...`, saying what to change, and exit with status 2. Set LLMTRAIN_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from llmtrain.utils import eprint, rank
+
+EPILOG = ("Overrides are dotted config keys after the recipe, e.g. train.max_steps=50 optim.lr=3e-4 "
+          "parallel.zero_stage=2 out_dir=runs/x. `llmtrain config RECIPE` prints every key with its value.")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/gpt_debug.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (CLI > YAML > defaults)")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llmtrain.config import load_config
+    from llmtrain.train.trainer import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    train(cfg)
+    _shutdown()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from llmtrain.config import load_config, to_dict
+
+    cfg = load_config(args.recipe, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "train": (cmd_train, "train a model from a recipe (what launchers/train.py runs)"),
+    "config": (cmd_config, "print the resolved config of a recipe with overrides, and validate it"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmtrain", description="Train, compress and evaluate LLMs on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        _add_recipe_args(p)
+        p.set_defaults(fn=fn)
+    for register in _plugin_registrars():
+        register(sub)
+    return parser
+
+
+# Components that own sub-commands; each module exposes add_subcommands(subparsers).
+COMPONENT_CLIS: tuple[str, ...] = ()
+
+
+def _plugin_registrars() -> list[Callable]:
+    import importlib
+
+    return [importlib.import_module(m).add_subcommands for m in COMPONENT_CLIS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as exc:  # ConfigError and every other user-input error
+        if os.environ.get("LLMTRAIN_DEBUG"):
+            raise
+        if rank() == 0:
+            eprint(f"error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

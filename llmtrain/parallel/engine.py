@@ -1,0 +1,174 @@
+"""DeepSpeed behind one door: process-group start, our config -> DeepSpeed JSON, engine construction.
+
+This is the only module (with the pipeline module) that imports deepspeed. Everything DeepSpeed can do
+that llmtrain does not model as a config key passes through `parallel.deepspeed_overrides`, merged last
+and logged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+
+from llmtrain.config import Config, Derived
+from llmtrain.utils import print0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, local rank, its device and the comm backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Start (or join) the default process group for any launcher: deepspeed, torchrun, SLURM or plain python.
+
+    A plain `python` start has no RANK/WORLD_SIZE; we fill in a world of one so DeepSpeed does not go
+    looking for MPI. On CPU the backend is gloo; on GPU, NCCL with one device per local rank.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _limit_cpu_threads()
+        _skip_shm_comm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    import torch.distributed as dist
+
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _limit_cpu_threads() -> None:
+    # Neither the deepspeed launcher nor plain python sets OMP_NUM_THREADS; N ranks each using every core
+    # oversubscribe the CPU and run slower than one thread each.
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _skip_shm_comm_build() -> None:
+    # On CPU, DeepSpeed compiles its shared-memory all-reduce op (~55 s on 2 cores) at every
+    # init_distributed. Only AutoTP inference uses it; training all-reduces go through gloo.
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config translation
+
+
+def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
+    """Translate our config into DeepSpeed's JSON config (the only place that knows its key names)."""
+    p, t, o = cfg.parallel, cfg.train, cfg.optim
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": derived.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": _adamw_params(cfg)},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_overrides:
+        print0(f"deepspeed_overrides: {p.deepspeed_overrides}")
+        ds = _deep_merge(ds, p.deepspeed_overrides)
+    return ds
+
+
+def _adamw_params(cfg: Config) -> dict[str, Any]:
+    o = cfg.optim
+    params: dict[str, Any] = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if not cfg.parallel.offload_optimizer:
+        # torch's AdamW instead of DeepSpeed's FusedAdam: no C++/CUDA op to compile at start (~76 s on
+        # CPU), and on GPU torch's fused kernel is as fast. Offload needs DeepSpeedCPUAdam instead.
+        params["torch_adam"] = True
+        params["adam_w_mode"] = True
+        if torch.cuda.is_available():
+            params["fused"] = True
+    return params
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; norms, biases and position tables are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "wpe" not in name else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    model: torch.nn.Module,
+    cfg: Config,
+    derived: Derived,
+    lr_lambda: Callable[[int], float],
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule; returns the engine."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda),
+        config=deepspeed_config(cfg, derived),
+    )
+    return engine
+
+
+def grad_norm_unreported(engine: Any) -> bool:
+    """True where DeepSpeed clips without recording the norm (ZeRO-0 in fp32): the trainer measures it."""
+    return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def reported_grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return norm.item() if isinstance(norm, torch.Tensor) else (None if norm is None else float(norm))

@@ -1,0 +1,156 @@
+"""Atomic checkpoints of a DeepSpeed engine plus the trainer's own state.
+
+Layout of `<out_dir>/checkpoints/`:
+    step_00000100/state/...        DeepSpeed engine state (model, optimizer, LR schedule; ZeRO shards)
+    step_00000100/trainer_state.json   step, tokens seen, data state (JSON: no pickle on our side)
+    step_00000100/rng_rank{r}.json     each rank's torch RNG state
+    step_00000100/config.yaml          the resolved config of the run
+    latest                             one line: the name of the newest complete checkpoint
+
+A checkpoint is written under `.tmp-step_...`, renamed when every rank has finished, and only then is
+`latest` replaced (write to a temp file, then os.replace). A kill at any moment leaves `latest` naming
+a complete checkpoint, or absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.config import Config, save_config
+from llmtrain.utils import barrier, rank
+
+ENGINE_TAG = "state"
+LATEST = "latest"
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, a `checkpoints/` directory or a run directory; return a complete checkpoint.
+
+    Raises ValueError saying what was expected when nothing complete is found.
+    """
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            target = root / (root / LATEST).read_text().strip()
+            if (target / "trainer_state.json").is_file():
+                return target
+            raise ValueError(f"{root / LATEST} names {target.name}, which is missing or incomplete; "
+                             f"point train.resume at an older complete checkpoint under {root}")
+    if not path.exists():
+        raise ValueError(f"checkpoint path {path} does not exist; pass a checkpoint or run directory")
+    raise ValueError(f"{path} holds no complete checkpoint (no trainer_state.json, no 'latest' pointer); "
+                     f"pass a run directory, its checkpoints/ folder or one step_* folder inside it")
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint `latest` points to under out_dir, or None when there is none."""
+    root = checkpoint_root(out_dir)
+    if not (root / LATEST).is_file():
+        return None
+    return resolve_checkpoint(root)
+
+
+def save_checkpoint(engine: Any, cfg: Config, step: int, trainer_state: dict[str, Any]) -> Path:
+    """Collective: every rank calls this. Returns the final checkpoint directory."""
+    root = checkpoint_root(cfg.out_dir)
+    name = step_name(step)
+    tmp, final = root / f".tmp-{name}", root / name
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    _write_json(tmp / f"rng_rank{rank()}.json", _rng_state())
+    if rank() == 0:
+        save_config(cfg, tmp / "config.yaml")
+        _write_json(tmp / "trainer_state.json", trainer_state)
+    barrier()
+    if rank() == 0:
+        _publish(root, tmp, final)
+        _prune(root, cfg.checkpoint.keep_last)
+    barrier()
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    if final.exists():  # the same step saved again after a resume from an older checkpoint
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    pointer = root / f".{LATEST}.tmp"
+    with open(pointer, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, root / LATEST)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").is_file())
+    current = (root / LATEST).read_text().strip()
+    for old in done[:-keep_last]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial(out_dir: str | Path) -> None:
+    """Delete checkpoints left half-written by a killed run (rank 0, before anything is loaded)."""
+    for tmp in checkpoint_root(out_dir).glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, path: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    """Collective: restore engine state and this rank's RNG; return the trainer state."""
+    load_path, _ = engine.load_checkpoint(
+        str(path), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
+    )
+    if load_path is None:
+        raise ValueError(f"DeepSpeed found no engine state under {path / ENGINE_TAG}; the checkpoint is incomplete")
+    rng_file = path / f"rng_rank{rank()}.json"
+    if rng_file.is_file():  # absent when resuming on more ranks than were saved: keep the seeded state
+        _set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

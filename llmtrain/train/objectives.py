@@ -1,0 +1,24 @@
+"""Objectives: a loss over a batch. The trainer knows only this interface, so causal LM, masked LM and
+distillation plug in without `if` branches in the loop."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Objective(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return the scalar loss of `model` on `batch` (mean over non-ignored targets)."""
+        ...
+
+
+class CausalLM:
+    """Next-token cross-entropy; labels equal to -100 are ignored."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["input_ids"])  # (B, T, V)
+        labels = batch["labels"]
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -1,0 +1,255 @@
+"""The training loop. Setup is a short list of build_* calls; the loop knows only an Objective."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
+from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
+from llmtrain.train.objectives import CausalLM, Objective
+from llmtrain.train.schedule import lr_multiplier
+from llmtrain.utils import barrier, print0, rank
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+
+
+def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
+    """Run training as configured; every rank calls this. Returns a summary (rank 0 has all fields)."""
+    derived = derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail on a bad layout before any init
+    from llmtrain.parallel.engine import build_engine, init_distributed
+
+    info = init_distributed()
+    derived = derive(cfg, info.world_size)
+    resume_from = resolve_resume(cfg)
+    prepare_run_dir(cfg)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data_for(cfg, derived)
+    model = build_model_for(cfg, data.vocab_size)
+    engine = build_engine(model, cfg, derived, lr_multiplier(cfg.optim, cfg.train.max_steps))
+    state = TrainerState()
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(engine, resume_from)
+        state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"])
+        data.load_state_dict(saved.get("data", {}))
+        print0(f"resumed from {resume_from} at step {state.step}")
+    print_layout(cfg, derived, info, model)
+    sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg))
+    objective = objective or CausalLM()
+    try:
+        run_loop(cfg, derived, engine, data, objective, state, sink, info.device)
+        summary = finish(cfg, engine, data, objective, state, sink, info.device)
+    finally:
+        sink.close()
+    return summary
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """Which checkpoint to continue from, per train.resume (auto | none | path)."""
+    resume = cfg.train.resume
+    if resume == "auto":
+        return ckpt.latest_checkpoint(cfg.out_dir)
+    if resume == "none":
+        if ckpt.latest_checkpoint(cfg.out_dir) is not None:
+            raise ConfigError(
+                f"{cfg.out_dir} already holds checkpoints and train.resume=none would overwrite them; "
+                f"use train.resume=auto to continue that run, or choose a new out_dir"
+            )
+        return None
+    try:
+        return ckpt.resolve_checkpoint(resume)
+    except ValueError as exc:
+        raise ConfigError(f"train.resume: {exc}") from None
+
+
+def prepare_run_dir(cfg: Config) -> None:
+    if rank() == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(cfg.out_dir)
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+    barrier()
+
+
+def build_data_for(cfg: Config, derived: Derived):
+    from llmtrain.data import build_data
+
+    dp_rank = rank() // (cfg.parallel.tp * cfg.parallel.pp)
+    return build_data(
+        cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=derived.grad_accum, dp_rank=dp_rank, dp_size=derived.dp_size,
+    )
+
+
+def build_model_for(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    from llmtrain.models import build_model
+
+    if vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size >= {vocab_size} (a multiple of 64 is fastest on GPU)"
+        )
+    model = build_model(cfg.model)
+    torch.manual_seed(cfg.train.seed)  # the same weights on every rank and every layout
+    model.init_weights()
+    return model
+
+
+def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Module) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    print0(
+        f"llmtrain | model {cfg.model.name} {n / 1e6:.2f}M params | world {derived.world_size} "
+        f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}) on {info.device.type}/{info.backend} | "
+        f"ZeRO-{cfg.parallel.zero_stage} {cfg.precision} | micro {cfg.train.micro_batch_size} x accum "
+        f"{derived.grad_accum} x dp {derived.dp_size} = {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} tokens"
+    )
+
+
+def run_loop(cfg: Config, derived: Derived, engine: Any, data: Any, objective: Objective,
+             state: TrainerState, sink: MetricsSink, device: torch.device) -> None:
+    t = cfg.train
+    lr_at = lr_multiplier(cfg.optim, t.max_steps)
+    progress = _progress_bar(cfg, state.step)
+    window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+    while state.step < t.max_steps:
+        log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
+        loss, grad_norm = train_step(engine, objective, data.train_batches(state.step), device, log_now)
+        loss_sum += loss
+        state.step += 1
+        state.tokens_seen += derived.tokens_per_step
+        window_steps += 1
+        progress.update(1)
+        if log_now:
+            elapsed = time.perf_counter() - window_start
+            rec = train_record(state, _mean_over_ranks(loss_sum / window_steps), cfg.optim.lr * lr_at(state.step - 1),
+                               grad_norm, derived.tokens_per_step * window_steps / elapsed)
+            sink.log(rec, console=format_line(rec, t.max_steps))
+            progress.set_postfix(loss=f"{rec['loss']:.3f}")
+            window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        if t.eval_interval and state.step % t.eval_interval == 0 and state.step < t.max_steps:
+            log_eval(cfg, engine, data, objective, state, sink, device)
+        if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < t.max_steps:
+            save(engine, cfg, state, data)
+    progress.close()
+
+
+def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
+               device: torch.device, measure_norm: bool = False) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over the gradient-accumulation micro-batches.
+
+    Returns the mean loss (detached) and, when `measure_norm`, the global gradient norm before clipping.
+    """
+    from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
+
+    total, norm = torch.zeros((), device=device), None
+    for i, mb in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        loss = objective(engine, batch)
+        engine.backward(loss)
+        if measure_norm and i == len(micro_batches) - 1 and grad_norm_unreported(engine):
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).item()  # grads are already averaged over ranks
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        total += loss.detach().float()
+    if measure_norm and norm is None:
+        norm = reported_grad_norm(engine)
+    return total / len(micro_batches), norm
+
+
+def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float | None,
+                 tokens_per_s: float) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+@torch.no_grad()
+def evaluate(engine: Any, objective: Objective, batches: list[dict[str, torch.Tensor]],
+             device: torch.device) -> float:
+    """Mean held-out loss over this rank's batches, averaged over ranks."""
+    engine.eval()
+    total = torch.zeros((), device=device)
+    for mb in batches:
+        total += objective(engine, {k: v.to(device) for k, v in mb.items()}).float()
+    engine.train()
+    return _mean_over_ranks(total / max(1, len(batches)))
+
+
+def log_eval(cfg: Config, engine: Any, data: Any, objective: Objective, state: TrainerState,
+             sink: MetricsSink, device: torch.device) -> float:
+    loss = evaluate(engine, objective, data.val_batches(cfg.train.eval_batches), device)
+    sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)},
+             console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
+    return loss
+
+
+def save(engine: Any, cfg: Config, state: TrainerState, data: Any) -> Path:
+    trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": data.state_dict()}
+    path = ckpt.save_checkpoint(engine, cfg, state.step, trainer_state)
+    print0(f"checkpoint saved: {path}")
+    return path
+
+
+def finish(cfg: Config, engine: Any, data: Any, objective: Objective, state: TrainerState,
+           sink: MetricsSink, device: torch.device) -> dict[str, Any]:
+    """Final eval, final checkpoint, loss plot and a generated sample."""
+    eval_loss = log_eval(cfg, engine, data, objective, state, sink, device)
+    save(engine, cfg, state, data)
+    summary: dict[str, Any] = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+    if rank() == 0:
+        png = plot_losses(sink.path, Path(cfg.out_dir) / "loss.png")
+        summary["plot"] = str(png) if png else None
+    if cfg.train.sample_tokens > 0:
+        summary["sample"] = sample_text(cfg, engine, data, device)
+        print0(f"sample: {summary['sample']!r}")
+    print0(f"done: step {state.step} | held-out loss {eval_loss:.4f} | perplexity {perplexity(eval_loss):.2f} | "
+           f"metrics {sink.path}" + (f" | plot {summary.get('plot')}" if summary.get("plot") else ""))
+    return summary
+
+
+@torch.no_grad()
+def sample_text(cfg: Config, engine: Any, data: Any, device: torch.device) -> str:
+    """All ranks generate the same tokens in lockstep (ZeRO-3 gathers parameters in every forward)."""
+    from llmtrain.models.generation import generate
+
+    tok = data.tokenizer
+    prompt = torch.tensor([tok.encode(cfg.train.sample_prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    engine.eval()
+    out = generate(engine, prompt, cfg.train.sample_tokens, block_size=cfg.model.block_size,
+                   temperature=0.8, top_k=40, generator=gen)
+    engine.train()
+    return tok.decode(out[0].tolist())
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    v = value.item()
+    return v if math.isfinite(v) else float("nan")
+
+
+def _progress_bar(cfg: Config, start: int) -> Any:
+    from tqdm import tqdm
+
+    # Only on rank 0 and only on a terminal: piped logs get the per-interval console lines instead.
+    disable = None if (cfg.log.progress and rank() == 0) else True
+    return tqdm(total=cfg.train.max_steps, initial=start, disable=disable, dynamic_ncols=True, unit="step")
