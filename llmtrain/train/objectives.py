@@ -22,3 +22,13 @@ class CausalLM:
         logits = model(batch["input_ids"])  # (B, T, V)
         labels = batch["labels"]
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# model.arch -> the objective it pre-trains with. Components add their own entries here.
+OBJECTIVES: dict[str, type] = {"gpt": CausalLM}
+
+
+def objective_for(arch: str) -> Objective:
+    if arch not in OBJECTIVES:
+        raise ValueError(f"no training objective for model.arch '{arch}'; known: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[arch]()

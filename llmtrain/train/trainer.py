@@ -15,7 +15,7 @@ import torch.distributed as dist
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
-from llmtrain.train.objectives import CausalLM, Objective
+from llmtrain.train.objectives import Objective, objective_for
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
 
@@ -47,7 +47,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         print0(f"resumed from {resume_from} at step {state.step}")
     print_layout(cfg, derived, info, model)
     sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg))
-    objective = objective or CausalLM()
+    objective = objective or objective_for(cfg.model.arch)
     try:
         run_loop(cfg, derived, engine, data, objective, state, sink, info.device)
         summary = finish(cfg, engine, data, objective, state, sink, info.device)
