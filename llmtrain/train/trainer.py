@@ -15,6 +15,7 @@ import torch.distributed as dist
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
+from llmtrain.train.preemption import StopRequest
 from llmtrain.train.objectives import Objective, objective_for
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
@@ -48,10 +49,17 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     print_layout(cfg, derived, info, model)
     sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg))
     objective = objective or objective_for(cfg.model.arch)
+    stop = StopRequest()
     try:
-        run_loop(cfg, derived, engine, data, objective, state, sink, info.device)
-        summary = finish(cfg, engine, data, objective, state, sink, info.device)
+        if run_loop(cfg, derived, engine, data, objective, state, sink, info.device, stop):
+            summary = finish(cfg, engine, data, objective, state, sink, info.device)
+        else:
+            path = save(engine, cfg, state, data)
+            print0(f"stop requested by signal: checkpoint {path} written at step {state.step}; "
+                   f"rerun the same command to continue")
+            summary = {"step": state.step, "stopped": True}
     finally:
+        stop.restore()
         sink.close()
     return summary
 
@@ -117,7 +125,8 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
 
 
 def run_loop(cfg: Config, derived: Derived, engine: Any, data: Any, objective: Objective,
-             state: TrainerState, sink: MetricsSink, device: torch.device) -> None:
+             state: TrainerState, sink: MetricsSink, device: torch.device, stop: StopRequest) -> bool:
+    """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
     t = cfg.train
     lr_at = lr_multiplier(cfg.optim, t.max_steps)
     progress = _progress_bar(cfg, state.step)
@@ -141,7 +150,11 @@ def run_loop(cfg: Config, derived: Derived, engine: Any, data: Any, objective: O
             log_eval(cfg, engine, data, objective, state, sink, device)
         if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < t.max_steps:
             save(engine, cfg, state, data)
+        if state.step < t.max_steps and stop.agreed(device):
+            progress.close()
+            return False
     progress.close()
+    return True
 
 
 def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
