@@ -26,7 +26,6 @@ import torch
 from llmtrain.config import Config, save_config
 from llmtrain.utils import barrier, rank
 
-ENGINE_TAG = "state"
 LATEST = "latest"
 
 
@@ -67,7 +66,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return resolve_checkpoint(root)
 
 
-def save_checkpoint(engine: Any, cfg: Config, step: int, trainer_state: dict[str, Any]) -> Path:
+def save_checkpoint(runner: Any, cfg: Config, step: int, trainer_state: dict[str, Any]) -> Path:
     """Collective: every rank calls this. Returns the final checkpoint directory."""
     root = checkpoint_root(cfg.out_dir)
     name = step_name(step)
@@ -76,7 +75,7 @@ def save_checkpoint(engine: Any, cfg: Config, step: int, trainer_state: dict[str
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    runner.save(tmp)
     _write_json(tmp / f"rng_rank{rank()}.json", _rng_state())
     if rank() == 0:
         save_config(cfg, tmp / "config.yaml")
@@ -120,14 +119,9 @@ def remove_partial(out_dir: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: Path, load_optimizer: bool = True) -> dict[str, Any]:
-    """Collective: restore engine state and this rank's RNG; return the trainer state."""
-    load_path, _ = engine.load_checkpoint(
-        str(path), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
-        load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
-    )
-    if load_path is None:
-        raise ValueError(f"DeepSpeed found no engine state under {path / ENGINE_TAG}; the checkpoint is incomplete")
+def load_checkpoint(runner: Any, path: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    """Collective: restore the runner's state and this rank's RNG; return the trainer state."""
+    runner.load(path, load_optimizer=load_optimizer)
     rng_file = path / f"rng_rank{rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved: keep the seeded state
         _set_rng_state(json.loads(rng_file.read_text()))

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
+from llmtrain.parallel.runner import Runner
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
-from llmtrain.train.preemption import StopRequest
 from llmtrain.train.objectives import Objective, objective_for
+from llmtrain.train.preemption import StopRequest
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
 
@@ -30,7 +31,8 @@ class TrainerState:
 def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     """Run training as configured; every rank calls this. Returns a summary (rank 0 has all fields)."""
     derived = derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail on a bad layout before any init
-    from llmtrain.parallel.engine import build_engine, init_distributed
+    from llmtrain.parallel.engine import init_distributed
+    from llmtrain.parallel.runner import build_runner
 
     info = init_distributed()
     derived = derive(cfg, info.world_size)
@@ -39,10 +41,10 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     data = build_data_for(cfg, derived)
     model = build_model_for(cfg, data.vocab_size)
-    engine = build_engine(model, cfg, derived, lr_multiplier(cfg.optim, cfg.train.max_steps))
+    runner = build_runner(model, cfg, derived, info.device, lr_multiplier(cfg.optim, cfg.train.max_steps))
     state = TrainerState()
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(engine, resume_from)
+        saved = ckpt.load_checkpoint(runner, resume_from)
         state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"])
         data.load_state_dict(saved.get("data", {}))
         print0(f"resumed from {resume_from} at step {state.step}")
@@ -51,10 +53,10 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     objective = objective or objective_for(cfg.model.arch)
     stop = StopRequest()
     try:
-        if run_loop(cfg, derived, engine, data, objective, state, sink, info.device, stop):
-            summary = finish(cfg, engine, data, objective, state, sink, info.device)
+        if run_loop(cfg, derived, runner, data, objective, state, sink, stop):
+            summary = finish(cfg, runner, data, objective, state, sink)
         else:
-            path = save(engine, cfg, state, data)
+            path = save(runner, cfg, state, data)
             print0(f"stop requested by signal: checkpoint {path} written at step {state.step}; "
                    f"rerun the same command to continue")
             summary = {"step": state.step, "stopped": True}
@@ -124,16 +126,16 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
     )
 
 
-def run_loop(cfg: Config, derived: Derived, engine: Any, data: Any, objective: Objective,
-             state: TrainerState, sink: MetricsSink, device: torch.device, stop: StopRequest) -> bool:
+def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective: Objective,
+             state: TrainerState, sink: MetricsSink, stop: StopRequest) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
-    t = cfg.train
+    t, device = cfg.train, runner.device
     lr_at = lr_multiplier(cfg.optim, t.max_steps)
     progress = _progress_bar(cfg, state.step)
     window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
     while state.step < t.max_steps:
         log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
-        loss, grad_norm = train_step(engine, objective, data.train_batches(state.step), device, log_now)
+        loss, grad_norm = runner.train_step(objective, data.train_batches(state.step), log_now)
         loss_sum += loss
         state.step += 1
         state.tokens_seen += derived.tokens_per_step
@@ -147,37 +149,14 @@ def run_loop(cfg: Config, derived: Derived, engine: Any, data: Any, objective: O
             progress.set_postfix(loss=f"{rec['loss']:.3f}")
             window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
         if t.eval_interval and state.step % t.eval_interval == 0 and state.step < t.max_steps:
-            log_eval(cfg, engine, data, objective, state, sink, device)
+            log_eval(cfg, runner, data, objective, state, sink)
         if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < t.max_steps:
-            save(engine, cfg, state, data)
+            save(runner, cfg, state, data)
         if state.step < t.max_steps and stop.agreed(device):
             progress.close()
             return False
     progress.close()
     return True
-
-
-def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
-               device: torch.device, measure_norm: bool = False) -> tuple[torch.Tensor, float | None]:
-    """One optimizer step over the gradient-accumulation micro-batches.
-
-    Returns the mean loss (detached) and, when `measure_norm`, the global gradient norm before clipping.
-    """
-    from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
-
-    total, norm = torch.zeros((), device=device), None
-    for i, mb in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        loss = objective(engine, batch)
-        engine.backward(loss)
-        if measure_norm and i == len(micro_batches) - 1 and grad_norm_unreported(engine):
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads).item()  # grads are already averaged over ranks
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        total += loss.detach().float()
-    if measure_norm and norm is None:
-        norm = reported_grad_norm(engine)
-    return total / len(micro_batches), norm
 
 
 def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float | None,
@@ -192,44 +171,40 @@ def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float |
     }
 
 
-@torch.no_grad()
-def evaluate(engine: Any, objective: Objective, batches: list[dict[str, torch.Tensor]],
-             device: torch.device) -> float:
+def evaluate(runner: Runner, objective: Objective, batches: list[dict[str, torch.Tensor]]) -> float:
     """Mean held-out loss over this rank's batches, averaged over ranks."""
-    engine.eval()
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=runner.device)
     for mb in batches:
-        total += objective(engine, {k: v.to(device) for k, v in mb.items()}).float()
-    engine.train()
+        total += runner.eval_loss(objective, mb)
     return _mean_over_ranks(total / max(1, len(batches)))
 
 
-def log_eval(cfg: Config, engine: Any, data: Any, objective: Objective, state: TrainerState,
-             sink: MetricsSink, device: torch.device) -> float:
-    loss = evaluate(engine, objective, data.val_batches(cfg.train.eval_batches), device)
+def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
+             sink: MetricsSink) -> float:
+    loss = evaluate(runner, objective, data.val_batches(cfg.train.eval_batches))
     sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)},
              console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
     return loss
 
 
-def save(engine: Any, cfg: Config, state: TrainerState, data: Any) -> Path:
+def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path:
     trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": data.state_dict()}
-    path = ckpt.save_checkpoint(engine, cfg, state.step, trainer_state)
+    path = ckpt.save_checkpoint(runner, cfg, state.step, trainer_state)
     print0(f"checkpoint saved: {path}")
     return path
 
 
-def finish(cfg: Config, engine: Any, data: Any, objective: Objective, state: TrainerState,
-           sink: MetricsSink, device: torch.device) -> dict[str, Any]:
+def finish(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
+           sink: MetricsSink) -> dict[str, Any]:
     """Final eval, final checkpoint, loss plot and a generated sample."""
-    eval_loss = log_eval(cfg, engine, data, objective, state, sink, device)
-    save(engine, cfg, state, data)
+    eval_loss = log_eval(cfg, runner, data, objective, state, sink)
+    save(runner, cfg, state, data)
     summary: dict[str, Any] = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
     if rank() == 0:
         png = plot_losses(sink.path, Path(cfg.out_dir) / "loss.png")
         summary["plot"] = str(png) if png else None
     if cfg.train.sample_tokens > 0:
-        summary["sample"] = sample_text(cfg, engine, data, device)
+        summary["sample"] = sample_text(cfg, runner, data)
         print0(f"sample: {summary['sample']!r}")
     print0(f"done: step {state.step} | held-out loss {eval_loss:.4f} | perplexity {perplexity(eval_loss):.2f} | "
            f"metrics {sink.path}" + (f" | plot {summary.get('plot')}" if summary.get("plot") else ""))
@@ -237,17 +212,15 @@ def finish(cfg: Config, engine: Any, data: Any, objective: Objective, state: Tra
 
 
 @torch.no_grad()
-def sample_text(cfg: Config, engine: Any, data: Any, device: torch.device) -> str:
+def sample_text(cfg: Config, runner: Runner, data: Any) -> str:
     """All ranks generate the same tokens in lockstep (ZeRO-3 gathers parameters in every forward)."""
     from llmtrain.models.generation import generate
 
     tok = data.tokenizer
-    prompt = torch.tensor([tok.encode(cfg.train.sample_prompt)], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    engine.eval()
-    out = generate(engine, prompt, cfg.train.sample_tokens, block_size=cfg.model.block_size,
+    prompt = torch.tensor([tok.encode(cfg.train.sample_prompt)], dtype=torch.long, device=runner.device)
+    gen = torch.Generator(device=runner.device).manual_seed(cfg.train.seed)
+    out = generate(runner.logits, prompt, cfg.train.sample_tokens, block_size=cfg.model.block_size,
                    temperature=0.8, top_k=40, generator=gen)
-    engine.train()
     return tok.decode(out[0].tolist())
 
 

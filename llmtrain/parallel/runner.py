@@ -1,0 +1,113 @@
+"""Runners: how one optimizer step, one eval forward and one checkpoint happen on a given layout.
+
+The trainer talks only to a Runner, so data parallel + ZeRO, pipeline and tensor parallel are
+different runners, not `if` branches in the loop. `build_runner` picks one from the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from llmtrain.config import Config, Derived
+from llmtrain.train.objectives import Objective
+
+ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
+
+
+class Runner(Protocol):
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+
+    def train_step(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
+                   measure_norm: bool) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over the accumulation micro-batches: (mean loss on this rank, grad norm)."""
+        ...
+
+    def eval_loss(self, objective: Objective, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss of one held-out micro-batch (no grad)."""
+        ...
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full logits (B, T, V) on every rank, for generation; all ranks call it in lockstep."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Collective: write this rank's share of model, optimizer and LR-schedule state."""
+        ...
+
+    def load(self, directory: Path, load_optimizer: bool = True) -> None:
+        """Collective: restore what `save` wrote."""
+        ...
+
+
+class EngineRunner:
+    """Data parallel with ZeRO 0-3: one DeepSpeed engine over the whole model."""
+
+    def __init__(self, engine: Any, device: torch.device, dp_rank: int, dp_size: int):
+        self.engine, self.device, self.dp_rank, self.dp_size = engine, device, dp_rank, dp_size
+
+    def train_step(self, objective, micro_batches, measure_norm):
+        from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
+
+        engine = self.engine
+        total, norm = torch.zeros((), device=self.device), None
+        for i, mb in enumerate(micro_batches):
+            loss = objective(engine, _to(mb, self.device))
+            engine.backward(loss)
+            if measure_norm and i == len(micro_batches) - 1 and grad_norm_unreported(engine):
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads).item()  # already averaged over ranks
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach().float()
+        if measure_norm and norm is None:
+            norm = reported_grad_norm(engine)
+        return total / len(micro_batches), norm
+
+    @torch.no_grad()
+    def eval_loss(self, objective, batch):
+        self.engine.eval()
+        try:
+            return objective(self.engine, _to(batch, self.device)).float()
+        finally:
+            self.engine.train()
+
+    @torch.no_grad()
+    def logits(self, input_ids):
+        self.engine.eval()
+        try:
+            return self.engine(input_ids.to(self.device))
+        finally:
+            self.engine.train()
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+
+    def load(self, directory: Path, load_optimizer: bool = True) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
+        )
+        if path is None:
+            raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: torch.device,
+                 lr_lambda: Callable[[int], float]) -> Runner:
+    """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
+    -> engine) and return the runner for that layout."""
+    from llmtrain.config import ConfigError
+    from llmtrain.parallel.engine import build_engine
+    from llmtrain.utils import rank
+
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        raise ConfigError("parallel.tp > 1 and parallel.pp > 1 are not available in this build; set both to 1")
+    engine = build_engine(model, cfg, derived, lr_lambda)
+    return EngineRunner(engine, device, dp_rank=rank(), dp_size=derived.dp_size)
