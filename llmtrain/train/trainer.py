@@ -15,11 +15,44 @@ import torch.distributed as dist
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
 from llmtrain.parallel.runner import Runner
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
 from llmtrain.train.objectives import Objective, objective_for
 from llmtrain.train.preemption import StopRequest
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Turns a measured token rate into TFLOP/s per device, MFU and HFU (see llmtrain/train/flops.py)."""
+
+    model_flops_per_token: float
+    hw_flops_per_token: float
+    peak: float | None  # dense BF16 FLOP/s of one device; None on CPU
+    world_size: int
+
+    def record(self, tokens_per_s: float) -> dict[str, float | None]:
+        per_device = tokens_per_s / self.world_size
+        rec = {
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_device": per_device * self.model_flops_per_token / 1e12,
+            "mfu": flops.utilisation(per_device, self.model_flops_per_token, self.peak),
+        }
+        if self.hw_flops_per_token != self.model_flops_per_token:
+            rec["hfu"] = flops.utilisation(per_device, self.hw_flops_per_token, self.peak)
+        return rec
+
+
+def build_throughput(cfg: Config, model: torch.nn.Module, device: torch.device, world_size: int) -> Throughput:
+    n = sum(p.numel() for p in model.parameters())
+    n_pos = sum(p.numel() for name, p in model.named_parameters() if "wpe" in name or "position" in name)
+    m = cfg.model
+    per_token = flops.model_flops_per_token(n - n_pos, m.n_layer, m.n_embd, cfg.train.seq_len)
+    extra = flops.recompute_flops_per_token(cfg.parallel.activation_checkpointing, n - n_pos, m.n_layer,
+                                            m.n_embd, cfg.train.seq_len, cfg.parallel.checkpoint_every_n)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return Throughput(per_token, per_token + extra, flops.peak_flops(name), world_size)
 
 
 @dataclass
@@ -41,6 +74,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     data = build_data_for(cfg, derived)
     model = build_model_for(cfg, data.vocab_size)
+    throughput = build_throughput(cfg, model, info.device, info.world_size)
     runner = build_runner(model, cfg, derived, info.device, lr_multiplier(cfg.optim, cfg.train.max_steps))
     state = TrainerState()
     if resume_from is not None:
@@ -53,7 +87,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     objective = objective or objective_for(cfg.model.arch)
     stop = StopRequest()
     try:
-        if run_loop(cfg, derived, runner, data, objective, state, sink, stop):
+        if run_loop(cfg, derived, runner, data, objective, state, sink, stop, throughput):
             summary = finish(cfg, runner, data, objective, state, sink)
         else:
             path = save(runner, cfg, state, data)
@@ -127,7 +161,7 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
 
 
 def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective: Objective,
-             state: TrainerState, sink: MetricsSink, stop: StopRequest) -> bool:
+             state: TrainerState, sink: MetricsSink, stop: StopRequest, throughput: Throughput) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
     t, device = cfg.train, runner.device
     lr_at = lr_multiplier(cfg.optim, t.max_steps)
@@ -144,7 +178,7 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
         if log_now:
             elapsed = time.perf_counter() - window_start
             rec = train_record(state, _mean_over_ranks(loss_sum / window_steps), cfg.optim.lr * lr_at(state.step - 1),
-                               grad_norm, derived.tokens_per_step * window_steps / elapsed)
+                               grad_norm, throughput.record(derived.tokens_per_step * window_steps / elapsed))
             sink.log(rec, console=format_line(rec, t.max_steps))
             progress.set_postfix(loss=f"{rec['loss']:.3f}")
             window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
@@ -160,15 +194,9 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
 
 
 def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float | None,
-                 tokens_per_s: float) -> dict[str, Any]:
-    return {
-        "step": state.step,
-        "loss": loss,
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "tokens_seen": state.tokens_seen,
-        "tokens_per_s": tokens_per_s,
-    }
+                 rates: dict[str, float | None]) -> dict[str, Any]:
+    return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_seen": state.tokens_seen, **rates}
 
 
 def evaluate(runner: Runner, objective: Objective, batches: list[dict[str, torch.Tensor]]) -> float:

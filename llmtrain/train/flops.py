@@ -1,0 +1,55 @@
+"""Model FLOPs utilisation (MFU) and hardware FLOPs utilisation (HFU).
+
+Model FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6N + 12·L·d·T, where N counts the
+parameters that take part in matmuls (learned position tables are lookups and are left out; a tied
+embedding counts once, for the output head), L the layers, d the width and T the sequence length
+(the 12·L·d·T term is attention's QK^T and AV, forward and backward). MFU divides the achieved model
+FLOP rate by the device's dense BF16 peak. HFU also counts work redone by activation checkpointing.
+"""
+
+from __future__ import annotations
+
+# Dense BF16 peak per device, FLOP/s, matched against torch.cuda.get_device_name(). Vendor datasheets.
+PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """Peak dense BF16 FLOP/s for a CUDA device name; None for CPUs and unknown devices (never invented)."""
+    if not device_name:
+        return None
+    for key, peak in PEAK_BF16:
+        if key in device_name:
+            return peak
+    return None
+
+
+def matmul_params(n_params: int, n_position_params: int) -> int:
+    return n_params - n_position_params
+
+
+def model_flops_per_token(n_matmul_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    return 6.0 * n_matmul_params + 12.0 * n_layer * d_model * seq_len
+
+
+def recompute_flops_per_token(mode: str, n_matmul_params: int, n_layer: int, d_model: int, seq_len: int,
+                              every_n: int = 2) -> float:
+    """Extra forward FLOPs per token spent recomputing activations in backward."""
+    block_fwd = 2.0 * n_matmul_params + 4.0 * n_layer * d_model * seq_len  # a full forward (approx.)
+    if mode == "full":
+        return block_fwd
+    if mode == "every_n":
+        return block_fwd / max(1, every_n)
+    if mode == "selective":  # only the attention core (QK^T, softmax, AV) is recomputed
+        return 4.0 * n_layer * d_model * seq_len
+    return 0.0
+
+
+def utilisation(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+    return None if peak is None else tokens_per_s_per_device * flops_per_token / peak

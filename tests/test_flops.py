@@ -1,0 +1,41 @@
+"""MFU arithmetic against a hand computation (PaLM appendix B)."""
+
+import pytest
+import torch
+
+from llmtrain.config import load_config
+from llmtrain.models import build_model
+from llmtrain.train.flops import peak_flops
+from llmtrain.train.trainer import build_throughput
+
+
+def test_gpt_125m_flops_and_mfu_by_hand():
+    cfg = load_config(None, ["model.name=gpt_125m", "train.seq_len=2048"])
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    tp = build_throughput(cfg, model, torch.device("cpu"), world_size=1)
+    L, d, T, V = 12, 768, 2048, 50304
+    n_matmul = L * (12 * d * d + 13 * d) + V * d + 2 * d  # blocks + tied embedding/head + final norm
+    assert n_matmul == 123_689_472
+    assert tp.model_flops_per_token == 6 * n_matmul + 12 * L * d * T == 968_629_248
+    assert tp.peak is None
+    rec = tp.record(tokens_per_s=100_000.0)
+    assert rec["mfu"] is None  # on CPU: null, never invented
+    assert rec["tflops_per_device"] == pytest.approx(96.8629248)
+    h100 = type(tp)(tp.model_flops_per_token, tp.hw_flops_per_token, peak_flops("NVIDIA H100 80GB HBM3"), 2)
+    assert h100.record(200_000.0)["mfu"] == pytest.approx(100_000 * 968_629_248 / 989e12)
+
+
+def test_hfu_counts_recompute():
+    cfg = load_config(None, ["parallel.activation_checkpointing=full"])
+    model = build_model(cfg.model)
+    tp = build_throughput(cfg, model, torch.device("cpu"), 1)
+    assert tp.hw_flops_per_token > tp.model_flops_per_token
+    assert "hfu" in tp.record(1000.0)
+
+
+def test_peak_table():
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops(None) is None and peak_flops("Some Future GPU") is None
