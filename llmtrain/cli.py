@@ -90,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank() == 0:
             eprint(f"error: {exc}")
         return 2
+    except RuntimeError as exc:
+        from llmtrain.train.trainer import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError) or os.environ.get("LLMTRAIN_DEBUG"):
+            raise
+        if rank() == 0:
+            eprint(f"error: {exc}")
+        return 3
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ class OptimConfig:
     beta2: float = 0.95
     # AdamW epsilon.
     eps: float = 1e-8
+    # Use torch's fused AdamW kernel on GPU (ignored on CPU and with offload_optimizer).
+    fused: bool = True
 
 
 @dataclass

@@ -129,3 +129,18 @@ def test_keep_last_and_no_partial_checkpoints(tmp_path):
     train(out, "train.max_steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2")
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000006"]
+
+
+def test_divergence_skips_updates_then_stops_with_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e5 makes the loss overflow within a few steps: a real divergence."""
+    out = tmp_path / "run"
+    proc = train(out, "train.max_steps=30", "optim.lr=1e5", "optim.warmup_steps=1", "checkpoint.interval=1",
+                 "train.max_nonfinite_steps=3", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "not finite for 3 steps in a row" in proc.stderr and "last good checkpoint" in proc.stderr
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["skipped_steps"] >= 2 and records[-1]["loss"] is None  # NaN is logged as null
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
+    first_bad = min(r["step"] for r in records if r["loss"] is None)
+    assert state["step"] < first_bad  # nothing saved after the divergence began

@@ -86,7 +86,7 @@ def _skip_shm_comm_build() -> None:
 
 def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
     """Translate our config into DeepSpeed's JSON config (the only place that knows its key names)."""
-    p, t, o = cfg.parallel, cfg.train, cfg.optim
+    p, t = cfg.parallel, cfg.train
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -97,7 +97,8 @@ def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
         "gradient_accumulation_steps": derived.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": _adamw_params(cfg)},
+        # Our AdamW subclass (see skippable_adamw) is not on DeepSpeed's list of ZeRO-tested types.
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,
@@ -107,19 +108,6 @@ def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
         print0(f"deepspeed_overrides: {p.deepspeed_overrides}")
         ds = _deep_merge(ds, p.deepspeed_overrides)
     return ds
-
-
-def _adamw_params(cfg: Config) -> dict[str, Any]:
-    o = cfg.optim
-    params: dict[str, Any] = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
-    if not cfg.parallel.offload_optimizer:
-        # torch's AdamW instead of DeepSpeed's FusedAdam: no C++/CUDA op to compile at start (~76 s on
-        # CPU), and on GPU torch's fused kernel is as fast. Offload needs DeepSpeedCPUAdam instead.
-        params["torch_adam"] = True
-        params["adam_w_mode"] = True
-        if torch.cuda.is_available():
-            params["fused"] = True
-    return params
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -145,23 +133,54 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def skippable_adamw(cfg: Config, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW that can skip one update (`skip_next = True`): a step whose loss was not finite on some rank
+    leaves weights and moments untouched, where DeepSpeed would otherwise apply NaN-scaled gradients.
+
+    torch's AdamW (fused on GPU) unless the optimizer state is offloaded, which needs DeepSpeedCPUAdam.
+    torch's rather than DeepSpeed's FusedAdam also avoids compiling a C++ op at start (~76 s on CPU).
+    """
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if cfg.parallel.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as base
+
+        kwargs["adamw_mode"] = True
+    else:
+        base = torch.optim.AdamW
+        if torch.cuda.is_available() and o.fused:
+            kwargs["fused"] = True
+
+    class SkippableAdamW(base):
+        skip_next = False
+
+        def step(self, closure=None):
+            if self.skip_next:
+                self.skip_next = False
+                return None
+            return super().step(closure)
+
+    return SkippableAdamW(params, **kwargs)
+
+
 def build_engine(
     model: torch.nn.Module,
     cfg: Config,
     derived: Derived,
     lr_lambda: Callable[[int], float],
-) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule; returns the engine."""
+) -> tuple[Any, torch.optim.Optimizer]:
+    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule; returns (engine, optimizer)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
+    optimizer = skippable_adamw(cfg, param_groups(model, cfg.optim.weight_decay))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda),
+        optimizer=optimizer,
+        lr_scheduler=LambdaLR(optimizer, lr_lambda),
         config=deepspeed_config(cfg, derived),
     )
-    return engine
+    return engine, optimizer
 
 
 def grad_norm_unreported(engine: Any) -> bool:

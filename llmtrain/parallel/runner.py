@@ -7,7 +7,7 @@ different runners, not `if` branches in the loop. `build_runner` picks one from 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 
@@ -17,14 +17,31 @@ from llmtrain.train.objectives import Objective
 ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
 
 
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # mean loss over this rank's micro-batches (detached)
+    grad_norm: float | None  # global norm before clipping, when measured
+    skipped: bool  # the update was skipped on every rank: the loss was not finite somewhere
+
+
+def all_ranks_finite(value: torch.Tensor) -> bool:
+    """Collective: True when `value` is finite on every rank."""
+    import torch.distributed as dist
+
+    flag = torch.isfinite(value).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 class Runner(Protocol):
     device: torch.device
     dp_rank: int
     dp_size: int
 
     def train_step(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
-                   measure_norm: bool) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step over the accumulation micro-batches: (mean loss on this rank, grad norm)."""
+                   measure_norm: bool) -> StepResult:
+        """One optimizer step over the accumulation micro-batches. When the loss is not finite on any
+        rank, every rank skips the parameter update (weights and optimizer moments stay as they were)."""
         ...
 
     def eval_loss(self, objective: Objective, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,25 +64,29 @@ class Runner(Protocol):
 class EngineRunner:
     """Data parallel with ZeRO 0-3: one DeepSpeed engine over the whole model."""
 
-    def __init__(self, engine: Any, device: torch.device, dp_rank: int, dp_size: int):
-        self.engine, self.device, self.dp_rank, self.dp_size = engine, device, dp_rank, dp_size
+    def __init__(self, engine: Any, optimizer: Any, device: torch.device, dp_rank: int, dp_size: int):
+        self.engine, self.optimizer = engine, optimizer
+        self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
 
     def train_step(self, objective, micro_batches, measure_norm):
         from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
 
         engine = self.engine
-        total, norm = torch.zeros((), device=self.device), None
+        total, norm, skipped = torch.zeros((), device=self.device), None, False
         for i, mb in enumerate(micro_batches):
             loss = objective(engine, _to(mb, self.device))
             engine.backward(loss)
-            if measure_norm and i == len(micro_batches) - 1 and grad_norm_unreported(engine):
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads).item()  # already averaged over ranks
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
+            if i == len(micro_batches) - 1:  # the boundary: engine.step() below updates the weights
+                skipped = not all_ranks_finite(total)
+                self.optimizer.skip_next = skipped
+                if measure_norm and grad_norm_unreported(engine):
+                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                    norm = torch.nn.utils.get_total_norm(grads).item()  # already averaged over ranks
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         if measure_norm and norm is None:
             norm = reported_grad_norm(engine)
-        return total / len(micro_batches), norm
+        return StepResult(total / len(micro_batches), norm, skipped)
 
     @torch.no_grad()
     def eval_loss(self, objective, batch):
@@ -109,5 +130,5 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
 
     if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         raise ConfigError("parallel.tp > 1 and parallel.pp > 1 are not available in this build; set both to 1")
-    engine = build_engine(model, cfg, derived, lr_lambda)
-    return EngineRunner(engine, device, dp_rank=rank(), dp_size=derived.dp_size)
+    engine, optimizer = build_engine(model, cfg, derived, lr_lambda)
+    return EngineRunner(engine, optimizer, device, dp_rank=rank(), dp_size=derived.dp_size)

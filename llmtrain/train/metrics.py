@@ -30,8 +30,9 @@ class MetricsSink:
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:
             return
+        record = {k: _finite_or_none(v) for k, v in record.items()}  # strict JSON: NaN/inf become null
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
         if console:
@@ -42,6 +43,10 @@ class MetricsSink:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _start_wandb(out_dir: Path, project: str, run_config: dict[str, Any]) -> Any:
@@ -68,6 +73,8 @@ def last_by_step(records: list[dict[str, Any]], key: str) -> dict[int, float]:
 
 def format_line(rec: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {rec['step']:>6}/{max_steps}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}"]
+    if rec.get("tflops_per_device") is not None:
+        parts.append(f"{rec['tflops_per_device']:.3g} TFLOP/s/dev")
     if rec.get("grad_norm") is not None:
         parts.append(f"gnorm {rec['grad_norm']:.3f}")
     parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")

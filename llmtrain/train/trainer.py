@@ -59,6 +59,8 @@ def build_throughput(cfg: Config, model: torch.nn.Module, device: torch.device, 
 class TrainerState:
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss
+    nonfinite_in_a_row: int = 0
 
 
 def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
@@ -79,7 +81,8 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     state = TrainerState()
     if resume_from is not None:
         saved = ckpt.load_checkpoint(runner, resume_from)
-        state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"])
+        state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"],
+                             skipped_steps=saved.get("skipped_steps", 0))
         data.load_state_dict(saved.get("data", {}))
         print0(f"resumed from {resume_from} at step {state.step}")
     print_layout(cfg, derived, info, model)
@@ -169,8 +172,9 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
     window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
     while state.step < t.max_steps:
         log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
-        loss, grad_norm = runner.train_step(objective, data.train_batches(state.step), log_now)
-        loss_sum += loss
+        result = runner.train_step(objective, data.train_batches(state.step), log_now)
+        check_finite(cfg, state, result.skipped)
+        loss_sum += result.loss
         state.step += 1
         state.tokens_seen += derived.tokens_per_step
         window_steps += 1
@@ -178,13 +182,14 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
         if log_now:
             elapsed = time.perf_counter() - window_start
             rec = train_record(state, _mean_over_ranks(loss_sum / window_steps), cfg.optim.lr * lr_at(state.step - 1),
-                               grad_norm, throughput.record(derived.tokens_per_step * window_steps / elapsed))
+                               result.grad_norm, throughput.record(derived.tokens_per_step * window_steps / elapsed))
             sink.log(rec, console=format_line(rec, t.max_steps))
             progress.set_postfix(loss=f"{rec['loss']:.3f}")
             window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
         if t.eval_interval and state.step % t.eval_interval == 0 and state.step < t.max_steps:
             log_eval(cfg, runner, data, objective, state, sink)
-        if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < t.max_steps:
+        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < t.max_steps
+                and state.nonfinite_in_a_row == 0):  # never rotate good checkpoints out during a divergence
             save(runner, cfg, state, data)
         if state.step < t.max_steps and stop.agreed(device):
             progress.close()
@@ -193,10 +198,30 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
     return True
 
 
+def check_finite(cfg: Config, state: TrainerState, skipped: bool) -> None:
+    """Count skipped (non-finite) steps; stop the run after train.max_nonfinite_steps in a row."""
+    state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+    state.skipped_steps += int(skipped)
+    if skipped:
+        print0(f"step {state.step + 1}: loss is not finite on some rank; update skipped "
+               f"({state.nonfinite_in_a_row} in a row, {state.skipped_steps} in total)")
+    if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+        last = ckpt.latest_checkpoint(cfg.out_dir)
+        raise NonFiniteLossError(
+            f"the loss was not finite for {state.nonfinite_in_a_row} steps in a row (up to step "
+            f"{state.step + 1}); stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}. "
+            f"Lower optim.lr, raise optim.warmup_steps or check the data, then rerun to resume from it."
+        )
+
+
+class NonFiniteLossError(RuntimeError):
+    """The run diverged: too many consecutive steps with a non-finite loss."""
+
+
 def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float | None,
                  rates: dict[str, float | None]) -> dict[str, Any]:
     return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_seen": state.tokens_seen, **rates}
+            "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, **rates}
 
 
 def evaluate(runner: Runner, objective: Objective, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -216,7 +241,8 @@ def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state
 
 
 def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path:
-    trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": data.state_dict()}
+    trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
+                     "data": data.state_dict()}
     path = ckpt.save_checkpoint(runner, cfg, state.step, trainer_state)
     print0(f"checkpoint saved: {path}")
     return path
