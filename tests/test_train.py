@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import ROOT, TINY, env, launch_cmd, losses, train
+from llmtrain.plan import model_state_bytes
 from llmtrain.train.metrics import read_metrics
 
 GOLDEN = ROOT / "tests" / "golden" / "gpt_tiny_zero_losses.json"
@@ -69,6 +71,22 @@ def test_zero_parity_two_ranks(tmp_path, one_rank_losses, stage, launcher):
     assert sorted(two) == sorted(one_rank_losses)
     for step in one_rank_losses:
         assert two[step] == pytest.approx(one_rank_losses[step], abs=1e-5), (stage, step)
+    # The optimizer shard each rank wrote holds 12Ψ/N bytes (fp32 master partition + two moments), the
+    # figure `llmtrain plan` uses; padding to alignment and pickle framing add well under 64 KiB.
+    psi = sum(p.numel() for p in _tiny_model().parameters())
+    expected = model_state_bytes(psi, 2, stage, mixed=False).optimizer
+    for r in range(2):
+        shard = out / "checkpoints" / "step_00000006" / "state" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        assert expected <= shard.stat().st_size <= expected * 1.01 + 65536, (r, shard.stat().st_size, expected)
+
+
+def _tiny_model():
+    from llmtrain.config import load_config
+    from llmtrain.models import build_model
+
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY)
+    with torch.device("meta"):
+        return build_model(cfg.model)
 
 
 def test_exact_resume(tmp_path):

@@ -1,0 +1,163 @@
+"""`llmtrain plan`: will a recipe fit a cluster, and how fast will it go? Answered from a laptop.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, section 3) for mixed-precision Adam
+with Ψ parameters per model-parallel rank and N data-parallel ranks:
+    ZeRO-0: 16Ψ    ZeRO-1: 4Ψ + 12Ψ/N    ZeRO-2: 2Ψ + 14Ψ/N    ZeRO-3: 16Ψ/N  (bytes)
+(2Ψ bf16 weights + 2Ψ bf16 grads + 12Ψ fp32 master weights, momentum and variance). In fp32 training
+weights and grads are 4Ψ each; DeepSpeed's ZeRO optimizers still keep an fp32 master copy of their
+partition, so the optimizer is 12Ψ/N there too (8Ψ only for ZeRO-0 fp32, where AdamW updates in place).
+Activations per transformer layer follow Korthikanti et al. 2022 (eq. 2): s·b·h·(34 + 5·a·s/h) bytes
+in 16-bit without recomputation, divided by t with tensor (and sequence) parallelism; full
+recomputation keeps only each layer's 2·s·b·h-byte input; selective keeps s·b·h·34/t.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+from llmtrain.config import Config, load_config
+from llmtrain.train import flops
+
+GiB = 1024**3
+
+
+@dataclass
+class ModelStates:
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(psi: float, n_dp: int, stage: int, mixed: bool = True, offload_optimizer: bool = False,
+                      offload_params: bool = False) -> ModelStates:
+    """Per-rank bytes of weights, gradients and optimizer state on the accelerator (ZeRO paper)."""
+    w, g = (2.0, 2.0) if mixed else (4.0, 4.0)
+    k = 12.0 if (mixed or stage >= 1) else 8.0
+    params = w * psi / (n_dp if stage >= 3 else 1)
+    grads = g * psi / (n_dp if stage >= 2 else 1)
+    optimizer = k * psi / (n_dp if stage >= 1 else 1)
+    if offload_optimizer:
+        optimizer = 0.0  # fp32 master weights and moments live in CPU memory
+    if offload_params:
+        params = 0.0
+    return ModelStates(params, grads, optimizer)
+
+
+def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, mode: str = "none",
+                               every_n: int = 2) -> float:
+    """Bytes kept for backward by one transformer layer (Korthikanti et al. 2022), 16-bit activations."""
+    full = s * b * h * (34 + 5 * a * s / h) / t
+    if mode == "full":
+        return 2.0 * s * b * h  # only the layer input
+    if mode == "selective":
+        return s * b * h * 34 / t  # the attention core (the 5·a·s/h term) is recomputed
+    if mode == "every_n":
+        return (full + (every_n - 1) * 2.0 * s * b * h) / every_n
+    return full
+
+
+@dataclass
+class Plan:
+    recipe: str
+    gpus: int
+    dp: int
+    tp: int
+    pp: int
+    zero_stage: int
+    params_total: float
+    params_per_gpu: float
+    model_states_gib: dict
+    activations_gib: dict
+    total_gib: float
+    gpu_memory_gib: float
+    fits: bool
+    tokens_per_step: int
+    flops_per_step: float
+    step_time_s: float
+    mfu_assumed: float
+    peak_tflops: float
+
+
+def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memory_gb: float,
+              mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
+    import torch
+
+    from llmtrain.config import derive
+    from llmtrain.models import build_model
+
+    gpus, p, m, t = nodes * gpus_per_node, cfg.parallel, cfg.model, cfg.train
+    derived = derive(cfg, gpus)
+    with torch.device("meta"):
+        model = build_model(m)
+    n = sum(x.numel() for x in model.parameters())
+    n_pos = sum(x.numel() for name, x in model.named_parameters() if "wpe" in name or "position" in name)
+    psi = n / (p.tp * p.pp)
+    mixed = cfg.precision != "fp32"
+    states = model_state_bytes(psi, derived.dp_size, p.zero_stage, mixed, p.offload_optimizer, p.offload_params)
+    layers_here = m.n_layer / p.pp
+    # 1F1B keeps up to pp micro-batches in flight on the first stage.
+    in_flight = min(p.pp, derived.grad_accum) if p.pp > 1 else 1
+    act = {mode: activation_bytes_per_layer(t.seq_len, t.micro_batch_size, m.n_embd, m.n_head, p.tp, mode,
+                                            p.checkpoint_every_n) * layers_here * in_flight / GiB
+           for mode in ("none", "selective", "full")}
+    logits = t.seq_len * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
+    chosen = act[p.activation_checkpointing if p.activation_checkpointing in act else "none"] + logits
+    total = states.total / GiB + chosen
+    per_token = flops.model_flops_per_token(n - n_pos, m.n_layer, m.n_embd, t.seq_len)
+    step_flops = per_token * derived.tokens_per_step
+    return Plan(
+        recipe=recipe, gpus=gpus, dp=derived.dp_size, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,
+        params_total=n, params_per_gpu=psi,
+        model_states_gib={k: v / GiB for k, v in asdict(states).items()} | {"total": states.total / GiB},
+        activations_gib={**act, "logits": logits, "chosen": chosen, "mode": p.activation_checkpointing},
+        total_gib=total, gpu_memory_gib=gpu_memory_gb * 1e9 / GiB, fits=total <= 0.9 * gpu_memory_gb * 1e9 / GiB,
+        tokens_per_step=derived.tokens_per_step, flops_per_step=step_flops,
+        step_time_s=step_flops / (gpus * peak_tflops * 1e12 * mfu), mfu_assumed=mfu, peak_tflops=peak_tflops,
+    )
+
+
+def format_plan(pl: Plan) -> str:
+    ms, act = pl.model_states_gib, pl.activations_gib
+    verdict = "fits" if pl.fits else "does NOT fit"
+    lines = [
+        f"{pl.recipe}: {pl.params_total / 1e9:.3f}B params on {pl.gpus} GPUs (dp {pl.dp} x tp {pl.tp} x pp {pl.pp}), "
+        f"ZeRO-{pl.zero_stage}",
+        f"  per GPU, model states: params {ms['params']:.2f} GiB + grads {ms['grads']:.2f} GiB + "
+        f"optimizer {ms['optimizer']:.2f} GiB = {ms['total']:.2f} GiB",
+        f"  per GPU, activations: none {act['none']:.2f} GiB | selective {act['selective']:.2f} GiB | "
+        f"full {act['full']:.2f} GiB (+ logits {act['logits']:.2f} GiB); recipe uses '{act['mode']}'",
+        f"  total {pl.total_gib:.2f} GiB of {pl.gpu_memory_gib:.1f} GiB -> {verdict} (90% usable)",
+        f"  step: {pl.tokens_per_step:,} tokens, {pl.flops_per_step / 1e15:.1f} PFLOP -> "
+        f"{pl.step_time_s:.2f} s at {100 * pl.mfu_assumed:.0f}% MFU of {pl.peak_tflops:.0f} TFLOP/s per GPU",
+    ]
+    if not pl.fits:
+        lines.append("  hint: raise parallel.zero_stage, set parallel.activation_checkpointing=full, "
+                     "lower train.micro_batch_size, or add GPUs")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    pl = make_plan(cfg, args.recipe, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.mfu, args.peak_tflops)
+    print(json.dumps(asdict(pl), indent=1) if args.json else format_plan(pl))
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="memory per GPU and step time of a recipe on a cluster, before launching",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (1e9 bytes)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume for step time")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (H100 SXM: 989)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
