@@ -95,6 +95,8 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective", "every_n"] = "none"
     # With activation_checkpointing=every_n: checkpoint every n-th block.
     checkpoint_every_n: int = 2
+    # Seconds a collective (or joining the process group) may wait before the rank fails with an error.
+    collective_timeout_s: float = 600.0
     # Extra DeepSpeed config keys merged last (logged); for knobs llmtrain does not model itself.
     deepspeed_overrides: dict = field(default_factory=dict)
 

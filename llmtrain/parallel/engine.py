@@ -49,11 +49,47 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         _limit_cpu_threads()
         _skip_shm_comm_build()
     import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
     import torch.distributed as dist
 
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    except (RuntimeError, dist.DistStoreError) as exc:
+        env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        raise RuntimeError(
+            f"rank {env['RANK']} could not join the process group of {env['WORLD_SIZE']} ranks at "
+            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} within {timeout_s:.0f} s: {exc}. Check that every node "
+            f"started, that MASTER_ADDR is reachable from this host and that the port is free"
+        ) from exc
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def preflight(info: DistInfo) -> dict[str, Any]:
+    """Every rank reports its host; one all-reduce is timed; versions are recorded. Collective."""
+    import socket
+    import time
+
+    import deepspeed
+    import torch.distributed as dist
+
+    hosts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    x = torch.ones(1, device=info.device)
+    dist.all_reduce(x)  # warm-up: the first collective also sets up connections
+    start = time.perf_counter()
+    dist.all_reduce(x)
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+    by_host: dict[str, list[int]] = {}
+    for r, h in enumerate(hosts):
+        by_host.setdefault(h, []).append(r)
+    if int(x.item()) != info.world_size**2:  # ones summed twice over the world
+        raise RuntimeError(f"preflight all-reduce returned {x.item()}, expected {info.world_size ** 2}")
+    return {
+        "world_size": info.world_size, "backend": info.backend, "device": str(info.device.type),
+        "hosts": by_host, "allreduce_ms": 1000 * (time.perf_counter() - start),
+        "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None,
+    }
 
 
 def _free_port() -> int:

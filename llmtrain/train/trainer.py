@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -66,13 +67,14 @@ class TrainerState:
 def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     """Run training as configured; every rank calls this. Returns a summary (rank 0 has all fields)."""
     derived = derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail on a bad layout before any init
-    from llmtrain.parallel.engine import init_distributed
+    from llmtrain.parallel.engine import init_distributed, preflight
     from llmtrain.parallel.runner import build_runner
 
-    info = init_distributed()
+    info = init_distributed(cfg.parallel.collective_timeout_s)
     derived = derive(cfg, info.world_size)
     resume_from = resolve_resume(cfg)
     prepare_run_dir(cfg)
+    log_preflight(cfg, preflight(info))
     torch.manual_seed(cfg.train.seed)
     data = build_data_for(cfg, derived)
     model = build_model_for(cfg, data.vocab_size)
@@ -127,6 +129,15 @@ def prepare_run_dir(cfg: Config) -> None:
         ckpt.remove_partial(cfg.out_dir)
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
     barrier()
+
+
+def log_preflight(cfg: Config, report: dict[str, Any]) -> None:
+    hosts = ", ".join(f"{h}{ranks}" for h, ranks in report["hosts"].items())
+    print0(f"preflight: {report['world_size']} ranks joined over {report['backend']} ({hosts}); all-reduce "
+           f"{report['allreduce_ms']:.2f} ms; torch {report['torch']}, deepspeed {report['deepspeed']}"
+           + (f", {report['gpu']}" if report["gpu"] else ""))
+    if rank() == 0:
+        (Path(cfg.out_dir) / "preflight.json").write_text(json.dumps(report, indent=1))
 
 
 def build_data_for(cfg: Config, derived: Derived):
