@@ -133,8 +133,6 @@ def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
         "gradient_accumulation_steps": derived.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        # Our AdamW subclass (see skippable_adamw) is not on DeepSpeed's list of ZeRO-tested types.
-        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,
@@ -169,34 +167,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+class _SkipMixin:
+    """Lets the trainer skip one update: set `skip_next = True` before the step."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+class SkippableAdamW(_SkipMixin, torch.optim.AdamW):
+    pass
+
+
 def skippable_adamw(cfg: Config, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW that can skip one update (`skip_next = True`): a step whose loss was not finite on some rank
-    leaves weights and moments untouched, where DeepSpeed would otherwise apply NaN-scaled gradients.
+    """AdamW that can skip one update: a step whose loss was not finite on some rank leaves weights and
+    moments untouched, where DeepSpeed would otherwise apply NaN-scaled gradients.
 
     torch's AdamW (fused on GPU) unless the optimizer state is offloaded, which needs DeepSpeedCPUAdam.
     torch's rather than DeepSpeed's FusedAdam also avoids compiling a C++ op at start (~76 s on CPU).
     """
-    o = cfg.optim
-    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if cfg.parallel.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam as base
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
+    o = cfg.optim
+    kwargs: dict[str, Any] = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if cfg.parallel.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        cls: type = type("SkippableCPUAdam", (_SkipMixin, DeepSpeedCPUAdam), {})
         kwargs["adamw_mode"] = True
     else:
-        base = torch.optim.AdamW
+        cls = SkippableAdamW
         if torch.cuda.is_available() and o.fused:
             kwargs["fused"] = True
-
-    class SkippableAdamW(base):
-        skip_next = False
-
-        def step(self, closure=None):
-            if self.skip_next:
-                self.skip_next = False
-                return None
-            return super().step(closure)
-
-    return SkippableAdamW(params, **kwargs)
+    if cls not in ZERO_SUPPORTED_OPTIMIZERS:  # DeepSpeed checks exact types; these are Adam(W) unchanged
+        ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    return cls(params, **kwargs)
 
 
 def build_engine(
