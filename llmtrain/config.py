@@ -298,6 +298,7 @@ def derive(cfg: Config, world_size: int) -> Derived:
             f"launch a multiple of {model_par} processes or change tp/pp"
         )
     dp = world_size // model_par
+    _check_model_split(cfg)
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError(
@@ -305,12 +306,49 @@ def derive(cfg: Config, world_size: int) -> Derived:
             f"data-parallel size = {t.micro_batch_size}*{dp} = {per_step}; set train.global_batch_size to a "
             f"multiple of {per_step}"
         )
+    grad_accum = t.global_batch_size // per_step
+    if p.pp > 1 and grad_accum < p.pp:
+        raise ConfigError(
+            f"parallel.pp={p.pp} needs at least {p.pp} micro-batches per step to keep every stage busy, but "
+            f"train.global_batch_size / (train.micro_batch_size * data-parallel size) = {t.global_batch_size}/"
+            f"({t.micro_batch_size}*{dp}) = {grad_accum}; lower train.micro_batch_size or raise "
+            f"train.global_batch_size to at least {p.pp * per_step}"
+        )
     return Derived(
         world_size=world_size,
         dp_size=dp,
-        grad_accum=t.global_batch_size // per_step,
+        grad_accum=grad_accum,
         tokens_per_step=t.global_batch_size * t.seq_len,
     )
+
+
+def _check_model_split(cfg: Config) -> None:
+    """Whether the model can be cut into parallel.tp shards and parallel.pp stages with this ZeRO stage."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.pp={p.pp} works only with parallel.zero_stage 0 or 1 (a DeepSpeed limit: its pipeline "
+            f"engine keeps whole gradients across micro-batches, which ZeRO-2/3 partition); set "
+            f"parallel.zero_stage=1 or parallel.pp=1"
+        )
+    if p.tp > 1 and p.zero_stage > 2:
+        raise ConfigError(
+            f"parallel.tp={p.tp} works with parallel.zero_stage 0, 1 or 2 (ZeRO-3 would partition the tensor-"
+            f"parallel shards again); set parallel.zero_stage=2 or parallel.tp=1"
+        )
+    if p.pp > m.n_layer:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every stage needs a layer; "
+                          f"set parallel.pp <= {m.n_layer}")
+    heads = {"model.n_head": m.n_head}
+    if getattr(m, "n_kv_head", None):
+        heads["model.n_kv_head"] = m.n_kv_head
+    for key, n in heads.items():
+        if n % p.tp:
+            raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}: each tensor-parallel rank "
+                              f"holds whole heads; choose a parallel.tp that divides {n}")
+    if p.tp > 1 and m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (the "
+                          f"embedding is split by vocabulary rows); pad model.vocab_size to a multiple of {p.tp}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -125,10 +125,25 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
     """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
     -> engine) and return the runner for that layout."""
     from llmtrain.config import ConfigError
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.checkpointing import apply_activation_checkpointing
+    from llmtrain.parallel.engine import build_engine, deepspeed_config, param_groups, skippable_adamw
     from llmtrain.utils import rank
 
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        raise ConfigError("parallel.tp > 1 and parallel.pp > 1 are not available in this build; set both to 1")
+    p = cfg.parallel
+    if p.tp > 1:
+        raise ConfigError("parallel.tp > 1 is not available in this build; set parallel.tp=1")
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
+    if p.pp > 1:
+        from llmtrain.parallel.pipeline import build_pipeline_runner
+
+        return build_pipeline_runner(
+            model, deepspeed_config(cfg, derived),
+            lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay)),
+            lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=PIPELINE_PARTITION, device=device)
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda)
     return EngineRunner(engine, optimizer, device, dp_rank=rank(), dp_size=derived.dp_size)
+
+
+# How layers are spread over pipeline stages: "parameters" (balanced parameter counts) or "layers"
+# (balanced transformer-block counts). TODO(config owner): make this `parallel.pipeline_partition`.
+PIPELINE_PARTITION = "parameters"

@@ -42,6 +42,8 @@ class Throughput:
         }
         if self.hw_flops_per_token != self.model_flops_per_token:
             rec["hfu"] = flops.utilisation(per_device, self.hw_flops_per_token, self.peak)
+        if torch.cuda.is_available():
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return rec
 
 
@@ -143,7 +145,9 @@ def log_preflight(cfg: Config, report: dict[str, Any]) -> None:
 def build_data_for(cfg: Config, derived: Derived):
     from llmtrain.data import build_data
 
-    dp_rank = rank() // (cfg.parallel.tp * cfg.parallel.pp)
+    from llmtrain.parallel.layout import coords
+
+    dp_rank = coords(rank(), cfg.parallel.tp, cfg.parallel.pp, derived.dp_size).dp
     return build_data(
         cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=derived.grad_accum, dp_rank=dp_rank, dp_size=derived.dp_size,
@@ -171,7 +175,12 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
         f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}) on {info.device.type}/{info.backend} | "
         f"ZeRO-{cfg.parallel.zero_stage} {cfg.precision} | micro {cfg.train.micro_batch_size} x accum "
         f"{derived.grad_accum} x dp {derived.dp_size} = {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} tokens"
+        f" | activation checkpointing {cfg.parallel.activation_checkpointing}"
     )
+    if cfg.parallel.tp * cfg.parallel.pp > 1:
+        from llmtrain.parallel.layout import describe
+
+        print0(f"layout: {describe(cfg.parallel.tp, cfg.parallel.pp, derived.dp_size)}")
 
 
 def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective: Objective,

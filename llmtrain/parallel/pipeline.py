@@ -1,0 +1,227 @@
+"""Pipeline parallel: the plain GPT split into DeepSpeed `PipelineModule` stages, and its runner.
+
+The model file knows nothing of pipelines. `gpt_pipeline_layers` reads the plain model as a flat list
+of layers, embed -> positions -> blocks -> final norm -> head, reusing the model's own (already
+initialised) modules, so every layout starts from the same weights. The token embedding and the output
+head share one weight: DeepSpeed's `TiedLayerSpec` keeps a copy on the first and the last stage and
+all-reduces its gradient between the two, so they stay equal, and counts it once in the gradient norm.
+
+DeepSpeed runs the 1F1B schedule (`TrainSchedule`) over the gradient-accumulation micro-batches of one
+optimizer step, so micro-batches per step = gradient accumulation = the number of micro-batches in
+flight. DeepSpeed refuses ZeRO-2/3 with pipelines (gradients must stay whole across micro-batches);
+`llmtrain.config.derive` says so before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from llmtrain.parallel.layout import counted_in_norm
+from llmtrain.parallel.runner import ENGINE_TAG, StepResult
+from llmtrain.train.objectives import Objective
+
+# partition name in our config -> DeepSpeed's partition_method
+PARTITIONS = {"parameters": "parameters", "layers": "type:Block"}
+
+
+class _Reuse(nn.Module):
+    """A pipeline layer built from an existing module of the plain model (no new weights)."""
+
+    def __init__(self, module: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.inner, self.fn = module, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.inner, x)
+
+
+class TokenEmbedding(nn.Module):
+    """The tied token table, as DeepSpeed builds it on the first and last stage (same Parameter object)."""
+
+    def __init__(self, wte: nn.Embedding):
+        super().__init__()
+        self.weight = wte.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)  # (B, T, C)
+
+
+class Positions(nn.Module):
+    """Adds the model's learned positions (and embedding dropout). Keeps the attribute name `wpe` so
+    the optimizer's no-decay rule for position tables finds it under the pipeline's names too."""
+
+    def __init__(self, wpe: nn.Embedding, drop: nn.Module):
+        super().__init__()
+        self.wpe, self.drop = wpe, drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        return self.drop(x + self.wpe(pos))  # (B, T, C)
+
+
+def _head(embedding: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, embedding.weight)  # (B, T, V)
+
+
+def gpt_pipeline_layers(model: nn.Module) -> list[Any]:
+    """The plain GPT as a flat list of pipeline layers (modules and tied specs), outermost first."""
+    tied = model.cfg.tie_embeddings
+    embed = TiedLayerSpec("embed", TokenEmbedding, model.wte) if tied else _Reuse(model.wte, lambda m, x: m(x))
+    head = (TiedLayerSpec("embed", TokenEmbedding, model.wte, forward_fn=_head) if tied
+            else _Reuse(model.lm_head, lambda m, x: m(x)))
+    positions = Positions(model.wpe, model.drop)
+    return [embed, positions, *model.blocks, model.ln_f, head]
+
+
+def build_pipeline_module(model: nn.Module, pp: int, tp: int, dp: int, partition: str,
+                          loss_fn: Callable) -> PipelineModule:
+    """Split `model` into `pp` stages over the TP x PP x DP grid (rank order: see layout.py)."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    return PipelineModule(layers=gpt_pipeline_layers(model), topology=topology, loss_fn=loss_fn,
+                          partition_method=PARTITIONS[partition])
+
+
+class ObjectiveLoss:
+    """Runs an Objective on the last stage: the stage's output stands in for the model's logits.
+
+    The objective calls `model(batch["input_ids"])`; here "the model" returns the logits the pipeline
+    already computed, so the same objective code computes the same loss on every layout.
+    """
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.objective(lambda _ids: logits, {"input_ids": None, "labels": labels})
+
+
+class PipelineRunner:
+    """Pipeline (x data) parallel with ZeRO 0/1: DeepSpeed's PipelineEngine runs 1F1B per optimizer step."""
+
+    def __init__(self, engine: Any, device: torch.device, width: int, vocab: int):
+        self.engine, self.device = engine, device
+        self._width, self._vocab = width, vocab  # shapes of the activations and logits sent between stages
+        grid = engine.grid
+        self.dp_rank, self.dp_size = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
+        self.stage, self.num_stages = grid.get_stage_id(), engine.num_stages
+        self._norm: float | None = None
+        if engine.gradient_clipping() > 0 and not (engine.zero_optimization() or engine.bfloat16_enabled()
+                                                   or engine.fp16_enabled()):
+            self._record_fp32_norm()
+
+    def _record_fp32_norm(self) -> None:
+        # ZeRO-0 fp32 clips through engine.clip_fp32_gradients, whose DeepSpeed norm counts only the
+        # parameters of the first stage (it treats pipeline stages like tensor-parallel ranks that
+        # replicate unmarked parameters) and drops the result. Clip here instead, the way the one-rank
+        # engine does: norm over every stage, tied copies counted once, coef = max / (norm + 1e-6).
+        engine = self.engine
+
+        def clip_and_record() -> None:
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            self._norm = stage_grad_norm(params, engine.mpu.get_model_parallel_group())
+            coef = min(1.0, engine.gradient_clipping() / (self._norm + 1e-6))
+            for p in params:
+                p.grad.mul_(coef)
+
+        engine.clip_fp32_gradients = clip_and_record
+
+    def train_step(self, objective, micro_batches, measure_norm):
+        if not isinstance(self.engine.module.loss_fn, ObjectiveLoss) or self.engine.module.loss_fn.objective is not objective:
+            self.engine.module.loss_fn = ObjectiveLoss(objective)
+        pairs = iter([(mb["input_ids"], mb["labels"]) for mb in micro_batches])
+        loss = self.engine.train_batch(data_iter=pairs)  # mean over micro-batches and dp replicas
+        norm = None
+        if measure_norm:
+            from llmtrain.parallel.engine import reported_grad_norm
+
+            norm = self._norm if self._norm is not None else reported_grad_norm(self.engine)
+        return StepResult(loss.detach().float().to(self.device), norm, False)
+
+    @torch.no_grad()
+    def eval_loss(self, objective, batch):
+        self.engine.module.loss_fn = ObjectiveLoss(objective)
+        pairs = iter([(batch["input_ids"], batch["labels"])])
+        loss = self.engine.eval_batch(pairs, num_micro_batches=1)  # mean over dp replicas, on every stage
+        self.engine.train()
+        return loss.float().reshape(()).to(self.device)
+
+    @torch.no_grad()
+    def logits(self, input_ids):
+        """Full logits on every rank: each replica passes activations stage to stage by point-to-point
+        sends, then its last stage broadcasts the logits to the replica's other stages."""
+        engine, grid = self.engine, self.engine.grid
+        module = engine.module
+        module.eval()
+        try:
+            x = input_ids.to(self.device)
+            B, T = x.shape
+            if self.stage > 0:
+                x = torch.empty(B, T, self._width, device=self.device, dtype=_act_dtype(engine))
+                dist.recv(x, src=grid.stage_to_global(stage_id=self.stage - 1, data=self.dp_rank, **_model_kw(grid)))
+            for layer in module.forward_funcs:
+                x = layer(x)
+            if self.stage < self.num_stages - 1:
+                dist.send(x.contiguous(), dst=grid.stage_to_global(stage_id=self.stage + 1, data=self.dp_rank,
+                                                                   **_model_kw(grid)))
+                x = torch.empty(B, T, self._vocab, device=self.device, dtype=_act_dtype(engine))
+            last = grid.stage_to_global(stage_id=self.num_stages - 1, data=self.dp_rank, **_model_kw(grid))
+            dist.broadcast(x, src=last, group=grid.get_pipe_parallel_group())
+            return x
+        finally:
+            module.train()
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+
+    def load(self, directory: Path, load_optimizer: bool = True) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
+        )
+        if path is None:
+            raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
+
+
+def stage_grad_norm(params: list[torch.Tensor], model_parallel_group: Any) -> float:
+    """Global L2 norm of the gradients of a model split over the ranks of `model_parallel_group`;
+    copies of tied weights (DeepSpeed marks them `ds_pipe_replicated`) count once."""
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+    for p in params:
+        if not getattr(p, "ds_pipe_replicated", False) and counted_in_norm(p):
+            sq += p.grad.detach().float().pow(2).sum()
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=model_parallel_group)
+    return sq.sqrt().item()
+
+
+def _model_kw(grid: Any) -> dict[str, int]:
+    return {"model": grid.get_slice_parallel_rank()} if grid.get_slice_parallel_world_size() > 1 else {}
+
+
+def _act_dtype(engine: Any) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
+
+
+def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer_fn: Callable,
+                          lr_lambda: Callable[[int], float], pp: int, tp: int, dp: int, partition: str,
+                          device: torch.device) -> PipelineRunner:
+    """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from llmtrain.train.objectives import objective_for
+
+    module = build_pipeline_module(model, pp, tp, dp, partition, ObjectiveLoss(objective_for(model.cfg.arch)))
+    optimizer = optimizer_fn(module)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           lr_scheduler=LambdaLR(optimizer, lr_lambda), config=ds_config)
+    return PipelineRunner(engine, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size)
