@@ -8,7 +8,9 @@ weights and grads are 4Ψ each; DeepSpeed's ZeRO optimizers still keep an fp32 m
 partition, so the optimizer is 12Ψ/N there too (8Ψ only for ZeRO-0 fp32, where AdamW updates in place).
 Activations per transformer layer follow Korthikanti et al. 2022 (eq. 2): s·b·h·(34 + 5·a·s/h) bytes
 in 16-bit without recomputation, divided by t with tensor (and sequence) parallelism; full
-recomputation keeps only each layer's 2·s·b·h-byte input; selective keeps s·b·h·34/t.
+recomputation keeps only each layer's 2·s·b·h-byte input; selective keeps s·b·h·34/t. The 5·a·s/h
+term is the attention matrix (scores, softmax, dropout mask); flash / memory-efficient attention (what
+SDPA runs on GPU) never stores it, so by default the plan drops it (`--no-flash` keeps it).
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def model_state_bytes(psi: float, n_dp: int, stage: int, mixed: bool = True, off
 
 
 def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, mode: str = "none",
-                               every_n: int = 2) -> float:
+                               every_n: int = 2, flash: bool = False) -> float:
     """Bytes kept for backward by one transformer layer (Korthikanti et al. 2022), 16-bit activations."""
-    full = s * b * h * (34 + 5 * a * s / h) / t
+    full = s * b * h * (34 + (0 if flash else 5 * a * s / h)) / t
     if mode == "full":
         return 2.0 * s * b * h  # only the layer input
     if mode == "selective":
@@ -85,7 +87,7 @@ class Plan:
 
 
 def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memory_gb: float,
-              mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
+              mfu: float = 0.4, peak_tflops: float = 989.0, flash: bool = True) -> Plan:
     import torch
 
     from llmtrain.config import derive
@@ -104,7 +106,7 @@ def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memo
     # 1F1B keeps up to pp micro-batches in flight on the first stage.
     in_flight = min(p.pp, derived.grad_accum) if p.pp > 1 else 1
     act = {mode: activation_bytes_per_layer(t.seq_len, t.micro_batch_size, m.n_embd, m.n_head, p.tp, mode,
-                                            p.checkpoint_every_n) * layers_here * in_flight / GiB
+                                            p.checkpoint_every_n, flash) * layers_here * in_flight / GiB
            for mode in ("none", "selective", "full")}
     logits = t.seq_len * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
     chosen = act[p.activation_checkpointing if p.activation_checkpointing in act else "none"] + logits
@@ -144,7 +146,8 @@ def format_plan(pl: Plan) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    pl = make_plan(cfg, args.recipe, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.mfu, args.peak_tflops)
+    pl = make_plan(cfg, args.recipe, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.mfu, args.peak_tflops,
+                   flash=not args.no_flash)
     print(json.dumps(asdict(pl), indent=1) if args.json else format_plan(pl))
     return 0
 
@@ -159,5 +162,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (1e9 bytes)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume for step time")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (H100 SXM: 989)")
+    p.add_argument("--no-flash", action="store_true",
+                   help="count the attention matrix in activations (no flash / memory-efficient attention)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=cmd_plan)

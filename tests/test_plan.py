@@ -20,7 +20,7 @@ def test_zero_paper_formulas(stage, expected):
 
 def test_gpt_1b_on_one_node_by_hand():
     cfg = load_config(ROOT / "recipes" / "gpt_1b.yaml")  # bf16, ZeRO-1, micro 8, seq 2048
-    pl = make_plan(cfg, "gpt_1b", nodes=1, gpus_per_node=8, gpu_memory_gb=80, mfu=0.5)
+    pl = make_plan(cfg, "gpt_1b", nodes=1, gpus_per_node=8, gpu_memory_gb=80, mfu=0.5, flash=False)
     assert pl.params_total == PSI_1B == 1_315_819_520
     assert pl.model_states_gib["total"] == pytest.approx((4 + 12 / 8) * PSI_1B / GiB)  # 6.74 GiB
     s, b, h, a = 2048, 8, 2048, 16
@@ -33,6 +33,9 @@ def test_gpt_1b_on_one_node_by_hand():
     full = make_plan(load_config(ROOT / "recipes" / "gpt_1b.yaml", ["parallel.activation_checkpointing=full"]),
                      "gpt_1b", 1, 8, 80)
     assert full.fits and full.total_gib < 20
+    flash = make_plan(cfg, "gpt_1b", 1, 8, 80)  # flash attention stores no s x s attention matrix
+    assert flash.activations_gib["none"] == pytest.approx(24 * s * b * h * 34 / GiB)
+    assert flash.fits
 
 
 def test_tensor_parallel_divides_activations():
