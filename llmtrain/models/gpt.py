@@ -101,8 +101,10 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 init: N(0, init_std) weights, zero biases, unit norms, residual projections scaled."""
         std = self.cfg.init_std
+        if self.cfg.tie_embeddings:  # materialising from the meta device (to_empty) unties them
+            self.lm_head.weight = self.wte.weight
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not (module is self.lm_head and self.cfg.tie_embeddings):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
