@@ -111,6 +111,7 @@ MpiDefault=none
 MailProg=/bin/true
 # A requeued job may start again once its credential expired (default 120 s): keep tests quick.
 AuthInfo=cred_expire=10
+SchedulerParameters=bf_interval=2
 SwitchType=switch/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
