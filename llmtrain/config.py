@@ -53,6 +53,8 @@ class TrainConfig:
     sample_prompt: str = "And God said"
     # Stop the run after this many consecutive steps with a non-finite loss (each one is skipped).
     max_nonfinite_steps: int = 5
+    # Build the next step's batches on a background thread (pinned on GPU) while this step runs.
+    prefetch: bool = True
 
 
 @dataclass

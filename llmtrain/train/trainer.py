@@ -19,6 +19,7 @@ from llmtrain.train import checkpoint as ckpt
 from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
 from llmtrain.train.objectives import Objective, objective_for
+from llmtrain.train.prefetch import Prefetcher
 from llmtrain.train.preemption import StopRequest
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
@@ -186,36 +187,62 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
 def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective: Objective,
              state: TrainerState, sink: MetricsSink, stop: StopRequest, throughput: Throughput) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
-    t, device = cfg.train, runner.device
-    lr_at = lr_multiplier(cfg.optim, t.max_steps)
+    t = cfg.train
+    window = LogWindow(cfg, derived, throughput, sink, runner.device)
     progress = _progress_bar(cfg, state.step)
-    window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-    while state.step < t.max_steps:
-        log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
-        result = runner.train_step(objective, data.train_batches(state.step), log_now)
-        check_finite(cfg, state, result.skipped)
-        loss_sum += result.loss
-        state.step += 1
-        state.tokens_seen += derived.tokens_per_step
-        window_steps += 1
-        progress.update(1)
-        if log_now:
-            elapsed = time.perf_counter() - window_start
-            rec = train_record(state, _mean_over_ranks(loss_sum / window_steps), cfg.optim.lr * lr_at(state.step - 1),
-                               result.grad_norm, throughput.record(derived.tokens_per_step * window_steps / elapsed))
-            sink.log(rec, console=format_line(rec, t.max_steps))
-            progress.set_postfix(loss=f"{rec['loss']:.3f}")
-            window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        if t.eval_interval and state.step % t.eval_interval == 0 and state.step < t.max_steps:
-            log_eval(cfg, runner, data, objective, state, sink)
-        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step < t.max_steps
-                and state.nonfinite_in_a_row == 0):  # never rotate good checkpoints out during a divergence
-            save(runner, cfg, state, data)
-        if state.step < t.max_steps and stop.agreed(device):
-            progress.close()
-            return False
-    progress.close()
-    return True
+    loader = Prefetcher(data, pin_memory=runner.device.type == "cuda", enabled=t.prefetch)
+    try:
+        while state.step < t.max_steps:
+            log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
+            result = runner.train_step(objective, loader.batches(state.step), log_now)
+            check_finite(cfg, state, result.skipped)
+            state.step += 1
+            state.tokens_seen += derived.tokens_per_step
+            window.add(result.loss)
+            progress.update(1)
+            if log_now:
+                progress.set_postfix(loss=f"{window.flush(state, result.grad_norm):.3f}")
+            if _due(t.eval_interval, state.step, t.max_steps):
+                log_eval(cfg, runner, data, objective, state, sink)
+            if _due(cfg.checkpoint.interval, state.step, t.max_steps) and state.nonfinite_in_a_row == 0:
+                save(runner, cfg, state, data)  # never rotate good checkpoints out during a divergence
+            if state.step < t.max_steps and stop.agreed(runner.device):
+                return False
+        return True
+    finally:
+        progress.close()
+        loader.close()
+
+
+def _due(interval: int, step: int, max_steps: int) -> bool:
+    """Periodic work at every `interval` steps; the last step has its own (final eval and checkpoint)."""
+    return bool(interval) and step % interval == 0 and step < max_steps
+
+
+class LogWindow:
+    """Accumulates losses between log lines without syncing the device; one sync per log line."""
+
+    def __init__(self, cfg: Config, derived: Derived, throughput: Throughput, sink: MetricsSink,
+                 device: torch.device):
+        self.cfg, self.derived, self.throughput, self.sink, self.device = cfg, derived, throughput, sink, device
+        self.lr_at = lr_multiplier(cfg.optim, cfg.train.max_steps)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.steps, self.loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def flush(self, state: TrainerState, grad_norm: float | None) -> float:
+        loss = _mean_over_ranks(self.loss_sum / self.steps)
+        rate = self.derived.tokens_per_step * self.steps / (time.perf_counter() - self.start)
+        rec = train_record(state, loss, self.cfg.optim.lr * self.lr_at(state.step - 1), grad_norm,
+                           self.throughput.record(rate))
+        self.sink.log(rec, console=format_line(rec, self.cfg.train.max_steps))
+        self._reset()
+        return loss
 
 
 def check_finite(cfg: Config, state: TrainerState, skipped: bool) -> None:
