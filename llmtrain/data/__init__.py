@@ -1,0 +1,38 @@
+"""Data: the bundled corpus, tokenizers, prepared token shards and the loaders the trainer calls.
+
+`import llmtrain.data` is light (no torch, numpy or datasets): the heavy parts load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llmtrain.data.config import DataConfig, SourceConfig
+
+if TYPE_CHECKING:
+    from llmtrain.data.tokenizer import Tokenizer
+
+__all__ = ["DataConfig", "SourceConfig", "build_data", "load_tokenizer", "resolve_sources"]
+
+
+def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
+               dp_rank: int, dp_size: int) -> Any:
+    """The data of a run (DEVELOPERS.md, "Data contract"); prepares the bundled corpus on first use."""
+    from llmtrain.data.build import build_data as _build
+
+    return _build(cfg, seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                  dp_rank=dp_rank, dp_size=dp_size)
+
+
+def load_tokenizer(path: str) -> "Tokenizer":
+    """A tokenizer directory, HF tokenizer.json, or GPT-2 encoder.json + vocab.bpe directory."""
+    from llmtrain.data.tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+def resolve_sources(cfg: DataConfig) -> list[tuple[str, float]]:
+    """(dataset directory, weight) pairs the config names; 'bundled' is prepared on first use."""
+    from llmtrain.data.build import resolve_sources as _resolve
+
+    return [(str(p), w) for p, w in _resolve(cfg)]

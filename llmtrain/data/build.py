@@ -1,0 +1,45 @@
+"""`build_data`: turn a `DataConfig` plus the run's batch layout into the object the trainer uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmtrain.data.config import DataConfig
+
+
+def resolve_sources(cfg: DataConfig) -> list[tuple[Path, float]]:
+    """(dataset dir, weight) for every source; 'bundled' prepares the bundled corpus into the cache."""
+    from llmtrain.data.bundled import bundled_dataset_dir
+
+    specs = [(s.path, s.weight) for s in cfg.sources] or [(cfg.path, 1.0)]
+    out = []
+    for path, weight in specs:
+        if weight < 0:
+            raise ValueError(f"data.sources: weight {weight} of '{path}' is negative; use a weight >= 0")
+        out.append((bundled_dataset_dir(cfg) if path == "bundled" else Path(path).expanduser(), float(weight)))
+    return out
+
+
+def _check_layout(seq_len: int, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int) -> None:
+    if seq_len < 1 or micro_batch_size < 1 or grad_accum < 1 or dp_size < 1:
+        raise ValueError(f"seq_len, micro_batch_size, grad_accum and dp_size must be >= 1; got {seq_len}, "
+                         f"{micro_batch_size}, {grad_accum}, {dp_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+
+
+def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
+               dp_rank: int, dp_size: int) -> Any:
+    from llmtrain.data.loader import CausalData, PreparedSource
+
+    _check_layout(seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
+    pairs = resolve_sources(cfg)
+    sources = [PreparedSource(p) for p, _ in pairs]
+    kwargs = dict(seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                  dp_rank=dp_rank, dp_size=dp_size)
+    if cfg.sample_kind == "bert":
+        from llmtrain.data.bert import BertData
+
+        return BertData(sources, [w for _, w in pairs], cfg=cfg, **kwargs)
+    return CausalData(sources, [w for _, w in pairs], doc_mask=cfg.doc_mask, blend_block=cfg.blend_block, **kwargs)

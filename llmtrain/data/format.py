@@ -1,0 +1,139 @@
+"""The on-disk token format: `.bin` (tokens) + `.idx` (document ends) shards and a `manifest.json`.
+
+    <dataset>/manifest.json        written last: its presence means the dataset is complete
+    <dataset>/tokenizer.json       the tokenizer the tokens came from (its hash is in the manifest)
+    <dataset>/<split>_00000.bin    32-byte header + `count` tokens (uint16 when the vocab fits, else uint32)
+    <dataset>/<split>_00000.idx    32-byte header + `count` uint64 document end offsets (EOS included)
+
+Both headers are `<8s I I Q Q`: magic, format version, item size in bytes, item count, and (idx only)
+the token count of the matching `.bin`, so a truncated or mismatched pair is caught on open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VERSION = 1
+BIN_MAGIC = b"LLMTBIN\x00"
+IDX_MAGIC = b"LLMTIDX\x00"
+HEADER = struct.Struct("<8sIIQQ")
+MANIFEST = "manifest.json"
+FORMAT_NAME = "llmtrain-tokens"
+REPREPARE = "delete the dataset directory and run `llmtrain prepare-data` again"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves disk and page-cache use whenever every id fits in it."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends documents to `<stem>.bin`/`.idx` written under temporary names, renamed on `close`."""
+
+    def __init__(self, stem: Path, dtype: np.dtype) -> None:
+        self.stem, self.dtype = Path(stem), np.dtype(dtype)
+        self._bin_tmp = self.stem.with_suffix(".bin.tmp")
+        self._bin = open(self._bin_tmp, "wb")
+        self._bin.write(HEADER.pack(BIN_MAGIC, VERSION, self.dtype.itemsize, 0, 0))
+        self.ends: list[int] = []
+        self.tokens = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        """One document's tokens, EOS already appended."""
+        self._bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.tokens += len(ids)
+        self.ends.append(self.tokens)
+
+    def discard(self) -> None:
+        self._bin.close()
+        self._bin_tmp.unlink(missing_ok=True)
+
+    def close(self) -> dict[str, int]:
+        self._bin.seek(0)
+        self._bin.write(HEADER.pack(BIN_MAGIC, VERSION, self.dtype.itemsize, self.tokens, 0))
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        idx_tmp = self.stem.with_suffix(".idx.tmp")
+        with open(idx_tmp, "wb") as f:
+            f.write(HEADER.pack(IDX_MAGIC, VERSION, 8, len(self.ends), self.tokens))
+            f.write(np.asarray(self.ends, dtype=np.uint64).tobytes())
+        os.replace(self._bin_tmp, self.stem.with_suffix(".bin"))
+        os.replace(idx_tmp, self.stem.with_suffix(".idx"))
+        return {"tokens": self.tokens, "docs": len(self.ends)}
+
+
+def _read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
+    if not path.exists():
+        raise ValueError(f"{path}: missing shard file; {REPREPARE}")
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise ValueError(f"{path}: truncated shard ({len(head)} bytes, shorter than its header); {REPREPARE}")
+    got, version, itemsize, count, extra = HEADER.unpack(head)
+    if got != magic:
+        raise ValueError(f"{path}: bad magic {got!r} (expected {magic!r}): not an llmtrain shard or corrupt; {REPREPARE}")
+    if version != VERSION:
+        raise ValueError(f"{path}: format version {version}, this llmtrain reads version {VERSION}; {REPREPARE}")
+    want = HEADER.size + count * itemsize
+    if path.stat().st_size != want:
+        raise ValueError(f"{path}: size {path.stat().st_size} bytes does not match its header ({count} items of "
+                         f"{itemsize} bytes = {want} bytes): truncated or corrupt; {REPREPARE}")
+    return itemsize, count, extra
+
+
+@dataclass
+class Shard:
+    """A memory-mapped shard: `tokens` (count,) and `ends` (docs,) document end offsets."""
+
+    path: Path
+    tokens: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def open(cls, stem: Path) -> "Shard":
+        bin_path, idx_path = Path(stem).with_suffix(".bin"), Path(stem).with_suffix(".idx")
+        itemsize, count, _ = _read_header(bin_path, BIN_MAGIC)
+        if itemsize not in (2, 4):
+            raise ValueError(f"{bin_path}: token item size {itemsize} is neither 2 nor 4; {REPREPARE}")
+        _, docs, idx_tokens = _read_header(idx_path, IDX_MAGIC)
+        if idx_tokens != count:
+            raise ValueError(f"{idx_path}: index says {idx_tokens} tokens but {bin_path.name} holds {count}: the "
+                             f"pair does not belong together; {REPREPARE}")
+        dtype = np.uint16 if itemsize == 2 else np.uint32
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
+        ends = np.memmap(idx_path, dtype=np.uint64, mode="r", offset=HEADER.size, shape=(docs,)) if docs else np.zeros(0, np.uint64)
+        if docs and int(ends[-1]) != count:
+            raise ValueError(f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
+                             f"{bin_path.name}: corrupt index; {REPREPARE}")
+        return cls(Path(stem), tokens, ends)
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, out_dir / MANIFEST)
+
+
+def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    d = Path(dataset_dir)
+    f = d / MANIFEST
+    if not f.exists():
+        hint = ("an interrupted `llmtrain prepare-data` leaves no manifest: run it again to finish"
+                if d.is_dir() else "prepare one with `llmtrain prepare-data --out DIR`")
+        raise ValueError(f"{f}: no manifest, so {d} is not a complete prepared dataset; {hint}")
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{f}: not valid JSON ({exc}); {REPREPARE}") from None
+    if m.get("format") != FORMAT_NAME or m.get("version") != VERSION:
+        raise ValueError(f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
+                         f"{FORMAT_NAME!r} version {VERSION}; {REPREPARE}")
+    return m

@@ -1,0 +1,244 @@
+"""Packed next-token batches from prepared shards: world-size-independent order, O(1) exact resume.
+
+A split's shards form one token stream; sample j of a source is the window tokens[j*T : j*T + T + 1]
+(consecutive windows share one boundary token, so every token is a target exactly once per epoch).
+Global sample g maps to (source, index) through the blend table, and index to a window through a
+keyed permutation per (seed, source, epoch). A step's global batch is samples
+[start, start + B*G*dp); rank r takes the contiguous slice [r*B*G, (r+1)*B*G) and cuts it into G
+micro-batches of B. So 1 rank x G=2 sees exactly what 2 ranks x G=1 see, and a run resumed on another
+number of ranks continues with exactly the next samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtrain.data.format import REPREPARE, Shard, read_manifest
+from llmtrain.data.order import blend_table, derive_key, permute
+from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
+
+
+class TokenStream:
+    """The shards of one split of a prepared dataset, read as a single memory-mapped token stream."""
+
+    def __init__(self, dataset_dir: Path, shard_names: list[str]) -> None:
+        shards = [Shard.open(dataset_dir / name) for name in shard_names]
+        self.shards = [s for s in shards if len(s.tokens)]
+        sizes = [len(s.tokens) for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # token offset of each shard
+        docs = [len(s.ends) for s in self.shards]
+        self.doc_starts = np.concatenate([[0], np.cumsum(docs)]).astype(np.int64)  # doc offset of each shard
+        self.n_tokens = int(self.starts[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as int64, crossing shard boundaries when needed."""
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        off = start - int(self.starts[k])
+        piece = self.shards[k].tokens[off:off + length]
+        if len(piece) == length:
+            return piece.astype(np.int64)
+        parts, need = [piece], length - len(piece)
+        while need > 0:  # rare: a window that straddles shards
+            k += 1
+            parts.append(self.shards[k].tokens[:need])
+            need -= len(parts[-1])
+        return np.concatenate(parts).astype(np.int64)
+
+    def doc_index(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global document id, offset within its document) of each token position in the window."""
+        pos = np.arange(start, start + length, dtype=np.int64)
+        ks = np.searchsorted(self.starts, pos, side="right") - 1
+        doc, doc_start = np.empty(length, np.int64), np.empty(length, np.int64)
+        for k in np.unique(ks):
+            sel = ks == k
+            local = pos[sel] - self.starts[k]
+            ends = self.shards[k].ends
+            d = np.searchsorted(ends, local.astype(np.uint64), side="right").astype(np.int64)
+            first = np.where(d > 0, ends[np.maximum(d - 1, 0)].astype(np.int64), 0)
+            doc[sel] = d + self.doc_starts[k]
+            doc_start[sel] = first
+        return doc, pos - self.starts[ks] - doc_start
+
+
+class PreparedSource:
+    """One prepared dataset directory: manifest, tokenizer and the train/val token streams."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.tokenizer = load_tokenizer(self.path)
+        want = self.manifest["tokenizer"]["hash"]
+        if self.tokenizer.hash != want:
+            raise ValueError(f"{self.path / 'tokenizer.json'}: tokenizer hash {self.tokenizer.hash} differs from the "
+                             f"{want} recorded in {self.path / 'manifest.json'}: the tokens were made with another "
+                             f"tokenizer; {REPREPARE}")
+        splits = self.manifest["splits"]
+        self.train = TokenStream(self.path, splits["train"]["shards"])
+        self.val = TokenStream(self.path, splits["val"]["shards"])
+
+
+def _windows(stream: TokenStream, seq_len: int) -> int:
+    return max(0, (stream.n_tokens - 1) // seq_len)
+
+
+class CausalData:
+    """What `build_data` returns for causal LM training (see DEVELOPERS.md, "Data contract")."""
+
+    def __init__(self, sources: list[PreparedSource], weights: list[float], *, seq_len: int, seed: int,
+                 micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, doc_mask: bool = False,
+                 blend_block: int = 1000) -> None:
+        _check_same_tokenizer(sources)
+        self.sources, self.seq_len, self.seed = sources, seq_len, seed
+        self.B, self.G, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
+        self.doc_mask = doc_mask
+        self.tokenizer: Tokenizer = sources[0].tokenizer
+        self.vocab_size: int = self.tokenizer.vocab_size
+        self.global_batch = micro_batch_size * grad_accum * dp_size
+        self.n_train = [_windows(s.train, seq_len) for s in sources]
+        for s, n in zip(sources, self.n_train):
+            if n == 0:
+                raise ValueError(f"{s.path}: its train split has {s.train.n_tokens} tokens, fewer than one sequence of "
+                                 f"train.seq_len+1={seq_len + 1}; lower train.seq_len or prepare more text")
+        self.weights = [float(w) for w in weights]
+        self._table = blend_table(self.weights, blend_block if len(sources) > 1 else 1)
+        self._base_step, self._base_samples, self._next_step = 0, 0, 0
+
+    # -- the global sample order -------------------------------------------------------------------
+
+    def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample indices -> (source id, sample index within that source), exact blend proportions."""
+        src, ordinal, counts = self._table
+        block = len(src)
+        pos = g % block
+        k = src[pos]
+        return k, (g // block) * counts[k] + ordinal[pos]
+
+    def window_starts(self, k: int, n: np.ndarray) -> np.ndarray:
+        """Token offset of sample index n (an array) of source k: a fresh permutation every epoch."""
+        size = self.n_train[k]
+        epoch, j = n // size, n % size
+        out = np.empty(len(n), dtype=np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = permute(j[sel], size, derive_key(self.seed, k, int(e))).astype(np.int64) * self.seq_len
+        return out
+
+    def samples(self, g: np.ndarray) -> dict[str, np.ndarray]:
+        """Token windows (len(g), T+1) for global sample indices `g`, plus document info if doc_mask."""
+        g = np.asarray(g, dtype=np.int64)
+        ks, ns = self.locate(g)
+        tokens = np.empty((len(g), self.seq_len + 1), dtype=np.int64)
+        starts = np.empty(len(g), dtype=np.int64)
+        for k in np.unique(ks):
+            sel = np.flatnonzero(ks == k)
+            starts[sel] = self.window_starts(int(k), ns[sel])
+            for i, st in zip(sel, starts[sel]):
+                tokens[i] = self.sources[k].train.window(int(st), self.seq_len + 1)
+        out = {"tokens": tokens}
+        if self.doc_mask:
+            out.update(_doc_info([self.sources[k].train for k in ks], starts, self.seq_len))
+        return out
+
+    # -- the contract ------------------------------------------------------------------------------
+
+    def step_start(self, step: int) -> int:
+        """Global index of the first sample of optimizer step `step`."""
+        return self._base_samples + (step - self._base_step) * self.global_batch
+
+    def train_batches(self, step: int) -> list[dict[str, Any]]:
+        """G micro-batches of this rank for optimizer step `step` (0-based)."""
+        per_rank = self.B * self.G
+        first = self.step_start(step) + self.dp_rank * per_rank
+        s = self.samples(np.arange(first, first + per_rank))
+        self._next_step = max(self._next_step, step + 1)
+        return [self._to_batch(s, m * self.B, (m + 1) * self.B) for m in range(self.G)]
+
+    def val_batches(self, n: int) -> list[dict[str, Any]]:
+        """The first n micro-batches of this rank over the validation windows, in order (no shuffle)."""
+        streams = [s.val for s in self.sources]
+        counts = [_windows(v, self.seq_len) for v in streams]
+        if sum(counts) == 0:
+            raise ValueError(f"{self.sources[0].path}: no validation split (or shorter than one sequence); prepare "
+                             "the dataset with --val-fraction > 0 (or data.val_fraction for the bundled corpus)")
+        # Take from each source in proportion to its weight, up to what it has: deterministic, no wrap.
+        per_batch = self.B * self.dp_size
+        n = min(n, sum(counts) // per_batch) if sum(counts) >= per_batch else 0
+        if n == 0:
+            raise ValueError(f"{self.sources[0].path}: validation split has {sum(counts)} sequences, fewer than one "
+                             f"global micro-batch ({per_batch}); prepare more validation text or lower the batch")
+        order = _val_order(counts, self.weights, n * per_batch)
+        lo = self.dp_rank * self.B
+        batches = []
+        for b in range(n):
+            rows = order[b * per_batch + lo: b * per_batch + lo + self.B]
+            tokens = np.stack([streams[k].window(j * self.seq_len, self.seq_len + 1) for k, j in rows])
+            s = {"tokens": tokens}
+            if self.doc_mask:
+                s.update(_doc_info([streams[k] for k, _ in rows], np.array([j * self.seq_len for _, j in rows]),
+                                   self.seq_len))
+            batches.append(self._to_batch(s, 0, self.B))
+        return batches
+
+    def _to_batch(self, s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
+        import torch
+
+        x = s["tokens"][lo:hi]
+        batch = {"input_ids": torch.from_numpy(x[:, :-1].copy()), "labels": torch.from_numpy(x[:, 1:].copy())}
+        if self.doc_mask:
+            batch["position_ids"] = torch.from_numpy(s["position_ids"][lo:hi].copy())
+            batch["doc_ids"] = torch.from_numpy(s["doc_ids"][lo:hi].copy())
+            # The token after an EOS starts another document: nothing in this one predicts it.
+            batch["labels"][batch["input_ids"] == self.tokenizer.eos_id] = -100
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "step": self._next_step, "consumed_samples": self.step_start(self._next_step),
+                "seed": self.seed, "global_batch": self.global_batch,
+                "tokenizer_hash": self.tokenizer.hash, "sources": [str(s.path) for s in self.sources]}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Continue at the saved sample position; the global batch size may differ from the saved run's."""
+        if not d:
+            return
+        if d.get("tokenizer_hash", self.tokenizer.hash) != self.tokenizer.hash:
+            raise ValueError(f"the checkpoint's data was tokenized with tokenizer {d['tokenizer_hash']}, this run's "
+                             f"data with {self.tokenizer.hash}; resume with the same data (or start a new out_dir)")
+        self._base_step = self._next_step = int(d["step"])
+        self._base_samples = int(d["consumed_samples"])
+
+
+def _doc_info(streams: list[TokenStream], starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """doc_ids (0 = the window's first document) and position_ids (restarting at each document)."""
+    doc_ids = np.empty((len(starts), seq_len), np.int64)
+    pos_ids = np.empty((len(starts), seq_len), np.int64)
+    for i, (stream, st) in enumerate(zip(streams, starts)):
+        d, p = stream.doc_index(int(st), seq_len)
+        doc_ids[i], pos_ids[i] = d - d[0], p
+    return {"doc_ids": doc_ids, "position_ids": pos_ids}
+
+
+def _val_order(counts: list[int], weights: list[float], total: int) -> list[tuple[int, int]]:
+    """(source, window) pairs: sources interleaved by weight, each read in order, exhausted ones dropped."""
+    w = np.array([wt if c else 0.0 for wt, c in zip(weights, counts)], dtype=np.float64)
+    taken = np.zeros(len(counts), dtype=np.int64)
+    order = []
+    for p in range(total):
+        live = taken < np.array(counts)
+        score = np.where(live, w / w[live].sum() * (p + 1) - taken, -np.inf) if w[live].sum() > 0 else \
+            np.where(live, 0.0, -np.inf)
+        k = int(np.argmax(score))
+        order.append((k, int(taken[k])))
+        taken[k] += 1
+    return order
+
+
+def _check_same_tokenizer(sources: list[PreparedSource]) -> None:
+    first = sources[0]
+    for s in sources[1:]:
+        if s.tokenizer.hash != first.tokenizer.hash:
+            raise ValueError(f"{s.path / 'manifest.json'}: tokenized with tokenizer {s.tokenizer.hash}, but "
+                             f"{first.path} with {first.tokenizer.hash}; blend only datasets prepared with the same "
+                             "tokenizer (re-run `llmtrain prepare-data --tokenizer` on one of them)")

@@ -1,0 +1,192 @@
+"""Tokenize a stream of documents into train/val shards (see `format.py`), restartably.
+
+Work is cut into chunks of consecutive input documents; a chunk ends once it holds `shard_tokens`
+tokens and then writes one train and one val shard plus `chunk_00000.json`, the marker that it is done.
+An interrupted run skips the documents of finished chunks (reading, not tokenizing, them) and goes on.
+Memory stays flat: at most `2 * workers` batches of documents are in flight at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from llmtrain.data.format import FORMAT_NAME, VERSION, ShardWriter, token_dtype, write_manifest
+from llmtrain.data.order import derive_key, mix64
+from llmtrain.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
+
+SPLITS = ("train", "val")
+
+
+def is_val(doc_index: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """A document's split is a hash of its input position: stable across restarts and worker counts."""
+    if val_fraction <= 0:
+        return np.zeros(len(doc_index), dtype=bool)
+    h = mix64(np.asarray(doc_index, dtype=np.uint64) ^ np.uint64(derive_key(seed, 0x5A1)))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+
+
+# -- tokenizing, in this process or in workers ---------------------------------------------------
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str, in_worker: bool = True) -> None:
+    global _WORKER_TOK
+    if in_worker:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER_TOK = load_tokenizer(tokenizer_path)
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of all `texts` concatenated, and each text's length (compact to send between processes)."""
+    ids = _WORKER_TOK.encode_batch(texts)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate([np.asarray(x, dtype=np.uint32) for x in ids]) if ids else np.zeros(0, np.uint32)
+    return flat, lengths
+
+
+def encoded_batches(batches: Iterable[list[str]], tokenizer_path: str, workers: int
+                    ) -> Iterator[tuple[list[str], tuple[np.ndarray, np.ndarray]]]:
+    """(texts, encoding) per batch, in input order; `workers` > 1 tokenizes in that many processes."""
+    if workers <= 1:
+        _init_worker(tokenizer_path, in_worker=False)
+        for texts in batches:
+            yield texts, _encode(texts)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would copy half-alive.
+    with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (tokenizer_path,)) as pool:
+        pending: deque = deque()
+        for texts in batches:
+            pending.append((texts, pool.submit(_encode, texts)))
+            if len(pending) >= 2 * workers:  # bounded prefetch keeps memory flat on any corpus size
+                t, fut = pending.popleft()
+                yield t, fut.result()
+        while pending:
+            t, fut = pending.popleft()
+            yield t, fut.result()
+
+
+def _batched(texts: Iterable[str], skip: int, size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for i, text in enumerate(texts):
+        if i < skip:
+            continue
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- chunks ----------------------------------------------------------------------------------------
+
+class _Chunk:
+    def __init__(self, out: Path, number: int, first_doc: int, dtype: np.dtype) -> None:
+        self.out, self.number, self.first_doc = out, number, first_doc
+        self.writers = {s: ShardWriter(out / f"{s}_{number:05d}", dtype) for s in SPLITS}
+        self.docs = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.tokens for w in self.writers.values())
+
+    def discard(self) -> None:
+        for w in self.writers.values():
+            w.discard()
+
+    def close(self, settings: dict[str, Any]) -> dict[str, Any]:
+        info = {"chunk": self.number, "first_doc": self.first_doc, "input_docs": self.docs, **settings}
+        for s, w in self.writers.items():
+            info[s] = {"shard": f"{s}_{self.number:05d}", **w.close()}
+        tmp = self.out / f"chunk_{self.number:05d}.json.tmp"
+        tmp.write_text(json.dumps(info, sort_keys=True))
+        os.replace(tmp, self.out / f"chunk_{self.number:05d}.json")  # the chunk is done only now
+        return info
+
+
+def finished_chunks(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Chunks an earlier run finished, in order; refuses to mix runs with different settings."""
+    done = []
+    while (f := out / f"chunk_{len(done):05d}.json").exists():
+        info = json.loads(f.read_text())
+        diff = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
+        if diff:
+            raise ValueError(f"{f}: {out} was prepared with other settings {diff} (earlier, now); use a new --out "
+                             "directory or delete this one")
+        done.append(info)
+    return done
+
+
+def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, source: dict[str, Any],
+                  val_fraction: float = 0.0, shard_tokens: int = 100_000_000, workers: int = 1,
+                  seed: int = 0, batch_docs: int = 512, progress: bool = True,
+                  label: str = "input") -> dict[str, Any]:
+    """Tokenize `texts` (one document each) into `out`; returns the manifest. Restartable."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    settings = {"tokenizer_hash": tok.hash, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}
+    chunks = finished_chunks(out, settings)
+    skip = sum(c["input_docs"] for c in chunks)
+    for stale in out.glob("*.tmp"):  # half-written files of an interrupted chunk
+        stale.unlink()
+    dtype = token_dtype(tok.vocab_size)
+    bar = _progress(progress, label, skip)
+    chunk = _Chunk(out, len(chunks), skip, dtype)
+    doc_index, eos = skip, np.array([tok.eos_id], dtype=np.uint32)
+    started, new_tokens = time.perf_counter(), 0
+    for texts_b, (flat, lengths) in encoded_batches(_batched(texts, skip, batch_docs), str(out), workers):
+        val = is_val(np.arange(doc_index, doc_index + len(texts_b)), val_fraction, seed)
+        for j, start in enumerate(np.concatenate([[0], np.cumsum(lengths)[:-1]])):
+            chunk.docs += 1
+            doc_index += 1
+            if texts_b[j]:  # empty documents add nothing, not even an EOS
+                chunk.writers["val" if val[j] else "train"].add(np.concatenate([flat[start:start + lengths[j]], eos]))
+                new_tokens += int(lengths[j]) + 1
+            if chunk.tokens >= shard_tokens:  # shards stay within one document of `shard_tokens`
+                chunks.append(chunk.close(settings))
+                chunk = _Chunk(out, len(chunks), doc_index, dtype)
+        bar.update(int(lengths.sum()))
+    if chunk.docs or not chunks:
+        chunks.append(chunk.close(settings))
+    else:
+        chunk.discard()
+    bar.close()
+    manifest = _manifest(chunks, tok, source, settings, dtype)
+    if manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"] == 0:
+        raise ValueError(f"{label}: the corpus is empty (no document has any text); check the input path and "
+                         "--text-field")
+    write_manifest(out, manifest)
+    manifest["prepare_seconds"] = time.perf_counter() - started
+    manifest["new_tokens"] = new_tokens
+    return manifest
+
+
+def _manifest(chunks: list[dict[str, Any]], tok: Tokenizer, source: dict[str, Any], settings: dict[str, Any],
+              dtype: np.dtype) -> dict[str, Any]:
+    splits = {s: {"shards": [c[s]["shard"] for c in chunks],
+                  "tokens": sum(c[s]["tokens"] for c in chunks),
+                  "docs": sum(c[s]["docs"] for c in chunks)} for s in SPLITS}
+    return {"format": FORMAT_NAME, "version": VERSION, "tokenizer": tokenizer_meta(tok), "dtype": dtype.name,
+            "source": source, "input_docs": sum(c["input_docs"] for c in chunks), "splits": splits,
+            "val_fraction": settings["val_fraction"], "seed": settings["seed"],
+            "shard_tokens": settings["shard_tokens"]}
+
+
+def _progress(enabled: bool, label: str, skip: int) -> Any:
+    from tqdm import tqdm
+
+    desc = f"tokenizing {label}" + (f" (skipped {skip} docs of finished shards)" if skip else "")
+    return tqdm(desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+
