@@ -11,6 +11,7 @@ number of ranks continues with exactly the next samples.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,11 @@ class CausalData:
                                  f"train.seq_len+1={seq_len + 1}; lower train.seq_len or prepare more text")
         self.weights = [float(w) for w in weights]
         self._table = blend_table(self.weights, blend_block if len(sources) > 1 else 1)
-        self._base_step, self._base_samples, self._next_step = 0, 0, 0
+        # Step -> first sample is base_samples + (step - base_step) * global_batch; a resume whose global
+        # batch differs re-bases at the first step it asks for (the trainer asks for its resume step first).
+        self._base_step, self._base_samples = 0, 0
+        self._rebase: dict[str, int] | None = None
+        self._lock = threading.Lock()  # the trainer may build step+1 on a background thread
 
     # -- the global sample order -------------------------------------------------------------------
 
@@ -146,14 +151,18 @@ class CausalData:
 
     def step_start(self, step: int) -> int:
         """Global index of the first sample of optimizer step `step`."""
-        return self._base_samples + (step - self._base_step) * self.global_batch
+        with self._lock:
+            if self._rebase is not None:
+                old = self._rebase
+                self._base_samples = old["base_samples"] + (step - old["base_step"]) * old["global_batch"]
+                self._base_step, self._rebase = step, None
+            return self._base_samples + (step - self._base_step) * self.global_batch
 
     def train_batches(self, step: int) -> list[dict[str, Any]]:
         """G micro-batches of this rank for optimizer step `step` (0-based)."""
         per_rank = self.B * self.G
         first = self.step_start(step) + self.dp_rank * per_rank
         s = self.samples(np.arange(first, first + per_rank))
-        self._next_step = max(self._next_step, step + 1)
         return [self._to_batch(s, m * self.B, (m + 1) * self.B) for m in range(self.G)]
 
     def val_batches(self, n: int) -> list[dict[str, Any]]:
@@ -195,19 +204,26 @@ class CausalData:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "step": self._next_step, "consumed_samples": self.step_start(self._next_step),
-                "seed": self.seed, "global_batch": self.global_batch,
-                "tokenizer_hash": self.tokenizer.hash, "sources": [str(s.path) for s in self.sources]}
+        """The step -> sample mapping (not a position: the trainer's step says where it is)."""
+        with self._lock:
+            mapping = self._rebase or {"base_step": self._base_step, "base_samples": self._base_samples,
+                                       "global_batch": self.global_batch}
+        return {"version": 1, **mapping, "seed": self.seed, "tokenizer_hash": self.tokenizer.hash,
+                "sources": [str(s.path) for s in self.sources]}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Continue at the saved sample position; the global batch size may differ from the saved run's."""
+        """Continue the saved run's sample sequence; its global batch size may differ from this run's."""
         if not d:
             return
         if d.get("tokenizer_hash", self.tokenizer.hash) != self.tokenizer.hash:
             raise ValueError(f"the checkpoint's data was tokenized with tokenizer {d['tokenizer_hash']}, this run's "
                              f"data with {self.tokenizer.hash}; resume with the same data (or start a new out_dir)")
-        self._base_step = self._next_step = int(d["step"])
-        self._base_samples = int(d["consumed_samples"])
+        mapping = {k: int(d[k]) for k in ("base_step", "base_samples", "global_batch")}
+        with self._lock:
+            if mapping["global_batch"] == self.global_batch:
+                self._base_step, self._base_samples, self._rebase = mapping["base_step"], mapping["base_samples"], None
+            else:
+                self._rebase = mapping
 
 
 def _doc_info(streams: list[TokenStream], starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:

@@ -99,3 +99,15 @@ def test_doc_mask_positions_restart_after_eos(tiny_dataset):
             assert (pos[row, t].item() == 0) == new_doc
             assert docs[row, t].item() == docs[row, t - 1].item() + int(new_doc)
     assert (mb["labels"][ids == eos] == -100).all()
+
+
+def test_resume_with_another_global_batch_continues_at_the_next_sample(tiny_dataset):
+    a = data(tiny_dataset, G=2)  # 4 samples per step
+    for s in range(3):
+        a.train_batches(s)  # the trainer may also build step 3 early: that must not move the position
+    a.train_batches(3)
+    b = data(tiny_dataset, G=4)  # 8 samples per step from now on
+    b.load_state_dict(a.state_dict())
+    assert b.step_start(3) == 12 and b.step_start(4) == 20
+    whole = data(tiny_dataset, B=1).samples(np.arange(12, 20))["tokens"][:, :-1]
+    assert torch.equal(torch.cat([mb["input_ids"] for mb in b.train_batches(3)]), torch.from_numpy(whole))
