@@ -20,9 +20,9 @@ class ModelConfig:
     # Number of transformer blocks.
     n_layer: int = 4
     # Attention heads per block.
-    n_head: int = 4
+    n_head: int = 6
     # Hidden width (d_model).
-    n_embd: int = 256
+    n_embd: int = 192
     # Embedding rows; must be >= the tokenizer's vocabulary (padded sizes are faster on GPU).
     vocab_size: int = 8192
     # Maximum sequence length (number of learned positions).
@@ -41,7 +41,7 @@ class ModelConfig:
 
 # Named sizes. GPT-3 paper table 2.1 shapes at seq 2048, GPT-2 vocab padded to a multiple of 64.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "gpt_debug": dict(arch="gpt", n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
+    "gpt_debug": dict(arch="gpt", n_layer=4, n_head=6, n_embd=192, vocab_size=8192, block_size=256),
     "gpt_125m": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=2048),
     "gpt_350m": dict(arch="gpt", n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=2048),
     "gpt_760m": dict(arch="gpt", n_layer=24, n_head=16, n_embd=1536, vocab_size=50304, block_size=2048),
