@@ -213,8 +213,13 @@ def build_engine(
     cfg: Config,
     derived: Derived,
     lr_lambda: Callable[[int], float],
+    mpu: Any = None,
 ) -> tuple[Any, torch.optim.Optimizer]:
-    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule; returns (engine, optimizer)."""
+    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule; returns (engine, optimizer).
+
+    `mpu` (from `model_parallel_grid`) tells DeepSpeed which ranks are data-parallel replicas when the
+    model is tensor-parallel: gradients are averaged, and ZeRO partitions, over those ranks only.
+    """
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -224,8 +229,16 @@ def build_engine(
         optimizer=optimizer,
         lr_scheduler=LambdaLR(optimizer, lr_lambda),
         config=deepspeed_config(cfg, derived),
+        mpu=mpu,
     )
     return engine, optimizer
+
+
+def model_parallel_grid(tp: int, pp: int, dp: int) -> Any:
+    """DeepSpeed's process grid (its `mpu`) for our rank order (llmtrain/parallel/layout.py)."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    return PipelineParallelGrid(topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp))
 
 
 def grad_norm_unreported(engine: Any) -> bool:

@@ -43,11 +43,22 @@ def describe(tp: int, pp: int, dp: int) -> str:
     return "; ".join(stages) + f" (tp groups of {tp} adjacent ranks, dp replicas every {tp} ranks)"
 
 
-# Set on the parameters that a tensor-parallel rank other than 0 holds as a full copy (norms, biases
-# of row-parallel layers, positions): gradient norms over the model-parallel group count them once.
-TP_REPLICA = "llmtrain_tp_replica"
+def counted_in_norm(param, tp_rank: int) -> bool:
+    """Whether this rank adds `param`'s gradient to a norm summed over its model-parallel group: a
+    tensor-parallel shard always, a full copy only on TP rank 0 (DeepSpeed's rule, same attribute)."""
+    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
 
-def counted_in_norm(param) -> bool:
-    """Whether this rank adds `param`'s gradient to a norm summed over its model-parallel group."""
-    return not getattr(param, TP_REPLICA, False)
+def model_parallel_grad_norm(params: list, model_parallel_group, tp_rank: int) -> float:
+    """Global L2 gradient norm of a model split over the ranks of `model_parallel_group` (its pipeline
+    stages and tensor-parallel shards): shards counted on every rank, full copies on TP rank 0 only,
+    copies of tied weights on later pipeline stages (DeepSpeed's `ds_pipe_replicated`) not at all."""
+    import torch
+    import torch.distributed as dist
+
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+    for p in params:
+        if not getattr(p, "ds_pipe_replicated", False) and counted_in_norm(p, tp_rank):
+            sq += p.grad.detach().float().pow(2).sum()
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=model_parallel_group)
+    return sq.sqrt().item()

@@ -25,12 +25,17 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
-from llmtrain.parallel.layout import counted_in_norm
+from llmtrain.parallel.layout import model_parallel_grad_norm
 from llmtrain.parallel.runner import ENGINE_TAG, StepResult
+from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.train.objectives import Objective
 
 # partition name in our config -> DeepSpeed's partition_method
 PARTITIONS = {"parameters": "parameters", "layers": "type:Block"}
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
 class _Reuse(nn.Module):
@@ -44,15 +49,17 @@ class _Reuse(nn.Module):
         return self.fn(self.inner, x)
 
 
-class TokenEmbedding(nn.Module):
-    """The tied token table, as DeepSpeed builds it on the first and last stage (same Parameter object)."""
+class TiedEmbedding(nn.Module):
+    """The token embedding and the output head that shares its weight, as one module: DeepSpeed builds
+    it on the first stage (used as `embed`) and on the last (used as `head`) and keeps the two equal.
+    Holding the model's own modules keeps their behaviour, tensor-parallel ones included."""
 
-    def __init__(self, wte: nn.Embedding):
+    def __init__(self, embed: nn.Module, head: nn.Module):
         super().__init__()
-        self.weight = wte.weight
+        self.embed, self.head = embed, head
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)  # (B, T, C)
+        return self.embed(input_ids)  # (B, T, C)
 
 
 class Positions(nn.Module):
@@ -68,16 +75,19 @@ class Positions(nn.Module):
         return self.drop(x + self.wpe(pos))  # (B, T, C)
 
 
-def _head(embedding: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, embedding.weight)  # (B, T, V)
+def _head(tied: TiedEmbedding, x: torch.Tensor) -> torch.Tensor:
+    return tied.head(x)  # (B, T, V), or its vocabulary shard with tensor parallel
 
 
 def gpt_pipeline_layers(model: nn.Module) -> list[Any]:
     """The plain GPT as a flat list of pipeline layers (modules and tied specs), outermost first."""
     tied = model.cfg.tie_embeddings
-    embed = TiedLayerSpec("embed", TokenEmbedding, model.wte) if tied else _Reuse(model.wte, lambda m, x: m(x))
-    head = (TiedLayerSpec("embed", TokenEmbedding, model.wte, forward_fn=_head) if tied
-            else _Reuse(model.lm_head, lambda m, x: m(x)))
+    if tied:
+        embed = TiedLayerSpec("embed", TiedEmbedding, model.wte, model.lm_head, tied_weight_attr="embed.weight")
+        head = TiedLayerSpec("embed", TiedEmbedding, model.wte, model.lm_head, forward_fn=_head,
+                             tied_weight_attr="embed.weight")
+    else:
+        embed, head = _Reuse(model.wte, _call), _Reuse(model.lm_head, _call)
     positions = Positions(model.wpe, model.drop)
     return [embed, positions, *model.blocks, model.ln_f, head]
 
@@ -103,7 +113,9 @@ class ObjectiveLoss:
         self.objective = objective
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.objective(lambda _ids: logits, {"input_ids": None, "labels": labels})
+        loss = self.objective(lambda _ids: logits, {"input_ids": None, "labels": labels})
+        # vocab-parallel logits give a replicated DTensor loss; DeepSpeed sums and all-reduces plain tensors
+        return loss.to_local() if hasattr(loss, "to_local") else loss
 
 
 class PipelineRunner:
@@ -115,6 +127,7 @@ class PipelineRunner:
         grid = engine.grid
         self.dp_rank, self.dp_size = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
         self.stage, self.num_stages = grid.get_stage_id(), engine.num_stages
+        self.tp = grid.get_slice_parallel_world_size()
         self._norm: float | None = None
         if engine.gradient_clipping() > 0 and not (engine.zero_optimization() or engine.bfloat16_enabled()
                                                    or engine.fp16_enabled()):
@@ -129,7 +142,8 @@ class PipelineRunner:
 
         def clip_and_record() -> None:
             params = [p for p in engine.module.parameters() if p.grad is not None]
-            self._norm = stage_grad_norm(params, engine.mpu.get_model_parallel_group())
+            self._norm = model_parallel_grad_norm(params, engine.mpu.get_model_parallel_group(),
+                                         engine.grid.get_slice_parallel_rank())
             coef = min(1.0, engine.gradient_clipping() / (self._norm + 1e-6))
             for p in params:
                 p.grad.mul_(coef)
@@ -140,7 +154,8 @@ class PipelineRunner:
         if not isinstance(self.engine.module.loss_fn, ObjectiveLoss) or self.engine.module.loss_fn.objective is not objective:
             self.engine.module.loss_fn = ObjectiveLoss(objective)
         pairs = iter([(mb["input_ids"], mb["labels"]) for mb in micro_batches])
-        loss = self.engine.train_batch(data_iter=pairs)  # mean over micro-batches and dp replicas
+        with loss_context(self.tp):  # vocab-parallel cross-entropy on the last stage, forward and backward
+            loss = self.engine.train_batch(data_iter=pairs)  # mean over micro-batches and dp replicas
         norm = None
         if measure_norm:
             from llmtrain.parallel.engine import reported_grad_norm
@@ -152,7 +167,8 @@ class PipelineRunner:
     def eval_loss(self, objective, batch):
         self.engine.module.loss_fn = ObjectiveLoss(objective)
         pairs = iter([(batch["input_ids"], batch["labels"])])
-        loss = self.engine.eval_batch(pairs, num_micro_batches=1)  # mean over dp replicas, on every stage
+        with loss_context(self.tp):
+            loss = self.engine.eval_batch(pairs, num_micro_batches=1)  # mean over dp replicas, on every stage
         self.engine.train()
         return loss.float().reshape(()).to(self.device)
 
@@ -171,6 +187,7 @@ class PipelineRunner:
                 dist.recv(x, src=grid.stage_to_global(stage_id=self.stage - 1, data=self.dp_rank, **_model_kw(grid)))
             for layer in module.forward_funcs:
                 x = layer(x)
+            x = full_logits(x) if self.stage == self.num_stages - 1 else x
             if self.stage < self.num_stages - 1:
                 dist.send(x.contiguous(), dst=grid.stage_to_global(stage_id=self.stage + 1, data=self.dp_rank,
                                                                    **_model_kw(grid)))
@@ -191,17 +208,6 @@ class PipelineRunner:
         )
         if path is None:
             raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
-
-
-def stage_grad_norm(params: list[torch.Tensor], model_parallel_group: Any) -> float:
-    """Global L2 norm of the gradients of a model split over the ranks of `model_parallel_group`;
-    copies of tied weights (DeepSpeed marks them `ds_pipe_replicated`) count once."""
-    sq = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
-    for p in params:
-        if not getattr(p, "ds_pipe_replicated", False) and counted_in_norm(p):
-            sq += p.grad.detach().float().pow(2).sum()
-    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=model_parallel_group)
-    return sq.sqrt().item()
 
 
 def _model_kw(grid: Any) -> dict[str, int]:

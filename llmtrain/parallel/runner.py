@@ -64,43 +64,60 @@ class Runner(Protocol):
 class EngineRunner:
     """Data parallel with ZeRO 0-3: one DeepSpeed engine over the whole model."""
 
-    def __init__(self, engine: Any, optimizer: Any, device: torch.device, dp_rank: int, dp_size: int):
+    def __init__(self, engine: Any, optimizer: Any, device: torch.device, dp_rank: int, dp_size: int,
+                 tp: int = 1, mpu: Any = None):
         self.engine, self.optimizer = engine, optimizer
         self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
+        self.tp, self.mpu = tp, mpu  # with tp > 1: the grid whose model-parallel group holds the shards
 
     def train_step(self, objective, micro_batches, measure_norm):
         from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
+        from llmtrain.parallel.tensor_parallel import loss_context
 
         engine = self.engine
         total, norm, skipped = torch.zeros((), device=self.device), None, False
         for i, mb in enumerate(micro_batches):
-            loss = objective(engine, _to(mb, self.device))
-            engine.backward(loss)
+            with loss_context(self.tp):  # vocab-parallel cross-entropy, forward and backward
+                loss = _replicated(objective(engine, _to(mb, self.device)))
+                engine.backward(loss)
             total += loss.detach().float()
             if i == len(micro_batches) - 1:  # the boundary: engine.step() below updates the weights
                 skipped = not all_ranks_finite(total)
                 self.optimizer.skip_next = skipped
                 if measure_norm and grad_norm_unreported(engine):
-                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                    norm = torch.nn.utils.get_total_norm(grads).item()  # already averaged over ranks
+                    norm = self._local_grad_norm()
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         if measure_norm and norm is None:
             norm = reported_grad_norm(engine)
         return StepResult(total / len(micro_batches), norm, skipped)
 
+    def _local_grad_norm(self) -> float:
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if self.tp == 1:
+            return torch.nn.utils.get_total_norm([p.grad for p in params]).item()  # already averaged over ranks
+        from llmtrain.parallel.layout import model_parallel_grad_norm
+
+        return model_parallel_grad_norm(params, self.mpu.get_model_parallel_group(),
+                                        self.mpu.get_slice_parallel_rank())
+
     @torch.no_grad()
     def eval_loss(self, objective, batch):
+        from llmtrain.parallel.tensor_parallel import loss_context
+
         self.engine.eval()
         try:
-            return objective(self.engine, _to(batch, self.device)).float()
+            with loss_context(self.tp):
+                return _replicated(objective(self.engine, _to(batch, self.device))).float()
         finally:
             self.engine.train()
 
     @torch.no_grad()
     def logits(self, input_ids):
+        from llmtrain.parallel.tensor_parallel import full_logits
+
         self.engine.eval()
         try:
-            return self.engine(input_ids.to(self.device))
+            return full_logits(self.engine(input_ids.to(self.device)))
         finally:
             self.engine.train()
 
@@ -116,6 +133,11 @@ class EngineRunner:
             raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
 
 
+def _replicated(loss: Any) -> torch.Tensor:
+    """A loss computed by vocab-parallel cross-entropy is a replicated DTensor: its local value is the loss."""
+    return loss.to_local() if hasattr(loss, "to_local") else loss
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -124,14 +146,18 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
                  lr_lambda: Callable[[int], float]) -> Runner:
     """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
     -> engine) and return the runner for that layout."""
-    from llmtrain.config import ConfigError
     from llmtrain.parallel.checkpointing import apply_activation_checkpointing
-    from llmtrain.parallel.engine import build_engine, deepspeed_config, param_groups, skippable_adamw
+    from llmtrain.parallel.engine import (build_engine, deepspeed_config, model_parallel_grid, param_groups,
+                                          skippable_adamw)
+    from llmtrain.parallel.layout import coords
     from llmtrain.utils import rank
 
     p = cfg.parallel
+    tp_group = _tensor_parallel_group(p.tp, p.pp, derived.dp_size, device)
     if p.tp > 1:
-        raise ConfigError("parallel.tp > 1 is not available in this build; set parallel.tp=1")
+        from llmtrain.parallel.tensor_parallel import apply_tensor_parallel, plan_for
+
+        apply_tensor_parallel(model, plan_for(model), *tp_group)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if p.pp > 1:
         from llmtrain.parallel.pipeline import build_pipeline_runner
@@ -140,8 +166,21 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
             model, deepspeed_config(cfg, derived),
             lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay)),
             lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=PIPELINE_PARTITION, device=device)
-    engine, optimizer = build_engine(model, cfg, derived, lr_lambda)
-    return EngineRunner(engine, optimizer, device, dp_rank=rank(), dp_size=derived.dp_size)
+    mpu = model_parallel_grid(p.tp, 1, derived.dp_size) if p.tp > 1 else None
+    engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
+    dp_rank = coords(rank(), p.tp, p.pp, derived.dp_size).dp
+    return EngineRunner(engine, optimizer, device, dp_rank=dp_rank, dp_size=derived.dp_size, tp=p.tp, mpu=mpu)
+
+
+def _tensor_parallel_group(tp: int, pp: int, dp: int, device: torch.device) -> tuple[Any, Any]:
+    """(process group, 1-D device mesh) of this rank's tensor-parallel peers; (None, None) when tp = 1."""
+    if tp == 1:
+        return None, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # Row-major over (pp, dp, tp): the rank order of layout.py and of DeepSpeed's pipeline topology.
+    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))["tp"]
+    return mesh.get_group(), mesh
 
 
 # How layers are spread over pipeline stages: "parameters" (balanced parameter counts) or "layers"

@@ -1,0 +1,228 @@
+"""Tensor parallel, Megatron-style, applied from outside to the plain model as a plan (module name -> style).
+
+Styles:
+    column       y_r = x W_r^T + b_r: the layer's output features split over the TP ranks (MLP up)
+    column_qkv   column over a fused [q; k; v] projection: rank r holds heads r*nh/tp.. of each of q, k, v
+    row          y = sum_r x_r W_r^T + b: input features split, partial outputs all-reduced (attn out, MLP down)
+    vocab_embed  embedding rows split by vocabulary; each rank looks up its ids, the rest are summed in
+    vocab_head   output head split by vocabulary (shares the embedding shard when tied); returns the
+                 logits as a DTensor sharded on the vocabulary dim, so the objective's F.cross_entropy
+                 runs as vocabulary-parallel cross-entropy under `loss_parallel()`: the full (B, T, V)
+                 logits never exist on one rank in training
+    heads        the attention module computes with its local heads (nh / tp)
+
+Why these layers hold plain local tensors rather than DTensor parameters (`parallelize_module`), and
+why not DeepSpeed AutoTP: DeepSpeed's ZeRO-1/2 optimizers flatten parameters into contiguous buffers and
+its engines all-reduce `.grad` over the data-parallel group; DTensor parameters go through neither (and
+DeepSpeed's pipeline sends plain tensors between stages). AutoTP does shard for ZeRO, but picks layers by
+name heuristics and its vocabulary-parallel loss is wired to Hugging Face's `loss_function`, and it
+creates its own process groups that do not line up with a PipelineModule's grid. Local shards with two
+autograd functions (Megatron's f and g) work with all three engines; DTensor is used only where it
+fits: for the sharded logits and torch's vocabulary-parallel cross-entropy (`loss_parallel`).
+
+Sharded parameters carry `tensor_model_parallel = True`, which DeepSpeed's gradient-norm code reads to
+count each shard once and every replicated parameter once (on TP rank 0).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# The plan for llmtrain.models.gpt.GPT. Order matters: the embedding is sharded before the tied head.
+GPT_TP_PLAN: dict[str, str] = {
+    "wte": "vocab_embed",
+    "blocks.*.attn": "heads",
+    "blocks.*.attn.qkv": "column_qkv",
+    "blocks.*.attn.proj": "row",
+    "blocks.*.mlp.up": "column",
+    "blocks.*.mlp.down": "row",
+    "lm_head": "vocab_head",
+}
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Megatron's f: identity forward; backward sums the input-gradient over the TP ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Megatron's g: forward sums partial outputs over the TP ranks; backward is the identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> nn.Parameter:
+    p = nn.Parameter(full.detach().index_select(dim, index).clone() if isinstance(index, torch.Tensor)
+                     else full.detach().narrow(dim, index.start, index.stop - index.start).clone())
+    p.tensor_model_parallel = True
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int, parts: int = 1):
+        super().__init__()
+        out = linear.out_features
+        if out % (parts * size):
+            raise ValueError(f"{out} output features cannot be split into {parts} parts x {size} ranks")
+        # rows of each of the `parts` stacked blocks (q, k, v) that belong to this rank
+        block, local = out // parts, out // parts // size
+        rows = torch.cat([torch.arange(i * block + rank * local, i * block + (rank + 1) * local) for i in range(parts)])
+        self.group = group
+        self.weight = _shard_param(linear.weight, rows, 0)
+        self.bias = _shard_param(linear.bias, rows, 0) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)  # (..., out / tp)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int):
+        super().__init__()
+        local = linear.in_features // size
+        self.group = group
+        self.weight = _shard_param(linear.weight, slice(rank * local, (rank + 1) * local), 1)
+        self.bias = linear.bias  # replicated: added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _ReduceFromTP.apply(F.linear(x, self.weight), self.group)  # (..., out)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, embedding: nn.Embedding, group: Any, rank: int, size: int):
+        super().__init__()
+        local = embedding.num_embeddings // size
+        self.start, self.stop, self.group = rank * local, (rank + 1) * local, group
+        self.weight = _shard_param(embedding.weight, slice(self.start, self.stop), 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.stop)
+        local = torch.where(outside, 0, ids - self.start)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, C) partial
+        return _ReduceFromTP.apply(x, self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """Logits for this rank's vocabulary rows, returned as a DTensor sharded on the last dim."""
+
+    def __init__(self, weight: nn.Parameter, group: Any, mesh: Any):
+        super().__init__()
+        self.weight, self.group, self.mesh = weight, group, mesh
+
+    def forward(self, x: torch.Tensor):
+        from torch.distributed.tensor import DTensor, Shard
+
+        local = F.linear(_CopyToTP.apply(x, self.group), self.weight)  # (B, T, V / tp)
+        return DTensor.from_local(local, self.mesh, [Shard(local.dim() - 1)], run_check=False)
+
+
+def _tp_attention_forward(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # GPT's CausalSelfAttention.forward with its local heads: the fused projection yields this rank's
+    # [q_r; k_r; v_r], so split it in three equal parts and infer the head count from the width.
+    # TODO(model zoo): with `chunk(3, dim=2)` and `view(B, T, -1, hs)` in the model this override goes.
+    B, T, _ = x.shape
+    q, k, v = attn.qkv(x).chunk(3, dim=2)  # (B, T, C / tp) each
+    hs = attn.head_size
+    q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh / tp, T, hs)
+    y = attn.attend(q, k, v)  # (B, nh / tp, T, hs)
+    y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C / tp)
+    return attn.resid_dropout(attn.proj(y))
+
+
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, mesh: Any) -> list[str]:
+    """Shard `model` in place per `plan` over the TP process `group` (and its 1-D DeviceMesh `mesh`).
+
+    Every rank must hold the same full, initialised weights before the call: each keeps its slice.
+    Returns the names of the modules that were replaced or adapted.
+    """
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    tied = hasattr(model, "lm_head") and hasattr(model, "wte") and model.lm_head.weight is model.wte.weight
+    done = []
+    for pattern, style in plan.items():
+        names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
+        if not names:
+            raise ValueError(f"tensor-parallel plan: no module of {type(model).__name__} matches {pattern!r}")
+        for name in names:
+            module = model.get_submodule(name)
+            if style == "heads":
+                n_head = module.n_head
+                module.head_size = module.qkv.out_features // 3 // n_head
+                module.n_head = n_head // size
+                module.forward = _tp_attention_forward.__get__(module)
+                continue
+            new = _build(style, module, model, tied, group, mesh, rank, size)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            done.append(name)
+    return done
+
+
+def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: Any, mesh: Any,
+           rank: int, size: int) -> nn.Module:
+    if style == "column":
+        return ColumnParallelLinear(module, group, rank, size)
+    if style == "column_qkv":
+        return ColumnParallelLinear(module, group, rank, size, parts=3)
+    if style == "row":
+        return RowParallelLinear(module, group, rank, size)
+    if style == "vocab_embed":
+        return VocabParallelEmbedding(module, group, rank, size)
+    if style == "vocab_head":
+        if tied:
+            return VocabParallelHead(model.wte.weight, group, mesh)
+        return VocabParallelHead(_shard_param(module.weight, slice(rank * (module.out_features // size),
+                                                                   (rank + 1) * (module.out_features // size)), 0),
+                                 group, mesh)
+    raise ValueError(f"unknown tensor-parallel style {style!r}; known: column, column_qkv, row, vocab_embed, "
+                     f"vocab_head, heads")
+
+
+def plan_for(model: nn.Module) -> dict[str, str]:
+    """The tensor-parallel plan of a model class (plans are data; add one per architecture)."""
+    plans = {"GPT": GPT_TP_PLAN}
+    name = type(model).__name__
+    if name not in plans:
+        raise ValueError(f"no tensor-parallel plan for {name}; known: {', '.join(plans)} (set parallel.tp=1)")
+    return plans[name]
+
+
+def full_logits(logits: Any) -> torch.Tensor:
+    """Gather vocabulary-sharded logits (for generation); plain tensors pass through."""
+    from torch.distributed.tensor import DTensor
+
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
+def loss_context(tp: int):
+    """The context in which objectives and their backward run: vocabulary-parallel cross-entropy when tp > 1."""
+    import contextlib
+
+    if tp == 1:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
