@@ -111,6 +111,15 @@ class CausalData:
         self._rebase: dict[str, int] | None = None
         self._lock = threading.Lock()  # the trainer may build step+1 on a background thread
 
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        """Refuse a model whose embedding has fewer rows than the tokenizer the data was made with."""
+        for s in self.sources:
+            v = s.manifest["tokenizer"]["vocab_size"]
+            if v > model_vocab_size:
+                raise ValueError(f"{s.path / 'manifest.json'}: the data was tokenized with a {v} tokens vocabulary but "
+                                 f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {v} or prepare the data "
+                                 "with the model's tokenizer")
+
     # -- the global sample order -------------------------------------------------------------------
 
     def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

