@@ -58,7 +58,7 @@ for ns in "${NAMESPACES[@]}"; do
         [[ -n $pids ]] && kill -KILL $pids 2>/dev/null
         ip netns del "$ns"
     fi
-    ip link show "v-$ns" >/dev/null 2>&1 && ip link del "v-$ns"
+    ip link del "v-$ns" 2>/dev/null   # usually gone with its namespace already
 done
 ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
 
