@@ -64,6 +64,15 @@ class TokenStream:
         return doc, pos - self.starts[ks] - doc_start
 
 
+    def doc_bounds(self, pos: int) -> tuple[int, int]:
+        """[start, end) token offsets of the document holding token `pos` (its EOS is the last token)."""
+        k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        ends = self.shards[k].ends
+        d = int(np.searchsorted(ends, np.uint64(pos - self.starts[k]), side="right"))
+        lo = int(ends[d - 1]) if d > 0 else 0
+        return int(self.starts[k]) + lo, int(self.starts[k]) + int(ends[d])
+
+
 class PreparedSource:
     """One prepared dataset directory: manifest, tokenizer and the train/val token streams."""
 
@@ -85,24 +94,27 @@ def _windows(stream: TokenStream, seq_len: int) -> int:
     return max(0, (stream.n_tokens - 1) // seq_len)
 
 
-class CausalData:
-    """What `build_data` returns for causal LM training (see DEVELOPERS.md, "Data contract")."""
+class OrderedData:
+    """The sample order, batch slicing, val selection and resume state shared by every sample kind.
+
+    Subclasses say how one sample is made from a window start (`unit` tokens apart) via
+    `_micro_batches(global indices)` and `_val_batch(rows, first val index)`.
+    """
 
     def __init__(self, sources: list[PreparedSource], weights: list[float], *, seq_len: int, seed: int,
-                 micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, doc_mask: bool = False,
+                 micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, unit: int,
                  blend_block: int = 1000) -> None:
         _check_same_tokenizer(sources)
-        self.sources, self.seq_len, self.seed = sources, seq_len, seed
+        self.sources, self.seq_len, self.seed, self.unit = sources, seq_len, seed, unit
         self.B, self.G, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
-        self.doc_mask = doc_mask
         self.tokenizer: Tokenizer = sources[0].tokenizer
         self.vocab_size: int = self.tokenizer.vocab_size
         self.global_batch = micro_batch_size * grad_accum * dp_size
-        self.n_train = [_windows(s.train, seq_len) for s in sources]
+        self.n_train = [_windows(s.train, unit) for s in sources]
         for s, n in zip(sources, self.n_train):
             if n == 0:
                 raise ValueError(f"{s.path}: its train split has {s.train.n_tokens} tokens, fewer than one sequence of "
-                                 f"train.seq_len+1={seq_len + 1}; lower train.seq_len or prepare more text")
+                                 f"train.seq_len={seq_len}; lower train.seq_len or prepare more text")
         self.weights = [float(w) for w in weights]
         self._table = blend_table(self.weights, blend_block if len(sources) > 1 else 1)
         # Step -> first sample is base_samples + (step - base_step) * global_batch; a resume whose global
@@ -137,24 +149,18 @@ class CausalData:
         out = np.empty(len(n), dtype=np.int64)
         for e in np.unique(epoch):
             sel = epoch == e
-            out[sel] = permute(j[sel], size, derive_key(self.seed, k, int(e))).astype(np.int64) * self.seq_len
+            out[sel] = permute(j[sel], size, derive_key(self.seed, k, int(e))).astype(np.int64) * self.unit
         return out
 
-    def samples(self, g: np.ndarray) -> dict[str, np.ndarray]:
-        """Token windows (len(g), T+1) for global sample indices `g`, plus document info if doc_mask."""
+    def starts(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source id, window start token) of each global sample index."""
         g = np.asarray(g, dtype=np.int64)
         ks, ns = self.locate(g)
-        tokens = np.empty((len(g), self.seq_len + 1), dtype=np.int64)
         starts = np.empty(len(g), dtype=np.int64)
         for k in np.unique(ks):
-            sel = np.flatnonzero(ks == k)
+            sel = ks == k
             starts[sel] = self.window_starts(int(k), ns[sel])
-            for i, st in zip(sel, starts[sel]):
-                tokens[i] = self.sources[k].train.window(int(st), self.seq_len + 1)
-        out = {"tokens": tokens}
-        if self.doc_mask:
-            out.update(_doc_info([self.sources[k].train for k in ks], starts, self.seq_len))
-        return out
+        return ks, starts
 
     # -- the contract ------------------------------------------------------------------------------
 
@@ -171,46 +177,30 @@ class CausalData:
         """G micro-batches of this rank for optimizer step `step` (0-based)."""
         per_rank = self.B * self.G
         first = self.step_start(step) + self.dp_rank * per_rank
-        s = self.samples(np.arange(first, first + per_rank))
-        return [self._to_batch(s, m * self.B, (m + 1) * self.B) for m in range(self.G)]
+        return self._micro_batches(np.arange(first, first + per_rank))
 
     def val_batches(self, n: int) -> list[dict[str, Any]]:
         """The first n micro-batches of this rank over the validation windows, in order (no shuffle)."""
-        streams = [s.val for s in self.sources]
-        counts = [_windows(v, self.seq_len) for v in streams]
+        counts = [_windows(s.val, self.unit) for s in self.sources]
         if sum(counts) == 0:
             raise ValueError(f"{self.sources[0].path}: no validation split (or shorter than one sequence); prepare "
                              "the dataset with --val-fraction > 0 (or data.val_fraction for the bundled corpus)")
-        # Take from each source in proportion to its weight, up to what it has: deterministic, no wrap.
         per_batch = self.B * self.dp_size
-        n = min(n, sum(counts) // per_batch) if sum(counts) >= per_batch else 0
+        n = min(n, sum(counts) // per_batch)
         if n == 0:
             raise ValueError(f"{self.sources[0].path}: validation split has {sum(counts)} sequences, fewer than one "
                              f"global micro-batch ({per_batch}); prepare more validation text or lower the batch")
+        # Take from each source in proportion to its weight, up to what it has: deterministic, no wrap.
         order = _val_order(counts, self.weights, n * per_batch)
         lo = self.dp_rank * self.B
-        batches = []
-        for b in range(n):
-            rows = order[b * per_batch + lo: b * per_batch + lo + self.B]
-            tokens = np.stack([streams[k].window(j * self.seq_len, self.seq_len + 1) for k, j in rows])
-            s = {"tokens": tokens}
-            if self.doc_mask:
-                s.update(_doc_info([streams[k] for k, _ in rows], np.array([j * self.seq_len for _, j in rows]),
-                                   self.seq_len))
-            batches.append(self._to_batch(s, 0, self.B))
-        return batches
+        return [self._val_batch(order[b * per_batch + lo: b * per_batch + lo + self.B], b * per_batch + lo)
+                for b in range(n)]
 
-    def _to_batch(self, s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
-        import torch
+    def _micro_batches(self, g: np.ndarray) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
-        x = s["tokens"][lo:hi]
-        batch = {"input_ids": torch.from_numpy(x[:, :-1].copy()), "labels": torch.from_numpy(x[:, 1:].copy())}
-        if self.doc_mask:
-            batch["position_ids"] = torch.from_numpy(s["position_ids"][lo:hi].copy())
-            batch["doc_ids"] = torch.from_numpy(s["doc_ids"][lo:hi].copy())
-            # The token after an EOS starts another document: nothing in this one predicts it.
-            batch["labels"][batch["input_ids"] == self.tokenizer.eos_id] = -100
-        return batch
+    def _val_batch(self, rows: list[tuple[int, int]], first: int) -> dict[str, Any]:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """The step -> sample mapping (not a position: the trainer's step says where it is)."""
@@ -233,6 +223,47 @@ class CausalData:
                 self._base_step, self._base_samples, self._rebase = mapping["base_step"], mapping["base_samples"], None
             else:
                 self._rebase = mapping
+
+
+class CausalData(OrderedData):
+    """What `build_data` returns for causal LM training (see DEVELOPERS.md, "Data contract")."""
+
+    def __init__(self, sources: list[PreparedSource], weights: list[float], *, doc_mask: bool = False,
+                 **kw: Any) -> None:
+        super().__init__(sources, weights, unit=kw["seq_len"], **kw)
+        self.doc_mask = doc_mask
+
+    def samples(self, g: np.ndarray) -> dict[str, np.ndarray]:
+        """Token windows (len(g), T+1) for global sample indices `g`, plus document info if doc_mask."""
+        ks, starts = self.starts(g)
+        return self._windows_of([(int(k), int(st)) for k, st in zip(ks, starts)], "train")
+
+    def _windows_of(self, rows: list[tuple[int, int]], split: str) -> dict[str, np.ndarray]:
+        streams = [getattr(self.sources[k], split) for k, _ in rows]
+        tokens = np.stack([s.window(st, self.seq_len + 1) for s, (_, st) in zip(streams, rows)])
+        out = {"tokens": tokens}
+        if self.doc_mask:
+            out.update(_doc_info(streams, np.array([st for _, st in rows]), self.seq_len))
+        return out
+
+    def _micro_batches(self, g: np.ndarray) -> list[dict[str, Any]]:
+        s = self.samples(g)
+        return [self._to_batch(s, m * self.B, (m + 1) * self.B) for m in range(len(g) // self.B)]
+
+    def _val_batch(self, rows: list[tuple[int, int]], first: int) -> dict[str, Any]:
+        return self._to_batch(self._windows_of([(k, j * self.unit) for k, j in rows], "val"), 0, self.B)
+
+    def _to_batch(self, s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
+        import torch
+
+        x = s["tokens"][lo:hi]
+        batch = {"input_ids": torch.from_numpy(x[:, :-1].copy()), "labels": torch.from_numpy(x[:, 1:].copy())}
+        if self.doc_mask:
+            batch["position_ids"] = torch.from_numpy(s["position_ids"][lo:hi].copy())
+            batch["doc_ids"] = torch.from_numpy(s["doc_ids"][lo:hi].copy())
+            # The token after an EOS starts another document: nothing in this one predicts it.
+            batch["labels"][batch["input_ids"] == self.tokenizer.eos_id] = -100
+        return batch
 
 
 def _doc_info(streams: list[TokenStream], starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
