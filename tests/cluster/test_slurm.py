@@ -13,13 +13,14 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
 from helpers import ROOT, TINY, env
 from llmtrain.config import load_config
 from llmtrain.data import resolve_sources
-from llmtrain.train.metrics import read_metrics
+from llmtrain.train.metrics import last_by_step, read_metrics
 
 MAX_STEPS = 4
 RECIPE = "recipes/gpt_debug.yaml"
@@ -67,3 +68,40 @@ def test_two_node_sbatch_job_trains_gpt_debug(slurm_cluster, tmp_path):
     assert [r["step"] for r in train] == list(range(1, MAX_STEPS + 1)), train
     assert all(math.isfinite(r["loss"]) for r in train), train
     assert (run_dir / "checkpoints" / "latest").read_text().strip().endswith(f"step_{MAX_STEPS:08d}")
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """SIGUSR1 to the batch shell, as `#SBATCH --signal=B:USR1@120` sends it before the time limit:
+    the ranks checkpoint, run.sbatch requeues the job, and the same job id resumes in the same run
+    directory up to max_steps. (The timed `--signal` itself was checked by hand with `--time=1
+    --signal=B:USR1@55`: SLURM delivers it only on its ~30 s timer, too slow for the suite.)"""
+    run_dir, max_steps = tmp_path / "run", 40  # >= 38 steps left after the signal: seconds of margin
+    overrides = [*TINY, f"train.max_steps={max_steps}", "checkpoint.keep_last=2"]
+    resolve_sources(load_config(ROOT / RECIPE, overrides).data)
+    cmd = ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/slurm-%j.out",
+           "launchers/slurm/train.sbatch", RECIPE, *overrides, f"out_dir={run_dir}"]
+    job_env = slurm_cluster.env(dict(env(threads=1), LLMTRAIN_PYTHON=sys.executable))
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    job_id = proc.stdout.strip().split(";")[0]
+
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (metrics.exists() and any(r.get("step", 0) >= 2 for r in read_metrics(metrics))):
+        assert slurm_cluster.job(job_id).state in ("PENDING", "RUNNING"), _logs(tmp_path, run_dir)
+        assert time.monotonic() < deadline, f"no step 2 after {JOB_TIMEOUT_S} s\n{_logs(tmp_path, run_dir)}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    job = slurm_cluster.wait(job_id, timeout=2 * JOB_TIMEOUT_S)
+    assert (job.state, job.fields.get("ExitCode"), job.fields.get("Restarts")) == ("COMPLETED", "0:0", "1"), (
+        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')} restarts {job.fields.get('Restarts')}"
+        f"\n{_logs(tmp_path, run_dir)}")
+    stops = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(stops) == 2 and stops[-1] == f"step_{max_steps:08d}", stops
+    stopped_at = int(stops[0].removeprefix("step_"))
+    assert 2 <= stopped_at < max_steps
+    assert f"resumed from {run_dir / 'checkpoints' / stops[0]} at step {stopped_at}" in (
+        run_dir / "logs" / "rank0.log").read_text()
+    train = last_by_step(read_metrics(metrics), "loss")
+    assert sorted(train) == list(range(1, max_steps + 1)) and all(map(math.isfinite, train.values()))
