@@ -34,10 +34,18 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
     from llmtrain.data.loader import CausalData, PreparedSource
 
     _check_layout(seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
-    pairs = resolve_sources(cfg)
-    sources = [PreparedSource(p) for p, _ in pairs]
     kwargs = dict(seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                   dp_rank=dp_rank, dp_size=dp_size)
+    if cfg.stream:
+        from llmtrain.data.bundled import bundled_tokenizer_dir
+        from llmtrain.data.streaming import StreamingData
+
+        if cfg.sample_kind != "causal":
+            raise ValueError("data.stream supports data.sample_kind=causal only; prepare BERT data with prepare-data")
+        tok_dir = cfg.stream_tokenizer or str(bundled_tokenizer_dir(cfg))
+        return StreamingData(cfg, tok_dir, **kwargs)
+    pairs = resolve_sources(cfg)
+    sources = [PreparedSource(p) for p, _ in pairs]
     if cfg.sample_kind == "bert":
         from llmtrain.data.bert import BertData
 

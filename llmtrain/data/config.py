@@ -40,5 +40,15 @@ class DataConfig:
     sample_kind: Literal["causal", "bert"] = "causal"
     # BERT: fraction of tokens chosen for masked-LM prediction (80% [MASK], 10% random, 10% kept).
     mlm_prob: float = 0.15
+    # Streaming mode: train straight from this input (file, directory, glob or `datasets` loader name), no prepare step.
+    stream: str = ""
+    # Streaming mode: tokenizer directory or tokenizer.json ('' = the bundled tokenizer of `tokenizer`/`vocab_size`).
+    stream_tokenizer: str = ""
+    # Streaming mode: record field holding the document text.
+    stream_text_field: str = "text"
+    # Streaming mode: tokenizer worker processes per rank (1 = tokenize in the training process).
+    stream_workers: int = 1
+    # Streaming mode: the first N documents of the stream are held out for validation.
+    stream_val_docs: int = 64
     # BERT: choose whole words for masking (all sub-word pieces of a chosen word are masked together).
     whole_word_mask: bool = False
