@@ -5,10 +5,11 @@
 #   host network namespace : munged, slurmctld on the bridge address 10.89.0.1 ("llmctl")
 #   netns llmslurm-n1      : slurmd for node "llmnode1" at 10.89.0.11, its own hostname (UTS ns)
 #   netns llmslurm-n2      : slurmd for node "llmnode2" at 10.89.0.12, its own hostname (UTS ns)
-# The nodes reach each other and the controller through a bridge (llmslurm0); each node sees a
-# private /etc/hosts (/etc/netns/<ns>/hosts, bind-mounted by `ip netns exec`) naming every node,
-# so the node names in $SLURM_JOB_NODELIST resolve inside jobs, exactly as on a real cluster.
-# Node daemons have their own spool, pid and log files under $LLMTRAIN_SLURM_DIR.
+# The nodes reach each other and the controller through a bridge (llmslurm0), and nothing else (no
+# route out: like many compute nodes, they have no internet). Each node sees $LLMTRAIN_SLURM_DIR/hosts
+# bind-mounted on /etc/hosts in its own mount namespace, so the node names in $SLURM_JOB_NODELIST
+# resolve inside jobs as on a real cluster; the host's /etc is not changed. Each slurmd has its own
+# spool, pid and log files under $LLMTRAIN_SLURM_DIR. Jobs run as the submitting user (root here).
 #
 # Idempotent: what is already running is left alone; the script ends when `sinfo` shows both
 # nodes idle. Usage:
@@ -136,7 +137,10 @@ EOF
     mv "$CONF.new" "$CONF"
 }
 
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() {  # the pid file $1 names a running slurm daemon (not a pid reused after a crash)
+    local pid
+    [[ -f $1 ]] && pid=$(cat "$1") && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == slurm* ]]
+}
 
 start_daemons() {
     export SLURM_CONF=$CONF
@@ -164,8 +168,7 @@ wait_idle() {
     for _ in $(seq 120); do
         out=$(sinfo -h -N -o '%N %t' 2>/dev/null || true)
         if [[ $(grep -cE '^llmnode[12] idle$' <<<"$out") == 2 ]]; then return 0; fi
-        # A node that stayed down from an earlier run comes back on its own only with
-        # ReturnToService=2 once it registers; nudge it in case it was drained.
+        # A node left drained by an earlier run does not return by itself: resume it.
         grep -qE 'drain|down' <<<"$out" && scontrol update nodename=llmnode[1-2] state=resume 2>/dev/null || true
         sleep 0.5
     done
