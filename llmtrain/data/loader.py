@@ -48,6 +48,20 @@ class TokenStream:
             need -= len(parts[-1])
         return np.concatenate(parts).astype(np.int64)
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Tokens [s, s+length) for each start, as an int64 (len(starts), length) array, one gather per shard."""
+        starts = np.asarray(starts, dtype=np.int64)
+        out = np.empty((len(starts), length), dtype=np.int64)
+        ks = np.searchsorted(self.starts, starts, side="right") - 1
+        inside = starts + length <= self.starts[ks + 1]
+        ar = np.arange(length, dtype=np.int64)
+        for k in np.unique(ks[inside]):
+            sel = np.flatnonzero(inside & (ks == k))
+            out[sel] = self.shards[k].tokens[(starts[sel] - self.starts[k])[:, None] + ar]
+        for i in np.flatnonzero(~inside):  # rare: windows that straddle two shards
+            out[i] = self.window(int(starts[i]), length)
+        return out
+
     def doc_index(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(global document id, offset within its document) of each token position in the window."""
         pos = np.arange(start, start + length, dtype=np.int64)
@@ -236,14 +250,16 @@ class CausalData(OrderedData):
     def samples(self, g: np.ndarray) -> dict[str, np.ndarray]:
         """Token windows (len(g), T+1) for global sample indices `g`, plus document info if doc_mask."""
         ks, starts = self.starts(g)
-        return self._windows_of([(int(k), int(st)) for k, st in zip(ks, starts)], "train")
+        return self._windows_of(ks, starts, "train")
 
-    def _windows_of(self, rows: list[tuple[int, int]], split: str) -> dict[str, np.ndarray]:
-        streams = [getattr(self.sources[k], split) for k, _ in rows]
-        tokens = np.stack([s.window(st, self.seq_len + 1) for s, (_, st) in zip(streams, rows)])
+    def _windows_of(self, ks: np.ndarray, sts: np.ndarray, split: str) -> dict[str, np.ndarray]:
+        tokens = np.empty((len(ks), self.seq_len + 1), dtype=np.int64)
+        for k in np.unique(ks):
+            sel = np.flatnonzero(ks == k)
+            tokens[sel] = getattr(self.sources[k], split).windows(sts[sel], self.seq_len + 1)
         out = {"tokens": tokens}
         if self.doc_mask:
-            out.update(_doc_info(streams, np.array([st for _, st in rows]), self.seq_len))
+            out.update(_doc_info([getattr(self.sources[k], split) for k in ks], sts, self.seq_len))
         return out
 
     def _micro_batches(self, g: np.ndarray) -> list[dict[str, Any]]:
@@ -251,7 +267,9 @@ class CausalData(OrderedData):
         return [self._to_batch(s, m * self.B, (m + 1) * self.B) for m in range(len(g) // self.B)]
 
     def _val_batch(self, rows: list[tuple[int, int]], first: int) -> dict[str, Any]:
-        return self._to_batch(self._windows_of([(k, j * self.unit) for k, j in rows], "val"), 0, self.B)
+        ks = np.array([k for k, _ in rows], dtype=np.int64)
+        return self._to_batch(self._windows_of(ks, np.array([j * self.unit for _, j in rows], dtype=np.int64), "val"),
+                              0, self.B)
 
     def _to_batch(self, s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
         import torch

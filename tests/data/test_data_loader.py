@@ -111,3 +111,14 @@ def test_resume_with_another_global_batch_continues_at_the_next_sample(tiny_data
     assert b.step_start(3) == 12 and b.step_start(4) == 20
     whole = data(tiny_dataset, B=1).samples(np.arange(12, 20))["tokens"][:, :-1]
     assert torch.equal(torch.cat([mb["input_ids"] for mb in b.train_batches(3)]), torch.from_numpy(whole))
+
+
+def test_windows_across_shard_boundaries_match_the_token_stream(tiny_dataset):
+    d = data(tiny_dataset, B=1)
+    stream = d.sources[0].train
+    assert len(stream.shards) > 3  # many windows straddle two shards
+    flat = np.concatenate([s.tokens for s in stream.shards]).astype(np.int64)
+    n = d.n_train[0]
+    got = d.samples(np.arange(n))["tokens"]
+    _, starts = d.starts(np.arange(n))
+    np.testing.assert_array_equal(got, np.stack([flat[s:s + 17] for s in starts]))
