@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     result = measure(args.recipe, args.overrides, args.steps, args.warmup)
     if rank() == 0:
         out = Path(args.out)

@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--out", default="benchmarks/results/trainer_overhead.json")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     torch.set_num_threads(1)
 
     from llmtrain.config import derive, load_config

@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,3 +163,14 @@ def test_divergence_skips_updates_then_stops_with_last_good_checkpoint(tmp_path)
     state = json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
     first_bad = min(r["step"] for r in records if r["loss"] is None)
     assert state["step"] < first_bad  # nothing saved after the divergence began
+
+
+def test_wandb_offline_and_console_script(tmp_path):
+    out = tmp_path / "run"
+    proc = train(out, "train.max_steps=2", "log.wandb=true")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs, proc.stdout[-2000:]  # no API key, no network: the run is kept locally for `wandb sync`
+    assert (out / "wandb_id").read_text().strip() in runs[0].name
+    help_text = subprocess.run([str(Path(sys.executable).parent / "llmtrain"), "train", "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and "train.max_steps=50" in help_text.stdout
