@@ -249,3 +249,77 @@ def grad_norm_unreported(engine: Any) -> bool:
 def reported_grad_norm(engine: Any) -> float | None:
     norm = engine.get_global_grad_norm()
     return norm.item() if isinstance(norm, torch.Tensor) else (None if norm is None else float(norm))
+
+
+# ---------------------------------------------------------------------------------------------
+# Full (unpartitioned) optimizer state of one parameter, whatever the ZeRO stage: what the
+# layout-independent checkpoint (llmtrain/parallel/universal.py) reads and writes.
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def get_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """fp32 master weight and Adam moments of `param`, whole over the data-parallel group.
+
+    Collective over the data-parallel group with ZeRO (every replica calls it for the same parameters
+    in the same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    weight = safe_get_full_fp32_param(param)
+    if weight is not None:  # ZeRO-1/2/3 or the bf16 optimizer: partitions gathered
+        return {"fp32": weight, **{k: safe_get_full_optimizer_state(param, k) for k in ADAM_KEYS}}
+    state = engine.optimizer.state.get(param, {})  # ZeRO-0 fp32: the torch optimizer holds it as is
+    return {"fp32": param.detach().float(),
+            **{k: state[k] if k in state else torch.zeros_like(param, dtype=torch.float32) for k in ADAM_KEYS}}
+
+
+def prepare_set_state(engine: Any) -> None:
+    """Create the Adam moments a fresh engine has not made yet (torch's AdamW and ZeRO-3 create them at
+    the first step), so set_full_state has somewhere to write; call once before it."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)  # ZeRO / bf16 wrap the torch optimizer
+    # The flat fp32 partitions the torch optimizer steps (ZeRO-3 hands them over one sub-group at a time)
+    masters = (getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+               or getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+               or getattr(opt, "fp32_groups_flat_partition", None)  # bf16 optimizer
+               or [p for g in base.param_groups for p in g["params"]])  # ZeRO-0 fp32
+    for p in masters:
+        st = base.state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0)
+            for k in ADAM_KEYS:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: point the fragments at them
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def set_full_state(engine: Any, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
+    """Write `values` (whole over the data-parallel group) into this rank's partition of `param`'s state;
+    call `prepare_set_state` before the first parameter and `finish_set_state` after the last."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        safe_set_full_fp32_param(param, values["fp32"])
+        for k in ADAM_KEYS:
+            safe_set_full_optimizer_state(param, values[k], k)
+        if not hasattr(param, "ds_id"):  # ZeRO-1/2: the model's own weight is whole on every rank
+            param.data.copy_(values["fp32"].to(param.dtype))
+        return
+    param.data.copy_(values["fp32"].to(param.dtype))
+    state = engine.optimizer.state[param]
+    for k in ADAM_KEYS:
+        state[k].copy_(values[k])
+
+
+def finish_set_state(engine: Any, step: int) -> None:
+    """After set_full_state: the optimizer step count everywhere, and ZeRO-3's working partitions
+    refreshed from the fp32 masters."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    for st in base.state.values():
+        if "exp_avg" in st:
+            st["step"] = torch.tensor(float(step))
+    if engine.zero_optimization_stage() == 3:
+        for sub_group_id in range(len(opt.fp16_groups)):
+            opt._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+    engine.global_steps = step

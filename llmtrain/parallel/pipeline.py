@@ -26,7 +26,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from llmtrain.parallel.layout import model_parallel_grad_norm
-from llmtrain.parallel.runner import ENGINE_TAG, StepResult
+from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.train.objectives import Objective
 
@@ -121,8 +121,8 @@ class ObjectiveLoss:
 class PipelineRunner:
     """Pipeline (x data) parallel with ZeRO 0/1: DeepSpeed's PipelineEngine runs 1F1B per optimizer step."""
 
-    def __init__(self, engine: Any, device: torch.device, width: int, vocab: int):
-        self.engine, self.device = engine, device
+    def __init__(self, engine: Any, device: torch.device, width: int, vocab: int, universal: Any = None):
+        self.engine, self.device, self.universal = engine, device, universal
         self._width, self._vocab = width, vocab  # shapes of the activations and logits sent between stages
         grid = engine.grid
         self.dp_rank, self.dp_size = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
@@ -199,15 +199,10 @@ class PipelineRunner:
             module.train()
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+        save_engine(self.engine, self.universal, directory)
 
     def load(self, directory: Path, load_optimizer: bool = True) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
-        )
-        if path is None:
-            raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
+        load_engine(self.engine, self.universal, directory, load_optimizer)
 
 
 def _model_kw(grid: Any) -> dict[str, int]:
@@ -220,7 +215,7 @@ def _act_dtype(engine: Any) -> torch.dtype:
 
 def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer_fn: Callable,
                           lr_lambda: Callable[[int], float], pp: int, tp: int, dp: int, partition: str,
-                          device: torch.device) -> PipelineRunner:
+                          device: torch.device, universal: Any = None) -> PipelineRunner:
     """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -230,4 +225,4 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
     optimizer = optimizer_fn(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=LambdaLR(optimizer, lr_lambda), config=ds_config)
-    return PipelineRunner(engine, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size)
+    return PipelineRunner(engine, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size, universal=universal)

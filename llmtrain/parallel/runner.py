@@ -65,10 +65,11 @@ class EngineRunner:
     """Data parallel with ZeRO 0-3: one DeepSpeed engine over the whole model."""
 
     def __init__(self, engine: Any, optimizer: Any, device: torch.device, dp_rank: int, dp_size: int,
-                 tp: int = 1, mpu: Any = None):
+                 tp: int = 1, mpu: Any = None, universal: Any = None):
         self.engine, self.optimizer = engine, optimizer
         self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
         self.tp, self.mpu = tp, mpu  # with tp > 1: the grid whose model-parallel group holds the shards
+        self.universal = universal  # UniversalCheckpoint: resume on another layout
 
     def train_step(self, objective, micro_batches, measure_norm):
         from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
@@ -122,15 +123,29 @@ class EngineRunner:
             self.engine.train()
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+        save_engine(self.engine, self.universal, directory)
 
     def load(self, directory: Path, load_optimizer: bool = True) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
-        )
-        if path is None:
-            raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
+        load_engine(self.engine, self.universal, directory, load_optimizer)
+
+
+def save_engine(engine: Any, universal: Any, directory: Path) -> None:
+    """DeepSpeed's own state (exact resume on this layout) and the layout-independent copy beside it."""
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+    if universal is not None:
+        universal.save(engine, directory)
+
+
+def load_engine(engine: Any, universal: Any, directory: Path, load_optimizer: bool) -> None:
+    if universal is not None and universal.needs_conversion(directory):
+        universal.load(engine, directory, load_optimizer)
+        return
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
+    )
+    if path is None:
+        raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
 
 
 def _replicated(loss: Any) -> torch.Tensor:
@@ -150,6 +165,7 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
     from llmtrain.parallel.engine import (build_engine, deepspeed_config, model_parallel_grid, param_groups,
                                           skippable_adamw)
     from llmtrain.parallel.layout import coords
+    from llmtrain.parallel.universal import UniversalCheckpoint, layout_of
     from llmtrain.utils import rank
 
     p = cfg.parallel
@@ -158,6 +174,9 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
         from llmtrain.parallel.tensor_parallel import apply_tensor_parallel, plan_for
 
         apply_tensor_parallel(model, plan_for(model), *tp_group)
+    where = coords(rank(), p.tp, p.pp, derived.dp_size)
+    universal = UniversalCheckpoint(model, layout_of(p.tp, p.pp, derived.dp_size, p.zero_stage, cfg.precision),
+                                    tp_group[0], writer=where.dp == 0 and where.tp == 0)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if p.pp > 1:
         from llmtrain.parallel.pipeline import build_pipeline_runner
@@ -165,11 +184,12 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
         return build_pipeline_runner(
             model, deepspeed_config(cfg, derived),
             lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay)),
-            lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=PIPELINE_PARTITION, device=device)
+            lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=PIPELINE_PARTITION, device=device,
+            universal=universal)
     mpu = model_parallel_grid(p.tp, 1, derived.dp_size) if p.tp > 1 else None
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
-    dp_rank = coords(rank(), p.tp, p.pp, derived.dp_size).dp
-    return EngineRunner(engine, optimizer, device, dp_rank=dp_rank, dp_size=derived.dp_size, tp=p.tp, mpu=mpu)
+    return EngineRunner(engine, optimizer, device, dp_rank=where.dp, dp_size=derived.dp_size, tp=p.tp, mpu=mpu,
+                        universal=universal)
 
 
 def _tensor_parallel_group(tp: int, pp: int, dp: int, device: torch.device) -> tuple[Any, Any]:

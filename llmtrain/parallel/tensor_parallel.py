@@ -76,9 +76,11 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> nn.Parameter:
-    p = nn.Parameter(full.detach().index_select(dim, index).clone() if isinstance(index, torch.Tensor)
-                     else full.detach().narrow(dim, index.start, index.stop - index.start).clone())
+    if isinstance(index, slice):
+        index = torch.arange(index.start, index.stop)
+    p = nn.Parameter(full.detach().index_select(dim, index.to(full.device)).clone())
     p.tensor_model_parallel = True
+    p.llmtrain_tp_shard = (dim, index)  # which rows/columns of the whole tensor: for checkpoints
     return p
 
 
