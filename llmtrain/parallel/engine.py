@@ -267,10 +267,29 @@ def get_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Te
 
     weight = safe_get_full_fp32_param(param)
     if weight is not None:  # ZeRO-1/2/3 or the bf16 optimizer: partitions gathered
+        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2, bf16; None on ZeRO-3
+        if mapping is not None and not all(k in (mapping.optim_fragment or {}) for k in ADAM_KEYS):
+            # no optimizer step yet (saved before the first update): the moments are zero
+            return {"fp32": weight, **{k: torch.zeros_like(weight) for k in ADAM_KEYS}}
         return {"fp32": weight, **{k: safe_get_full_optimizer_state(param, k) for k in ADAM_KEYS}}
     state = engine.optimizer.state.get(param, {})  # ZeRO-0 fp32: the torch optimizer holds it as is
     return {"fp32": param.detach().float(),
             **{k: state[k] if k in state else torch.zeros_like(param, dtype=torch.float32) for k in ADAM_KEYS}}
+
+
+def link_optimizer_state(engine: Any) -> None:
+    """Point every parameter's ZeRO-1/2 (or bf16-optimizer) fragment at its Adam moments.
+
+    DeepSpeed links them once, right after the optimizer steps its *first* parameter group, so the
+    parameters of later groups (ours: the no-decay group) keep an empty link and
+    `safe_get_full_optimizer_state` fails for them. Relinking after a step fixes that; call it before
+    reading the state. A no-op where no link exists (ZeRO-0, ZeRO-3)."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        base = getattr(opt, "optimizer", opt)
+        if any("exp_avg" in st for st in base.state.values()):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
 
 
 def prepare_set_state(engine: Any) -> None:

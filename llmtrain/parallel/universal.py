@@ -55,9 +55,10 @@ def save_universal(engine: Any, names: dict[int, str], directory: Path, layout: 
     the parameters of its stage (first data-parallel replica, tensor-parallel rank 0)."""
     from safetensors.torch import save_file
 
-    from llmtrain.parallel.engine import get_full_state
+    from llmtrain.parallel.engine import get_full_state, link_optimizer_state
 
     (directory / FOLDER).mkdir(parents=True, exist_ok=True)
+    link_optimizer_state(engine)
     for param in _local_params(engine, names):
         state = get_full_state(engine, param)
         if hasattr(param, "llmtrain_tp_shard"):
