@@ -15,8 +15,8 @@ from typing import Any, Literal
 class ModelConfig:
     # Named size this config starts from (see MODEL_SIZES); other model.* keys override it.
     name: str = "gpt_debug"
-    # Model family.
-    arch: Literal["gpt"] = "gpt"
+    # Model family: 'gpt' (decoder, causal LM) or 'bert' (encoder, masked LM + next-sentence prediction).
+    arch: Literal["gpt", "bert"] = "gpt"
     # Number of transformer blocks.
     n_layer: int = 4
     # Attention heads per block.
@@ -37,6 +37,12 @@ class ModelConfig:
     init_std: float = 0.02
     # Checkpoint or run directory whose weights initialise the model (fresh optimizer and step 0).
     init_from: str | None = None
+    # BERT: number of segment (token type) embeddings; 2 for sentence A / sentence B.
+    type_vocab_size: int = 2
+    # Epsilon of the normalisation layers (BERT uses 1e-12; 1e-5 is torch's LayerNorm default).
+    norm_eps: float = 1e-5
+    # BERT fine-tuning: classes of the sequence-classification head (0 = pre-training heads only).
+    num_labels: int = 0
 
 
 # Named sizes. GPT-3 paper table 2.1 shapes at seq 2048, GPT-2 vocab padded to a multiple of 64.
@@ -47,6 +53,12 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "gpt_760m": dict(arch="gpt", n_layer=24, n_head=16, n_embd=1536, vocab_size=50304, block_size=2048),
     # GPT-3 XL width and depth (~1.3B); 16 heads of 128.
     "gpt_1b": dict(arch="gpt", n_layer=24, n_head=16, n_embd=2048, vocab_size=50304, block_size=2048),
+    # BERT (Devlin et al. 2018): base ~110M and large ~340M with the 30,522-token uncased vocabulary.
+    "bert_debug": dict(arch="bert", n_layer=4, n_head=4, n_embd=128, vocab_size=8192, block_size=128, norm_eps=1e-12),
+    "bert_base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, vocab_size=30522, block_size=512,
+                      norm_eps=1e-12, dropout=0.1),
+    "bert_large": dict(arch="bert", n_layer=24, n_head=16, n_embd=1024, vocab_size=30522, block_size=512,
+                       norm_eps=1e-12, dropout=0.1),
 }
 
 
