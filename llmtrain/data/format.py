@@ -110,6 +110,8 @@ class Shard:
         dtype = np.uint16 if itemsize == 2 else np.uint32
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
         ends = np.memmap(idx_path, dtype=np.uint64, mode="r", offset=HEADER.size, shape=(docs,)) if docs else np.zeros(0, np.uint64)
+        # Plain ndarray views of the maps (the maps stay alive as their base): indexing skips memmap's wrapping.
+        tokens, ends = tokens.view(np.ndarray), ends.view(np.ndarray)
         if docs and int(ends[-1]) != count:
             raise ValueError(f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
                              f"{bin_path.name}: corrupt index; {REPREPARE}")

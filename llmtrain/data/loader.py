@@ -22,6 +22,10 @@ from llmtrain.data.order import blend_table, derive_key, permute
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 
 
+# Sources with at most this many windows keep their epoch's permutation as a table (8 MB at most).
+PERM_CACHE_MAX = 1 << 20
+
+
 class TokenStream:
     """The shards of one split of a prepared dataset, read as a single memory-mapped token stream."""
 
@@ -55,6 +59,8 @@ class TokenStream:
         ks = np.searchsorted(self.starts, starts, side="right") - 1
         inside = starts + length <= self.starts[ks + 1]
         ar = np.arange(length, dtype=np.int64)
+        if len(self.shards) == 1 and inside.all():  # one shard: a single gather, no per-shard bookkeeping
+            return self.shards[0].tokens[starts[:, None] + ar].astype(np.int64)
         for k in np.unique(ks[inside]):
             sel = np.flatnonzero(inside & (ks == k))
             out[sel] = self.shards[k].tokens[(starts[sel] - self.starts[k])[:, None] + ar]
@@ -136,6 +142,7 @@ class OrderedData:
         self._base_step, self._base_samples = 0, 0
         self._rebase: dict[str, int] | None = None
         self._lock = threading.Lock()  # the trainer may build step+1 on a background thread
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """Refuse a model whose embedding has fewer rows than the tokenizer the data was made with."""
@@ -160,16 +167,33 @@ class OrderedData:
         """Token offset of sample index n (an array) of source k: a fresh permutation every epoch."""
         size = self.n_train[k]
         epoch, j = n // size, n % size
+        if epoch[0] == epoch[-1]:  # n is increasing: the usual case is a batch inside one epoch
+            return self._permuted(k, int(epoch[0]), j) * self.unit
         out = np.empty(len(n), dtype=np.int64)
         for e in np.unique(epoch):
             sel = epoch == e
-            out[sel] = permute(j[sel], size, derive_key(self.seed, k, int(e))).astype(np.int64) * self.unit
+            out[sel] = self._permuted(k, int(e), j[sel]) * self.unit
         return out
+
+    def _permuted(self, k: int, epoch: int, j: np.ndarray) -> np.ndarray:
+        """permute(j) for (source, epoch); a small source's whole epoch permutation is computed once."""
+        size, key = self.n_train[k], derive_key(self.seed, k, epoch)
+        if size > PERM_CACHE_MAX:  # O(1) per sample, no O(size) table: resume stays instant on any size
+            return permute(j, size, key).astype(np.int64)
+        table = self._perm_cache.get((k, epoch))
+        if table is None:
+            table = permute(np.arange(size), size, key).astype(np.int64)
+            # Keep this epoch and the one before (a batch may straddle them); replaced whole: thread-safe reads.
+            kept = {key_: t for key_, t in self._perm_cache.items() if key_[1] >= epoch - 1}
+            self._perm_cache = {**kept, (k, epoch): table}
+        return table[j]
 
     def starts(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source id, window start token) of each global sample index."""
         g = np.asarray(g, dtype=np.int64)
         ks, ns = self.locate(g)
+        if len(self.sources) == 1:
+            return ks, self.window_starts(0, ns)
         starts = np.empty(len(g), dtype=np.int64)
         for k in np.unique(ks):
             sel = ks == k
@@ -253,10 +277,13 @@ class CausalData(OrderedData):
         return self._windows_of(ks, starts, "train")
 
     def _windows_of(self, ks: np.ndarray, sts: np.ndarray, split: str) -> dict[str, np.ndarray]:
-        tokens = np.empty((len(ks), self.seq_len + 1), dtype=np.int64)
-        for k in np.unique(ks):
-            sel = np.flatnonzero(ks == k)
-            tokens[sel] = getattr(self.sources[k], split).windows(sts[sel], self.seq_len + 1)
+        if len(self.sources) == 1:
+            tokens = getattr(self.sources[0], split).windows(sts, self.seq_len + 1)
+        else:
+            tokens = np.empty((len(ks), self.seq_len + 1), dtype=np.int64)
+            for k in np.unique(ks):
+                sel = np.flatnonzero(ks == k)
+                tokens[sel] = getattr(self.sources[k], split).windows(sts[sel], self.seq_len + 1)
         out = {"tokens": tokens}
         if self.doc_mask:
             out.update(_doc_info([getattr(self.sources[k], split) for k in ks], sts, self.seq_len))

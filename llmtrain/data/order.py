@@ -9,33 +9,39 @@ from __future__ import annotations
 
 import numpy as np
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 def mix64(x: np.ndarray | int) -> np.ndarray:
     """splitmix64 finaliser: a fast, well-distributed 64-bit hash (wrapping uint64 arithmetic)."""
-    z = np.asarray(x, dtype=np.uint64).copy()
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # numpy warns on wrapping scalars (not arrays); wrapping is the point
+        z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 
+def _mix_int(z: int) -> int:
+    """`mix64` of one Python int (no numpy call overhead: keys are derived on every batch)."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
 def derive_key(*parts: int) -> int:
     """One 64-bit key from several integers (seed, source, epoch, ...), each step hashed."""
-    k = np.uint64(0x243F6A8885A308D3)
+    k = 0x243F6A8885A308D3
     for p in parts:
-        k = mix64(np.uint64(k) ^ np.uint64(p & 0xFFFFFFFFFFFFFFFF))[()]
-    return int(k)
+        k = _mix_int(k ^ (int(p) & _MASK))
+    return k
 
 
-def _feistel(x: np.ndarray, half_bits: int, key: int) -> np.ndarray:
+def _feistel(x: np.ndarray, half_bits: int, round_keys: list[np.uint64]) -> np.ndarray:
     mask = np.uint64((1 << half_bits) - 1)
     sh = np.uint64(half_bits)
     left, right = x >> sh, x & mask
-    for r in range(4):
-        rk = np.uint64(derive_key(key, r))
+    for rk in round_keys:
         left, right = right, left ^ (mix64(right ^ rk) & mask)
     return (left << sh) | right
 
@@ -46,11 +52,12 @@ def permute(i: np.ndarray | int, n: int, key: int) -> np.ndarray:
     if n <= 1:
         return np.zeros_like(x)
     half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
-    out_of_range = np.ones(len(x), dtype=bool)
+    round_keys = [np.uint64(derive_key(key, r)) for r in range(4)]
+    todo = np.arange(len(x))
     # Cycle walking: the Feistel domain is < 4n, so each element needs under 4 rounds on average.
-    while out_of_range.any():
-        x[out_of_range] = _feistel(x[out_of_range], half_bits, key)
-        out_of_range = x >= np.uint64(n)
+    while len(todo):
+        x[todo] = _feistel(x[todo], half_bits, round_keys)
+        todo = todo[x[todo] >= np.uint64(n)]
     return x
 
 

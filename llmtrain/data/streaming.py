@@ -76,6 +76,11 @@ class StreamingData:
         self._next_step = 0
         self._val: list[dict[str, Any]] | None = None
 
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(f"{self.tokenizer.source}: the tokenizer has {self.vocab_size} tokens but "
+                             f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {self.vocab_size}")
+
     def _docs(self, first: int, last: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(document index, tokens + EOS) from document `first`; skipped documents are read, not tokenized."""
         from llmtrain.data.prepare import _batched, encoded_batches

@@ -122,3 +122,14 @@ def test_windows_across_shard_boundaries_match_the_token_stream(tiny_dataset):
     got = d.samples(np.arange(n))["tokens"]
     _, starts = d.starts(np.arange(n))
     np.testing.assert_array_equal(got, np.stack([flat[s:s + 17] for s in starts]))
+
+
+def test_cached_epoch_permutation_equals_the_per_sample_one(tiny_dataset, monkeypatch):
+    import llmtrain.data.loader as loader
+
+    d = data(tiny_dataset)
+    g = np.arange(0, 3 * d.n_train[0], 7)  # batches inside an epoch and straddling two
+    cached = d.starts(g)[1]
+    assert len(d._perm_cache) == 2  # this epoch and the one before are kept
+    monkeypatch.setattr(loader, "PERM_CACHE_MAX", 0)  # what a large source does: no table
+    np.testing.assert_array_equal(data(tiny_dataset).starts(g)[1], cached)
