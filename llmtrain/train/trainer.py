@@ -81,6 +81,11 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     data = build_data_for(cfg, derived)
     model = build_model_for(cfg, data.vocab_size)
+    if cfg.model.init_from and resume_from is None:  # a resume restores the weights anyway
+        from llmtrain.parallel.consolidate import init_model_from
+
+        init_model_from(model, cfg.model.init_from)
+        print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0")
     throughput = build_throughput(cfg, model, info.device, info.world_size)
     runner = build_runner(model, cfg, derived, info.device, lr_multiplier(cfg.optim, cfg.train.max_steps))
     state = TrainerState()

@@ -1,0 +1,199 @@
+"""Model weights out of any checkpoint, whatever layout saved it, one parameter at a time.
+
+Every checkpoint holds `<ckpt>/universal/<plain name>.safetensors` (see universal.py): the whole fp32
+weight of one parameter of the plain model, whatever tp, pp, dp or ZeRO stage wrote it. This module
+reads those files with the checkpoint's `config.yaml`:
+
+    cfg, weights = load_model_weights("runs/x")      # run dir, checkpoints/ dir, step dir or consolidated dir
+    model = build_model(cfg); model.load_state_dict(weights)
+
+`consolidate` writes them into one `model.safetensors` (+ `config.yaml`), streaming: the header is built
+from the shapes alone, then each parameter is read, written and dropped, so at most one parameter is in
+memory. A consolidated directory is itself accepted by `load_model_weights` and `model.init_from`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from llmtrain.models import ModelConfig, build_model
+
+CONSOLIDATED = "model.safetensors"
+CONFIG = "config.yaml"
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def load_model_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict of fp32 CPU tensors by plain-model name) of the checkpoint at `path`.
+
+    `path` is a run directory (its `checkpoints/latest`), a `checkpoints/` folder, one `step_*` folder or a
+    directory written by `consolidate`. Tied weights appear under every name of the state dict, as one
+    tensor. Raises ValueError for a missing or incomplete checkpoint."""
+    cfg, source = _open(path)
+    return cfg, _tied_state_dict(cfg, dict(_tensors(source, cfg)))
+
+
+def iter_model_weights(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """Like load_model_weights, but yields (name, tensor) one parameter at a time (each tied tensor once)."""
+    cfg, source = _open(path)
+    return cfg, _tensors(source, cfg)
+
+
+def init_model_from(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy the weights of the checkpoint at `path` into `model` (plain, not yet parallelised), one
+    parameter at a time. Raises ValueError naming the first parameter whose name or shape differs."""
+    try:
+        _, weights = iter_model_weights(path)
+    except ValueError as exc:
+        raise ValueError(f"model.init_from: {exc}") from None
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in weights:
+            if name not in params:
+                raise ValueError(f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
+                                 f"model does not; set the model.* keys to the checkpoint's shape")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"model.init_from={path}: parameter '{name}' has shape {tuple(tensor.shape)} "
+                                 f"in the checkpoint but {tuple(params[name].shape)} in this model; set the "
+                                 f"model.* keys to the checkpoint's shape")
+            params[name].copy_(tensor)
+            seen.add(name)
+    missing = [n for n in params if n not in seen]
+    if missing:
+        raise ValueError(f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
+                         f"parameters missing); set the model.* keys to the checkpoint's shape")
+
+
+def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `out_dir/model.safetensors` (every parameter once, plain names) and `out_dir/config.yaml`;
+    returns the safetensors path. Holds one parameter in memory at a time."""
+    from tqdm import tqdm
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(str(d) for d in _DTYPES)}; got {dtype}")
+    cfg, source = _open(path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = _shapes(source, cfg)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = dtype.itemsize * _numel(shape)
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", "source": str(source)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    final, tmp = out_dir / CONSOLIDATED, out_dir / f".{CONSOLIDATED}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, tensor in tqdm(_tensors(source, cfg), total=len(shapes), unit="param", desc="consolidate",
+                                 disable=None):
+            f.write(tensor.to(dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _write_config(cfg, source, out_dir / CONFIG)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _open(path: str | Path) -> tuple[ModelConfig, Path]:
+    """(model config, source): source is a consolidated model.safetensors or a checkpoint's universal/ folder."""
+    path = Path(path)
+    if (path / CONSOLIDATED).is_file():
+        return _model_config(path / CONFIG), path / CONSOLIDATED
+    from llmtrain.parallel.universal import FOLDER
+    from llmtrain.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / FOLDER / "meta.json").is_file():
+        raise ValueError(f"{ckpt} has no {FOLDER}/meta.json: it was written before layout-independent "
+                         f"checkpoints or is incomplete; resume it with the same layout and save again")
+    return _model_config(ckpt / CONFIG), ckpt / FOLDER
+
+
+def _model_config(config_file: Path) -> ModelConfig:
+    if not config_file.is_file():
+        raise ValueError(f"{config_file} is missing: cannot tell the model's shape; the checkpoint is incomplete")
+    model = (yaml.safe_load(config_file.read_text()) or {}).get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{config_file} has no 'model' section; the checkpoint is incomplete")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ValueError(f"{config_file}: model keys {unknown} are unknown to this version of llmtrain")
+    return ModelConfig(**model)
+
+
+def _plain_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each parameter's first name and shape, in the model's order (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg, init_from=None))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _shapes(source: Path, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    if source.name == CONSOLIDATED:
+        from safetensors import safe_open
+
+        with safe_open(str(source), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return _plain_names(cfg)
+
+
+def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    if source.name == CONSOLIDATED:
+        with safe_open(str(source), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).float()
+        return
+    for name, shape in _plain_names(cfg).items():
+        file = source / f"{name}.safetensors"
+        if not file.is_file():
+            raise ValueError(f"{file} is missing: the checkpoint under {source.parent} is incomplete")
+        with safe_open(str(file), framework="pt") as f:
+            tensor = f.get_tensor("fp32")
+        assert tuple(tensor.shape) == shape, (name, tensor.shape, shape)
+        yield name, tensor
+
+
+def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the second name of each tied parameter (e.g. lm_head.weight) pointing at the same tensor."""
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg, init_from=None))
+    first = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first[id(p)] not in weights:
+            raise ValueError(f"the checkpoint has no weight for '{first[id(p)]}'; it is incomplete")
+        out[name] = weights[first[id(p)]]
+    return out
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _write_config(cfg: ModelConfig, source: Path, path: Path) -> None:
+    """The source checkpoint's whole config when there is one (so a consolidated dir reads like a run)."""
+    src = source.parent / CONFIG
+    text = src.read_text() if src.is_file() else yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
