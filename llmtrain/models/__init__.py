@@ -13,4 +13,8 @@ def build_model(cfg: ModelConfig):
         from llmtrain.models.gpt import GPT
 
         return GPT(cfg)
+    if cfg.arch == "bert":
+        from llmtrain.models.bert import Bert, BertForSequenceClassification
+
+        return BertForSequenceClassification(cfg) if cfg.num_labels else Bert(cfg)
     raise ValueError(f"unknown model.arch '{cfg.arch}'")

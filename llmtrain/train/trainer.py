@@ -154,10 +154,12 @@ def build_data_for(cfg: Config, derived: Derived):
     from llmtrain.parallel.layout import coords
 
     dp_rank = coords(rank(), cfg.parallel.tp, cfg.parallel.pp, derived.dp_size).dp
-    return build_data(
+    data = build_data(
         cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=derived.grad_accum, dp_rank=dp_rank, dp_size=derived.dp_size,
     )
+    data.check_model_vocab(cfg.model.vocab_size)  # names the dataset's manifest and the fix
+    return data
 
 
 def build_model_for(cfg: Config, vocab_size: int) -> torch.nn.Module:
