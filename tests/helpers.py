@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -59,3 +60,17 @@ def train(out_dir: Path, *overrides: str, launcher: str = "python", nproc: int =
 
 def losses(out_dir: Path) -> dict[int, float]:
     return last_by_step(read_metrics(Path(out_dir) / "metrics.jsonl"), "loss")
+
+
+GOLDEN = ROOT / "tests" / "golden" / "gpt_tiny_zero_losses.json"
+
+
+def golden_losses() -> dict[int, float]:
+    """The pinned 1-rank ZeRO-0 fp32 per-step losses of TINY over 6 steps (tests/golden/make_golden.py)."""
+    return {int(k): v for k, v in json.loads(GOLDEN.read_text())["losses"].items()}
+
+
+def assert_losses_match(got: dict[int, float], ref: dict[int, float], abs_tol: float) -> None:
+    assert sorted(got) == sorted(ref), (sorted(got), sorted(ref))
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= abs_tol, (step, got[step], ref[step])
