@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `from helpers import ...` as in tests/
 
 WORDS = ("the of and to in that he shall unto for his i a lord they be is him not them it with all thou "
          "thy was god which my me said but ye their have will thee from as are when this out were by").split()
