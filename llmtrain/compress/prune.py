@@ -1,0 +1,302 @@
+"""Structured pruning (Minitron style): rank heads, kv groups, MLP channels, hidden channels and whole
+layers by importance, keep the best, and return a smaller valid ModelConfig with its state_dict.
+
+Importance is measured once on the unpruned model, then every axis is pruned at the same time:
+- `activation` (Minitron, Muralidharan et al. 2024): mean over calibration tokens of the L2 norm of
+  each head's attention output, of |activation| of each MLP channel (the input of the down
+  projection), and of |output| of each hidden channel summed over every normalisation layer; a layer's
+  importance is 1 - cos(block input, block output) (ShortGPT's block influence).
+- `magnitude` (baseline, no data): weight norms of the same rows and columns.
+
+Shape legend:  C hidden width   nh query heads   nkv key/value heads   hs head size   F MLP width
+Slicing works on state-dict names: every parameter name of a supported model maps to the axes it
+carries (`_axes`), so a parameter we do not know is an error rather than a silently unpruned tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import torch
+from torch import nn
+
+from llmtrain.models import ModelConfig, build_model
+
+
+@dataclass
+class PruneConfig:
+    # Importance ranking: activation (calibration batches, Minitron) or magnitude (weight norms, no data).
+    method: Literal["activation", "magnitude"] = "activation"
+    # Target number of transformer blocks (None keeps all); the least important blocks are dropped.
+    n_layer: int | None = None
+    # Target query heads per block (None keeps all); with grouped-query attention whole kv groups go.
+    n_head: int | None = None
+    # Target key/value heads per block (grouped-query attention); None follows n_head.
+    n_kv_head: int | None = None
+    # Target MLP hidden width (None keeps it).
+    intermediate_size: int | None = None
+    # Target hidden width (None keeps it).
+    n_embd: int | None = None
+    # Calibration micro-batches from the checkpoint's training data (method=activation).
+    calib_batches: int = 16
+    # Held-out micro-batches for the perplexity printed before and after pruning.
+    eval_batches: int = 16
+    # Sequences per calibration / eval micro-batch.
+    micro_batch_size: int = 8
+    # Tokens per calibration / eval sequence (None: the checkpoint's train.seq_len).
+    seq_len: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+def head_size(cfg: ModelConfig) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return getattr(cfg, "n_kv_head", None) or cfg.n_head
+
+
+def ffn_width(cfg: ModelConfig) -> int:
+    return getattr(cfg, "intermediate_size", None) or 4 * cfg.n_embd
+
+
+def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
+    """The pruned model's config; ValueError naming the recipe key when a target is impossible."""
+    nh, nkv = cfg.n_head, kv_heads(cfg)
+    new = {
+        "n_layer": p.n_layer or cfg.n_layer, "n_embd": p.n_embd or cfg.n_embd,
+        "intermediate_size": p.intermediate_size or ffn_width(cfg),
+    }
+    group = nh // nkv
+    new_nh = p.n_head or (p.n_kv_head * group if p.n_kv_head else nh)
+    new_nkv = p.n_kv_head or (new_nh // group)
+    for key, value, limit in (("n_layer", new["n_layer"], cfg.n_layer), ("n_head", new_nh, nh),
+                              ("n_kv_head", new_nkv, nkv), ("n_embd", new["n_embd"], cfg.n_embd),
+                              ("intermediate_size", new["intermediate_size"], ffn_width(cfg))):
+        if not 1 <= value <= limit:
+            raise ValueError(f"prune recipe: {key}={value} must be between 1 and the model's {limit}")
+    if new_nh != new_nkv * group:
+        raise ValueError(f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
+                         f"{group} query heads per kv head; pick n_head as a multiple of {group} "
+                         f"(kv groups are pruned whole)")
+    if not hasattr(cfg, "intermediate_size") and new["intermediate_size"] != 4 * new["n_embd"]:
+        raise ValueError("this ModelConfig has no intermediate_size field: MLP width must stay 4 * n_embd")
+    hs = head_size(cfg)
+    new["n_head"] = new_nh
+    if new_nkv != new_nh or getattr(cfg, "n_kv_head", None):
+        new["n_kv_head"] = new_nkv
+    if new_nh * hs != new["n_embd"] or getattr(cfg, "head_dim", None):
+        if not hasattr(cfg, "head_dim"):
+            raise ValueError(f"prune recipe: {new_nh} heads of {hs} != n_embd={new['n_embd']}, and this model "
+                             f"has no model.head_dim to decouple them; prune n_head and n_embd by the same factor")
+        new["head_dim"] = hs
+    return dataclasses.replace(cfg, **new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance
+
+
+@dataclass
+class Importance:
+    layers: torch.Tensor  # (L,)
+    heads: torch.Tensor  # (L, nh)
+    channels: torch.Tensor  # (L, F)
+    hidden: torch.Tensor  # (C,)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"pruning supports models with a `blocks` list; {type(model).__name__} has none")
+    return list(blocks)
+
+
+def _attn_out(block: nn.Module) -> nn.Linear:
+    return block.attn.proj
+
+
+def _mlp_down(block: nn.Module) -> nn.Linear:
+    return block.mlp.down
+
+
+def _norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+
+
+@torch.no_grad()
+def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[dict[str, torch.Tensor]],
+                          forward: Any = None) -> Importance:
+    """Accumulate Minitron activation statistics over calibration batches with forward hooks."""
+    blocks, hs = _blocks(model), head_size(cfg)
+    L, nh, C, F = len(blocks), cfg.n_head, cfg.n_embd, ffn_width(cfg)
+    imp = Importance(torch.zeros(L), torch.zeros(L, nh), torch.zeros(L, F), torch.zeros(C))
+    tokens = [0]
+    handles = []
+
+    def on_attn(i):
+        def hook(_m, args):
+            x = args[0].float()  # (B, T, nh*hs)
+            imp.heads[i] += x.unflatten(-1, (nh, hs)).norm(dim=-1).sum(dim=(0, 1)).cpu()
+        return hook
+
+    def on_mlp(i):
+        def hook(_m, args):
+            imp.channels[i] += args[0].float().abs().sum(dim=(0, 1)).cpu()  # (F,)
+        return hook
+
+    def on_norm(_m, _args, out):
+        imp.hidden.add_(out.float().abs().sum(dim=(0, 1)).cpu())
+
+    def on_block(i):
+        def hook(_m, args, out):
+            cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)  # (B, T)
+            imp.layers[i] += (1 - cos).sum().cpu()
+        return hook
+
+    for i, block in enumerate(blocks):
+        handles += [_attn_out(block).register_forward_pre_hook(on_attn(i)),
+                    _mlp_down(block).register_forward_pre_hook(on_mlp(i)),
+                    block.register_forward_hook(on_block(i))]
+    handles += [n.register_forward_hook(on_norm) for n in _norms(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids = batch["input_ids"]
+            (forward or model)(ids)
+            tokens[0] += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if tokens[0] == 0:
+        raise ValueError("activation importance needs at least one calibration batch (prune recipe: calib_batches)")
+    for t in (imp.layers, imp.heads, imp.channels, imp.hidden):
+        t /= tokens[0]
+    return imp
+
+
+@torch.no_grad()
+def magnitude_importance(model: nn.Module, cfg: ModelConfig) -> Importance:
+    """Weight-norm ranking: a head's output-projection columns, a channel's up row x down column, a hidden
+    channel's embedding column, a layer's output projections."""
+    blocks, hs = _blocks(model), head_size(cfg)
+    heads = torch.stack([_attn_out(b).weight.float().unflatten(1, (cfg.n_head, hs)).norm(dim=(0, 2))
+                         for b in blocks]).cpu()
+    channels = torch.stack([_mlp_down(b).weight.float().norm(dim=0) * b.mlp.up.weight.float().norm(dim=1)
+                            for b in blocks]).cpu()
+    layers = torch.stack([_attn_out(b).weight.float().norm() + _mlp_down(b).weight.float().norm()
+                          for b in blocks]).cpu()
+    hidden = model.wte.weight.float().norm(dim=0).cpu()
+    return Importance(layers, heads, channels, hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and slicing
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, in ascending index order (so nothing pruned = identity)."""
+    return torch.sort(torch.topk(scores, k).indices).values
+
+
+@dataclass
+class Keep:
+    layers: torch.Tensor  # old block indices, ascending
+    q_heads: list[torch.Tensor]  # per kept block: kept query heads
+    kv_heads: list[torch.Tensor]  # per kept block: kept kv heads
+    channels: list[torch.Tensor]  # per kept block: kept MLP channels
+    hidden: torch.Tensor  # kept hidden channels
+
+
+def select(cfg: ModelConfig, new: ModelConfig, imp: Importance) -> Keep:
+    layers = _top(imp.layers, new.n_layer)
+    group = cfg.n_head // kv_heads(cfg)
+    q_heads, kv = [], []
+    for i in layers.tolist():
+        groups = _top(imp.heads[i].view(kv_heads(cfg), group).sum(dim=1), kv_heads(new))
+        kv.append(groups)
+        q_heads.append((groups[:, None] * group + torch.arange(group)).flatten())
+    channels = [_top(imp.channels[i], new.intermediate_size) for i in layers.tolist()]
+    return Keep(layers, q_heads, kv, channels, _top(imp.hidden, new.n_embd))
+
+
+def _rows(heads: torch.Tensor, hs: int) -> torch.Tensor:
+    return (heads[:, None] * hs + torch.arange(hs)).flatten()
+
+
+# Per parameter-name suffix inside a block: the axis kind of each dimension (None = keep whole).
+# C hidden, Q query-head rows, KV key/value-head rows, QKV fused rows, F MLP channels.
+_BLOCK_AXES: dict[str, tuple[str | None, ...]] = {
+    "attn.qkv.weight": ("QKV", "C"), "attn.qkv.bias": ("QKV",),
+    "attn.q.weight": ("Q", "C"), "attn.q.bias": ("Q",),
+    "attn.k.weight": ("KV", "C"), "attn.k.bias": ("KV",),
+    "attn.v.weight": ("KV", "C"), "attn.v.bias": ("KV",),
+    "attn.proj.weight": ("C", "Q"), "attn.proj.bias": ("C",),
+    "mlp.up.weight": ("F", "C"), "mlp.up.bias": ("F",),
+    "mlp.gate.weight": ("F", "C"), "mlp.gate.bias": ("F",),
+    "mlp.down.weight": ("C", "F"), "mlp.down.bias": ("C",),
+}
+_TOP_AXES: dict[str, tuple[str | None, ...]] = {
+    "wte.weight": (None, "C"), "wpe.weight": (None, "C"), "lm_head.weight": (None, "C"),
+}
+
+
+def _axes(name: str) -> tuple[str, tuple[str | None, ...]]:
+    """(block-relative suffix or top-level name, axis kinds) for a parameter name."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    suffix = m.group(2) if m else name
+    if re.fullmatch(r"(.+\.)?(ln_\w+|\w*norm\w*)\.(weight|bias)", suffix):
+        return suffix, ("C",)
+    table = _BLOCK_AXES if m else _TOP_AXES
+    if suffix not in table:
+        raise ValueError(f"pruning does not know the parameter {name!r}; it supports the GPT decoder's layout")
+    return suffix, table[suffix]
+
+
+def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, keep: Keep) -> dict[str, torch.Tensor]:
+    """The pruned model's state_dict: kept blocks renumbered 0.., every tensor cut along its axes."""
+    hs, nh, nkv = head_size(cfg), cfg.n_head, kv_heads(cfg)
+    old_to_new = {old: new for new, old in enumerate(keep.layers.tolist())}
+    out = {}
+    for name, tensor in state.items():
+        suffix, kinds = _axes(name)
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if m and int(m.group(1)) not in old_to_new:
+            continue
+        j = old_to_new[int(m.group(1))] if m else None
+        if m:
+            q, kv = _rows(keep.q_heads[j], hs), _rows(keep.kv_heads[j], hs)
+            index = {"C": keep.hidden, "Q": q, "KV": kv, "F": keep.channels[j],
+                     "QKV": torch.cat([q, nh * hs + kv, (nh + nkv) * hs + kv])}
+        else:
+            index = {"C": keep.hidden}
+        for dim, kind in enumerate(kinds):
+            if kind is not None:
+                tensor = tensor.index_select(dim, index[kind].to(tensor.device))
+        out[f"blocks.{j}.{suffix}" if m else name] = tensor.contiguous()
+    return out
+
+
+def prune(model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, imp: Importance) -> tuple[ModelConfig, dict]:
+    """Return (pruned config, pruned state_dict) of `model` for the recipe's targets and importances."""
+    new = target_config(cfg, recipe)
+    keep = select(cfg, new, imp)
+    state = slice_state_dict(model.state_dict(), cfg, keep)
+    with torch.device("meta"):
+        expected = set(build_model(new).state_dict())
+    if set(state) != expected:  # our own invariant: slicing covers exactly the new model's parameters
+        raise AssertionError(f"pruned state_dict mismatch: {sorted(set(state) ^ expected)}")
+    return new, state
+
+
+def num_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(cfg).parameters())

