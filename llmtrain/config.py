@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from llmtrain.compress.config import DistillConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.models.config import ModelConfig, apply_model_preset
 
@@ -143,6 +144,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Logging sinks.
     log: LogConfig = field(default_factory=LogConfig)
+    # Knowledge distillation from a frozen teacher (launchers/distill.py); ignored by plain training.
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,32 @@
+"""`DistillConfig`: the `distill:` section of a recipe (knowledge distillation from a frozen teacher)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class DistillConfig:
+    # Teacher: an llmtrain checkpoint, run or consolidated directory (a run dir means its latest checkpoint),
+    # or a Hugging Face model directory (config.json, imported through llmtrain's HF interop). '' = none.
+    teacher: str = ""
+    # Weight of the distillation term: loss = alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * CE.
+    alpha: float = 0.5
+    # Softmax temperature tau of both teacher and student in the KL term.
+    temperature: float = 2.0
+    # Weight of the hidden-state MSE (student block outputs, through a learned projection when widths differ,
+    # against the teacher's uniformly mapped block outputs); 0 disables it.
+    hidden_weight: float = 0.0
+    # Weight of MiniLM-v2 attention-relation transfer (last block's query-query, key-key and value-value
+    # self-attention relations, KL teacher || student); 0 disables it.
+    attention_weight: float = 0.0
+    # Relation heads of the attention transfer (must divide the q/k/v widths of teacher and student).
+    relation_heads: int = 4
+    # Numeric format of the frozen teacher's weights and forward: fp32 or bf16 (halves its memory).
+    teacher_precision: Literal["fp32", "bf16"] = "fp32"
+    # Directory of precomputed top-k teacher logits for every training sample of the run ('' = run the teacher
+    # every step). Built once before training when missing; later runs with the same data pay no teacher forward.
+    cache_dir: str = ""
+    # Logits kept per token in the cache (the KL is taken over the teacher's top-k, renormalised).
+    top_k: int = 64
