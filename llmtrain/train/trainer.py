@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
+from llmtrain.parallel.launch_env import check_launcher_settings
 from llmtrain.parallel.runner import Runner
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train import flops
@@ -70,6 +71,7 @@ class TrainerState:
 def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     """Run training as configured; every rank calls this. Returns a summary (rank 0 has all fields)."""
     derived = derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail on a bad layout before any init
+    check_launcher_settings(cfg, derived)
     from llmtrain.parallel.engine import init_distributed, preflight
     from llmtrain.parallel.runner import build_runner
 
