@@ -43,7 +43,22 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # BERT fine-tuning: classes of the sequence-classification head (0 = pre-training heads only).
     num_labels: int = 0
+    # Decoder positions: learned (GPT-2 table), rope (rotary, Llama) or sinusoidal (fixed, Vaswani et al.).
+    pos: Literal["learned", "rope", "sinusoidal"] = "learned"
+    # Decoder normalisation: layernorm (GPT-2) or rmsnorm (Llama); both use model.norm_eps.
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # Decoder feed-forward: gelu (down(gelu(up x)), GPT-2) or swiglu (down(silu(gate x) * up x), Llama).
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # Feed-forward hidden width; None means 4 * n_embd.
+    intermediate_size: int | None = None
+    # Key/value heads (grouped-query attention when < n_head); None means n_head.
+    n_kv_head: int | None = None
+    # Base of the rotary frequencies (pos=rope); Llama 2 uses 1e4, SmolLM2 1e5.
+    rope_theta: float = 10000.0
 
+
+# What makes a decoder Llama-style; the sizes below add their shapes.
+_LLAMA: dict[str, Any] = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
 
 # Named sizes. GPT-3 paper table 2.1 shapes at seq 2048, GPT-2 vocab padded to a multiple of 64.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -53,6 +68,16 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "gpt_760m": dict(arch="gpt", n_layer=24, n_head=16, n_embd=1536, vocab_size=50304, block_size=2048),
     # GPT-3 XL width and depth (~1.3B); 16 heads of 128.
     "gpt_1b": dict(arch="gpt", n_layer=24, n_head=16, n_embd=2048, vocab_size=50304, block_size=2048),
+    # Llama-style decoders: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases.
+    # llama_135m / llama_360m are SmolLM2's shapes (49,152-token vocabulary, tied); llama_1b is TinyLlama-1.1B's.
+    "llama_debug": dict(arch="gpt", **_LLAMA, n_layer=4, n_head=6, n_kv_head=2, n_embd=192, intermediate_size=512,
+                        vocab_size=8192, block_size=256),
+    "llama_135m": dict(arch="gpt", **_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                       vocab_size=49152, block_size=2048, rope_theta=100000.0),
+    "llama_360m": dict(arch="gpt", **_LLAMA, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
+                       vocab_size=49152, block_size=2048, rope_theta=100000.0),
+    "llama_1b": dict(arch="gpt", **_LLAMA, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, intermediate_size=5632,
+                     vocab_size=32000, block_size=2048, tie_embeddings=False),
     # BERT (Devlin et al. 2018): base ~110M and large ~340M with the 30,522-token uncased vocabulary.
     "bert_debug": dict(arch="bert", n_layer=4, n_head=4, n_embd=128, vocab_size=8192, block_size=128, norm_eps=1e-12),
     "bert_base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, vocab_size=30522, block_size=512,
