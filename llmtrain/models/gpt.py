@@ -1,8 +1,13 @@
-"""GPT decoder: a plain single-device nn.Module (imports only torch).
+"""GPT decoder family: a plain single-device nn.Module (imports only torch).
+
+One decoder, two flavours chosen by config (see ModelConfig): GPT-2 (learned positions, LayerNorm,
+GELU MLP, biases, multi-head attention) and Llama (rotary positions, RMSNorm, SwiGLU MLP, no biases,
+grouped-query attention); fixed sinusoidal positions are a third position option.
 
 Shape legend:
-    B  batch size            T  sequence length         C  n_embd (hidden width)
-    nh number of heads       hs head size (C // nh)     V  vocab_size
+    B  batch size            T  sequence length (new tokens)   S  key length (cached + new)
+    C  n_embd (width)        nh query heads    nkv key/value heads    hs head size (C // nh)
+    H  MLP hidden width      V  vocab_size
 
 Forward reads embed -> blocks -> final norm -> head. Weights are set by `init_weights()` (not by the
 constructor) so that a model built on the meta device and then materialised gets the same seeded
@@ -20,57 +25,152 @@ from torch import nn
 from llmtrain.models.config import ModelConfig
 
 
+class LayerKV:
+    """One block's cached keys and values (B, nkv, S, hs), grown as tokens are decoded."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every position seen so far, one LayerKV per block (for generation)."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerKV() for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
+def rope_cos_sin(start: int, T: int, hs: int, theta: float, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hs) of positions start.. for rotary embeddings, computed in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
+    angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs): frequency i pairs dims i and i + hs/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, n, T, hs) by position; the half-split layout (dim i with dim i + hs/2), as in Llama."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed positions (Vaswani et al. 2017): sin on even and cos on odd dims; no parameters."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        if n_embd % 2:
+            raise ValueError(f"model.pos=sinusoidal needs an even model.n_embd, got {n_embd}")
+        self.n_embd = n_embd
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, self.n_embd, 2, device=pos.device, dtype=torch.float32)
+                                     / self.n_embd)
+        angles = pos.float()[:, None] * inv_freq  # (T, C/2)
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (T, C)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head or grouped-query causal attention; the fused qkv rows are [q (nh*hs); k (nkv*hs); v]."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        n_kv = cfg.n_kv_head or cfg.n_head
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
-        self.n_head = cfg.n_head
+        if cfg.n_head % n_kv:
+            raise ValueError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={n_kv}")
+        # Head counts are attributes, not derived from shapes, so tensor parallel can set local ones.
+        self.n_head, self.n_kv_head, self.head_size = cfg.n_head, n_kv, cfg.n_embd // cfg.n_head
+        self.rope_theta = cfg.rope_theta if cfg.pos == "rope" else None
+        if self.rope_theta is not None and self.head_size % 2:
+            raise ValueError(f"model.pos=rope needs an even head size, got {self.head_size}")
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * n_kv) * self.head_size, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs = self.head_size
+        q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
+        q = q.view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, -1, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, -1, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.rope_theta is not None:
+            start = cache.length if cache is not None else 0
+            cos, sin = rope_cos_sin(start, T, hs, self.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nkv, S, hs)
         y = self.attend(q, k, v)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh*hs)
         return self.resid_dropout(self.proj(y))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The attention core on its own, so selective activation checkpointing can recompute just this.
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if k.size(1) != q.size(1):  # grouped-query: kv head j serves query heads j*rep .. (j+1)*rep-1
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+        T, S = q.size(2), k.size(2)
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        # new queries after S - T cached positions: query i sees keys 0 .. S - T + i
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 class MLP(nn.Module):
+    """GELU: down(gelu(up x)). SwiGLU: down(silu(gate x) * up x)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = cfg.intermediate_size or 4 * cfg.n_embd
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")  # (B, T, H)
+        return self.dropout(self.down(h))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -79,23 +179,36 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # Absolute positions added to the embeddings; rotary positions live in the attention instead.
+        if cfg.pos == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos == "sinusoidal":
+            self.wpe = SinusoidalPositions(cfg.n_embd)
+        else:
+            self.wpe = None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of input_ids (B, T); with a cache, input_ids follow the cached positions."""
         B, T = input_ids.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds model.block_size={self.cfg.block_size}")
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=input_ids.device))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.blocks))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -106,7 +219,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and not (module is self.lm_head and self.cfg.tie_embeddings):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
@@ -118,6 +231,6 @@ class GPT(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        if exclude_embeddings:
+        if exclude_embeddings and isinstance(self.wpe, nn.Embedding):
             n -= self.wpe.weight.numel()
         return n

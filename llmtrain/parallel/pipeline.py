@@ -63,16 +63,18 @@ class TiedEmbedding(nn.Module):
 
 
 class Positions(nn.Module):
-    """Adds the model's learned positions (and embedding dropout). Keeps the attribute name `wpe` so
-    the optimizer's no-decay rule for position tables finds it under the pipeline's names too."""
+    """Adds the model's absolute positions, if any (rotary ones live in the blocks), and embedding
+    dropout. Keeps the attribute name `wpe` so the optimizer's no-decay rule for position tables finds
+    it under the pipeline's names too."""
 
-    def __init__(self, wpe: nn.Embedding, drop: nn.Module):
+    def __init__(self, wpe: nn.Module | None, drop: nn.Module):
         super().__init__()
         self.wpe, self.drop = wpe, drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(x.shape[1], device=x.device)
-        return self.drop(x + self.wpe(pos))  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(x.shape[1], device=x.device))
+        return self.drop(x)  # (B, T, C)
 
 
 def _head(tied: TiedEmbedding, x: torch.Tensor) -> torch.Tensor:

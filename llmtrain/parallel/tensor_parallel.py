@@ -2,7 +2,8 @@
 
 Styles:
     column       y_r = x W_r^T + b_r: the layer's output features split over the TP ranks (MLP up)
-    column_qkv   column over a fused [q; k; v] projection: rank r holds heads r*nh/tp.. of each of q, k, v
+    column_qkv   column over a fused [q; k; v] projection: rank r holds heads r*nh/tp.. of q and
+                 r*nkv/tp.. of k and v (grouped-query attention keeps each query head with its kv head)
     row          y = sum_r x_r W_r^T + b: input features split, partial outputs all-reduced (attn out, MLP down)
     vocab_embed  embedding rows split by vocabulary; each rank looks up its ids, the rest are summed in
     vocab_head   output head split by vocabulary (shares the embedding shard when tied); returns the
@@ -44,6 +45,8 @@ GPT_TP_PLAN: dict[str, str] = {
     "blocks.*.mlp.down": "row",
     "lm_head": "vocab_head",
 }
+# The Llama flavour (SwiGLU): the gate is split like the up projection it multiplies.
+LLAMA_TP_PLAN: dict[str, str] = {**GPT_TP_PLAN, "blocks.*.mlp.gate": "column"}
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -85,14 +88,16 @@ def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> n
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int, parts: int = 1):
+    def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int, blocks: list[int] | None = None):
         super().__init__()
-        out = linear.out_features
-        if out % (parts * size):
-            raise ValueError(f"{out} output features cannot be split into {parts} parts x {size} ranks")
-        # rows of each of the `parts` stacked blocks (q, k, v) that belong to this rank
-        block, local = out // parts, out // parts // size
-        rows = torch.cat([torch.arange(i * block + rank * local, i * block + (rank + 1) * local) for i in range(parts)])
+        blocks = blocks or [linear.out_features]
+        if sum(blocks) != linear.out_features or any(b % size for b in blocks):
+            raise ValueError(f"output blocks {blocks} of {linear.out_features} features cannot each be split "
+                             f"over {size} ranks")
+        # rows of each stacked block (q, k, v) that belong to this rank
+        starts = [sum(blocks[:i]) for i in range(len(blocks))]
+        rows = torch.cat([torch.arange(s + rank * (b // size), s + (rank + 1) * (b // size))
+                          for s, b in zip(starts, blocks)])
         self.group = group
         self.weight = _shard_param(linear.weight, rows, 0)
         self.bias = _shard_param(linear.bias, rows, 0) if linear.bias is not None else None
@@ -142,19 +147,6 @@ class VocabParallelHead(nn.Module):
         return DTensor.from_local(local, self.mesh, [Shard(local.dim() - 1)], run_check=False)
 
 
-def _tp_attention_forward(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # GPT's CausalSelfAttention.forward with its local heads: the fused projection yields this rank's
-    # [q_r; k_r; v_r], so split it in three equal parts and infer the head count from the width.
-    # TODO(model zoo): with `chunk(3, dim=2)` and `view(B, T, -1, hs)` in the model this override goes.
-    B, T, _ = x.shape
-    q, k, v = attn.qkv(x).chunk(3, dim=2)  # (B, T, C / tp) each
-    hs = attn.head_size
-    q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh / tp, T, hs)
-    y = attn.attend(q, k, v)  # (B, nh / tp, T, hs)
-    y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C / tp)
-    return attn.resid_dropout(attn.proj(y))
-
-
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, mesh: Any) -> list[str]:
     """Shard `model` in place per `plan` over the TP process `group` (and its 1-D DeviceMesh `mesh`).
 
@@ -170,11 +162,9 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
             raise ValueError(f"tensor-parallel plan: no module of {type(model).__name__} matches {pattern!r}")
         for name in names:
             module = model.get_submodule(name)
-            if style == "heads":
-                n_head = module.n_head
-                module.head_size = module.qkv.out_features // 3 // n_head
-                module.n_head = n_head // size
-                module.forward = _tp_attention_forward.__get__(module)
+            if style == "heads":  # the attention splits its fused projection by these local counts
+                module.n_head //= size
+                module.n_kv_head //= size
                 continue
             new = _build(style, module, model, tied, group, mesh, rank, size)
             parent, _, child = name.rpartition(".")
@@ -188,7 +178,9 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
     if style == "column":
         return ColumnParallelLinear(module, group, rank, size)
     if style == "column_qkv":
-        return ColumnParallelLinear(module, group, rank, size, parts=3)
+        c = model.cfg
+        hs, n_kv = c.n_embd // c.n_head, c.n_kv_head or c.n_head
+        return ColumnParallelLinear(module, group, rank, size, blocks=[c.n_head * hs, n_kv * hs, n_kv * hs])
     if style == "row":
         return RowParallelLinear(module, group, rank, size)
     if style == "vocab_embed":
@@ -205,7 +197,7 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
 
 def plan_for(model: nn.Module) -> dict[str, str]:
     """The tensor-parallel plan of a model class (plans are data; add one per architecture)."""
-    plans = {"GPT": GPT_TP_PLAN}
+    plans = {"GPT": LLAMA_TP_PLAN if getattr(model.cfg, "mlp", "gelu") == "swiglu" else GPT_TP_PLAN}
     name = type(model).__name__
     if name not in plans:
         raise ValueError(f"no tensor-parallel plan for {name}; known: {', '.join(plans)} (set parallel.tp=1)")

@@ -1,0 +1,74 @@
+"""The decoder family's flavours: Llama shapes and parameter counts, rotary and sinusoidal positions,
+grouped-query attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmtrain.models import MODEL_SIZES, ModelConfig, build_model
+from llmtrain.models.gpt import apply_rope, rope_cos_sin
+
+# Published parameter counts of the models whose shapes the Llama sizes copy.
+LLAMA_PUBLISHED = {"llama_135m": 134_515_008, "llama_360m": 361_821_120, "llama_1b": 1_100_048_384}
+
+
+def llama_param_formula(c: ModelConfig) -> int:
+    d, hs, kv = c.n_embd, c.n_embd // c.n_head, c.n_kv_head or c.n_head
+    per_block = d * (c.n_head + 2 * kv) * hs + d * d + 3 * d * c.intermediate_size + 2 * d
+    head = 0 if c.tie_embeddings else c.vocab_size * d
+    return c.vocab_size * d + c.n_layer * per_block + d + head
+
+
+@pytest.mark.parametrize("name", [n for n, s in MODEL_SIZES.items() if s.get("mlp") == "swiglu"])
+def test_llama_param_count(name):
+    cfg = ModelConfig(**{**MODEL_SIZES[name], "name": name})
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(cfg).parameters())
+    assert n == llama_param_formula(cfg)
+    assert n == LLAMA_PUBLISHED.get(name, n)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    scores = []
+    for start in (0, 7, 100):
+        cos, sin = rope_cos_sin(start, 4, 16, 10000.0, torch.device("cpu"), torch.float32)
+        qr = apply_rope(q.expand(1, 1, 4, 16), cos, sin)[0, 0, 3]  # query at start + 3
+        kr = apply_rope(k.expand(1, 1, 4, 16), cos, sin)[0, 0, 1]  # key at start + 1
+        scores.append(qr @ kr)
+    torch.testing.assert_close(scores[1], scores[0]) and torch.testing.assert_close(scores[2], scores[0])
+    assert not torch.allclose(qr @ kr, q[0, 0, 0] @ k[0, 0, 0])  # the rotation did something
+
+
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal"])
+def test_position_options_have_no_position_table(pos):
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=16, pos=pos)
+    model = build_model(cfg)
+    model.init_weights()
+    assert not any("wpe" in n for n, _ in model.named_parameters())
+    ids = torch.randint(0, 64, (2, 16))
+    logits = model(ids)
+    assert logits.shape == (2, 16, 64)
+    # Without positions the last token's output would not depend on the order of the ones before it.
+    swapped = torch.cat([ids[:, 1:2], ids[:, :1], ids[:, 2:]], dim=1)
+    assert not torch.allclose(model(swapped)[:, -1], logits[:, -1])
+
+
+def test_gqa_equals_mha_with_shared_kv_heads():
+    """A 2-kv-head model equals the 4-head model whose k/v heads are each copied to the query heads they serve."""
+    base = dict(n_layer=1, n_head=4, n_embd=32, vocab_size=64, block_size=16, pos="rope", norm="rmsnorm",
+                mlp="swiglu", bias=False, intermediate_size=40)
+    torch.manual_seed(0)
+    gqa = build_model(ModelConfig(**base, n_kv_head=2))
+    gqa.init_weights()
+    mha = build_model(ModelConfig(**base))
+    state = gqa.state_dict()
+    w = state["blocks.0.attn.qkv.weight"]
+    q, k, v = w.split([32, 16, 16])
+    expand = lambda t: t.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)  # noqa: E731
+    state["blocks.0.attn.qkv.weight"] = torch.cat([q, expand(k), expand(v)])
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(mha(ids), gqa(ids), atol=1e-6, rtol=1e-5)
