@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import ROOT, TINY, env, launch_cmd, losses
+from helpers import ROOT, TINY, env, free_port, launch_cmd, losses
 from llmtrain.train.checkpoint import resolve_checkpoint
 
 
@@ -69,6 +69,18 @@ def test_one_rank_killed_ends_the_job_in_bounded_time_naming_the_rank(tmp_path):
     assert proc.returncode != 0
     assert time.time() - killed_at < 90
     assert "local_rank: 1" in output and "SIGKILL" in output, output[-3000:]
+
+
+def test_rank_that_cannot_reach_the_master_is_named(tmp_path):
+    """Rank 1 of 2 with no rank 0 listening (its node never started): a bounded wait, then an error that
+    names the rank, the world and the address, not a hang."""
+    rank1 = dict(env(), RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [*launch_cmd("python", 1), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={tmp_path / 'run'}",
+           "parallel.collective_timeout_s=3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=rank1, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"rank 1 could not join the process group of 2 ranks at 127.0.0.1:{rank1['MASTER_PORT']} within 3 s" \
+        in proc.stderr, proc.stderr[-3000:]
 
 
 def _worker_pid(launcher_pid: int, local_rank: int) -> int:
