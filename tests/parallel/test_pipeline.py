@@ -1,6 +1,7 @@
 """Pipeline parallel through the real launchers: per-step losses equal the one-rank run's.
 
-Same tiny model, seed and tokens per step as tests/test_train.py. The one-rank run sums two micro-batch
+Same tiny model, seed and tokens per step as the pinned one-rank losses (tests/golden, checked against
+a live one-rank run by tests/test_train.py). The one-rank run sums two micro-batch
 gradients of 4 sequences; pp2 runs the same 8 sequences through DeepSpeed's 1F1B schedule; pp2 x dp2 takes
 2 x 2 micro-batches of 2 on each replica and all-reduces. fp32 throughout: only the order of the
 gradient sums differs (local accumulation vs all-reduce, ~1e-7 relative per step), so 6 steps agree to
@@ -11,38 +12,25 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import losses, train
+from helpers import assert_losses_match, golden_losses, losses, train
 
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp_ref") / "run"
-    train(out, f"train.max_steps={STEPS}")
-    return losses(out)
-
-
-def _assert_parity(got, ref):
-    assert sorted(got) == sorted(ref)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], abs=1e-5), step
-
-
 @pytest.mark.slow
-def test_pp2_matches_one_rank(tmp_path, one_rank):
+def test_pp2_matches_one_rank(tmp_path):
     out = tmp_path / "run"
     proc = train(out, f"train.max_steps={STEPS}", "parallel.pp=2", "parallel.activation_checkpointing=selective",
                  "train.sample_tokens=4", launcher="torchrun", nproc=2)
     assert "(dp 1 x tp 1 x pp 2)" in proc.stdout and "layout: stage 0: rank 0; stage 1: rank 1" in proc.stdout
     assert "sample:" in proc.stdout  # generation in lockstep: logits passed stage to stage, then broadcast
-    _assert_parity(losses(out), one_rank)
+    assert_losses_match(losses(out), golden_losses(), 1e-5)
 
 
 @pytest.mark.slow
-def test_pp2_dp2_zero1_matches_one_rank(tmp_path, one_rank):
+def test_pp2_dp2_zero1_matches_one_rank(tmp_path):
     out = tmp_path / "run"
     proc = train(out, f"train.max_steps={STEPS}", "parallel.pp=2", "parallel.zero_stage=1",
                  "train.micro_batch_size=2", "parallel.activation_checkpointing=full", launcher="torchrun", nproc=4)
     assert "(dp 2 x tp 1 x pp 2)" in proc.stdout
-    _assert_parity(losses(out), one_rank)
+    assert_losses_match(losses(out), golden_losses(), 1e-5)
