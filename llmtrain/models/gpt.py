@@ -80,8 +80,8 @@ class SinusoidalPositions(nn.Module):
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         inv_freq = 1.0 / 10000.0 ** (torch.arange(0, self.n_embd, 2, device=pos.device, dtype=torch.float32)
                                      / self.n_embd)
-        angles = pos.float()[:, None] * inv_freq  # (T, C/2)
-        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (T, C)
+        angles = pos.float()[..., None] * inv_freq  # (T, C/2) or (B, T, C/2)
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (T, C) or (B, T, C)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -110,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -123,16 +123,19 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, S, hs)
-        y = self.attend(q, k, v)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh*hs)
         return self.resid_dropout(self.proj(y))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
         # The attention core on its own, so selective activation checkpointing can recompute just this.
         p = self.dropout if self.training else 0.0
         if k.size(1) != q.size(1):  # grouped-query: kv head j serves query heads j*rep .. (j+1)*rep-1
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+        if mask is not None:  # packed documents: (B, 1, T, T), causal inside each document only
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         T, S = q.size(2), k.size(2)
         if T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -169,9 +172,17 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: query t sees key s <= t of the same document (block-diagonal causal)."""
+    T = doc_ids.size(1)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]
 
 
 class GPT(nn.Module):
@@ -193,18 +204,25 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) of input_ids (B, T); with a cache, input_ids follow the cached positions."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of input_ids (B, T); with a cache, input_ids follow the cached positions.
+
+        Packed documents (data.doc_mask): doc_ids (B, T) keeps attention inside each document and
+        position_ids (B, T) restarts absolute positions at each one (rotary positions are relative already).
+        """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds model.block_size={self.cfg.block_size}")
         x = self.wte(input_ids)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=input_ids.device))
+            pos = position_ids if position_ids is not None else torch.arange(start, start + T, device=input_ids.device)
+            x = x + self.wpe(pos)
         x = self.drop(x)
+        mask = document_causal_mask(doc_ids) if doc_ids is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None)
+            x = block(x, cache.layers[i] if cache is not None else None, mask)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     def new_cache(self) -> KVCache:
