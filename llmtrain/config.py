@@ -286,6 +286,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     if cfg.log.interval < 1:
         raise ConfigError("log.interval must be >= 1")
+    if cfg.data.doc_mask and p.pp > 1:
+        raise ConfigError("data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
+                          "document mask); set data.doc_mask=false or parallel.pp=1")
 
 
 def _positive(value: int, key: str) -> None:

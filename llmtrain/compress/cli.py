@@ -1,4 +1,4 @@
-"""`llmtrain prune`: a smaller model out of a trained checkpoint, ready for `model.init_from`.
+"""`llmtrain prune` (a smaller model out of a trained checkpoint) and `llmtrain distill` (train it against a teacher).
 
     llmtrain prune runs/gpt_debug --recipe recipes/prune_gpt_debug.yaml --out runs/gpt_debug_pruned [key=value ...]
 
@@ -119,7 +119,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from llmtrain.cli import _shutdown
+    from llmtrain.compress.distill import run_distill
+    from llmtrain.config import load_config
+
+    run_distill(load_config(args.recipe, args.overrides))
+    _shutdown()
+    return 0
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    from llmtrain.cli import EPILOG, _add_recipe_args
+
+    help_text = "train a student against a frozen teacher (distill.* keys; what launchers/distill.py runs)"
+    d = sub.add_parser("distill", help=help_text, description=help_text, epilog=EPILOG)
+    _add_recipe_args(d)
+    d.set_defaults(fn=cmd_distill)
     p = sub.add_parser("prune", help="structured pruning of a checkpoint (heads, MLP channels, width, layers)",
                        description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint, run or consolidated directory to prune")

@@ -19,7 +19,9 @@ class CausalLM:
     """Next-token cross-entropy; labels equal to -100 are ignored."""
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch["input_ids"])  # (B, T, V)
+        # data.doc_mask batches carry position_ids and doc_ids: attention stays inside each packed document.
+        docs = {k: batch[k] for k in ("position_ids", "doc_ids") if k in batch}
+        logits = model(batch["input_ids"], **docs)  # (B, T, V)
         labels = batch["labels"]
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 

@@ -88,6 +88,8 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
 
         init_model_from(model, cfg.model.init_from)
         print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0")
+    if hasattr(objective, "attach"):  # an objective's own trainable modules (distillation's projections)
+        objective.attach(model)  # join the model: the engine trains, checkpoints and resumes them too
     throughput = build_throughput(cfg, model, info.device, info.world_size)
     runner = build_runner(model, cfg, derived, info.device, lr_multiplier(cfg.optim, cfg.train.max_steps))
     state = TrainerState()

@@ -1,0 +1,18 @@
+"""Distil a student from a frozen teacher: the trainer with the distillation objective.
+
+    python     launchers/distill.py recipes/distill_gpt_debug.yaml distill.teacher=runs/gpt_debug out_dir=runs/s
+    deepspeed  [--num_gpus N] launchers/distill.py recipes/distill_gpt_debug.yaml ...
+    torchrun   --nproc_per_node N launchers/distill.py recipes/distill_gpt_debug.yaml ...
+
+Dotted key=value overrides follow the recipe (CLI > YAML > defaults). `--help` lists the options.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
+from llmtrain.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["distill", *sys.argv[1:]]))

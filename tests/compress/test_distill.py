@@ -1,0 +1,131 @@
+"""Distillation: the KD loss against a hand computation, the cached top-k form, a frozen teacher, and
+runs through launchers/distill.py that learn, resume exactly and read a teacher-logit cache."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, TINY, env, losses
+from llmtrain.compress.config import DistillConfig
+from llmtrain.compress.distill import Distill, distill_loss, kd_kl, layer_map, relation_kl, topk_kd_kl
+from llmtrain.models import ModelConfig, build_model
+
+DISTILL = str(ROOT / "launchers" / "distill.py")
+
+
+def test_kd_loss_equals_hand_computation():
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [2.0, 1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    labels = torch.tensor([0, 2, -100])  # the third row is ignored by both terms
+    alpha, tau = 0.3, 2.0
+    kl, ce = 0.0, 0.0
+    for i in range(2):
+        zs = [math.exp(x / tau) for x in s[i].tolist()]
+        zt = [math.exp(x / tau) for x in t[i].tolist()]
+        ps, pt = [z / sum(zs) for z in zs], [z / sum(zt) for z in zt]
+        kl += sum(p * math.log(p / q) for p, q in zip(pt, ps)) / 2
+        ce += -math.log(math.exp(s[i, labels[i]]) / sum(math.exp(x) for x in s[i].tolist())) / 2
+    expected = alpha * tau**2 * kl + (1 - alpha) * ce
+    assert distill_loss(s, t, labels, alpha, tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_topk_kl_with_every_logit_is_the_full_kl_and_relations_of_equal_inputs_are_zero():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    values, indices = t.topk(7, dim=-1)
+    torch.testing.assert_close(topk_kd_kl(s, values, indices, 1.5), kd_kl(s, t, 1.5))
+    assert topk_kd_kl(s, *t.topk(3, dim=-1), 1.5) > 0
+    x = torch.randn(2, 6, 8, generator=g)
+    assert relation_kl(x, x, heads=2, causal=True).abs().item() < 1e-6
+    assert relation_kl(x * 0.1, x, heads=2, causal=True) > 0
+    assert layer_map(2, 4) == [1, 3] and layer_map(3, 3) == [0, 1, 2]
+
+
+def test_teacher_stays_frozen_while_the_student_learns():
+    teacher_cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16)
+    student_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=64, block_size=16)
+    torch.manual_seed(0)
+    teacher, student = build_model(teacher_cfg), build_model(student_cfg)
+    teacher.init_weights(), student.init_weights()
+    teacher.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    objective = Distill(DistillConfig(alpha=0.5, temperature=2.0, hidden_weight=1.0, attention_weight=1.0,
+                                      relation_heads=2), student_cfg, teacher, teacher_cfg)
+    objective.attach(student)  # 16 -> 32 projection joins the student
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+    first = None
+    for _ in range(5):
+        loss = objective(student, batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    assert student.distill_proj[0].weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny teacher written in the consolidated layout (what `llmtrain prune` writes)."""
+    from llmtrain.compress.cli import write_model
+    from llmtrain.config import load_config
+
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.init_weights()
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    write_model(out, cfg, model, {})
+    return out
+
+
+def _distill(out, teacher, *overrides, check=True):
+    student = ["model.n_layer=1", "model.n_embd=32", "distill.relation_heads=2", "optim.lr=3e-3"]
+    cmd = [sys.executable, DISTILL, str(ROOT / "recipes" / "distill_gpt_debug.yaml"), *TINY, *student,
+           f"distill.teacher={teacher}", f"out_dir={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_distillation_learns_and_resumes_exactly(tmp_path, teacher):
+    weights = teacher / "model.safetensors"
+    digest = _digest(weights)
+    common = ["train.max_steps=6", "optim.decay_steps=6", "distill.hidden_weight=1", "distill.attention_weight=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _distill(full, teacher, *common)
+    _distill(part, teacher, *common[1:], "train.max_steps=3")
+    proc = _distill(part, teacher, *common)
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    a, b = losses(full), losses(part)
+    assert a[6] < a[1] - 0.05, a
+    assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]  # bit-exact continuation
+    assert _digest(weights) == digest
+
+
+def test_cached_teacher_logits(tmp_path, teacher):
+    cache = tmp_path / "cache"
+    _distill(tmp_path / "a", teacher, "train.max_steps=3", f"distill.cache_dir={cache}", "distill.top_k=8")
+    assert (cache / "meta.json").is_file()
+    # the cache alone is enough: no teacher, same losses
+    _distill(tmp_path / "b", "", "train.max_steps=3", f"distill.cache_dir={cache}", "distill.top_k=8")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    proc = _distill(tmp_path / "c", teacher, "train.max_steps=3", f"distill.cache_dir={cache}",
+                    "distill.top_k=8", "distill.hidden_weight=1", check=False)
+    assert proc.returncode == 2 and "distill.hidden_weight=0" in proc.stderr
