@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Components that own sub-commands; each module exposes add_subcommands(subparsers).
-COMPONENT_CLIS: tuple[str, ...] = ("llmtrain.plan", "llmtrain.parallel.cli", "llmtrain.data.cli", "llmtrain.compress.cli")
+COMPONENT_CLIS: tuple[str, ...] = ("llmtrain.plan", "llmtrain.parallel.cli", "llmtrain.data.cli", "llmtrain.compress.cli",
+                                   "llmtrain.inference")
 
 
 def _plugin_registrars() -> list[Callable]:
