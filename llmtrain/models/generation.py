@@ -27,10 +27,23 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Append `max_new_tokens` tokens to input_ids (B, T); recomputes the window each step (no cache)."""
-    idx = input_ids
+             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Append `max_new_tokens` tokens to input_ids (B, T). The model sees at most the last `block_size`
+    tokens. With a model that offers a KV cache (`new_cache()`, `model(ids, cache)`) and use_cache, each
+    step runs only the new token; otherwise (or for a plain logits function) it recomputes the window."""
+    if not (use_cache and hasattr(model, "new_cache")):
+        idx = input_ids
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
+            idx = torch.cat([idx, sample_next(logits, temperature, top_k, top_p, generator)], dim=1)
+        return idx
+    idx, cache, fresh = input_ids, None, input_ids[:, -block_size:]
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
-        idx = torch.cat([idx, sample_next(logits, temperature, top_k, top_p, generator)], dim=1)
+        if cache is None or cache.length + fresh.size(1) > block_size:
+            # Full window: start again from the last block_size tokens at positions 0.., exactly what
+            # the uncached path feeds the model.
+            cache, fresh = model.new_cache(), idx[:, -block_size:]
+        logits = model(fresh, cache)[:, -1, :]  # (B, V)
+        fresh = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat([idx, fresh], dim=1)
     return idx
