@@ -312,12 +312,14 @@ class CausalData(OrderedData):
 
 
 def _doc_info(streams: list[TokenStream], starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """doc_ids (0 = the window's first document) and position_ids (restarting at each document)."""
+    """doc_ids (0 = the window's first document) and position_ids (0 at the window start and after each EOS,
+    as Megatron's reset_position_ids: positions stay below seq_len, within the model's block_size)."""
     doc_ids = np.empty((len(starts), seq_len), np.int64)
     pos_ids = np.empty((len(starts), seq_len), np.int64)
+    t = np.arange(seq_len, dtype=np.int64)
     for i, (stream, st) in enumerate(zip(streams, starts)):
         d, p = stream.doc_index(int(st), seq_len)
-        doc_ids[i], pos_ids[i] = d - d[0], p
+        doc_ids[i], pos_ids[i] = d - d[0], np.minimum(p, t)
     return {"doc_ids": doc_ids, "position_ids": pos_ids}
 
 

@@ -10,7 +10,7 @@ from llmtrain.models import ModelConfig, build_model
 
 def tiny_gpt(pos: str) -> torch.nn.Module:
     extra = dict(norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False) if pos == "rope" else {}
-    cfg = ModelConfig(arch="gpt", n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32, dropout=0.0,
+    cfg = ModelConfig(arch="gpt", n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64, dropout=0.0,
                       pos=pos, **extra)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -33,3 +33,35 @@ def test_packed_documents_match_separate_forwards(pos):
     # float32 on CPU; the masked and the separate runs reduce over the same keys in the same order
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(unmasked[5:], want[5:], atol=1e-3)  # without the mask, documents mix
+
+
+def test_causal_objective_passes_the_document_mask(tiny_dataset):
+    from llmtrain.data import DataConfig, build_data
+    from llmtrain.train.objectives import CausalLM
+
+    data = build_data(DataConfig(path=str(tiny_dataset), doc_mask=True), seq_len=64, seed=0, micro_batch_size=8,
+                      grad_accum=1, dp_rank=0, dp_size=1)
+    batch = data.train_batches(0)[0]
+    assert batch["doc_ids"].amax() > 0  # the batch packs more than one document
+    model = tiny_gpt("learned")
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        loss = CausalLM()(model, {**batch, "input_ids": batch["input_ids"] % 64, "labels": batch["labels"] % 64})
+    assert torch.isfinite(loss) and torch.equal(calls[0]["doc_ids"], batch["doc_ids"])
+    assert torch.equal(calls[0]["position_ids"], batch["position_ids"])
+
+
+def test_doc_mask_with_pipeline_stages_is_refused():
+    from llmtrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.doc_mask needs parallel\.pp=1"):
+        load_config("recipes/gpt_debug.yaml", ["data.doc_mask=true", "parallel.pp=2"])
+
+
+def test_training_with_doc_mask_runs_through_the_launcher(tmp_path):
+    from helpers import losses, train
+
+    train(tmp_path / "run", "data.doc_mask=true", "train.max_steps=3")
+    got = losses(tmp_path / "run")
+    assert sorted(got) == [1, 2, 3] and all(v == v and v > 0 for v in got.values())

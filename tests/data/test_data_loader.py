@@ -93,6 +93,7 @@ def test_doc_mask_positions_restart_after_eos(tiny_dataset):
     mb = d.train_batches(0)[0]
     eos = d.tokenizer.eos_id
     ids, pos, docs = mb["input_ids"], mb["position_ids"], mb["doc_ids"]
+    assert (pos[:, 0] == 0).all() and pos.max() < 64  # a document cut by the window start restarts too
     for row in range(ids.shape[0]):
         for t in range(1, ids.shape[1]):
             new_doc = ids[row, t - 1].item() == eos
