@@ -79,12 +79,13 @@ def test_prepare_restart_skips_finished_shards_through_the_cli(tmp_path, tiny_to
     (tmp_path / "c.txt").write_text("\n".join(make_docs(120, seed=8)))
     tiny_tokenizer.save(tmp_path / "tok")
     args = ["prepare-data", "--input", str(tmp_path / "c.txt"), "--sample-by", "line", "--tokenizer",
-            str(tmp_path / "tok"), "--out", str(tmp_path / "o"), "--workers", "1", "--shard-tokens", "1500",
-            "--no-progress"]
+            str(tmp_path / "tok"), "--out", str(tmp_path / "o"), "--workers", "1", "--shard-tokens", "1500"]
     assert llmtrain_main(args) == 0
-    first = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    first = json.loads(out.out)
+    assert "tokenizing" in out.err and "tok/s" in out.err  # the progress bar shows tokens/s
     shard = (tmp_path / "o" / "train_00000.bin").read_bytes()
-    assert llmtrain_main(args) == 0
+    assert llmtrain_main([*args, "--no-progress"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert first["shards"] > 2 and again["shards"] == first["shards"] and again["train"] == first["train"]
     assert again["tokens_per_s"] == 0 and (tmp_path / "o" / "train_00000.bin").read_bytes() == shard

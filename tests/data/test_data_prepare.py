@@ -153,3 +153,26 @@ def test_shard_header_layout_is_32_bytes(tiny_dataset):
     assert HEADER.size == 32
     s = Shard.open(tiny_dataset / "train_00000")
     assert s.tokens.dtype == np.uint16 and int(s.ends[-1]) == len(s.tokens)
+
+
+def test_manifest_records_tokenizer_counts_dtype_and_source(tiny_dataset, tiny_tokenizer):
+    m = read_manifest(tiny_dataset)
+    assert m["tokenizer"]["hash"] == tiny_tokenizer.hash and m["tokenizer"]["vocab_size"] == 300
+    assert m["dtype"] == "uint16" and m["source"] == {"test": str(tiny_dataset)} and m["input_docs"] == 400
+    shards = [Shard.open(tiny_dataset / s) for s in m["splits"]["train"]["shards"]]
+    assert m["splits"]["train"]["tokens"] == sum(len(s.tokens) for s in shards)
+    assert m["splits"]["train"]["docs"] + m["splits"]["val"]["docs"] == 400
+
+
+def test_vocab_above_uint16_is_stored_as_uint32(tmp_path):
+    from llmtrain.data.format import ShardWriter, token_dtype
+
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+    w = ShardWriter(tmp_path / "train_00000", token_dtype(100_000))
+    w.add(np.array([99_999, 65_536, 7, 0]))
+    w.add(np.array([70_000, 0]))
+    w.close()
+    s = Shard.open(tmp_path / "train_00000")
+    assert s.tokens.dtype == np.uint32 and s.tokens.tolist() == [99_999, 65_536, 7, 0, 70_000, 0]
+    assert s.ends.tolist() == [4, 6]
+    assert (tmp_path / "train_00000.bin").stat().st_size == HEADER.size + 6 * 4

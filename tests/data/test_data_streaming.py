@@ -63,3 +63,12 @@ def test_stream_with_worker_processes_matches(stream_setup):
     a = sdata(root, G=2).train_batches(0)
     b = sdata(root, G=2, workers=2).train_batches(0)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_stream_refuses_a_model_vocab_below_the_tokenizer(stream_setup):
+    root, _ = stream_setup
+    d = sdata(root)
+    with pytest.raises(ValueError, match=r"tok.*: the tokenizer has 300 tokens but model\.vocab_size=256; set "
+                                         r"model\.vocab_size >= 300"):
+        d.check_model_vocab(256)
+    d.check_model_vocab(300)
