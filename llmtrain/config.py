@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmtrain.compress.config import DistillConfig
+from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.models.config import ModelConfig, apply_model_preset
 
@@ -146,6 +146,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # Knowledge distillation from a frozen teacher (launchers/distill.py); ignored by plain training.
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # Structured pruning targets and importance (`llmtrain prune CHECKPOINT --recipe R`); ignored by training.
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`llmtrain prune` (a smaller model out of a trained checkpoint) and `llmtrain distill` (train it against a teacher).
 
-    llmtrain prune runs/gpt_debug --recipe recipes/prune_gpt_debug.yaml --out runs/gpt_debug_pruned [key=value ...]
+    llmtrain prune runs/gpt_debug --recipe recipes/prune_gpt_debug.yaml --out runs/gpt_debug_pruned [prune.key=value ...]
 
 The output directory holds `model.safetensors` + `config.yaml` (the consolidated-checkpoint layout of
 llmtrain/parallel/consolidate.py), so training (`model.init_from=DIR`), distillation, evaluation and
@@ -19,17 +19,14 @@ from typing import Any
 
 import torch
 
-from llmtrain.compress.prune import PruneConfig
+from llmtrain.compress.config import PruneConfig
 
 
 def load_prune_recipe(path: str | None, overrides: list[str]) -> PruneConfig:
-    """Strict loading like the root config: unknown keys and wrong types are errors naming the key."""
-    from llmtrain.config import _apply_override, _build, _read_yaml
+    """The `prune:` section of a recipe (strict like every key), with dotted overrides (prune.n_head=4)."""
+    from llmtrain.config import load_config
 
-    raw = _read_yaml(Path(path)) if path else {}
-    for item in overrides:
-        _apply_override(raw, item)
-    return _build(PruneConfig, raw, "")
+    return load_config(path, overrides).prune
 
 
 def source_config(checkpoint: str | Path, model_cfg: Any) -> Any:
@@ -115,7 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"({f['params_after'] / f['params_before']:.1%})")
     print(f"held-out perplexity: {f['ppl_before']:.2f} -> {f['ppl_after']:.2f} (loss {f['loss_before']:.4f} -> "
           f"{f['loss_after']:.4f}), right after pruning, before any distillation")
-    print(f"wrote {args.out} (use it as model.init_from={args.out} or distill.student)")
+    print(f"wrote {args.out} (use it as model.init_from={args.out}, e.g. for launchers/distill.py)")
     return 0
 
 
@@ -139,7 +136,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="structured pruning of a checkpoint (heads, MLP channels, width, layers)",
                        description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint, run or consolidated directory to prune")
-    p.add_argument("--recipe", help="prune recipe YAML, e.g. recipes/prune_gpt_debug.yaml (keys: see PruneConfig)")
+    p.add_argument("--recipe", help="recipe YAML with a prune: section, e.g. recipes/prune_gpt_debug.yaml")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the prune recipe, e.g. n_layer=2")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe, e.g. prune.n_layer=2")
     p.set_defaults(fn=cmd_prune)

@@ -1,4 +1,5 @@
-"""`DistillConfig`: the `distill:` section of a recipe (knowledge distillation from a frozen teacher)."""
+"""The `prune:` and `distill:` sections of a recipe: structured pruning (`llmtrain prune`) and knowledge
+distillation from a frozen teacher (`launchers/distill.py`)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,27 @@ class DistillConfig:
     cache_dir: str = ""
     # Logits kept per token in the cache (the KL is taken over the teacher's top-k, renormalised).
     top_k: int = 64
+
+
+@dataclass
+class PruneConfig:
+    # Importance ranking: activation (calibration batches, Minitron) or magnitude (weight norms, no data).
+    method: Literal["activation", "magnitude"] = "activation"
+    # Target number of transformer blocks (None keeps all); the least important blocks are dropped.
+    n_layer: int | None = None
+    # Target query heads per block (None keeps all); with grouped-query attention whole kv groups go.
+    n_head: int | None = None
+    # Target key/value heads per block (grouped-query attention); None follows n_head.
+    n_kv_head: int | None = None
+    # Target MLP hidden width (None keeps it).
+    intermediate_size: int | None = None
+    # Target hidden width (None keeps it).
+    n_embd: int | None = None
+    # Calibration micro-batches from the checkpoint's training data (method=activation).
+    calib_batches: int = 16
+    # Held-out micro-batches for the perplexity printed before and after pruning.
+    eval_batches: int = 16
+    # Sequences per calibration / eval micro-batch.
+    micro_batch_size: int = 8
+    # Tokens per calibration / eval sequence (None: the checkpoint's train.seq_len).
+    seq_len: int | None = None

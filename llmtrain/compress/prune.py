@@ -18,36 +18,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from llmtrain.compress.config import PruneConfig
 from llmtrain.models import ModelConfig, build_model
-
-
-@dataclass
-class PruneConfig:
-    # Importance ranking: activation (calibration batches, Minitron) or magnitude (weight norms, no data).
-    method: Literal["activation", "magnitude"] = "activation"
-    # Target number of transformer blocks (None keeps all); the least important blocks are dropped.
-    n_layer: int | None = None
-    # Target query heads per block (None keeps all); with grouped-query attention whole kv groups go.
-    n_head: int | None = None
-    # Target key/value heads per block (grouped-query attention); None follows n_head.
-    n_kv_head: int | None = None
-    # Target MLP hidden width (None keeps it).
-    intermediate_size: int | None = None
-    # Target hidden width (None keeps it).
-    n_embd: int | None = None
-    # Calibration micro-batches from the checkpoint's training data (method=activation).
-    calib_batches: int = 16
-    # Held-out micro-batches for the perplexity printed before and after pruning.
-    eval_batches: int = 16
-    # Sequences per calibration / eval micro-batch.
-    micro_batch_size: int = 8
-    # Tokens per calibration / eval sequence (None: the checkpoint's train.seq_len).
-    seq_len: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +62,11 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
         raise ValueError(f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
                          f"{group} query heads per kv head; pick n_head as a multiple of {group} "
                          f"(kv groups are pruned whole)")
-    if not hasattr(cfg, "intermediate_size") and new["intermediate_size"] != 4 * new["n_embd"]:
-        raise ValueError("this ModelConfig has no intermediate_size field: MLP width must stay 4 * n_embd")
+    if cfg.arch == "bert":  # BERT's MLP is always 4 * n_embd: its channels are pruned to that
+        if p.intermediate_size and p.intermediate_size != 4 * new["n_embd"]:
+            raise ValueError(f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "
+                             f"intermediate_size unset (got {p.intermediate_size})")
+        new["intermediate_size"] = None
     hs = head_size(cfg)
     new["n_head"] = new_nh
     if new_nkv != new_nh or getattr(cfg, "n_kv_head", None):
@@ -122,8 +102,19 @@ def _attn_out(block: nn.Module) -> nn.Linear:
     return block.attn.proj
 
 
+def _mlp(block: nn.Module) -> nn.Module:
+    """The module holding up/down projections: `block.mlp` in decoders, the block itself in BERT."""
+    return getattr(block, "mlp", block)
+
+
 def _mlp_down(block: nn.Module) -> nn.Linear:
-    return block.mlp.down
+    return _mlp(block).down
+
+
+def _call(model: nn.Module, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> Any:
+    if cfg.arch == "bert":
+        return model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
+    return model(batch["input_ids"])
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
@@ -131,8 +122,7 @@ def _norms(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[dict[str, torch.Tensor]],
-                          forward: Any = None) -> Importance:
+def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[dict[str, torch.Tensor]]) -> Importance:
     """Accumulate Minitron activation statistics over calibration batches with forward hooks."""
     blocks, hs = _blocks(model), head_size(cfg)
     L, nh, C, F = len(blocks), cfg.n_head, cfg.n_embd, ffn_width(cfg)
@@ -169,9 +159,8 @@ def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[
     model.eval()
     try:
         for batch in batches:
-            ids = batch["input_ids"]
-            (forward or model)(ids)
-            tokens[0] += ids.numel()
+            _call(model, cfg, batch)
+            tokens[0] += batch["input_ids"].numel()
     finally:
         for h in handles:
             h.remove()
@@ -190,7 +179,7 @@ def magnitude_importance(model: nn.Module, cfg: ModelConfig) -> Importance:
     blocks, hs = _blocks(model), head_size(cfg)
     heads = torch.stack([_attn_out(b).weight.float().unflatten(1, (cfg.n_head, hs)).norm(dim=(0, 2))
                          for b in blocks]).cpu()
-    channels = torch.stack([_mlp_down(b).weight.float().norm(dim=0) * b.mlp.up.weight.float().norm(dim=1)
+    channels = torch.stack([_mlp_down(b).weight.float().norm(dim=0) * _mlp(b).up.weight.float().norm(dim=1)
                             for b in blocks]).cpu()
     layers = torch.stack([_attn_out(b).weight.float().norm() + _mlp_down(b).weight.float().norm()
                           for b in blocks]).cpu()
@@ -224,7 +213,7 @@ def select(cfg: ModelConfig, new: ModelConfig, imp: Importance) -> Keep:
         groups = _top(imp.heads[i].view(kv_heads(cfg), group).sum(dim=1), kv_heads(new))
         kv.append(groups)
         q_heads.append((groups[:, None] * group + torch.arange(group)).flatten())
-    channels = [_top(imp.channels[i], new.intermediate_size) for i in layers.tolist()]
+    channels = [_top(imp.channels[i], ffn_width(new)) for i in layers.tolist()]
     return Keep(layers, q_heads, kv, channels, _top(imp.hidden, new.n_embd))
 
 
@@ -243,9 +232,15 @@ _BLOCK_AXES: dict[str, tuple[str | None, ...]] = {
     "mlp.up.weight": ("F", "C"), "mlp.up.bias": ("F",),
     "mlp.gate.weight": ("F", "C"), "mlp.gate.bias": ("F",),
     "mlp.down.weight": ("C", "F"), "mlp.down.bias": ("C",),
+    "up.weight": ("F", "C"), "up.bias": ("F",), "down.weight": ("C", "F"), "down.bias": ("C",),  # BERT
 }
 _TOP_AXES: dict[str, tuple[str | None, ...]] = {
     "wte.weight": (None, "C"), "wpe.weight": (None, "C"), "lm_head.weight": (None, "C"),
+    # BERT: segment embeddings, pooler, MLM transform and head bias, NSP / classifier heads
+    "wtt.weight": (None, "C"), "pooler.weight": ("C", "C"), "pooler.bias": ("C",),
+    "mlm_dense.weight": ("C", "C"), "mlm_dense.bias": ("C",), "lm_head.bias": (None,),
+    "nsp_head.weight": (None, "C"), "nsp_head.bias": (None,),
+    "classifier.weight": (None, "C"), "classifier.bias": (None,),
 }
 
 
@@ -253,11 +248,12 @@ def _axes(name: str) -> tuple[str, tuple[str | None, ...]]:
     """(block-relative suffix or top-level name, axis kinds) for a parameter name."""
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     suffix = m.group(2) if m else name
-    if re.fullmatch(r"(.+\.)?(ln_\w+|\w*norm\w*)\.(weight|bias)", suffix):
+    if re.fullmatch(r"(.+\.)?((\w+_)?ln(_\w+)?|\w*norm\w*)\.(weight|bias)", suffix):
         return suffix, ("C",)
     table = _BLOCK_AXES if m else _TOP_AXES
     if suffix not in table:
-        raise ValueError(f"pruning does not know the parameter {name!r}; it supports the GPT decoder's layout")
+        raise ValueError(f"pruning does not know the parameter {name!r}; it supports llmtrain's GPT (both "
+                         f"flavours) and BERT layouts")
     return suffix, table[suffix]
 
 
@@ -291,9 +287,14 @@ def prune(model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, imp: Importan
     keep = select(cfg, new, imp)
     state = slice_state_dict(model.state_dict(), cfg, keep)
     with torch.device("meta"):
-        expected = set(build_model(new).state_dict())
-    if set(state) != expected:  # our own invariant: slicing covers exactly the new model's parameters
-        raise AssertionError(f"pruned state_dict mismatch: {sorted(set(state) ^ expected)}")
+        shapes = {k: v.shape for k, v in build_model(new).state_dict().items()}
+    if set(state) != set(shapes):  # our own invariant: slicing covers exactly the new model's parameters
+        raise AssertionError(f"pruned state_dict mismatch: {sorted(set(state) ^ set(shapes))}")
+    for name, tensor in state.items():
+        if tensor.shape != shapes[name]:  # a family that derives a width instead of reading the config
+            raise ValueError(f"a {new.arch} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
+                             f"{tuple(tensor.shape)}: this family does not take that target from its config; "
+                             f"leave that prune key unset (e.g. intermediate_size for BERT, whose MLP is 4 * n_embd)")
     return new, state
 
 

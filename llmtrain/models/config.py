@@ -53,6 +53,8 @@ class ModelConfig:
     intermediate_size: int | None = None
     # Key/value heads (grouped-query attention when < n_head); None means n_head.
     n_kv_head: int | None = None
+    # Attention head size; None means n_embd // n_head (a pruned model keeps its heads' size with fewer heads).
+    head_dim: int | None = None
     # Base of the rotary frequencies (pos=rope); Llama 2 uses 1e4, SmolLM2 1e5.
     rope_theta: float = 10000.0
 

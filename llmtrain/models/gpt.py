@@ -96,18 +96,19 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n_kv = cfg.n_kv_head or cfg.n_head
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+        if cfg.head_dim is None and cfg.n_embd % cfg.n_head:
+            raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head} "
+                             f"(or set model.head_dim)")
         if cfg.n_head % n_kv:
             raise ValueError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={n_kv}")
         # Head counts are attributes, not derived from shapes, so tensor parallel can set local ones.
-        self.n_head, self.n_kv_head, self.head_size = cfg.n_head, n_kv, cfg.n_embd // cfg.n_head
+        self.n_head, self.n_kv_head, self.head_size = cfg.n_head, n_kv, cfg.head_dim or cfg.n_embd // cfg.n_head
         self.rope_theta = cfg.rope_theta if cfg.pos == "rope" else None
         if self.rope_theta is not None and self.head_size % 2:
             raise ValueError(f"model.pos=rope needs an even head size, got {self.head_size}")
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * n_kv) * self.head_size, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * self.head_size, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:

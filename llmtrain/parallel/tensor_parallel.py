@@ -179,7 +179,7 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
         return ColumnParallelLinear(module, group, rank, size)
     if style == "column_qkv":
         c = model.cfg
-        hs, n_kv = c.n_embd // c.n_head, c.n_kv_head or c.n_head
+        hs, n_kv = c.head_dim or c.n_embd // c.n_head, c.n_kv_head or c.n_head
         return ColumnParallelLinear(module, group, rank, size, blocks=[c.n_head * hs, n_kv * hs, n_kv * hs])
     if style == "row":
         return RowParallelLinear(module, group, rank, size)

@@ -79,3 +79,42 @@ def test_impossible_targets_name_the_key():
         target_config(LLAMA, PruneConfig(n_head=3))
     with pytest.raises(ValueError, match="n_layer=9"):
         target_config(TINY, PruneConfig(n_layer=9))
+
+
+def test_bert_pruning_keeps_a_valid_model():
+    cfg = ModelConfig(arch="bert", n_layer=2, n_head=4, n_embd=64, vocab_size=96, block_size=32, norm_eps=1e-12)
+    model = _model(cfg)
+    batches = [{**b, "token_type_ids": torch.zeros_like(b["input_ids"]),
+                "attention_mask": torch.ones_like(b["input_ids"])} for b in _calib()]
+    imp = activation_importance(model, cfg, batches)
+    new, state = prune(model, cfg, PruneConfig(), imp)
+    same = build_model(new).eval()
+    same.load_state_dict(state)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids)[0], model(ids)[0], rtol=0, atol=0)
+    new, state = prune(model, cfg, PruneConfig(n_layer=1, n_head=2, n_embd=32), imp)
+    small = build_model(new)
+    small.load_state_dict(state)
+    assert num_params(new) < num_params(cfg) / 2
+    with pytest.raises(ValueError, match="leave intermediate_size unset"):
+        target_config(cfg, PruneConfig(intermediate_size=100))
+
+
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["gpt2", "llama"])
+def test_pruning_heads_keeps_the_outputs_of_untouched_heads(cfg):
+    model = _model(cfg)
+    imp = magnitude_importance(model, cfg)
+    imp.heads[:] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # GQA (2 kv heads of 2): group 0 = heads 0, 1 stays
+    new, state = prune(model, cfg, PruneConfig(n_head=2), imp)
+    assert new.head_dim == 16 and new.n_embd == 64
+    small = build_model(new).eval()
+    small.load_state_dict(state)
+    seen = {}
+    for name, m in (("big", model), ("small", small)):  # each head's output, before the output projection
+        m.blocks[0].attn.proj.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0]))
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.blocks[0].attn(x)
+        small.blocks[0].attn(x)
+    torch.testing.assert_close(seen["small"], seen["big"][..., :32], rtol=0, atol=0)  # heads 0 and 1
