@@ -39,3 +39,36 @@ def test_eval_matches_the_trainers_held_out_loss(run_dir, capsys):
 
 def test_eval_refuses_a_longer_window_than_the_model(run_dir):
     assert main(["eval", str(run_dir), "--seq-len", "100000"]) == 2
+
+
+def test_export_hf_loads_in_transformers_and_imports_back(run_dir, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from llmtrain.inference import checkpoint_tokenizer, load_decoder
+    from llmtrain.parallel.consolidate import init_model_from
+
+    hf_dir, back = tmp_path / "hf", tmp_path / "back"
+    assert main(["export-hf", str(run_dir), str(hf_dir)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ours_tok = checkpoint_tokenizer(run_dir)
+    text = "And God said, Let there be light: and there was light."
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text)
+    cfg, ours = load_decoder(run_dir)
+    ids = torch.tensor([ours_tok.encode(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+
+    assert main(["import-hf", str(hf_dir), str(back)]) == 0
+    cfg2, again = load_decoder(back)
+    assert cfg2.n_kv_head == cfg.n_kv_head and cfg2.pos == "rope"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), atol=1e-5, rtol=1e-5)
+    fresh = type(ours)(cfg2)
+    init_model_from(fresh, back)  # what model.init_from does with it
+    assert torch.equal(fresh.blocks[0].attn.qkv.weight, again.blocks[0].attn.qkv.weight)
+    capsys.readouterr()
+    assert main(["generate", str(back), "--prompt", "And God", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("And God")
+    assert main(["import-hf", str(hf_dir), str(back)]) == 2  # never overwrites a model directory

@@ -1,0 +1,56 @@
+"""Hugging Face interop: llmtrain models <-> `transformers` models, one module per family.
+
+Each family module (`gpt2.py`, `llama.py`, `bert.py`) defines:
+
+    HF_MODEL_TYPES: tuple[str, ...]      # transformers `config.model_type` values it imports
+    def exports(model_cfg: ModelConfig) -> bool:          # whether to_hf handles this config
+    def to_hf(model_cfg, state_dict) -> (transformers.PretrainedConfig, hf_state_dict)
+    def from_hf(hf_config, hf_state_dict) -> (ModelConfig, state_dict)
+    HF_ARCHITECTURE: str                 # transformers class written into an export's config.json
+
+State dicts hold fp32 CPU tensors by name. `from_hf` returns every name of the llmtrain model's
+`state_dict()` (a tied head appears as the embedding's tensor), so `model.load_state_dict(sd)` is strict;
+`to_hf` leaves out tied duplicates, as `save_pretrained` does. A config that has no Hugging Face twin
+raises ValueError naming the model.* key. The BERT family (bert.py) follows the same interface: its
+`to_hf` gives a `BertConfig` whose export `BertForPreTraining.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+FAMILIES: tuple[str, ...] = ("gpt2", "llama", "bert")
+
+
+def _modules() -> list[ModuleType]:
+    mods = []
+    for name in FAMILIES:
+        try:
+            mods.append(importlib.import_module(f"llmtrain.interop.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"llmtrain.interop.{name}":
+                raise
+    return mods
+
+
+def family_for_config(model_cfg: Any) -> ModuleType:
+    """The family module that exports `model_cfg`; ValueError when none does."""
+    for mod in _modules():
+        if mod.exports(model_cfg):
+            return mod
+    raise ValueError(
+        f"model.arch={model_cfg.arch} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
+        f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned, layernorm, "
+        f"gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT")
+
+
+def family_for_hf(model_type: str) -> ModuleType:
+    """The family module that imports a transformers `model_type`; ValueError when none does."""
+    mods = _modules()
+    for mod in mods:
+        if model_type in mod.HF_MODEL_TYPES:
+            return mod
+    known = sorted(t for m in mods for t in m.HF_MODEL_TYPES)
+    raise ValueError(f"Hugging Face model_type '{model_type}' cannot be imported; known: {', '.join(known)}")

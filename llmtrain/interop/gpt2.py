@@ -1,0 +1,73 @@
+"""GPT-2 <-> the GPT-2 flavour of llmtrain's decoder (learned positions, LayerNorm, GELU-tanh, biases).
+
+transformers' GPT-2 stores linear weights as Conv1D (in, out); ours are nn.Linear (out, in): transposed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmtrain.models.config import ModelConfig
+
+HF_MODEL_TYPES = ("gpt2",)
+HF_ARCHITECTURE = "GPT2LMHeadModel"
+
+# our block name -> (HF block name, is a Conv1D weight)
+_BLOCK = {
+    "ln_1.weight": ("ln_1.weight", False), "ln_1.bias": ("ln_1.bias", False),
+    "attn.qkv.weight": ("attn.c_attn.weight", True), "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.proj.weight": ("attn.c_proj.weight", True), "attn.proj.bias": ("attn.c_proj.bias", False),
+    "ln_2.weight": ("ln_2.weight", False), "ln_2.bias": ("ln_2.bias", False),
+    "mlp.up.weight": ("mlp.c_fc.weight", True), "mlp.up.bias": ("mlp.c_fc.bias", False),
+    "mlp.down.weight": ("mlp.c_proj.weight", True), "mlp.down.bias": ("mlp.c_proj.bias", False),
+}
+_TOP = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
+        "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
+
+
+def exports(c: Any) -> bool:
+    return (c.arch == "gpt" and c.pos == "learned" and c.norm == "layernorm" and c.mlp == "gelu"
+            and (c.n_kv_head or c.n_head) == c.n_head)
+
+
+def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    from transformers import GPT2Config
+
+    if not exports(c):
+        raise ValueError("GPT-2 export needs model.pos=learned, norm=layernorm, mlp=gelu and n_kv_head=n_head")
+    if not c.bias:
+        raise ValueError("GPT-2 has biases everywhere; export a model trained with model.bias=true")
+    cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                     n_head=c.n_head, n_inner=c.intermediate_size, activation_function="gelu_new",
+                     resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                     layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, bos_token_id=None,
+                     eos_token_id=None)
+    out = {hf: sd[ours] for ours, hf in _TOP.items()}
+    for i in range(c.n_layer):
+        for ours, (hf, conv) in _BLOCK.items():
+            t = sd[f"blocks.{i}.{ours}"]
+            out[f"transformer.h.{i}.{hf}"] = t.t().contiguous() if conv else t
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return cfg, out
+
+
+def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 import: activation '{cfg.activation_function}' is not the tanh GELU llmtrain uses")
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):
+        raise ValueError("GPT-2 import: only the standard 1/sqrt(head size) attention scaling is supported")
+    sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
+    tied = bool(getattr(cfg, "tie_word_embeddings", True))
+    c = ModelConfig(name="gpt_debug", arch="gpt", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                    vocab_size=cfg.vocab_size, block_size=cfg.n_positions, dropout=0.0, bias=True,
+                    tie_embeddings=tied, norm_eps=cfg.layer_norm_epsilon, intermediate_size=cfg.n_inner)
+    out = {ours: sd[hf.removeprefix("transformer.")].float() for ours, hf in _TOP.items()}
+    for i in range(c.n_layer):
+        for ours, (hf, conv) in _BLOCK.items():
+            t = sd[f"h.{i}.{hf}"].float()
+            out[f"blocks.{i}.{ours}"] = t.t().contiguous() if conv else t
+    out["lm_head.weight"] = out["wte.weight"] if tied else sd["lm_head.weight"].float()
+    return c, out

@@ -1,0 +1,96 @@
+"""Llama <-> the Llama flavour of llmtrain's decoder (rotary, RMSNorm, SwiGLU, grouped-query attention).
+
+Both sides rotate the half-split layout (dim i pairs with dim i + hs/2, transformers' rotate_half), so q
+and k rows copy as they are; only q, k, v are fused into one `qkv` here ([q; k; v] by rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmtrain.models.config import ModelConfig
+
+HF_MODEL_TYPES = ("llama",)
+HF_ARCHITECTURE = "LlamaForCausalLM"
+
+# our block name -> HF layer name (weights are both nn.Linear (out, in))
+_BLOCK = {"ln_1.weight": "input_layernorm.weight", "attn.proj.weight": "self_attn.o_proj.weight",
+          "ln_2.weight": "post_attention_layernorm.weight", "mlp.gate.weight": "mlp.gate_proj.weight",
+          "mlp.up.weight": "mlp.up_proj.weight", "mlp.down.weight": "mlp.down_proj.weight"}
+_BLOCK_BIAS = {"attn.proj.bias": "self_attn.o_proj.bias", "mlp.gate.bias": "mlp.gate_proj.bias",
+               "mlp.up.bias": "mlp.up_proj.bias", "mlp.down.bias": "mlp.down_proj.bias"}
+_TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+
+
+def exports(c: Any) -> bool:
+    return c.arch == "gpt" and c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+
+
+def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    from transformers import LlamaConfig
+
+    if not exports(c):
+        raise ValueError("Llama export needs model.pos=rope, norm=rmsnorm and mlp=swiglu")
+    n_kv, hs = c.n_kv_head or c.n_head, c.n_embd // c.n_head
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size or 4 * c.n_embd,
+                      num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=n_kv,
+                      head_dim=hs, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+                      rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias,
+                      mlp_bias=c.bias, hidden_act="silu", attention_dropout=c.dropout, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None)
+    out = {hf: sd[ours] for ours, hf in _TOP.items()}
+    names = {**_BLOCK, **(_BLOCK_BIAS if c.bias else {})}
+    for i in range(c.n_layer):
+        pre = f"model.layers.{i}."
+        for ours, hf in names.items():
+            out[pre + hf] = sd[f"blocks.{i}.{ours}"]
+        for kind in ("weight", "bias") if c.bias else ("weight",):
+            q, k, v = sd[f"blocks.{i}.attn.qkv.{kind}"].split([c.n_head * hs, n_kv * hs, n_kv * hs])
+            out[pre + f"self_attn.q_proj.{kind}"] = q.contiguous()
+            out[pre + f"self_attn.k_proj.{kind}"] = k.contiguous()
+            out[pre + f"self_attn.v_proj.{kind}"] = v.contiguous()
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return cfg, out
+
+
+def rope_theta_of(cfg: Any) -> float:
+    """The rotary base of a transformers Llama config; refuses rope scaling llmtrain does not implement."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary only)")
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"Llama import: activation '{cfg.hidden_act}' is not the SiLU of SwiGLU")
+    hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if hs * cfg.num_attention_heads != cfg.hidden_size:
+        raise ValueError(f"Llama import: head_dim {hs} x {cfg.num_attention_heads} heads != hidden_size "
+                         f"{cfg.hidden_size}; llmtrain needs n_embd = n_head x head size")
+    bias = bool(getattr(cfg, "attention_bias", False))
+    if bool(getattr(cfg, "mlp_bias", False)) != bias:
+        raise ValueError("Llama import: attention_bias and mlp_bias differ; llmtrain has one model.bias switch")
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    c = ModelConfig(name="llama_debug", arch="gpt", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
+                    n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
+                    dropout=0.0, bias=bias, tie_embeddings=tied, norm_eps=cfg.rms_norm_eps, pos="rope",
+                    norm="rmsnorm", mlp="swiglu", intermediate_size=cfg.intermediate_size, n_kv_head=n_kv,
+                    rope_theta=rope_theta_of(cfg))
+    out = {ours: sd[hf].float() for ours, hf in _TOP.items()}
+    names = {**_BLOCK, **(_BLOCK_BIAS if bias else {})}
+    for i in range(c.n_layer):
+        pre = f"model.layers.{i}."
+        for ours, hf in names.items():
+            out[f"blocks.{i}.{ours}"] = sd[pre + hf].float()
+        for kind in ("weight", "bias") if bias else ("weight",):
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
+                [sd[pre + f"self_attn.{p}_proj.{kind}"].float() for p in "qkv"])  # rows [q; k; v]
+    out["lm_head.weight"] = out["wte.weight"] if tied else sd["lm_head.weight"].float()
+    return c, out
