@@ -1,0 +1,119 @@
+"""llama.cpp GGUF Llama files -> llmtrain, through the transformers Llama layout (then `llama.from_hf`).
+
+Weights are dequantised with the `gguf` package (any of its quantisation types, e.g. Q4_1 / Q8_0).
+llama.cpp's converter permutes the rows of q_proj and k_proj within each head from the half-split rotary
+layout (dim i pairs with dim i + hs/2) to the interleaved one (dim 2i pairs with 2i + 1); `_unpermute`
+undoes that. The tokenizer (a byte-level BPE for `tokenizer.ggml.model = gpt2`) is rebuilt from the
+vocabulary and merges stored in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# llama.cpp tensor name -> transformers Llama name ({i} = layer)
+_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# pre-tokenizers of llama.cpp's gpt2-style vocabularies: those that split digits one by one first
+_DIGITS_FIRST = {"smollm", "starcoder", "refact"}
+_CONTROL = 3  # llama.cpp token type of special (control) tokens
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows (n_head * hs, in) from llama.cpp's interleaved rotary order back to the half-split order."""
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(name: str) -> str | None:
+    parts = name.split(".")
+    key = ".".join(["blk", "{i}", *parts[2:]]) if parts[0] == "blk" else name
+    hf = _NAMES.get(key)
+    return hf.format(i=parts[1]) if hf and parts[0] == "blk" else hf
+
+
+def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
+    """(transformers LlamaConfig, fp32 state dict in transformers' Llama layout, HF `tokenizers.Tokenizer`)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import LlamaConfig
+
+    reader = GGUFReader(str(path))
+
+    def meta(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    if meta("general.architecture") != "llama":
+        raise ValueError(f"{path}: GGUF architecture '{meta('general.architecture')}' is not llama")
+    n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
+    sd: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        hf = _hf_name(t.name)
+        if hf is None:
+            raise ValueError(f"{path}: unexpected tensor '{t.name}' for a llama model")
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists the fastest dim first
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+        if hf.endswith("q_proj.weight"):
+            w = _unpermute(w, n_head)
+        elif hf.endswith("k_proj.weight"):
+            w = _unpermute(w, n_kv)
+        sd[hf] = w
+    tied = "lm_head.weight" not in sd
+    cfg = LlamaConfig(
+        vocab_size=sd["model.embed_tokens.weight"].shape[0], hidden_size=int(meta("llama.embedding_length")),
+        intermediate_size=int(meta("llama.feed_forward_length")), num_hidden_layers=int(meta("llama.block_count")),
+        num_attention_heads=n_head, num_key_value_heads=n_kv, max_position_embeddings=int(meta("llama.context_length")),
+        rms_norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta("llama.rope.freq_base", 10000.0)), tie_word_embeddings=tied,
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
+    if tied:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return cfg, sd, _tokenizer(meta, path)
+
+
+def _tokenizer(meta: Any, path: str | Path) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if meta("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{path}: tokenizer model '{meta('tokenizer.ggml.model')}' is not supported (byte-level "
+                         f"BPE 'gpt2' only)")
+    tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
+    hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pre = meta("tokenizer.ggml.pre", "default")
+    hf.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if pre in _DIGITS_FIRST else byte_level)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([t for t, kind in zip(tokens, types) if kind == _CONTROL])
+    return hf
+
+
+def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
+    """Write a GGUF Llama as an llmtrain model directory (weights, config.yaml, tokenizer/)."""
+    from llmtrain.interop.cli import write_model_dir
+    from llmtrain.interop.llama import from_hf
+
+    hf_cfg, hf_sd, tok = read_gguf_llama(path)
+    cfg, sd = from_hf(hf_cfg, hf_sd)
+    del hf_sd
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(str(Path(tmp) / "tokenizer.json"))
+        return write_model_dir(cfg, sd, out_dir, Path(tmp) / "tokenizer.json")
