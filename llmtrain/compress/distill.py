@@ -306,12 +306,21 @@ def validate_distill(cfg: Any) -> None:
 
 
 def load_teacher(path: str, precision: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """A frozen, eval-mode plain module of the teacher (llmtrain checkpoint/run/consolidated directory)."""
+    """A frozen, eval-mode plain module of the teacher: an llmtrain checkpoint, run or consolidated directory,
+    or a Hugging Face directory / GGUF file, imported on the fly through llmtrain's HF interop."""
+    import tempfile
+
     from llmtrain.models import build_model
     from llmtrain.parallel.consolidate import load_model_weights
 
     try:
-        cfg, weights = load_model_weights(path)
+        if (Path(path) / "config.json").is_file() or Path(path).suffix == ".gguf":
+            from llmtrain.interop.cli import import_hf
+
+            with tempfile.TemporaryDirectory(prefix="llmtrain-teacher-") as tmp:
+                cfg, weights = load_model_weights(import_hf(path, Path(tmp) / "teacher"))
+        else:
+            cfg, weights = load_model_weights(path)
     except ValueError as exc:
         raise ValueError(f"distill.teacher: {exc}") from None
     teacher = build_model(cfg)

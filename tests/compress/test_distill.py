@@ -47,9 +47,13 @@ def test_topk_kl_with_every_logit_is_the_full_kl_and_relations_of_equal_inputs_a
     assert layer_map(2, 4) == [1, 3] and layer_map(3, 3) == [0, 1, 2]
 
 
-def test_teacher_stays_frozen_while_the_student_learns():
-    teacher_cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16)
-    student_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=64, block_size=16)
+LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, intermediate_size=48)
+
+
+@pytest.mark.parametrize("flavour", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_teacher_stays_frozen_while_the_student_learns(flavour):
+    teacher_cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16, **flavour)
+    student_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=64, block_size=16, **flavour)
     torch.manual_seed(0)
     teacher, student = build_model(teacher_cfg), build_model(student_cfg)
     teacher.init_weights(), student.init_weights()
@@ -73,6 +77,52 @@ def test_teacher_stays_frozen_while_the_student_learns():
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
+
+
+def test_bert_student_learns_from_mlm_logits_and_hidden_states():
+    kw = dict(arch="bert", n_head=2, n_embd=32, vocab_size=64, block_size=16, norm_eps=1e-12)
+    teacher_cfg, student_cfg = ModelConfig(n_layer=2, **kw), ModelConfig(n_layer=1, **kw)
+    torch.manual_seed(0)
+    teacher, student = build_model(teacher_cfg), build_model(student_cfg)
+    teacher.init_weights(), student.init_weights()
+    teacher.eval().requires_grad_(False)
+    objective = Distill(DistillConfig(hidden_weight=1.0, attention_weight=1.0, relation_heads=2), student_cfg,
+                        teacher, teacher_cfg)
+    objective.attach(student)
+    assert not hasattr(student, "distill_proj")  # equal widths: plain MSE, nothing to learn
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 64, (4, 16), generator=g)
+    mlm = torch.full_like(ids, -100)
+    mlm[:, 3:6] = ids[:, 3:6]
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
+             "mlm_labels": mlm, "nsp_labels": torch.tensor([0, 1, 0, 1])}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    first = None
+    for _ in range(5):
+        loss = objective(student, batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
+
+
+def test_teacher_from_a_hugging_face_directory(tmp_path):
+    import transformers  # the hf and dev extras
+
+    from llmtrain.compress.distill import load_teacher
+
+    hf_cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    teacher, cfg = load_teacher(str(tmp_path / "hf"), "fp32", torch.device("cpu"))
+    assert cfg.n_embd == 32 and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def _digest(path) -> str:
