@@ -98,6 +98,9 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective", "every_n"] = "none"
     # With activation_checkpointing=every_n: checkpoint every n-th block.
     checkpoint_every_n: int = 2
+    # How the pipeline splits layers over stages: parameters (balanced parameter counts) or layers
+    # (balanced transformer-block counts).
+    pipeline_partition: Literal["parameters", "layers"] = "parameters"
     # Seconds a collective (or joining the process group) may wait before the rank fails with an error.
     collective_timeout_s: float = 600.0
     # Extra DeepSpeed config keys merged last (logged); for knobs llmtrain does not model itself.

@@ -29,6 +29,7 @@ from llmtrain.parallel.layout import model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.train.objectives import Objective
+from llmtrain.utils import print0
 
 # partition name in our config -> DeepSpeed's partition_method
 PARTITIONS = {"parameters": "parameters", "layers": "type:Block"}
@@ -100,8 +101,12 @@ def build_pipeline_module(model: nn.Module, pp: int, tp: int, dp: int, partition
     if partition not in PARTITIONS:
         raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    return PipelineModule(layers=gpt_pipeline_layers(model), topology=topology, loss_fn=loss_fn,
-                          partition_method=PARTITIONS[partition])
+    layers = gpt_pipeline_layers(model)
+    module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method=PARTITIONS[partition])
+    stages = "; ".join(f"stage {i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(zip(module.parts, module.parts[1:])))
+    print0(f"pipeline partition by {partition} of {len(layers)} layers (embed, positions, {len(model.blocks)} "
+           f"blocks, final norm, head): {stages}")
+    return module
 
 
 class ObjectiveLoss:

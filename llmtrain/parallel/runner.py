@@ -184,7 +184,7 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
         return build_pipeline_runner(
             model, deepspeed_config(cfg, derived),
             lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay)),
-            lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=PIPELINE_PARTITION, device=device,
+            lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=p.pipeline_partition, device=device,
             universal=universal)
     mpu = model_parallel_grid(p.tp, 1, derived.dp_size) if p.tp > 1 else None
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
@@ -201,8 +201,3 @@ def _tensor_parallel_group(tp: int, pp: int, dp: int, device: torch.device) -> t
     # Row-major over (pp, dp, tp): the rank order of layout.py and of DeepSpeed's pipeline topology.
     mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))["tp"]
     return mesh.get_group(), mesh
-
-
-# How layers are spread over pipeline stages: "parameters" (balanced parameter counts) or "layers"
-# (balanced transformer-block counts). TODO(config owner): make this `parallel.pipeline_partition`.
-PIPELINE_PARTITION = "parameters"

@@ -21,8 +21,10 @@ STEPS = 6
 def test_pp2_matches_one_rank(tmp_path):
     out = tmp_path / "run"
     proc = train(out, f"train.max_steps={STEPS}", "parallel.pp=2", "parallel.activation_checkpointing=selective",
-                 "train.sample_tokens=4", launcher="torchrun", nproc=2)
+                 "parallel.pipeline_partition=layers", "train.sample_tokens=4", launcher="torchrun", nproc=2)
     assert "(dp 1 x tp 1 x pp 2)" in proc.stdout and "layout: stage 0: rank 0; stage 1: rank 1" in proc.stdout
+    # one block per stage (layers: embed, positions, block 0 | block 1, final norm, head)
+    assert "partition by layers of 6 layers" in proc.stdout and "stage 0: layers 0-2; stage 1: layers 3-5" in proc.stdout
     assert "sample:" in proc.stdout  # generation in lockstep: logits passed stage to stage, then broadcast
     assert_losses_match(losses(out), golden_losses(), 1e-5)
 
@@ -32,5 +34,5 @@ def test_pp2_dp2_zero1_matches_one_rank(tmp_path):
     out = tmp_path / "run"
     proc = train(out, f"train.max_steps={STEPS}", "parallel.pp=2", "parallel.zero_stage=1",
                  "train.micro_batch_size=2", "parallel.activation_checkpointing=full", launcher="torchrun", nproc=4)
-    assert "(dp 2 x tp 1 x pp 2)" in proc.stdout
+    assert "(dp 2 x tp 1 x pp 2)" in proc.stdout and "partition by parameters" in proc.stdout
     assert_losses_match(losses(out), golden_losses(), 1e-5)
