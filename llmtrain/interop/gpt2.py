@@ -29,14 +29,15 @@ _TOP = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.w
 
 def exports(c: Any) -> bool:
     return (c.arch == "gpt" and c.pos == "learned" and c.norm == "layernorm" and c.mlp == "gelu"
-            and (c.n_kv_head or c.n_head) == c.n_head)
+            and (c.n_kv_head or c.n_head) == c.n_head and c.head_dim in (None, c.n_embd // c.n_head))
 
 
 def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import GPT2Config
 
     if not exports(c):
-        raise ValueError("GPT-2 export needs model.pos=learned, norm=layernorm, mlp=gelu and n_kv_head=n_head")
+        raise ValueError("GPT-2 export needs model.pos=learned, norm=layernorm, mlp=gelu, n_kv_head=n_head and "
+                         "head_dim=n_embd/n_head")
     if not c.bias:
         raise ValueError("GPT-2 has biases everywhere; export a model trained with model.bias=true")
     cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,

@@ -33,7 +33,7 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
 
     if not exports(c):
         raise ValueError("Llama export needs model.pos=rope, norm=rmsnorm and mlp=swiglu")
-    n_kv, hs = c.n_kv_head or c.n_head, c.n_embd // c.n_head
+    n_kv, hs = c.n_kv_head or c.n_head, c.head_dim or c.n_embd // c.n_head
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size or 4 * c.n_embd,
                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=n_kv,
                       head_dim=hs, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
@@ -70,9 +70,6 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
     if cfg.hidden_act != "silu":
         raise ValueError(f"Llama import: activation '{cfg.hidden_act}' is not the SiLU of SwiGLU")
     hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if hs * cfg.num_attention_heads != cfg.hidden_size:
-        raise ValueError(f"Llama import: head_dim {hs} x {cfg.num_attention_heads} heads != hidden_size "
-                         f"{cfg.hidden_size}; llmtrain needs n_embd = n_head x head size")
     bias = bool(getattr(cfg, "attention_bias", False))
     if bool(getattr(cfg, "mlp_bias", False)) != bias:
         raise ValueError("Llama import: attention_bias and mlp_bias differ; llmtrain has one model.bias switch")
@@ -82,7 +79,8 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
                     n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
                     dropout=0.0, bias=bias, tie_embeddings=tied, norm_eps=cfg.rms_norm_eps, pos="rope",
                     norm="rmsnorm", mlp="swiglu", intermediate_size=cfg.intermediate_size, n_kv_head=n_kv,
-                    rope_theta=rope_theta_of(cfg))
+                    rope_theta=rope_theta_of(cfg),
+                    head_dim=None if hs * cfg.num_attention_heads == cfg.hidden_size else hs)
     out = {ours: sd[hf].float() for ours, hf in _TOP.items()}
     names = {**_BLOCK, **(_BLOCK_BIAS if bias else {})}
     for i in range(c.n_layer):

@@ -87,6 +87,21 @@ def test_parity_both_directions(family, tied):
     _assert_parity(back, mine, ids)
 
 
+def test_llama_head_dim_other_than_width_over_heads():
+    """A pruned model keeps its head size with fewer heads (model.head_dim): Llama's head_dim carries it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=48, head_dim=16, vocab_size=VOCAB, block_size=16,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, intermediate_size=40)
+    mine = build_model(cfg).eval()
+    mine.init_weights()
+    hf_cfg, hf_sd = family_for_config(cfg).to_hf(cfg, mine.state_dict())
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(hf_sd, strict=False)
+    hf.tie_weights()
+    _assert_parity(hf, mine, torch.randint(0, VOCAB, (2, 16)))
+    assert family_for_hf("llama").from_hf(hf_cfg, hf.state_dict())[0].head_dim == 16
+
+
 def test_configs_without_a_twin_are_refused():
     with pytest.raises(ValueError, match="no Hugging Face twin"):
         family_for_config(ModelConfig(pos="sinusoidal"))
