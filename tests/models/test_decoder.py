@@ -38,7 +38,8 @@ def test_rope_scores_depend_only_on_relative_position():
         qr = apply_rope(q.expand(1, 1, 4, 16), cos, sin)[0, 0, 3]  # query at start + 3
         kr = apply_rope(k.expand(1, 1, 4, 16), cos, sin)[0, 0, 1]  # key at start + 1
         scores.append(qr @ kr)
-    torch.testing.assert_close(scores[1], scores[0]) and torch.testing.assert_close(scores[2], scores[0])
+    torch.testing.assert_close(scores[1], scores[0])
+    torch.testing.assert_close(scores[2], scores[0])
     assert not torch.allclose(qr @ kr, q[0, 0, 0] @ k[0, 0, 0])  # the rotation did something
 
 
