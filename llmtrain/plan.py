@@ -98,7 +98,6 @@ def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memo
     with torch.device("meta"):
         model = build_model(m)
     n = sum(x.numel() for x in model.parameters())
-    n_pos = sum(x.numel() for name, x in model.named_parameters() if "wpe" in name or "position" in name)
     psi = n / (p.tp * p.pp)
     mixed = cfg.precision != "fp32"
     states = model_state_bytes(psi, derived.dp_size, p.zero_stage, mixed, p.offload_optimizer, p.offload_params)
@@ -111,7 +110,8 @@ def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memo
     logits = t.seq_len * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
     chosen = act[p.activation_checkpointing if p.activation_checkpointing in act else "none"] + logits
     total = states.total / GiB + chosen
-    per_token = flops.model_flops_per_token(n - n_pos, m.n_layer, m.n_embd, t.seq_len)
+    per_token = flops.model_flops_per_token(flops.matmul_params(model.named_parameters()), m.n_layer, m.n_embd,
+                                            t.seq_len)
     step_flops = per_token * derived.tokens_per_step
     return Plan(
         recipe=recipe, gpus=gpus, dp=derived.dp_size, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,

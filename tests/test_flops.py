@@ -39,3 +39,14 @@ def test_peak_table():
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops(None) is None and peak_flops("Some Future GPU") is None
+
+
+def test_untied_embedding_is_a_lookup_not_a_matmul():
+    """llama_1b (TinyLlama shape) has an untied head: only the head multiplies, the embedding is looked up."""
+    cfg = load_config(None, ["model.name=llama_1b", "train.seq_len=2048"])
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    tp = build_throughput(cfg, model, torch.device("cpu"), world_size=1)
+    n, V, d = 1_100_048_384, 32000, 2048
+    assert sum(p.numel() for p in model.parameters()) == n
+    assert tp.model_flops_per_token == 6 * (n - V * d) + 12 * 22 * d * 2048

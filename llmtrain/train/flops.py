@@ -9,6 +9,8 @@ FLOP rate by the device's dense BF16 peak. HFU also counts work redone by activa
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 # Dense BF16 peak per device, FLOP/s, matched against torch.cuda.get_device_name(). Vendor datasheets.
 PEAK_BF16: tuple[tuple[str, float], ...] = (
     ("H200", 989e12),
@@ -30,8 +32,14 @@ def peak_flops(device_name: str | None) -> float | None:
     return None
 
 
-def matmul_params(n_params: int, n_position_params: int) -> int:
-    return n_params - n_position_params
+def matmul_params(named_params: Iterable[tuple[str, Any]]) -> int:
+    """Parameters that take part in matmuls, each tied weight once: all but lookups, i.e. position tables
+    and a token embedding that is not also the output head (untied `wte`: only `lm_head` multiplies)."""
+    sizes = {name: p.numel() for name, p in named_params}  # a tied head is listed once, as wte.weight
+    lookups = {n for n in sizes if "wpe" in n or "position" in n}
+    if "lm_head.weight" in sizes:
+        lookups |= {n for n in sizes if n.endswith("wte.weight")}
+    return sum(size for name, size in sizes.items() if name not in lookups)
 
 
 def model_flops_per_token(n_matmul_params: int, n_layer: int, d_model: int, seq_len: int) -> float:

@@ -50,11 +50,10 @@ class Throughput:
 
 
 def build_throughput(cfg: Config, model: torch.nn.Module, device: torch.device, world_size: int) -> Throughput:
-    n = sum(p.numel() for p in model.parameters())
-    n_pos = sum(p.numel() for name, p in model.named_parameters() if "wpe" in name or "position" in name)
+    n_mm = flops.matmul_params(model.named_parameters())
     m = cfg.model
-    per_token = flops.model_flops_per_token(n - n_pos, m.n_layer, m.n_embd, cfg.train.seq_len)
-    extra = flops.recompute_flops_per_token(cfg.parallel.activation_checkpointing, n - n_pos, m.n_layer,
+    per_token = flops.model_flops_per_token(n_mm, m.n_layer, m.n_embd, cfg.train.seq_len)
+    extra = flops.recompute_flops_per_token(cfg.parallel.activation_checkpointing, n_mm, m.n_layer,
                                             m.n_embd, cfg.train.seq_len, cfg.parallel.checkpoint_every_n)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return Throughput(per_token, per_token + extra, flops.peak_flops(name), world_size)
