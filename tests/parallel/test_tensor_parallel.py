@@ -29,7 +29,8 @@ def test_sharded_layers_match_unsharded_two_processes():
            str(ROOT / "tests" / "parallel" / "tp_layers_worker.py")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "tensor-parallel layers match the unsharded model on 2 ranks" in proc.stdout
+    for mlp in ("gelu", "swiglu"):  # the GPT-2 and the Llama (GQA + SwiGLU gate) flavours
+        assert f"{mlp}: tensor-parallel layers match the unsharded model on 2 ranks" in proc.stdout
 
 
 @pytest.mark.slow

@@ -13,12 +13,17 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 from llmtrain.models import ModelConfig, build_model
-from llmtrain.parallel.tensor_parallel import (GPT_TP_PLAN, apply_tensor_parallel, full_logits,
+from llmtrain.parallel.tensor_parallel import (GPT_TP_PLAN, LLAMA_TP_PLAN, apply_tensor_parallel, full_logits,
                                                loss_context)
 
 # fp32 on CPU; a sharded matmul sums the same products in a different order than the full one, so
 # results differ by a few ulps (~1e-7 relative); 1e-5 absolute / 1e-4 relative leaves room for that.
 TOL = dict(atol=1e-5, rtol=1e-4)
+SHAPE = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=96, block_size=16)
+# GPT-2 flavour, and Llama flavour with grouped-query attention (4 query heads on 2 kv heads) and SwiGLU
+FLAVOURS = [(ModelConfig(**SHAPE), GPT_TP_PLAN),
+            (ModelConfig(**SHAPE, n_kv_head=2, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                         intermediate_size=48), LLAMA_TP_PLAN)]
 
 
 def main() -> None:
@@ -26,11 +31,19 @@ def main() -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (size,), mesh_dim_names=("tp",))
     group = mesh.get_group()
+    for cfg, plan in FLAVOURS:
+        loss = _check(cfg, plan, rank, size, mesh, group)
+        if rank == 0:
+            print(f"{cfg.mlp}: tensor-parallel layers match the unsharded model on {size} ranks: loss {loss:.6f}")
+    dist.destroy_process_group()
+
+
+def _check(cfg: ModelConfig, plan: dict, rank: int, size: int, mesh, group) -> float:
     torch.manual_seed(0)
-    ref = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=96, block_size=16))
+    ref = build_model(cfg)
     ref.init_weights()
     tp = copy.deepcopy(ref)
-    replaced = apply_tensor_parallel(tp, GPT_TP_PLAN, group, mesh)
+    replaced = apply_tensor_parallel(tp, plan, group, mesh)
     assert "blocks.0.attn.qkv" in replaced and "lm_head" in replaced, replaced
     assert tp.lm_head.weight is tp.wte.weight  # the tie survives sharding
     x = torch.randint(0, 96, (2, 16))
@@ -63,16 +76,15 @@ def main() -> None:
     for name, p in tp.named_parameters():
         g_ref = ref_params[name].grad
         if getattr(p, "tensor_model_parallel", False):
-            g_ref = _slice_like(name, g_ref, rank, size)
+            g_ref = _slice_like(name, g_ref, rank, size, cfg)
         torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
-    if rank == 0:
-        print(f"tensor-parallel layers match the unsharded model on {size} ranks: loss {loss.item():.6f}")
-    dist.destroy_process_group()
+    return loss.item()
 
 
-def _slice_like(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+def _slice_like(name: str, full: torch.Tensor, rank: int, size: int, cfg: ModelConfig) -> torch.Tensor:
     if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
-        parts = full.chunk(3, dim=0)  # [q; k; v]: this rank holds its heads of each
+        hs, kv = cfg.n_embd // cfg.n_head, cfg.n_kv_head or cfg.n_head
+        parts = full.split([cfg.n_head * hs, kv * hs, kv * hs], dim=0)  # [q; k; v]: this rank holds its heads of each
         return torch.cat([p.chunk(size, dim=0)[rank] for p in parts])
     dim = 1 if (name.endswith("proj.weight") or name.endswith("down.weight")) else 0
     return full.chunk(size, dim=dim)[rank]
