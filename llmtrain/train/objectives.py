@@ -10,13 +10,48 @@ import torch.nn.functional as F
 
 
 class Objective(Protocol):
+    """Optional members the trainer reads with getattr: `generative` (True when the model maps input_ids
+    to next-token logits, so an end-of-run text sample makes sense) and `pop_metrics(training)` (means of
+    the loss's parts since the last call, e.g. mlm_loss / nsp_loss, logged beside the loss)."""
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Return the scalar loss of `model` on `batch` (mean over non-ignored targets)."""
         ...
 
 
+def pop_metrics(objective: Objective, training: bool) -> dict[str, torch.Tensor]:
+    """The objective's extra metrics over its training (or eval) calls since the last pop; {} if it has none."""
+    pop = getattr(objective, "pop_metrics", None)
+    return pop(training) if pop is not None else {}
+
+
+class MetricSums:
+    """Running sums of detached per-call metrics, kept apart for training and eval forwards (no device sync).
+
+    A forward with autograd on is a training call, one without (the runner's eval) an eval call; the
+    module's `.training` flag cannot tell them apart, as DeepSpeed's engine keeps its own set."""
+
+    def __init__(self) -> None:
+        self._sums: dict[bool, dict[str, torch.Tensor]] = {True: {}, False: {}}
+        self._calls = {True: 0, False: 0}
+
+    def add(self, **values: torch.Tensor) -> None:
+        training = torch.is_grad_enabled()
+        sums = self._sums[training]
+        for k, v in values.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+        self._calls[training] += 1
+
+    def pop(self, training: bool) -> dict[str, torch.Tensor]:
+        out = {k: v / self._calls[training] for k, v in self._sums[training].items()}
+        self._sums[training], self._calls[training] = {}, 0
+        return out
+
+
 class CausalLM:
     """Next-token cross-entropy; labels equal to -100 are ignored."""
+
+    generative = True
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # data.doc_mask batches carry position_ids and doc_ids: attention stays inside each packed document.
@@ -26,8 +61,61 @@ class CausalLM:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+class MaskedLMWithNSP:
+    """BERT pre-training: masked-LM cross-entropy over the chosen positions (mlm_labels != -100) plus
+    next-sentence-prediction cross-entropy over the pairs, summed with equal weight as in the original."""
+
+    def __init__(self) -> None:
+        self.sums = MetricSums()
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels, nsp_labels = batch["mlm_labels"], batch["nsp_labels"]
+        chosen = labels != -100  # (B, T)
+        mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                       chosen)  # (N, V), (B, 2)
+        mlm = F.cross_entropy(mlm_logits.float(), labels[chosen])
+        nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
+        self.sums.add(mlm_loss=mlm, nsp_loss=nsp,
+                      nsp_accuracy=(nsp_logits.argmax(-1) == nsp_labels).float().mean())
+        return mlm + nsp
+
+    def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
+        return self.sums.pop(training)
+
+
+class SequenceClassification:
+    """Cross-entropy of class logits (B, K) against `class_labels` (B,); reports accuracy."""
+
+    def __init__(self) -> None:
+        self.sums = MetricSums()
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["class_labels"]
+        logits = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))  # (B, K)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.sums.add(accuracy=(logits.argmax(-1) == labels).float().mean())
+        return loss
+
+    def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
+        return self.sums.pop(training)
+
+
+class BertObjective:
+    """BERT batches carry either pre-training targets (mlm_labels, nsp_labels) or `class_labels` for
+    fine-tuning a classifier; each kind goes to its objective."""
+
+    def __init__(self) -> None:
+        self.pretrain, self.classify = MaskedLMWithNSP(), SequenceClassification()
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.classify if "class_labels" in batch else self.pretrain)(model, batch)
+
+    def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
+        return {**self.pretrain.pop_metrics(training), **self.classify.pop_metrics(training)}
+
+
 # model.arch -> the objective it pre-trains with. Components add their own entries here.
-OBJECTIVES: dict[str, type] = {"gpt": CausalLM}
+OBJECTIVES: dict[str, type] = {"gpt": CausalLM, "bert": BertObjective}
 
 
 def objective_for(arch: str) -> Objective:

@@ -19,7 +19,7 @@ from llmtrain.parallel.runner import Runner
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
-from llmtrain.train.objectives import Objective, objective_for
+from llmtrain.train.objectives import Objective, objective_for, pop_metrics
 from llmtrain.train.prefetch import Prefetcher
 from llmtrain.train.preemption import StopRequest
 from llmtrain.train.schedule import lr_multiplier
@@ -198,7 +198,7 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
              state: TrainerState, sink: MetricsSink, stop: StopRequest, throughput: Throughput) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
     t = cfg.train
-    window = LogWindow(cfg, derived, throughput, sink, runner.device)
+    window = LogWindow(cfg, derived, throughput, sink, runner.device, objective)
     progress = _progress_bar(cfg, state.step)
     loader = Prefetcher(data, pin_memory=runner.device.type == "cuda", enabled=t.prefetch)
     try:
@@ -233,8 +233,9 @@ class LogWindow:
     """Accumulates losses between log lines without syncing the device; one sync per log line."""
 
     def __init__(self, cfg: Config, derived: Derived, throughput: Throughput, sink: MetricsSink,
-                 device: torch.device):
+                 device: torch.device, objective: Objective):
         self.cfg, self.derived, self.throughput, self.sink, self.device = cfg, derived, throughput, sink, device
+        self.objective = objective
         self.lr_at = lr_multiplier(cfg.optim, cfg.train.max_steps)
         self._reset()
 
@@ -250,6 +251,7 @@ class LogWindow:
         rate = self.derived.tokens_per_step * self.steps / (time.perf_counter() - self.start)
         rec = train_record(state, loss, self.cfg.optim.lr * self.lr_at(state.step - 1), grad_norm,
                            self.throughput.record(rate))
+        rec.update({k: _mean_over_ranks(v) for k, v in pop_metrics(self.objective, True).items()})
         self.sink.log(rec, console=format_line(rec, self.cfg.train.max_steps))
         self._reset()
         return loss
@@ -292,8 +294,10 @@ def evaluate(runner: Runner, objective: Objective, batches: list[dict[str, torch
 def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
              sink: MetricsSink) -> float:
     loss = evaluate(runner, objective, data.val_batches(cfg.train.eval_batches))
-    sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)},
-             console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
+    extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in pop_metrics(objective, False).items()}
+    sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
+             console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
+             + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items()))
     return loss
 
 
@@ -314,7 +318,7 @@ def finish(cfg: Config, runner: Runner, data: Any, objective: Objective, state: 
     if rank() == 0:
         png = plot_losses(sink.path, Path(cfg.out_dir) / "loss.png")
         summary["plot"] = str(png) if png else None
-    if cfg.train.sample_tokens > 0:
+    if cfg.train.sample_tokens > 0 and getattr(objective, "generative", False):  # not for encoders
         summary["sample"] = sample_text(cfg, runner, data)
         print0(f"sample: {summary['sample']!r}")
     print0(f"done: step {state.step} | held-out loss {eval_loss:.4f} | perplexity {perplexity(eval_loss):.2f} | "
