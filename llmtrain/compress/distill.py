@@ -265,7 +265,7 @@ class Distill:
         if c.attention_weight:
             parts["attention_loss"] = self._relations(s_feats["qkv"], t_feats["qkv"])
             loss = loss + c.attention_weight * parts["attention_loss"]
-        self.sums.add(True, **parts)
+        self.sums.add(**parts)
         return loss
 
     def _hidden(self, plain: nn.Module, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

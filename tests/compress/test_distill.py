@@ -48,6 +48,19 @@ def test_topk_kl_with_every_logit_is_the_full_kl_and_relations_of_equal_inputs_a
     assert layer_map(2, 4) == [1, 3] and layer_map(3, 3) == [0, 1, 2]
 
 
+def _steps(objective, student, batch, n=5) -> tuple[float, float]:
+    """n AdamW steps of `student` on one batch; (first loss, last loss)."""
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    seen = []
+    for _ in range(n):
+        loss = objective(student, batch)
+        seen.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return seen[0], seen[-1]
+
+
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, intermediate_size=48)
 
 
@@ -63,17 +76,10 @@ def test_teacher_stays_frozen_while_the_student_learns(flavour):
     objective = Distill(DistillConfig(alpha=0.5, temperature=2.0, hidden_weight=1.0, attention_weight=1.0,
                                       relation_heads=2), student_cfg, teacher, teacher_cfg)
     objective.attach(student)  # 16 -> 32 projection joins the student
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
-    first = None
-    for _ in range(5):
-        loss = objective(student, batch)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < first
+    first, last = _steps(objective, student, batch)
+    assert last < first
     assert student.distill_proj[0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -97,15 +103,8 @@ def test_bert_student_learns_from_mlm_logits_and_hidden_states():
     mlm[:, 3:6] = ids[:, 3:6]
     batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
              "mlm_labels": mlm, "nsp_labels": torch.tensor([0, 1, 0, 1])}
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    first = None
-    for _ in range(5):
-        loss = objective(student, batch)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < first
+    first, last = _steps(objective, student, batch)
+    assert last < first
     assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
 
 
