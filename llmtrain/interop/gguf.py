@@ -52,6 +52,7 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
     """(transformers LlamaConfig, fp32 state dict in transformers' Llama layout, HF `tokenizers.Tokenizer`)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+    from tqdm import tqdm
     from transformers import LlamaConfig
 
     reader = GGUFReader(str(path))
@@ -64,7 +65,7 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
         raise ValueError(f"{path}: GGUF architecture '{meta('general.architecture')}' is not llama")
     n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
     sd: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc="dequantise", unit="tensor", disable=None):
         hf = _hf_name(t.name)
         if hf is None:
             raise ValueError(f"{path}: unexpected tensor '{t.name}' for a llama model")
