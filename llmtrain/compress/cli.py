@@ -78,6 +78,7 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path) -> dict[str
     from llmtrain.train.objectives import objective_for
 
     model_cfg, weights = load_model_weights(checkpoint)
+    model_cfg = dataclasses.replace(model_cfg, init_from=None)
     cfg = source_config(checkpoint, model_cfg)
     model = build_model(model_cfg)
     model.load_state_dict(weights)
@@ -101,7 +102,10 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path) -> dict[str
     figures = {"source": str(checkpoint), "recipe": dataclasses.asdict(recipe), "params_before": n0,
                "params_after": n1, "loss_before": before, "loss_after": after,
                "ppl_before": math.exp(before), "ppl_after": math.exp(after)}
-    write_model(Path(out), dataclasses.replace(cfg, model=new_cfg), small, figures)
+    # out_dir: not the source run's, so a `train` of this config.yaml can never resume over the source
+    out = Path(out)
+    write_model(out, dataclasses.replace(cfg, model=new_cfg, out_dir=str(out.with_name(out.name + "_train"))),
+                small, figures)
     return figures
 
 

@@ -118,3 +118,30 @@ def test_pruning_heads_keeps_the_outputs_of_untouched_heads(cfg):
         model.blocks[0].attn(x)
         small.blocks[0].attn(x)
     torch.testing.assert_close(seen["small"], seen["big"][..., :32], rtol=0, atol=0)  # heads 0 and 1
+
+
+def test_prune_command_writes_a_checkpoint_that_loads(tmp_path, capsys):
+    from helpers import ROOT, TINY
+    from llmtrain.cli import main
+    from llmtrain.compress.cli import write_model
+    from llmtrain.config import load_config
+    from llmtrain.parallel.consolidate import load_model_weights
+
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*TINY, "out_dir=runs/src"])
+    torch.manual_seed(0)
+    source = build_model(cfg.model)
+    source.init_weights()
+    write_model(tmp_path / "src", cfg, source, {})
+    out = tmp_path / "pruned"
+    rc = main(["prune", str(tmp_path / "src"), "--recipe", str(ROOT / "recipes" / "prune_gpt_debug.yaml"),
+               "--out", str(out), "prune.n_head=1", "prune.n_embd=32", "prune.intermediate_size=64",
+               "prune.calib_batches=2", "prune.eval_batches=2", "prune.micro_batch_size=2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    figures = json.loads((out / "prune.json").read_text())
+    assert f"{figures['params_before'] / 1e6:.3f}M -> {figures['params_after'] / 1e6:.3f}M" in printed
+    assert "held-out perplexity" in printed and figures["ppl_after"] > 0
+    new, weights = load_model_weights(out)  # the layout model.init_from and eval read
+    assert (new.n_head, new.n_embd, new.intermediate_size, new.init_from) == (1, 32, 64, None)
+    assert sum(w.numel() for n, w in weights.items() if n != "lm_head.weight") == figures["params_after"]
+    assert load_config(out / "config.yaml").out_dir != "runs/src"  # never the source run
