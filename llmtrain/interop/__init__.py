@@ -54,3 +54,16 @@ def family_for_hf(model_type: str) -> ModuleType:
             return mod
     known = sorted(t for m in mods for t in m.HF_MODEL_TYPES)
     raise ValueError(f"Hugging Face model_type '{model_type}' cannot be imported; known: {', '.join(known)}")
+
+
+def size_name(model_cfg: Any, default: str) -> str:
+    """The named size (MODEL_SIZES) whose fields all equal `model_cfg`'s, else `default`: an imported
+    SmolLM2-135M reads as llama_135m in logs and configs."""
+    from llmtrain.models.config import MODEL_SIZES
+
+    # rotary models have no position table: their block_size is a window, not part of the shape
+    skip = {"block_size"} if getattr(model_cfg, "pos", "learned") == "rope" else set()
+    for name, fields in MODEL_SIZES.items():
+        if all(getattr(model_cfg, k) == v for k, v in fields.items() if k not in skip):
+            return name
+    return default

@@ -41,6 +41,11 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.999999747e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
 def _hf_name(name: str) -> str | None:
     parts = name.split(".")
     key = ".".join(["blk", "{i}", *parts[2:]]) if parts[0] == "blk" else name
@@ -81,8 +86,8 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
         vocab_size=sd["model.embed_tokens.weight"].shape[0], hidden_size=int(meta("llama.embedding_length")),
         intermediate_size=int(meta("llama.feed_forward_length")), num_hidden_layers=int(meta("llama.block_count")),
         num_attention_heads=n_head, num_key_value_heads=n_kv, max_position_embeddings=int(meta("llama.context_length")),
-        rms_norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(meta("llama.rope.freq_base", 10000.0)), tie_word_embeddings=tied,
+        rms_norm_eps=_f32(meta("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(meta("llama.rope.freq_base", 10000.0)), tie_word_embeddings=tied,
         bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
     if tied:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]

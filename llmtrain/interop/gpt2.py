@@ -5,10 +5,12 @@ transformers' GPT-2 stores linear weights as Conv1D (in, out); ours are nn.Linea
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig
 
 HF_MODEL_TYPES = ("gpt2",)
@@ -71,4 +73,4 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
             t = sd[f"h.{i}.{hf}"].float()
             out[f"blocks.{i}.{ours}"] = t.t().contiguous() if conv else t
     out["lm_head.weight"] = out["wte.weight"] if tied else sd["lm_head.weight"].float()
-    return c, out
+    return dataclasses.replace(c, name=size_name(c, "gpt_debug")), out

@@ -6,10 +6,12 @@ and k rows copy as they are; only q, k, v are fused into one `qkv` here ([q; k; 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig
 
 HF_MODEL_TYPES = ("llama",)
@@ -91,4 +93,4 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
                 [sd[pre + f"self_attn.{p}_proj.{kind}"].float() for p in "qkv"])  # rows [q; k; v]
     out["lm_head.weight"] = out["wte.weight"] if tied else sd["lm_head.weight"].float()
-    return c, out
+    return dataclasses.replace(c, name=size_name(c, "llama_debug")), out

@@ -39,6 +39,7 @@ def test_smollm2_import_matches_transformers_and_perplexity_is_sane():
     hf_cfg, hf_sd, tok = read_gguf_llama(smollm2_gguf())
     cfg, sd = from_hf(hf_cfg, hf_sd)
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.rope_theta) == (30, 576, 9, 3, 100000.0)
+    assert cfg.name == "llama_135m" and cfg.block_size == 8192  # our named size is SmolLM2's shape
     with torch.device("meta"):
         ours = build_model(cfg)
     ours.load_state_dict(sd, assign=True)
