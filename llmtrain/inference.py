@@ -11,15 +11,18 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
+    import torch
 
 TOKENIZER_DIR = "tokenizer"
 
 
 def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.Module]:
     """(ModelConfig, eval-mode decoder with the checkpoint's weights) of the checkpoint at `path`."""
+    import torch
+
     from llmtrain.models import build_model
     from llmtrain.parallel.consolidate import load_model_weights
 
@@ -69,10 +72,14 @@ def _saved_config(ckpt: Path) -> Any:
 
 
 def _device(name: str) -> str:
+    import torch
+
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from llmtrain.data import load_tokenizer
     from llmtrain.models.generation import generate
 
@@ -90,18 +97,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def perplexity_on(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: str) -> tuple[float, int]:
     """(mean next-token loss over every labelled token, number of tokens) of `batches`."""
+    import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     total, count = 0.0, 0
-    for batch in tqdm(batches, desc="eval", unit="batch", disable=None):
-        logits = model(batch["input_ids"].to(device)).float()
-        labels = batch["labels"].to(device)
-        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((labels != -100).sum())
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="eval", unit="batch", disable=None):
+            logits = model(batch["input_ids"].to(device)).float()
+            labels = batch["labels"].to(device)
+            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((labels != -100).sum())
     return total / max(count, 1), count
 
 

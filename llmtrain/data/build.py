@@ -34,6 +34,9 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
     from llmtrain.data.loader import CausalData, PreparedSource
 
     _check_layout(seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
+    if cfg.doc_mask and (cfg.stream or cfg.sample_kind != "causal"):
+        raise ValueError("data.doc_mask works on packed causal samples of prepared data only; set data.doc_mask=false "
+                         "(or data.sample_kind=causal without data.stream)")
     kwargs = dict(seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                   dp_rank=dp_rank, dp_size=dp_size)
     if cfg.stream:

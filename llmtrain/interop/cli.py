@@ -15,10 +15,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
+if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
+    import torch
 
 
 def _fresh_tmp(out: Path) -> Path:
@@ -72,6 +72,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers directory: model.safetensors, its sharded index, or pytorch_model.bin."""
+    import torch
     from safetensors.torch import load_file
 
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -86,6 +87,8 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 def write_model_dir(cfg: Any, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                     tokenizer_json: Path | None = None) -> Path:
     """An llmtrain model directory (the layout `consolidate` writes): each parameter once, plain names."""
+    import torch
+    import yaml
     from safetensors.torch import save_file
 
     from llmtrain.models import build_model
