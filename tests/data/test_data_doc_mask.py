@@ -65,3 +65,12 @@ def test_training_with_doc_mask_runs_through_the_launcher(tmp_path):
     train(tmp_path / "run", "data.doc_mask=true", "train.max_steps=3")
     got = losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3] and all(v == v and v > 0 for v in got.values())
+
+
+def test_doc_mask_is_refused_where_it_would_be_ignored(tiny_dataset):
+    from llmtrain.data import DataConfig, build_data
+
+    for cfg in (DataConfig(stream=str(tiny_dataset), doc_mask=True),
+                DataConfig(path=str(tiny_dataset), sample_kind="bert", doc_mask=True)):
+        with pytest.raises(ValueError, match=r"data\.doc_mask works on packed causal samples"):
+            build_data(cfg, seq_len=16, seed=0, micro_batch_size=2, grad_accum=1, dp_rank=0, dp_size=1)
