@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import make_docs
 from helpers import ROOT, env, train
 from llmtrain.cli import main as llmtrain_main
@@ -89,3 +91,11 @@ def test_prepare_restart_skips_finished_shards_through_the_cli(tmp_path, tiny_to
     again = json.loads(capsys.readouterr().out)
     assert first["shards"] > 2 and again["shards"] == first["shards"] and again["train"] == first["train"]
     assert again["tokens_per_s"] == 0 and (tmp_path / "o" / "train_00000.bin").read_bytes() == shard
+
+
+@pytest.mark.parametrize("command", ["train-tokenizer", "prepare-data"])
+def test_data_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        llmtrain_main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and f"usage: llmtrain {command}" in out and "--input" in out and "--out" in out
