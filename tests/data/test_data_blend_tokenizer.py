@@ -94,3 +94,22 @@ def test_a_tokenizer_without_eos_or_sep_is_refused(tmp_path):
     HF(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"tokenizer\.json: the tokenizer has neither"):
         load_tokenizer(tmp_path)
+
+
+def test_a_foreign_hf_tokenizer_json_loads_and_prepares(tmp_path):
+    """A tokenizer.json made by HF `tokenizers` alone (no llmtrain), e.g. a BERT-style WordLevel one."""
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+
+    from conftest import prepare
+    from llmtrain.data.format import read_manifest
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "lord", "said", "."])}
+    hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "foreign.json"))
+    tok = load_tokenizer(tmp_path / "foreign.json")
+    assert tok.kind == "wordpiece" and tok.eos_id == 3 and tok.vocab_size == 9
+    assert tok.encode("the lord said .") == [5, 6, 7, 8] and tok.encode("thee") == [1]
+    m = prepare(tok, tmp_path / "d", ["the lord said .", "said the lord"], val_fraction=0.0)
+    assert m["splits"]["train"]["tokens"] == 4 + 1 + 3 + 1 and read_manifest(tmp_path / "d")["tokenizer"]["vocab_size"] == 9
