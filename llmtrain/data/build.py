@@ -47,6 +47,10 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
             raise ValueError("data.stream supports data.sample_kind=causal only; prepare BERT data with prepare-data")
         tok_dir = cfg.stream_tokenizer or str(bundled_tokenizer_dir(cfg))
         return StreamingData(cfg, tok_dir, **kwargs)
+    if cfg.sample_kind == "source_class":
+        from llmtrain.data.classify import SourceClassData
+
+        return SourceClassData(cfg, **kwargs)
     pairs = resolve_sources(cfg)
     sources = [PreparedSource(p) for p, _ in pairs]
     if cfg.sample_kind == "bert":

@@ -36,8 +36,9 @@ class DataConfig:
     doc_mask: bool = False
     # Samples per block of the blend schedule; proportions are exact within every block.
     blend_block: int = 1000
-    # What a sample is: 'causal' (packed next-token windows) or 'bert' (NSP pairs with MLM masking).
-    sample_kind: Literal["causal", "bert"] = "causal"
+    # What a sample is: 'causal' (packed next-token windows), 'bert' (NSP pairs with MLM masking) or
+    # 'source_class' (a bundled passage labelled with its source, for fine-tuning a classifier; data/classify.py).
+    sample_kind: Literal["causal", "bert", "source_class"] = "causal"
     # BERT: fraction of tokens chosen for masked-LM prediction (80% [MASK], 10% random, 10% kept).
     mlm_prob: float = 0.15
     # Streaming mode: train straight from this input (file, directory, glob or `datasets` loader name), no prepare step.

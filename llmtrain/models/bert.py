@@ -56,8 +56,9 @@ class Block(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg)
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        hidden = cfg.intermediate_size or 4 * cfg.n_embd
+        self.up = nn.Linear(cfg.n_embd, hidden)
+        self.down = nn.Linear(hidden, cfg.n_embd)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -159,6 +160,9 @@ class Bert(BertTrunk):
 
 class BertForSequenceClassification(BertTrunk):
     """BERT trunk + dropout + a linear classifier over the pooled [CLS] state: logits (B, K)."""
+
+    # model.init_from loads a pre-trained trunk and leaves these fresh (see parallel/consolidate.py).
+    task_head_prefixes = ("classifier.",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

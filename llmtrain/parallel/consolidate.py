@@ -55,9 +55,14 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> None:
     except ValueError as exc:
         raise ValueError(f"model.init_from: {exc}") from None
     params = dict(model.named_parameters())
+    # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
+    # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
+    head = tuple(getattr(model, "task_head_prefixes", ()))
     seen = set()
     with torch.no_grad():
         for name, tensor in weights:
+            if name not in params and head:
+                continue
             if name not in params:
                 raise ValueError(f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
                                  f"model does not; set the model.* keys to the checkpoint's shape")
@@ -67,7 +72,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> None:
                                  f"model.* keys to the checkpoint's shape")
             params[name].copy_(tensor)
             seen.add(name)
-    missing = [n for n in params if n not in seen]
+    missing = [n for n in params if n not in seen and not n.startswith(head)]
     if missing:
         raise ValueError(f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
                          f"parameters missing); set the model.* keys to the checkpoint's shape")
