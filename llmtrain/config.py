@@ -294,6 +294,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.doc_mask and p.pp > 1:
         raise ConfigError("data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
                           "document mask); set data.doc_mask=false or parallel.pp=1")
+    if cfg.model.arch == "bert" and p.tp * p.pp > 1:
+        raise ConfigError(f"model.arch=bert runs data parallel (ZeRO 0-3) only: it has no tensor-parallel plan or "
+                          f"pipeline split; set parallel.tp=1 and parallel.pp=1 (got tp={p.tp}, pp={p.pp})")
 
 
 def _positive(value: int, key: str) -> None:

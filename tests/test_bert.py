@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmtrain.models import MODEL_SIZES, ModelConfig, build_model
-from helpers import train
+from helpers import ROOT, train
 from llmtrain.train.metrics import read_metrics
 from llmtrain.train.objectives import SequenceClassification, objective_for, pop_metrics
 
@@ -146,3 +146,10 @@ def test_finetune_classifier_beats_chance(pretrained, tmp_path):
     final = [r for r in read_metrics(out / "metrics.jsonl") if "eval_accuracy" in r][-1]
     # 128 held-out passages: chance accuracy would be 0.33 +- 0.04; 0.5 is 4 standard deviations above.
     assert final["step"] == 80 and final["eval_accuracy"] > 0.5, final
+
+
+def test_bert_layout_is_data_parallel_only():
+    from llmtrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="parallel.tp=1 and parallel.pp=1"):
+        load_config(ROOT / "recipes" / "bert_debug.yaml", ["parallel.pp=2", "train.global_batch_size=64"])

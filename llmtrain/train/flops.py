@@ -36,7 +36,7 @@ def matmul_params(named_params: Iterable[tuple[str, Any]]) -> int:
     """Parameters that take part in matmuls, each tied weight once: all but lookups, i.e. position tables
     and a token embedding that is not also the output head (untied `wte`: only `lm_head` multiplies)."""
     sizes = {name: p.numel() for name, p in named_params}  # a tied head is listed once, as wte.weight
-    lookups = {n for n in sizes if "wpe" in n or "position" in n}
+    lookups = {n for n in sizes if "wpe" in n or "position" in n or "wtt" in n}  # wtt: BERT's segment table
     if "lm_head.weight" in sizes:
         lookups |= {n for n in sizes if n.endswith("wte.weight")}
     return sum(size for name, size in sizes.items() if name not in lookups)
