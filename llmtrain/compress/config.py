@@ -29,7 +29,7 @@ class DistillConfig:
     # Directory of precomputed top-k teacher logits for every training sample of the run ('' = run the teacher
     # every step). Built once before training when missing; later runs with the same data pay no teacher forward.
     cache_dir: str = ""
-    # Logits kept per token in the cache (the KL is taken over the teacher's top-k, renormalised).
+    # Teacher log-probs kept per token in the cache (KL over its top-k plus one bucket for all other tokens).
     top_k: int = 64
 
 

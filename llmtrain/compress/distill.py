@@ -43,12 +43,17 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def topk_kd_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tau: float) -> torch.Tensor:
-    """KL over the teacher's top-k (N, k) logits, renormalised; the student's log-probs are over all V.
-    Equals kd_kl when k = V."""
-    t = F.log_softmax(values.float() / tau, dim=-1)  # (N, k)
+def topk_kd_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, indices: torch.Tensor,
+               tau: float) -> torch.Tensor:
+    """KL from the teacher's top-k log-probs at temperature tau (N, k), with all its other tokens as one
+    bucket: sum_i p_i log(p_i / q_i) + p_rest log(p_rest / q_rest). The tail bucket keeps the student from
+    being taught zero mass outside the top-k (renormalising over the top-k would). Equals kd_kl when k = V."""
+    t = teacher_logprobs.float()  # (N, k)
     s = F.log_softmax(student_logits.float() / tau, dim=-1).gather(-1, indices.long())  # (N, k)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    p_rest = (1 - t.exp().sum(-1)).clamp_min(0.0)  # (N,)
+    q_rest = (1 - s.exp().sum(-1)).clamp_min(1e-12)
+    tail = p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log())
+    return ((t.exp() * (t - s)).sum(-1) + tail).mean()
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -133,7 +138,7 @@ class TeacherCache:
         self.dir = Path(directory)
         self.meta = json.loads((self.dir / self.META).read_text())
         parts = [load_file(str(self.dir / f)) for f in self.meta["files"]]
-        self.values = torch.cat([p["values"] for p in parts])  # (rows, T, k) fp16
+        self.values = torch.cat([p["values"] for p in parts])  # (rows, T, k) teacher log-probs at meta's tau
         self.indices = torch.cat([p["indices"] for p in parts])  # (rows, T, k) int32
         keys = torch.cat([p["keys"] for p in parts]).tolist()
         self.row = {k: i for i, k in enumerate(keys)}
@@ -143,7 +148,7 @@ class TeacherCache:
         return (Path(directory) / TeacherCache.META).is_file()
 
     def lookup(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, indices), each (B, T, k), on input_ids' device."""
+        """(teacher log-probs, token indices), each (B, T, k), on input_ids' device."""
         try:
             rows = torch.tensor([self.row[k] for k in row_keys(input_ids).tolist()])
         except KeyError:
@@ -156,8 +161,9 @@ class TeacherCache:
 
 @torch.no_grad()
 def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dict[str, torch.Tensor]], top_k: int,
-                describe: str, total: int, device: torch.device, rows_per_file: int = 4096) -> None:
-    """Run the teacher over `batches` once and write top-k logits; meta.json last (its presence = complete)."""
+                tau: float, describe: str, total: int, device: torch.device, rows_per_file: int = 4096) -> None:
+    """Run the teacher over `batches` once and write its top-k log-probs at temperature `tau`; meta.json
+    last (its presence = complete)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -181,15 +187,16 @@ def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dic
         if not new.any():
             continue
         seen.update(keys[new].tolist())
-        vals, idx = teacher(ids[new].to(device)).float().topk(top_k, dim=-1)  # (b, T, k)
+        logprobs = F.log_softmax(teacher(ids[new].to(device)).float() / tau, dim=-1)  # (b, T, V)
+        vals, idx = logprobs.topk(top_k, dim=-1)  # (b, T, k)
         buf["keys"].append(keys[new])
-        buf["values"].append(vals.half().cpu())
+        buf["values"].append(vals.cpu())
         buf["indices"].append(idx.int().cpu())
         n_rows += int(new.sum())
         if sum(len(k) for k in buf["keys"]) >= rows_per_file:
             flush()
     flush()
-    meta = {"files": files, "rows": n_rows, "top_k": top_k, "describe": describe}
+    meta = {"files": files, "rows": n_rows, "top_k": top_k, "temperature": tau, "describe": describe}
     tmp = directory / (TeacherCache.META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(directory / TeacherCache.META)
@@ -250,8 +257,8 @@ class Distill:
             logits, labels, own = self._forward(model, batch)
         keep = labels != -100
         if self.cache is not None:
-            values, indices = self.cache.lookup(batch["input_ids"])
-            kd = topk_kd_kl(logits[keep], values.flatten(0, 1)[keep], indices.flatten(0, 1)[keep], c.temperature)
+            logprobs, indices = self.cache.lookup(batch["input_ids"])
+            kd = topk_kd_kl(logits[keep], logprobs.flatten(0, 1)[keep], indices.flatten(0, 1)[keep], c.temperature)
             t_feats: dict[str, Any] = {}
         else:
             with torch.no_grad(), capture(self.teacher, c.hidden_weight > 0, c.attention_weight > 0) as t_feats:
@@ -352,13 +359,15 @@ def ensure_cache(cfg: Any, teacher: nn.Module | None, device: torch.device) -> T
             batches = (mb for s in range(t.max_steps) for mb in data.train_batches(s))
             describe = f"teacher {d.teacher}, seed {t.seed}, {t.max_steps} steps of {t.global_batch_size} x {t.seq_len}"
             print0(f"building the teacher cache {d.cache_dir}: {describe}, top-{d.top_k}")
-            build_cache(d.cache_dir, teacher, batches, d.top_k, describe,
+            build_cache(d.cache_dir, teacher, batches, d.top_k, d.temperature, describe,
                         t.max_steps * (t.global_batch_size // t.micro_batch_size), device)
         barrier()
     cache = TeacherCache(d.cache_dir)
-    if cache.meta["top_k"] != d.top_k:
-        raise ValueError(f"distill.cache_dir={d.cache_dir} holds top-{cache.meta['top_k']} logits but distill.top_k="
-                         f"{d.top_k}; set distill.top_k={cache.meta['top_k']} or use a new cache_dir")
+    for key in ("top_k", "temperature"):
+        if cache.meta.get(key) != getattr(d, key):
+            raise ValueError(f"distill.cache_dir={d.cache_dir} was built with {key}={cache.meta.get(key)} but "
+                             f"distill.{key}={getattr(d, key)}; set distill.{key}={cache.meta.get(key)} or use a new "
+                             f"cache_dir")
     return cache
 
 

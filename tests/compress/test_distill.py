@@ -39,9 +39,15 @@ def test_kd_loss_equals_hand_computation():
 def test_topk_kl_with_every_logit_is_the_full_kl_and_relations_of_equal_inputs_are_zero():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
-    values, indices = t.topk(7, dim=-1)
-    torch.testing.assert_close(topk_kd_kl(s, values, indices, 1.5), kd_kl(s, t, 1.5))
-    assert topk_kd_kl(s, *t.topk(3, dim=-1), 1.5) > 0
+    logp_t = torch.log_softmax(t / 1.5, dim=-1)
+    torch.testing.assert_close(topk_kd_kl(s, *logp_t.topk(7, dim=-1), 1.5), kd_kl(s, t, 1.5))
+    # top-3 plus one bucket for the other 4 tokens, by hand
+    p, q = logp_t.exp(), torch.softmax(s / 1.5, dim=-1)
+    idx = logp_t.topk(3, dim=-1).indices
+    pk, qk = p.gather(-1, idx), q.gather(-1, idx)
+    pr, qr = 1 - pk.sum(-1), 1 - qk.sum(-1)
+    expected = ((pk * (pk / qk).log()).sum(-1) + pr * (pr / qr).log()).mean()
+    torch.testing.assert_close(topk_kd_kl(s, *logp_t.topk(3, dim=-1), 1.5), expected)
     x = torch.randn(2, 6, 8, generator=g)
     assert relation_kl(x, x, heads=2, causal=True).abs().item() < 1e-6
     assert relation_kl(x * 0.1, x, heads=2, causal=True) > 0
