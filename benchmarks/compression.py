@@ -1,7 +1,10 @@
 """Compression on the bundled text: prune + distil vs training the small shape from scratch, and
 distillation vs none at equal student compute. Every run goes through the real launchers.
 
-    python benchmarks/compression.py --out benchmarks/results/compression.json     # ~15 min on 2 CPU cores
+    python benchmarks/compression.py --out benchmarks/results/compression.json
+
+Sized to finish in about 15 minutes on an idle 2-core machine (1 thread per run); `cpu_s_of_runs` in the
+JSON is the CPU time the runs took. A --work directory with a finished teacher (and prune) reuses them.
 
 1. Teacher: gpt_debug (4 x 192, ~3.4M params) trained by `launchers/train.py` for --teacher-steps.
 2. `llmtrain prune` with recipes/prune_gpt_debug.yaml (6 -> 4 heads, 192 -> 128 wide, MLP 768 -> 512: ~54%
@@ -21,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,6 +78,8 @@ def main() -> int:
     start = time.time()
 
     teacher = work / "teacher"
+    reused = [name for name, ok in (("teacher", done(teacher, args.teacher_steps)),
+                                    ("pruned", (work / "pruned" / "prune.json").is_file())) if ok]
     if not done(teacher, args.teacher_steps):
         run([py, "launchers/train.py", "recipes/gpt_debug.yaml", *common, f"train.max_steps={args.teacher_steps}",
              f"out_dir={teacher}"], work / "teacher.log")
@@ -130,6 +136,8 @@ def main() -> int:
         "equal_compute_random_init": {"distilled_cached_ppl": ppl_stats(kd), "no_distillation_ppl": ppl_stats(ce),
                                       "seeds": [seed0 + i for i in range(args.seeds)]},
         "wall_s": time.time() - start,
+        "cpu_s_of_runs": resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime,
+        "reused_from_work_dir": reused,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
