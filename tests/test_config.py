@@ -39,7 +39,7 @@ def test_unknown_key_names_key_and_nearest(tmp_path):
 def test_wrong_type_names_key_and_type(tmp_path):
     with pytest.raises(ConfigError, match=r"'train.max_steps' must be of type int"):
         load_config(None, ["train.max_steps=many"])
-    with pytest.raises(ConfigError, match=r"'precision' must be one of fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"'precision' must be one of fp32, bf16, fp16, bf16-autocast"):
         load_config(None, ["precision=fp8"])
     with pytest.raises(ConfigError, match=r"'log.wandb' must be of type bool"):
         load_config(None, ["log.wandb=3"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_docs, prepare
+from datahelpers import make_docs, prepare
 from llmtrain.data.config import DataConfig, SourceConfig
 from llmtrain.data.order import blend_table, permute
 
@@ -100,7 +100,7 @@ def test_a_foreign_hf_tokenizer_json_loads_and_prepares(tmp_path):
     """A tokenizer.json made by HF `tokenizers` alone (no llmtrain), e.g. a BERT-style WordLevel one."""
     from tokenizers import Tokenizer as HF, models, pre_tokenizers
 
-    from conftest import prepare
+    from datahelpers import prepare
     from llmtrain.data.format import read_manifest
     from llmtrain.data.tokenizer import load_tokenizer
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import make_docs
+from datahelpers import make_docs
 from helpers import ROOT, env, train
 from llmtrain.cli import main as llmtrain_main
 

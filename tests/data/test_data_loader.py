@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_docs, prepare
+from datahelpers import make_docs, prepare
 from llmtrain.data.config import DataConfig
 from llmtrain.data.format import Shard, read_manifest
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import make_docs, prepare
+from datahelpers import make_docs, prepare
 from llmtrain.data.cli import main as data_cli
 from llmtrain.data.config import DataConfig
 from llmtrain.data.format import HEADER, Shard, read_manifest

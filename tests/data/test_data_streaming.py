@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_docs
+from datahelpers import make_docs
 from llmtrain.data.config import DataConfig
 
 
