@@ -56,6 +56,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # Build the next step's batches on a background thread (pinned on GPU) while this step runs.
     prefetch: bool = True
+    # Compile each transformer block with torch.compile (inductor); the first steps are slow while it compiles.
+    compile: bool = False
+    # Attention kernel for SDPA: auto (torch picks), flash, efficient (memory-efficient), cudnn or math.
+    # A named kernel that cannot run the call fails loudly instead of silently falling back.
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
 
 
 @dataclass
@@ -103,6 +108,11 @@ class ParallelConfig:
     pipeline_partition: Literal["parameters", "layers"] = "parameters"
     # Seconds a collective (or joining the process group) may wait before the rank fails with an error.
     collective_timeout_s: float = 600.0
+    # Overlap gradient reduction (and ZeRO-3 parameter gathering) with compute; default: DeepSpeed's
+    # choice per stage (off for ZeRO-1/2, on for ZeRO-3).
+    overlap_comm: bool | None = None
+    # Elements per communication bucket: gradient reduce, parameter all-gather and ZeRO-3 prefetch.
+    comm_bucket_size: int = 500_000_000
     # Extra DeepSpeed config keys merged last (logged); for knobs llmtrain does not model itself.
     deepspeed_overrides: dict = field(default_factory=dict)
 
@@ -131,8 +141,9 @@ class LogConfig:
 class Config:
     # Run directory: config.yaml, metrics.jsonl, checkpoints/, loss.png. An existing one is resumed.
     out_dir: str = "runs/gpt_debug"
-    # Numeric format of training: fp32, bf16 (mixed, fp32 master weights) or fp16 (GPU only).
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Numeric format of training: fp32; bf16 (bf16 weights and compute, fp32 master weights in the
+    # optimizer); bf16-autocast (fp32 weights, matmuls in bf16 under torch.autocast); fp16 (GPU only).
+    precision: Literal["fp32", "bf16", "fp16", "bf16-autocast"] = "fp32"
     # The model: a named size (model.name) plus any field overrides.
     model: ModelConfig = field(default_factory=ModelConfig)
     # The data: corpus, tokenizer and loader.

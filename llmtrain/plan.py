@@ -99,7 +99,7 @@ def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memo
         model = build_model(m)
     n = sum(x.numel() for x in model.parameters())
     psi = n / (p.tp * p.pp)
-    mixed = cfg.precision != "fp32"
+    mixed = cfg.precision in ("bf16", "fp16")  # bf16-autocast keeps fp32 weights and gradients
     states = model_state_bytes(psi, derived.dp_size, p.zero_stage, mixed, p.offload_optimizer, p.offload_params)
     layers_here = m.n_layer / p.pp
     # 1F1B keeps up to pp micro-batches in flight on the first stage.

@@ -59,13 +59,18 @@ def test_one_rank_matches_golden(one_rank_losses):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
-def test_zero_parity_two_ranks(tmp_path, one_rank_losses, stage, launcher):
+@pytest.mark.parametrize("stage,launcher,comm", [
+    (1, "torchrun", ()),
+    # ZeRO-2 and -3 also with small communication buckets (many reduce / gather rounds) and overlap on
+    (2, "deepspeed", ("parallel.overlap_comm=true", "parallel.comm_bucket_size=20000")),
+    (3, "torchrun", ("parallel.comm_bucket_size=20000",)),
+])
+def test_zero_parity_two_ranks(tmp_path, one_rank_losses, stage, launcher, comm):
     """2 ranks x micro 4 (no accumulation) vs 1 rank x micro 4 x 2 accumulation: the same 8 sequences
     per step. Gradients are summed in a different order (all-reduce vs local accumulation), a ~1e-7
     relative difference per step in fp32; over 6 steps the losses agree to well within 1e-5."""
     out = tmp_path / "run"
-    proc = train(out, f"train.max_steps={PARITY_STEPS}", f"parallel.zero_stage={stage}",
+    proc = train(out, f"train.max_steps={PARITY_STEPS}", f"parallel.zero_stage={stage}", *comm,
                  launcher=launcher, nproc=2)
     assert "world 2 (dp 2" in proc.stdout
     two = losses(out)

@@ -123,7 +123,12 @@ def _skip_shm_comm_build() -> None:
 def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
     """Translate our config into DeepSpeed's JSON config (the only place that knows its key names)."""
     p, t = cfg.parallel, cfg.train
-    zero: dict[str, Any] = {"stage": p.zero_stage}
+    zero: dict[str, Any] = {"stage": p.zero_stage, "reduce_bucket_size": p.comm_bucket_size,
+                            "allgather_bucket_size": p.comm_bucket_size}
+    if p.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = p.comm_bucket_size
+    if p.overlap_comm is not None:
+        zero["overlap_comm"] = p.overlap_comm
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if p.offload_params:
@@ -135,6 +140,8 @@ def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        # fp32 weights and optimizer; Linear matmuls in bf16 (and their gradients reduced in bf16)
+        "torch_autocast": {"enabled": cfg.precision == "bf16-autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

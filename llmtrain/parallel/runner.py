@@ -166,7 +166,7 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
                                           skippable_adamw)
     from llmtrain.parallel.layout import coords
     from llmtrain.parallel.universal import UniversalCheckpoint, layout_of
-    from llmtrain.utils import rank
+    from llmtrain.utils import print0, rank
 
     p = cfg.parallel
     tp_group = _tensor_parallel_group(p.tp, p.pp, derived.dp_size, device)
@@ -178,6 +178,10 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
     universal = UniversalCheckpoint(model, layout_of(p.tp, p.pp, derived.dp_size, p.zero_stage, cfg.precision),
                                     tp_group[0], writer=where.dp == 0 and where.tp == 0)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
+    if cfg.train.compile:
+        from llmtrain.parallel.compile import compile_blocks
+
+        print0(f"train.compile: compiled {compile_blocks(model)} blocks (inductor)")
     if p.pp > 1:
         from llmtrain.parallel.pipeline import build_pipeline_runner
 

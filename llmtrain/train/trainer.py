@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
+from llmtrain.parallel.compile import attention_backend
 from llmtrain.parallel.launch_env import check_launcher_settings
 from llmtrain.parallel.runner import Runner
 from llmtrain.train import checkpoint as ckpt
@@ -103,13 +104,14 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     objective = objective or objective_for(cfg.model.arch)
     stop = StopRequest()
     try:
-        if run_loop(cfg, derived, runner, data, objective, state, sink, stop, throughput):
-            summary = finish(cfg, runner, data, objective, state, sink)
-        else:
-            path = save(runner, cfg, state, data)
-            print0(f"stop requested by signal: checkpoint {path} written at step {state.step}; "
-                   f"rerun the same command to continue")
-            summary = {"step": state.step, "stopped": True}
+        with attention_backend(cfg.train.attention_backend, info.device):
+            if run_loop(cfg, derived, runner, data, objective, state, sink, stop, throughput):
+                summary = finish(cfg, runner, data, objective, state, sink)
+            else:
+                path = save(runner, cfg, state, data)
+                print0(f"stop requested by signal: checkpoint {path} written at step {state.step}; "
+                       f"rerun the same command to continue")
+                summary = {"step": state.step, "stopped": True}
     finally:
         stop.restore()
         sink.close()
