@@ -148,8 +148,12 @@ def test_finetune_classifier_beats_chance(pretrained, tmp_path):
     assert final["step"] == 80 and final["eval_accuracy"] > 0.5, final
 
 
-def test_bert_layout_is_data_parallel_only():
+def test_bert_layout_has_pipeline_but_no_tensor_parallel():
     from llmtrain.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="parallel.tp=1 and parallel.pp=1"):
-        load_config(ROOT / "recipes" / "bert_debug.yaml", ["parallel.pp=2", "train.global_batch_size=64"])
+    recipe = ROOT / "recipes" / "bert_debug.yaml"
+    assert load_config(recipe, ["parallel.pp=2", "train.global_batch_size=64"]).parallel.pp == 2
+    with pytest.raises(ConfigError, match="no tensor-parallel plan.*set parallel.tp=1"):
+        load_config(recipe, ["parallel.tp=2"])
+    with pytest.raises(ConfigError, match="not the sequence classifier.*set parallel.pp=1"):
+        load_config(ROOT / "recipes" / "bert_finetune_debug.yaml", ["parallel.pp=2", "train.global_batch_size=64"])

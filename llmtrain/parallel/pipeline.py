@@ -1,10 +1,13 @@
-"""Pipeline parallel: the plain GPT split into DeepSpeed `PipelineModule` stages, and its runner.
+"""Pipeline parallel: the plain GPT (or BERT, `pipeline_bert.py`) split into DeepSpeed `PipelineModule`
+stages, and its runner.
 
 The model file knows nothing of pipelines. `gpt_pipeline_layers` reads the plain model as a flat list
 of layers, embed -> positions -> blocks -> final norm -> head, reusing the model's own (already
 initialised) modules, so every layout starts from the same weights. The token embedding and the output
 head share one weight: DeepSpeed's `TiedLayerSpec` keeps a copy on the first and the last stage and
 all-reduces its gradient between the two, so they stay equal, and counts it once in the gradient norm.
+A `PipelineSplit` bundles a family's layers with how a micro-batch dict feeds them (first-stage inputs,
+last-stage labels) and how the objective reads the labels back; `pipeline_split` picks it by model.arch.
 
 DeepSpeed runs the 1F1B schedule (`TrainSchedule`) over the gradient-accumulation micro-batches of one
 optimizer step, so micro-batches per step = gradient accumulation = the number of micro-batches in
@@ -15,7 +18,7 @@ flight. DeepSpeed refuses ZeRO-2/3 with pipelines (gradients must stay whole acr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import deepspeed
 import torch
@@ -28,7 +31,7 @@ from torch import nn
 from llmtrain.parallel.layout import model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
-from llmtrain.train.objectives import Objective
+from llmtrain.train.objectives import Objective, pop_metrics as objective_metrics
 from llmtrain.utils import print0
 
 # partition name in our config -> DeepSpeed's partition_method
@@ -95,32 +98,59 @@ def gpt_pipeline_layers(model: nn.Module) -> list[Any]:
     return [embed, positions, *model.blocks, model.ln_f, head]
 
 
-def build_pipeline_module(model: nn.Module, pp: int, tp: int, dp: int, partition: str,
+class PipelineSplit(NamedTuple):
+    """A model family as pipeline layers, and how a micro-batch (the data's dict) feeds them. DeepSpeed
+    gives the first stage `inputs` and the loss function on the last stage `labels`, nothing else."""
+
+    layers: list[Any]  # modules and tied specs, outermost first
+    legend: str  # what the layers are, for the partition log line
+    inputs: Callable[[dict[str, torch.Tensor]], Any]  # micro-batch -> the first stage's tensor or tuple
+    labels: Callable[[dict[str, torch.Tensor]], Any]  # micro-batch -> what reaches the loss function
+    as_batch: Callable[[Any], dict[str, torch.Tensor]]  # those labels -> the batch keys the objective reads
+    decoder: bool  # the last stage's output is next-token logits (generation can use the pipeline)
+
+
+def gpt_split(model: nn.Module) -> PipelineSplit:
+    return PipelineSplit(gpt_pipeline_layers(model), f"embed, positions, {len(model.blocks)} blocks, final norm, head",
+                         inputs=lambda mb: mb["input_ids"], labels=lambda mb: mb["labels"],
+                         as_batch=lambda labels: {"input_ids": None, "labels": labels}, decoder=True)
+
+
+def pipeline_split(model: nn.Module) -> PipelineSplit:
+    """The split of `model`'s family (model.arch)."""
+    if model.cfg.arch == "bert":
+        from llmtrain.parallel.pipeline_bert import bert_split
+
+        return bert_split(model)
+    return gpt_split(model)
+
+
+def build_pipeline_module(split: PipelineSplit, pp: int, tp: int, dp: int, partition: str,
                           loss_fn: Callable) -> PipelineModule:
-    """Split `model` into `pp` stages over the TP x PP x DP grid (rank order: see layout.py)."""
+    """Split the layers into `pp` stages over the TP x PP x DP grid (rank order: see layout.py)."""
     if partition not in PARTITIONS:
         raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    layers = gpt_pipeline_layers(model)
+    layers = split.layers
     module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method=PARTITIONS[partition])
     stages = "; ".join(f"stage {i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(zip(module.parts, module.parts[1:])))
-    print0(f"pipeline partition by {partition} of {len(layers)} layers (embed, positions, {len(model.blocks)} "
-           f"blocks, final norm, head): {stages}")
+    print0(f"pipeline partition by {partition} of {len(layers)} layers ({split.legend}): {stages}")
     return module
 
 
 class ObjectiveLoss:
-    """Runs an Objective on the last stage: the stage's output stands in for the model's logits.
+    """Runs an Objective on the last stage: the stage's output stands in for the model's output.
 
-    The objective calls `model(batch["input_ids"])`; here "the model" returns the logits the pipeline
-    already computed, so the same objective code computes the same loss on every layout.
+    The objective calls `model(batch["input_ids"], ...)`; here "the model" returns what the pipeline
+    already computed (logits, or BERT's (masked-LM, next-sentence) logits), and the batch holds the labels
+    under the keys the objective reads, so the same objective code computes the same loss on every layout.
     """
 
-    def __init__(self, objective: Objective):
-        self.objective = objective
+    def __init__(self, objective: Objective, as_batch: Callable[[Any], dict[str, torch.Tensor]]):
+        self.objective, self.as_batch = objective, as_batch
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.objective(lambda _ids: logits, {"input_ids": None, "labels": labels})
+    def __call__(self, outputs: Any, labels: Any) -> torch.Tensor:
+        loss = self.objective(lambda *_args: outputs, self.as_batch(labels))
         # vocab-parallel logits give a replicated DTensor loss; DeepSpeed sums and all-reduces plain tensors
         return loss.to_local() if hasattr(loss, "to_local") else loss
 
@@ -128,8 +158,9 @@ class ObjectiveLoss:
 class PipelineRunner:
     """Pipeline (x data) parallel with ZeRO 0/1: DeepSpeed's PipelineEngine runs 1F1B per optimizer step."""
 
-    def __init__(self, engine: Any, device: torch.device, width: int, vocab: int, universal: Any = None):
-        self.engine, self.device, self.universal = engine, device, universal
+    def __init__(self, engine: Any, split: PipelineSplit, device: torch.device, width: int, vocab: int,
+                 universal: Any = None):
+        self.engine, self.split, self.device, self.universal = engine, split, device, universal
         self._width, self._vocab = width, vocab  # shapes of the activations and logits sent between stages
         grid = engine.grid
         self.dp_rank, self.dp_size = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
@@ -157,10 +188,13 @@ class PipelineRunner:
 
         engine.clip_fp32_gradients = clip_and_record
 
+    def _pairs(self, micro_batches: list[dict[str, torch.Tensor]]) -> Any:
+        return iter([(self.split.inputs(mb), self.split.labels(mb)) for mb in micro_batches])
+
     def train_step(self, objective, micro_batches, measure_norm):
         if not isinstance(self.engine.module.loss_fn, ObjectiveLoss) or self.engine.module.loss_fn.objective is not objective:
-            self.engine.module.loss_fn = ObjectiveLoss(objective)
-        pairs = iter([(mb["input_ids"], mb["labels"]) for mb in micro_batches])
+            self.engine.module.loss_fn = ObjectiveLoss(objective, self.split.as_batch)
+        pairs = self._pairs(micro_batches)
         with loss_context(self.tp):  # vocab-parallel cross-entropy on the last stage, forward and backward
             loss = self.engine.train_batch(data_iter=pairs)  # mean over micro-batches and dp replicas
         norm = None
@@ -172,17 +206,27 @@ class PipelineRunner:
 
     @torch.no_grad()
     def eval_loss(self, objective, batch):
-        self.engine.module.loss_fn = ObjectiveLoss(objective)
-        pairs = iter([(batch["input_ids"], batch["labels"])])
-        with loss_context(self.tp):
-            loss = self.engine.eval_batch(pairs, num_micro_batches=1)  # mean over dp replicas, on every stage
+        self.engine.module.loss_fn = ObjectiveLoss(objective, self.split.as_batch)
+        with loss_context(self.tp):  # the mean over dp replicas, on every stage
+            loss = self.engine.eval_batch(self._pairs([batch]), num_micro_batches=1)
         self.engine.train()
         return loss.float().reshape(()).to(self.device)
+
+    def pop_metrics(self, objective, training):
+        """Only the last stage runs the objective, so its metrics go to every stage of its replica: the
+        trainer's mean over all ranks is then the mean over replicas, as on the other layouts."""
+        box = [{k: float(v) for k, v in objective_metrics(objective, training).items()}]
+        grid = self.engine.grid
+        last = grid.stage_to_global(stage_id=self.num_stages - 1, data=self.dp_rank, **_model_kw(grid))
+        dist.broadcast_object_list(box, src=last, group=grid.get_pipe_parallel_group())
+        return {k: torch.tensor(v, device=self.device) for k, v in box[0].items()}
 
     @torch.no_grad()
     def logits(self, input_ids):
         """Full logits on every rank: each replica passes activations stage to stage by point-to-point
         sends, then its last stage broadcasts the logits to the replica's other stages."""
+        if not self.split.decoder:
+            raise ValueError("logits for generation need a decoder pipeline (model.arch=gpt)")
         engine, grid = self.engine, self.engine.grid
         module = engine.module
         module.eval()
@@ -228,8 +272,11 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
 
     from llmtrain.train.objectives import objective_for
 
-    module = build_pipeline_module(model, pp, tp, dp, partition, ObjectiveLoss(objective_for(model.cfg.arch)))
+    split = pipeline_split(model)
+    module = build_pipeline_module(split, pp, tp, dp, partition,
+                                   ObjectiveLoss(objective_for(model.cfg.arch), split.as_batch))
     optimizer = optimizer_fn(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=LambdaLR(optimizer, lr_lambda), config=ds_config)
-    return PipelineRunner(engine, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size, universal=universal)
+    return PipelineRunner(engine, split, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size,
+                          universal=universal)

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 
 from llmtrain.config import Config, Derived
-from llmtrain.train.objectives import Objective
+from llmtrain.train.objectives import Objective, pop_metrics
 
 ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
 
@@ -50,6 +50,11 @@ class Runner(Protocol):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V) on every rank, for generation; all ranks call it in lockstep."""
+        ...
+
+    def pop_metrics(self, objective: Objective, training: bool) -> dict[str, torch.Tensor]:
+        """Collective: the objective's metrics since the last pop (`objectives.pop_metrics`), the same keys
+        on every rank."""
         ...
 
     def save(self, directory: Path) -> None:
@@ -111,6 +116,9 @@ class EngineRunner:
                 return _replicated(objective(self.engine, _to(batch, self.device))).float()
         finally:
             self.engine.train()
+
+    def pop_metrics(self, objective, training):
+        return pop_metrics(objective, training)  # every rank ran the objective
 
     @torch.no_grad()
     def logits(self, input_ids):

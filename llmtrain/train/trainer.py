@@ -20,7 +20,7 @@ from llmtrain.parallel.runner import Runner
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
-from llmtrain.train.objectives import Objective, objective_for, pop_metrics
+from llmtrain.train.objectives import Objective, objective_for
 from llmtrain.train.prefetch import Prefetcher
 from llmtrain.train.preemption import StopRequest
 from llmtrain.train.schedule import lr_multiplier
@@ -200,7 +200,7 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
              state: TrainerState, sink: MetricsSink, stop: StopRequest, throughput: Throughput) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
     t = cfg.train
-    window = LogWindow(cfg, derived, throughput, sink, runner.device, objective)
+    window = LogWindow(cfg, derived, throughput, sink, runner, objective)
     progress = _progress_bar(cfg, state.step)
     loader = Prefetcher(data, pin_memory=runner.device.type == "cuda", enabled=t.prefetch)
     try:
@@ -235,9 +235,9 @@ class LogWindow:
     """Accumulates losses between log lines without syncing the device; one sync per log line."""
 
     def __init__(self, cfg: Config, derived: Derived, throughput: Throughput, sink: MetricsSink,
-                 device: torch.device, objective: Objective):
-        self.cfg, self.derived, self.throughput, self.sink, self.device = cfg, derived, throughput, sink, device
-        self.objective = objective
+                 runner: Runner, objective: Objective):
+        self.cfg, self.derived, self.throughput, self.sink, self.device = cfg, derived, throughput, sink, runner.device
+        self.runner, self.objective = runner, objective
         self.lr_at = lr_multiplier(cfg.optim, cfg.train.max_steps)
         self._reset()
 
@@ -253,7 +253,7 @@ class LogWindow:
         rate = self.derived.tokens_per_step * self.steps / (time.perf_counter() - self.start)
         rec = train_record(state, loss, self.cfg.optim.lr * self.lr_at(state.step - 1), grad_norm,
                            self.throughput.record(rate))
-        rec.update({k: _mean_over_ranks(v) for k, v in pop_metrics(self.objective, True).items()})
+        rec.update({k: _mean_over_ranks(v) for k, v in self.runner.pop_metrics(self.objective, True).items()})
         self.sink.log(rec, console=format_line(rec, self.cfg.train.max_steps))
         self._reset()
         return loss
@@ -296,7 +296,7 @@ def evaluate(runner: Runner, objective: Objective, batches: list[dict[str, torch
 def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
              sink: MetricsSink) -> float:
     loss = evaluate(runner, objective, data.val_batches(cfg.train.eval_batches))
-    extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in pop_metrics(objective, False).items()}
+    extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
     sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
              console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
              + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items()))

@@ -36,3 +36,20 @@ def test_pp2_dp2_zero1_matches_one_rank(tmp_path):
                  "train.micro_batch_size=2", "parallel.activation_checkpointing=full", launcher="torchrun", nproc=4)
     assert "(dp 2 x tp 1 x pp 2)" in proc.stdout and "partition by parameters" in proc.stdout
     assert_losses_match(losses(out), golden_losses(), 1e-5)
+
+
+@pytest.mark.slow
+def test_llama_pp2_matches_one_rank(tmp_path):
+    """The Llama flavour (rotary positions inside the blocks, RMSNorm, SwiGLU, grouped-query attention) with
+    an untied output head, as llama_1b, split by parameters. No golden file: the one-rank run of the same
+    config is the reference; same tolerance and reasoning as above (measured: equal losses)."""
+    llama = (f"train.max_steps={STEPS}", "model.n_head=4", "model.n_kv_head=2", "model.intermediate_size=128",
+             "model.tie_embeddings=false")
+    train(tmp_path / "one", *llama, recipe="recipes/llama_debug.yaml")
+    proc = train(tmp_path / "pp2", *llama, "parallel.pp=2", recipe="recipes/llama_debug.yaml", launcher="torchrun",
+                 nproc=2)
+    assert "llama_debug" in proc.stdout and "(dp 1 x tp 1 x pp 2)" in proc.stdout
+    assert "partition by parameters of 6 layers (embed, positions, 2 blocks, final norm, head)" in proc.stdout
+    ref = losses(tmp_path / "one")
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert_losses_match(losses(tmp_path / "pp2"), ref, 1e-5)
