@@ -108,6 +108,20 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["bpe", "wordpiece"], voc
     return Tokenizer(hf, f"<trained {kind}>")
 
 
+def with_bert_template(hf: Any) -> Any:
+    """`hf` (a WordPiece tokenizer with [CLS] and [SEP]) given BERT's post-processor when it has none:
+    encoding with special tokens gives `[CLS] A [SEP]`, and for a pair `[CLS] A [SEP] B [SEP]` with B's part
+    in segment 1, as Hugging Face's BERT tokenizers do. llmtrain itself always encodes without special tokens
+    (BERT samples place [CLS]/[SEP] themselves), so this only matters to users of the exported tokenizer."""
+    from tokenizers import processors
+
+    if hf.post_processor is None:
+        cls, sep = hf.token_to_id("[CLS]"), hf.token_to_id("[SEP]")
+        hf.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                          special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return hf
+
+
 def _nonempty(texts: Iterable[str]) -> Iterable[str]:
     for t in texts:
         if t:

@@ -42,8 +42,8 @@ def family_for_config(model_cfg: Any) -> ModuleType:
             return mod
     raise ValueError(
         f"model.arch={model_cfg.arch} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
-        f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned, layernorm, "
-        f"gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT")
+        f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned or "
+        f"sinusoidal positions, layernorm, gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT")
 
 
 def family_for_hf(model_type: str) -> ModuleType:

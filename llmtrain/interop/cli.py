@@ -1,7 +1,8 @@
 """`llmtrain export-hf` and `llmtrain import-hf`: checkpoints to and from Hugging Face model directories.
 
 export-hf writes `config.json`, `model.safetensors` (fp32) and the tokenizer (`tokenizer.json` +
-`tokenizer_config.json`), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer` load it.
+`tokenizer_config.json`), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer` load it
+(a BERT export's tokenizer adds [CLS] ... [SEP] and gives token_type_ids, as BERT's tokenizers do).
 import-hf reads a transformers directory (safetensors or pytorch_model.bin, sharded or not) or a llama.cpp
 `.gguf` file and writes an llmtrain model directory: `model.safetensors` + `config.yaml` (+ `tokenizer/`),
 which `model.init_from`, `llmtrain eval` and `llmtrain generate` accept.
@@ -63,10 +64,17 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if tok is not None:
         from transformers import PreTrainedTokenizerFast
 
-        specials = {"eos_token": tok.eos_token}
+        from llmtrain.data.tokenizer import with_bert_template
+
+        specials: dict[str, Any] = {"eos_token": tok.eos_token}
         specials.update({k: t for k, t in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
                                             ("mask_token", "[MASK]"), ("unk_token", "[UNK]")) if t in tok.specials})
-        PreTrainedTokenizerFast(tokenizer_object=tok.hf, **specials).save_pretrained(tmp)
+        hf_tok = tok.hf
+        if cfg.arch == "bert" and {"[CLS]", "[SEP]"} <= set(tok.specials):
+            # BERT's inputs: the tokenizer adds [CLS] A [SEP] (B [SEP]) and returns the segments, as BERT's do
+            hf_tok = with_bert_template(tok.hf)
+            specials["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+        PreTrainedTokenizerFast(tokenizer_object=hf_tok, **specials).save_pretrained(tmp)
     return _publish(tmp, out)
 
 

@@ -1,6 +1,10 @@
 """GPT-2 <-> the GPT-2 flavour of llmtrain's decoder (learned positions, LayerNorm, GELU-tanh, biases).
 
 transformers' GPT-2 stores linear weights as Conv1D (in, out); ours are nn.Linear (out, in): transposed.
+A model with fixed sinusoidal positions (model.pos=sinusoidal) exports too: GPT-2 adds `wpe[p]` to the token
+embedding as we add the sinusoid of p, so its position table holds the sinusoids of 0 .. block_size-1 (the
+same function on every position the model accepts; the exported table is then a learned one, and import-hf
+reads the export back as model.pos=learned).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 
 from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig
+from llmtrain.models.gpt import SinusoidalPositions
 
 HF_MODEL_TYPES = ("gpt2",)
 HF_ARCHITECTURE = "GPT2LMHeadModel"
@@ -30,7 +35,7 @@ _TOP = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.w
 
 
 def exports(c: Any) -> bool:
-    return (c.arch == "gpt" and c.pos == "learned" and c.norm == "layernorm" and c.mlp == "gelu"
+    return (c.arch == "gpt" and c.pos in ("learned", "sinusoidal") and c.norm == "layernorm" and c.mlp == "gelu"
             and (c.n_kv_head or c.n_head) == c.n_head and c.head_dim in (None, c.n_embd // c.n_head))
 
 
@@ -38,8 +43,8 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     from transformers import GPT2Config
 
     if not exports(c):
-        raise ValueError("GPT-2 export needs model.pos=learned, norm=layernorm, mlp=gelu, n_kv_head=n_head and "
-                         "head_dim=n_embd/n_head")
+        raise ValueError("GPT-2 export needs model.pos=learned or sinusoidal, norm=layernorm, mlp=gelu, "
+                         "n_kv_head=n_head and head_dim=n_embd/n_head")
     if not c.bias:
         raise ValueError("GPT-2 has biases everywhere; export a model trained with model.bias=true")
     cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -47,6 +52,9 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                      layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, bos_token_id=None,
                      eos_token_id=None)
+    if c.pos == "sinusoidal":  # no parameter of ours: the table of the positions the model accepts
+        with torch.no_grad():
+            sd = {**sd, "wpe.weight": SinusoidalPositions(c.n_embd)(torch.arange(c.block_size))}  # (block_size, C)
     out = {hf: sd[ours] for ours, hf in _TOP.items()}
     for i in range(c.n_layer):
         for ours, (hf, conv) in _BLOCK.items():

@@ -1,7 +1,8 @@
 """Llama <-> the Llama flavour of llmtrain's decoder (rotary, RMSNorm, SwiGLU, grouped-query attention).
 
 Both sides rotate the half-split layout (dim i pairs with dim i + hs/2, transformers' rotate_half), so q
-and k rows copy as they are; only q, k, v are fused into one `qkv` here ([q; k; v] by rows).
+and k rows copy as they are; only q, k, v are fused into one `qkv` here ([q; k; v] by rows). Rotary
+scaling: transformers' `rope_scaling` (v5: `rope_parameters`) of type linear or llama3 is model.rope_scaling.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from llmtrain.interop import size_name
-from llmtrain.models.config import ModelConfig
+from llmtrain.models.config import ModelConfig, RopeScaling
 
 HF_MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -41,7 +42,7 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
                       head_dim=hs, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                       rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias,
                       mlp_bias=c.bias, hidden_act="silu", attention_dropout=c.dropout, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None)
+                      eos_token_id=None, pad_token_id=None, rope_scaling=_hf_rope_scaling(c.rope_scaling))
     out = {hf: sd[ours] for ours, hf in _TOP.items()}
     names = {**_BLOCK, **(_BLOCK_BIAS if c.bias else {})}
     for i in range(c.n_layer):
@@ -58,14 +59,38 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     return cfg, out
 
 
-def rope_theta_of(cfg: Any) -> float:
-    """The rotary base of a transformers Llama config; refuses rope scaling llmtrain does not implement."""
-    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+def _hf_rope_scaling(r: RopeScaling | None) -> dict[str, Any] | None:
+    """transformers' `rope_scaling` dict (the keys its validation asks for: `rope_type`, since 4.45)."""
+    if r is None:
+        return None
+    if r.rope_type == "linear":
+        return {"rope_type": "linear", "factor": r.factor}
+    return {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings}
+
+
+def rope_of(cfg: Any) -> tuple[float, RopeScaling | None]:
+    """The rotary base and scaling of a transformers Llama config; refuses what llmtrain does not implement."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary only)")
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary, "
+                         "linear and llama3 scaling only)")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("Llama import: partial_rotary_factor other than 1 is not implemented (llmtrain rotates "
+                         "every dimension of a head)")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    theta = float(theta if theta is not None else 10000.0)
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(rope_type="linear", factor=float(params["factor"]))
+    return theta, RopeScaling(rope_type="llama3", factor=float(params["factor"]),
+                              low_freq_factor=float(params["low_freq_factor"]),
+                              high_freq_factor=float(params["high_freq_factor"]),
+                              original_max_position_embeddings=int(params.get("original_max_position_embeddings")
+                                                                   or cfg.max_position_embeddings))
 
 
 def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -77,11 +102,12 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
         raise ValueError("Llama import: attention_bias and mlp_bias differ; llmtrain has one model.bias switch")
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    theta, scaling = rope_of(cfg)
     c = ModelConfig(name="llama_debug", arch="gpt", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
                     n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
                     dropout=0.0, bias=bias, tie_embeddings=tied, norm_eps=cfg.rms_norm_eps, pos="rope",
                     norm="rmsnorm", mlp="swiglu", intermediate_size=cfg.intermediate_size, n_kv_head=n_kv,
-                    rope_theta=rope_theta_of(cfg),
+                    rope_theta=theta, rope_scaling=scaling,
                     head_dim=None if hs * cfg.num_attention_heads == cfg.hidden_size else hs)
     out = {ours: sd[hf].float() for ours, hf in _TOP.items()}
     names = {**_BLOCK, **(_BLOCK_BIAS if bias else {})}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from llmtrain.models.config import MODEL_SIZES, ModelConfig, apply_model_preset
+from llmtrain.models.config import MODEL_SIZES, ModelConfig, RopeScaling, apply_model_preset
 
-__all__ = ["MODEL_SIZES", "ModelConfig", "apply_model_preset", "build_model"]
+__all__ = ["MODEL_SIZES", "ModelConfig", "RopeScaling", "apply_model_preset", "build_model"]
 
 
 def build_model(cfg: ModelConfig):

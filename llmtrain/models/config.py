@@ -6,9 +6,37 @@ named size under the recipe's keys, so precedence stays CLI > YAML > named size 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
+
+
+@dataclass
+class RopeScaling:
+    """Rotary frequency scaling for a longer context than pre-training (transformers' `rope_scaling` keys);
+    the defaults are Llama 3.1's."""
+
+    # linear (every frequency / factor) or llama3 (Llama 3.1: low ones / factor, high ones kept, a ramp between).
+    rope_type: Literal["linear", "llama3"] = "llama3"
+    # Context extension factor the rotary frequencies are divided by (linear: all; llama3: the low ones).
+    factor: float = 8.0
+    # llama3: wavelengths longer than original_max_position_embeddings / low_freq_factor are divided by factor.
+    low_freq_factor: float = 1.0
+    # llama3: wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept as they are.
+    high_freq_factor: float = 4.0
+    # llama3: the context length the model was pre-trained with (Llama 3.1: 8192).
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise ValueError(f"model.rope_scaling.rope_type must be 'linear' or 'llama3', got {self.rope_type!r}")
+        if not self.factor > 0:
+            raise ValueError(f"model.rope_scaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
+                                               and self.original_max_position_embeddings > 0):
+            raise ValueError("model.rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
+                             f"original_max_position_embeddings > 0, got {self}")
 
 
 @dataclass
@@ -57,6 +85,16 @@ class ModelConfig:
     head_dim: int | None = None
     # Base of the rotary frequencies (pos=rope); Llama 2 uses 1e4, SmolLM2 1e5.
     rope_theta: float = 10000.0
+    # Rotary frequency scaling (pos=rope) for a longer context, as Llama 3.1 configs carry; None = plain rotary.
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
+            known = {f.name for f in dataclasses.fields(RopeScaling)}
+            if set(self.rope_scaling) - known:
+                raise ValueError(f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
+                                 f"valid: {', '.join(sorted(known))}")
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
 
 
 # What makes a decoder Llama-style; the sizes below add their shapes.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.config import ModelConfig
+from llmtrain.models.config import ModelConfig, RopeScaling
 
 
 class LayerKV:
@@ -53,10 +53,28 @@ class KVCache:
         return self.layers[0].length
 
 
-def rope_cos_sin(start: int, T: int, hs: int, theta: float, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, hs) of positions start.. for rotary embeddings, computed in fp32."""
+def rope_inv_freq(hs: int, theta: float, scaling: RopeScaling | None, device: torch.device) -> torch.Tensor:
+    """Rotary inverse frequencies (hs/2,) in fp32, scaled as `scaling` says (the formulas transformers uses)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":  # position interpolation: position p rotates as p / factor did
+        return inv_freq / scaling.factor
+    # llama3: a frequency whose wavelength exceeds the pre-training context / low_freq_factor is divided by
+    # factor, one under context / high_freq_factor is kept, and those between blend the two smoothly.
+    ctx, lo, hi = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > ctx / lo, inv_freq / scaling.factor, inv_freq)
+    smooth = (ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(start: int, T: int, hs: int, theta: float, device: torch.device, dtype: torch.dtype,
+                 scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hs) of positions start.. for rotary embeddings, computed in fp32."""
+    inv_freq = rope_inv_freq(hs, theta, scaling, device)  # (hs/2,)
     angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs): frequency i pairs dims i and i + hs/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -106,6 +124,10 @@ class CausalSelfAttention(nn.Module):
         self.rope_theta = cfg.rope_theta if cfg.pos == "rope" else None
         if self.rope_theta is not None and self.head_size % 2:
             raise ValueError(f"model.pos=rope needs an even head size, got {self.head_size}")
+        if cfg.rope_scaling is not None and cfg.pos != "rope":
+            raise ValueError(f"model.rope_scaling scales rotary frequencies: it needs model.pos=rope (got "
+                             f"pos={cfg.pos}); remove model.rope_scaling or set model.pos=rope")
+        self.rope_scaling = cfg.rope_scaling
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * n_kv) * self.head_size, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * self.head_size, cfg.n_embd, bias=cfg.bias)
@@ -120,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, -1, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope_theta is not None:
             start = cache.length if cache is not None else 0
-            cos, sin = rope_cos_sin(start, T, hs, self.rope_theta, x.device, q.dtype)
+            cos, sin = rope_cos_sin(start, T, hs, self.rope_theta, x.device, q.dtype, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, S, hs)

@@ -156,3 +156,34 @@ def test_minilm_through_import_hf_and_export_hf(tmp_path):
         b = ref(input_ids=ids).last_hidden_state
     torch.testing.assert_close(a, b, **TOL)
     assert transformers.AutoTokenizer.from_pretrained(str(out)).mask_token == "[MASK]"
+
+
+def test_export_hf_bert_tokenizer_adds_cls_and_sep(tmp_path):
+    """A BERT checkpoint with its own WordPiece tokenizer: the export's tokenizer (transformers' AutoTokenizer
+    and a bare tokenizers.Tokenizer) encodes `[CLS] text [SEP]` and pairs with segments 0.. then 1..; llmtrain's
+    own encode of the same file still gives the bare tokens its BERT samples wrap themselves."""
+    from tokenizers import Tokenizer
+
+    from llmtrain.data.tokenizer import load_tokenizer, train_tokenizer
+    from llmtrain.interop.cli import export_hf, write_model_dir
+    from llmtrain.models import ModelConfig
+
+    texts = ["In the beginning God created the heaven and the earth.", "To be, or not to be, that is the question."]
+    tok = train_tokenizer(texts * 4, "wordpiece", 120)
+    tok.save(tmp_path / "tok")
+    cfg = ModelConfig(name="bert_debug", arch="bert", n_layer=1, n_head=2, n_embd=32, vocab_size=tok.vocab_size,
+                      block_size=32, norm_eps=1e-12)
+    model = build_model(cfg)
+    model.init_weights()
+    write_model_dir(cfg, model.state_dict(), tmp_path / "model", tmp_path / "tok" / "tokenizer.json")
+    out = export_hf(tmp_path / "model", tmp_path / "hf")
+
+    cls, sep = tok.specials["[CLS]"], tok.specials["[SEP]"]
+    a, b = tok.encode("the earth"), tok.encode("to be, or not")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok("the earth")["input_ids"] == [cls, *a, sep]
+    pair = hf_tok("the earth", "to be, or not")
+    assert pair["input_ids"] == [cls, *a, sep, *b, sep]
+    assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("the earth").ids == [cls, *a, sep]
+    assert load_tokenizer(out).encode("the earth") == a  # the data pipeline adds its own [CLS]/[SEP]

@@ -5,11 +5,13 @@ attention, which move results by ~1e-7, so logits and every hidden state must ag
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from llmtrain.interop import family_for_config, family_for_hf
-from llmtrain.models import ModelConfig, build_model
+from llmtrain.models import ModelConfig, RopeScaling, build_model
 
 transformers = pytest.importorskip("transformers")  # the hf extra; dev installs it
 
@@ -24,10 +26,11 @@ def _hf_gpt2(tied: bool):
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _hf_llama(tied: bool):
+def _hf_llama(tied: bool, rope_scaling: dict | None = None, max_positions: int = 32):
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                                   rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                                   rope_scaling=rope_scaling)
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -104,6 +107,114 @@ def test_llama_head_dim_other_than_width_over_heads():
 
 def test_configs_without_a_twin_are_refused():
     with pytest.raises(ValueError, match="no Hugging Face twin"):
-        family_for_config(ModelConfig(pos="sinusoidal"))
+        family_for_config(ModelConfig(pos="rope"))  # rotary positions with GPT-2's LayerNorm and GELU
+    with pytest.raises(ValueError, match="no Hugging Face twin"):
+        family_for_config(ModelConfig(pos="sinusoidal", norm="rmsnorm", mlp="swiglu", bias=False))
     with pytest.raises(ValueError, match="cannot be imported"):
         family_for_hf("mamba")
+
+
+# head size 16 at rope_theta 5000: wavelengths 6, 18, 53, 153, 444, 1288, 3738, 10845 positions. With a
+# pre-training context of 256 (extended 8x to 2048), llama3 keeps the first three (< 256/4), divides the last
+# four (> 256/1) by the factor and blends the fourth: every branch of the rule is exercised.
+ROPE_SCALINGS = {"linear": {"rope_type": "linear", "factor": 4.0},
+                 "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 256}}
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3"])
+def test_llama_rope_scaling_parity_both_directions(kind):
+    """transformers' rope_scaling (linear, llama3) is model.rope_scaling: logits and hidden states agree within
+    1e-5 on import and on export, and the scaling matters (without it the logits move by far more)."""
+    torch.manual_seed(0)
+    hf = _hf_llama(False, dict(ROPE_SCALINGS[kind]), max_positions=2048).eval()
+    with torch.no_grad():  # sharper attention than HF's init gives, so that positions move the logits visibly
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    ids = torch.randint(0, VOCAB, (2, 32))
+
+    cfg, sd = family_for_hf("llama").from_hf(hf.config, hf.state_dict())
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == kind and cfg.rope_theta == 5000.0
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(sd)
+    _assert_parity(hf, ours, ids)
+    plain = build_model(dataclasses.replace(cfg, rope_scaling=None)).eval()
+    plain.load_state_dict(sd)
+    with torch.no_grad():
+        assert (plain(ids) - ours(ids)).abs().max() > 1e-2  # 1000x the parity tolerance
+
+    torch.manual_seed(1)
+    mine = build_model(cfg).eval()
+    mine.init_weights()
+    hf_cfg, hf_sd = family_for_config(cfg).to_hf(cfg, mine.state_dict())
+    back = transformers.LlamaForCausalLM(hf_cfg).eval()
+    back.load_state_dict(hf_sd)
+    _assert_parity(back, mine, ids)
+
+
+def test_llama3_rope_scaling_through_export_and_import_dirs(tmp_path):
+    """The scaling survives the files: a saved transformers directory -> import-hf (config.yaml) ->
+    load_model_weights -> export-hf (config.json) -> from_pretrained, logits equal all the way."""
+    from llmtrain.interop.cli import export_hf, import_hf
+    from llmtrain.parallel.consolidate import load_model_weights
+
+    torch.manual_seed(0)
+    hf = _hf_llama(True, dict(ROPE_SCALINGS["llama3"]), max_positions=2048).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg, sd = load_model_weights(import_hf(tmp_path / "hf", tmp_path / "ours"))
+    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 256)
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(sd)
+    ids = torch.randint(0, VOCAB, (2, 32))
+    _assert_parity(hf, ours, ids)
+    back = transformers.LlamaForCausalLM.from_pretrained(str(export_hf(tmp_path / "ours", tmp_path / "back"))).eval()
+    _assert_parity(back, ours, ids)
+
+
+def test_rope_scaling_config_is_checked():
+    with pytest.raises(ValueError, match="needs model.pos=rope"):
+        build_model(ModelConfig(rope_scaling=RopeScaling("linear", 2.0)))
+    with pytest.raises(ValueError, match="rope_type must be"):
+        RopeScaling("yarn")
+    with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
+        RopeScaling("llama3", 8.0, 4.0, 1.0)
+    cfg = ModelConfig(pos="rope", rope_scaling={"rope_type": "linear", "factor": 2.0})  # as read from config.yaml
+    assert cfg.rope_scaling == RopeScaling("linear", 2.0)
+    from llmtrain.config import load_config
+
+    cfg = load_config(None, ["model.name=llama_debug", "model.rope_scaling.rope_type=linear",
+                             "model.rope_scaling.factor=2"]).model
+    assert cfg.rope_scaling == RopeScaling("linear", 2.0)
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig(pos="rope", rope_scaling={"type": "linear"})
+    hf_cfg = transformers.LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 16})
+    with pytest.raises(ValueError, match="'yarn' is not implemented"):
+        family_for_hf("llama").from_hf(hf_cfg, {})
+
+
+def test_gpt2_export_of_sinusoidal_positions():
+    """Fixed sinusoidal positions export as GPT-2's position table (their values at 0 .. block_size-1): the
+    same logits, also with packed-document position ids, and import-hf reads it back as learned positions."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=48, vocab_size=VOCAB, block_size=32, pos="sinusoidal")
+    mine = build_model(cfg).eval()
+    mine.init_weights()
+    hf_cfg, hf_sd = family_for_config(cfg).to_hf(cfg, mine.state_dict())
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    ids = torch.randint(0, VOCAB, (2, 32))
+    _assert_parity(hf, mine, ids)
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).expand(2, 32)  # two documents packed in a row
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids, position_ids=pos), hf(ids, position_ids=pos).logits, **TOL)
+
+    back_cfg, back_sd = family_for_hf("gpt2").from_hf(hf.config, hf.state_dict())
+    assert back_cfg.pos == "learned"
+    back = build_model(back_cfg).eval()
+    back.load_state_dict(back_sd)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), mine(ids), **TOL)
