@@ -34,14 +34,16 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict:
         recs = [r for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl") if "loss" in r][warmup:]
     med = lambda key: statistics.median(r[key] for r in recs) if recs and recs[0].get(key) is not None else None
     import torch
+    import torch.distributed as dist
 
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {
         "recipe": recipe, "overrides": overrides, "steps": steps, "warmup_excluded": warmup,
         "tokens_per_s": med("tokens_per_s"), "tflops_per_device": med("tflops_per_device"), "mfu": med("mfu"),
         "hfu": med("hfu"), "peak_mem_gib": max((r.get("peak_mem_gib") or 0) for r in recs) or None,
         "final_loss": recs[-1]["loss"] if recs else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "world_size": cfg.parallel.tp * cfg.parallel.pp, "torch": torch.__version__,
+        "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "torch": torch.__version__,
         "precision": cfg.precision, "zero_stage": cfg.parallel.zero_stage,
         "activation_checkpointing": cfg.parallel.activation_checkpointing,
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -32,8 +33,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--out", default="benchmarks/results/trainer_overhead.json")
     ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both loops (default 1)")
     args = ap.parse_intermixed_args()
-    torch.set_num_threads(1)
+    # OMP_NUM_THREADS too: init_distributed sizes the thread pool from it when it is set, else from the cores.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
 
     from llmtrain.config import derive, load_config
     from llmtrain.parallel.engine import init_distributed, param_groups
@@ -86,7 +90,7 @@ def main() -> int:
         "llmtrain_step_s_median": statistics.median(ours), "plain_step_s_median": statistics.median(theirs),
         "llmtrain_step_s": ours, "plain_step_s": theirs,
         "ratio": statistics.median(theirs) / statistics.median(ours),
-        "target": 0.95, "torch": torch.__version__,
+        "target": 0.95, "torch": torch.__version__, "cpus": os.cpu_count(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
