@@ -42,14 +42,19 @@ class ShardWriter:
         self._bin_tmp = self.stem.with_suffix(".bin.tmp")
         self._bin = open(self._bin_tmp, "wb")
         self._bin.write(HEADER.pack(BIN_MAGIC, VERSION, self.dtype.itemsize, 0, 0))
-        self.ends: list[int] = []
-        self.tokens = 0
+        self._ends: list[np.ndarray] = []
+        self.tokens = self.docs = 0
 
     def add(self, ids: np.ndarray) -> None:
         """One document's tokens, EOS already appended."""
-        self._bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
-        self.tokens += len(ids)
-        self.ends.append(self.tokens)
+        self.add_docs(ids, np.array([len(ids)]))
+
+    def add_docs(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Consecutive documents: their tokens (each with its EOS) concatenated, and each one's length."""
+        self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        self._ends.append(self.tokens + np.cumsum(lengths, dtype=np.uint64))
+        self.tokens += len(tokens)
+        self.docs += len(lengths)
 
     def discard(self) -> None:
         self._bin.close()
@@ -63,11 +68,12 @@ class ShardWriter:
         self._bin.close()
         idx_tmp = self.stem.with_suffix(".idx.tmp")
         with open(idx_tmp, "wb") as f:
-            f.write(HEADER.pack(IDX_MAGIC, VERSION, 8, len(self.ends), self.tokens))
-            f.write(np.asarray(self.ends, dtype=np.uint64).tobytes())
+            f.write(HEADER.pack(IDX_MAGIC, VERSION, 8, self.docs, self.tokens))
+            for ends in self._ends:
+                f.write(ends.tobytes())
         os.replace(self._bin_tmp, self.stem.with_suffix(".bin"))
         os.replace(idx_tmp, self.stem.with_suffix(".idx"))
-        return {"tokens": self.tokens, "docs": len(self.ends)}
+        return {"tokens": self.tokens, "docs": self.docs}
 
 
 def _read_header(path: Path, magic: bytes) -> tuple[int, int, int]:

@@ -8,18 +8,21 @@ Memory stays flat: at most `2 * workers` batches of documents are in flight at a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
+from array import array
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from llmtrain.data import tokenize_worker
 from llmtrain.data.format import FORMAT_NAME, VERSION, ShardWriter, token_dtype, write_manifest
 from llmtrain.data.order import derive_key, mix64
-from llmtrain.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
+from llmtrain.data.tokenizer import Tokenizer, tokenizer_meta
 
 SPLITS = ("train", "val")
 
@@ -34,58 +37,39 @@ def is_val(doc_index: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
 
 # -- tokenizing, in this process or in workers ---------------------------------------------------
 
-_WORKER_TOK: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_path: str, in_worker: bool = True) -> None:
-    global _WORKER_TOK
-    if in_worker:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER_TOK = load_tokenizer(tokenizer_path)
-
-
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of all `texts` concatenated, and each text's length (compact to send between processes)."""
-    ids = _WORKER_TOK.encode_batch(texts)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.concatenate([np.asarray(x, dtype=np.uint32) for x in ids]) if ids else np.zeros(0, np.uint32)
-    return flat, lengths
-
-
-def encoded_batches(batches: Iterable[list[str]], tokenizer_path: str, workers: int
-                    ) -> Iterator[tuple[list[str], tuple[np.ndarray, np.ndarray]]]:
-    """(texts, encoding) per batch, in input order; `workers` > 1 tokenizes in that many processes."""
+def encoded_batches(batches: Iterable[list[str]], tok: Tokenizer, workers: int, dtype: Any = np.uint32
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per batch, in input order: each non-empty text's tokens then EOS, concatenated (`dtype`), and each
+    text's length (EOS included; 0 for an empty text). `workers` > 1 tokenizes in that many processes."""
+    dtype = np.dtype(dtype)
+    typecode = {2: "H", 4: "I"}[dtype.itemsize]
+    assert array(typecode).itemsize == dtype.itemsize, "array typecode and dtype disagree on this platform"
     if workers <= 1:
-        _init_worker(tokenizer_path, in_worker=False)
+        encode = tokenize_worker.encoder(tok.hf)
         for texts in batches:
-            yield texts, _encode(texts)
+            flat, lengths = tokenize_worker.encode_texts(encode, tok.eos_id, typecode, texts)
+            yield np.frombuffer(flat, dtype), np.frombuffer(lengths, np.int64)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would copy half-alive.
-    with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (tokenizer_path,)) as pool:
+    init = (tok.hf.to_str(), tok.eos_id, typecode)
+    with ProcessPoolExecutor(workers, mp.get_context("spawn"), tokenize_worker.init, init) as pool:
         pending: deque = deque()
         for texts in batches:
-            pending.append((texts, pool.submit(_encode, texts)))
+            pending.append(pool.submit(tokenize_worker.encode, texts))
             if len(pending) >= 2 * workers:  # bounded prefetch keeps memory flat on any corpus size
-                t, fut = pending.popleft()
-                yield t, fut.result()
+                flat, lengths = pending.popleft().result()
+                yield np.frombuffer(flat, dtype), np.frombuffer(lengths, np.int64)
         while pending:
-            t, fut = pending.popleft()
-            yield t, fut.result()
+            flat, lengths = pending.popleft().result()
+            yield np.frombuffer(flat, dtype), np.frombuffer(lengths, np.int64)
 
 
 def _batched(texts: Iterable[str], skip: int, size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for i, text in enumerate(texts):
-        if i < skip:
-            continue
-        batch.append(text)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    it = itertools.islice(texts, skip, None)  # skipped documents are read, not tokenized
+    while batch := list(itertools.islice(it, size)):
         yield batch
 
 
@@ -100,6 +84,16 @@ class _Chunk:
     @property
     def tokens(self) -> int:
         return sum(w.tokens for w in self.writers.values())
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, val: np.ndarray) -> None:
+        """Consecutive documents: their `tokens` (EOS included) concatenated, `lengths`, and which are val."""
+        self.docs += len(lengths)
+        for split, mine in (("train", ~val), ("val", val)):
+            mine = mine & (lengths > 0)  # empty documents add nothing, not even an EOS
+            if mine.all():
+                self.writers[split].add_docs(tokens, lengths)
+            elif mine.any():
+                self.writers[split].add_docs(tokens[np.repeat(mine, lengths)], lengths[mine])
 
     def discard(self) -> None:
         for w in self.writers.values():
@@ -144,20 +138,24 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
     dtype = token_dtype(tok.vocab_size)
     bar = _progress(progress, label, skip)
     chunk = _Chunk(out, len(chunks), skip, dtype)
-    doc_index, eos = skip, np.array([tok.eos_id], dtype=np.uint32)
-    started, new_tokens = time.perf_counter(), 0
-    for texts_b, (flat, lengths) in encoded_batches(_batched(texts, skip, batch_docs), str(out), workers):
-        val = is_val(np.arange(doc_index, doc_index + len(texts_b)), val_fraction, seed)
-        for j, start in enumerate(np.concatenate([[0], np.cumsum(lengths)[:-1]])):
-            chunk.docs += 1
-            doc_index += 1
-            if texts_b[j]:  # empty documents add nothing, not even an EOS
-                chunk.writers["val" if val[j] else "train"].add(np.concatenate([flat[start:start + lengths[j]], eos]))
-                new_tokens += int(lengths[j]) + 1
-            if chunk.tokens >= shard_tokens:  # shards stay within one document of `shard_tokens`
+    doc_index, started, new_tokens = skip, time.perf_counter(), 0
+    for flat, lengths in encoded_batches(_batched(texts, skip, batch_docs), tok, workers, dtype):
+        val = is_val(np.arange(doc_index, doc_index + len(lengths)), val_fraction, seed)
+        ends = np.cumsum(lengths)
+        a = 0
+        while a < len(lengths):  # the documents [a, b) go to this chunk; it closes after the one that fills it
+            start = int(ends[a - 1]) if a else 0
+            # the first document with which the chunk reaches `shard_tokens` (len(lengths): none of this batch)
+            full = int(np.searchsorted(ends, start + shard_tokens - chunk.tokens))
+            b = min(max(full, a) + 1, len(lengths))
+            chunk.add(flat[start:ends[b - 1]], lengths[a:b], val[a:b])
+            if full < len(lengths):  # shards stay within one document of `shard_tokens`
                 chunks.append(chunk.close(settings))
-                chunk = _Chunk(out, len(chunks), doc_index, dtype)
-        bar.update(int(lengths.sum()))
+                chunk = _Chunk(out, len(chunks), doc_index + b, dtype)
+            a = b
+        doc_index += len(lengths)
+        new_tokens += len(flat)
+        bar.update(len(flat))
     if chunk.docs or not chunks:
         chunks.append(chunk.close(settings))
     else:

@@ -88,13 +88,12 @@ class StreamingData:
 
         texts = iter_texts(self.cfg.stream, text_field=self.cfg.stream_text_field)
         texts = itertools.islice(texts, first, last)
-        index, eos = first, np.array([self.tokenizer.eos_id], dtype=np.uint32)
-        for batch, (flat, lengths) in encoded_batches(_batched(texts, 0, 64), self.tokenizer_dir,
-                                                      self.cfg.stream_workers):
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            for j, text in enumerate(batch):
-                if text:
-                    yield index, np.concatenate([flat[offsets[j]:offsets[j + 1]], eos])
+        index = first
+        for flat, lengths in encoded_batches(_batched(texts, 0, 64), self.tokenizer, self.cfg.stream_workers):
+            ends = np.cumsum(lengths)
+            for j, n in enumerate(lengths.tolist()):
+                if n:  # an empty document adds nothing, not even an EOS
+                    yield index, flat[ends[j] - n:ends[j]]
                 index += 1
 
     def _global_batch(self, step: int) -> np.ndarray:
