@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import ROOT
 from llmtrain.config import load_config
 from llmtrain.models import build_model
 from llmtrain.train.flops import peak_flops
@@ -50,3 +51,18 @@ def test_untied_embedding_is_a_lookup_not_a_matmul():
     n, V, d = 1_100_048_384, 32000, 2048
     assert sum(p.numel() for p in model.parameters()) == n
     assert tp.model_flops_per_token == 6 * (n - V * d) + 12 * 22 * d * 2048
+
+
+def test_bert_masked_lm_head_counts_only_masked_positions():
+    """BERT's MLM head (dense + decoder tied to wte) runs on the ~15% masked positions, not every token."""
+    cfg = load_config(ROOT / "recipes" / "bert_base.yaml", ["train.seq_len=512"])
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    tp = build_throughput(cfg, model, torch.device("cpu"), world_size=1)
+    L, d, T, V, p = 12, 768, 512, cfg.model.vocab_size, cfg.data.mlm_prob
+    blocks = L * (12 * d * d + 13 * d)
+    rest = d * d + d + 2 * d + 2 * d + 2 * d + 2  # pooler, embedding norm, head norm, nsp head
+    head = d * d + V * d  # mlm_dense + tied decoder
+    dense_bias = d  # mlm_dense.bias is a per-token add, counted with the params as PaLM does
+    n_all = blocks + rest + head + dense_bias + V  # + the decoder bias
+    assert tp.model_flops_per_token == pytest.approx(6 * (n_all - (1 - p) * head) + 12 * L * d * T, abs=6)

@@ -42,6 +42,15 @@ def matmul_params(named_params: Iterable[tuple[str, Any]]) -> int:
     return sum(size for name, size in sizes.items() if name not in lookups)
 
 
+def masked_lm_head_params(named_params: Iterable[tuple[str, Any]]) -> int:
+    """Matmul parameters of BERT's masked-LM head (transform + decoder tied to `wte`): it runs only on the
+    masked positions (~`data.mlm_prob` of the tokens), not on every token; 0 for models without it."""
+    sizes = {name: p.numel() for name, p in named_params}
+    if "mlm_dense.weight" not in sizes:
+        return 0
+    return sizes["mlm_dense.weight"] + sizes.get("lm_head.weight", sizes.get("wte.weight", 0))
+
+
 def model_flops_per_token(n_matmul_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
     return 6.0 * n_matmul_params + 12.0 * n_layer * d_model * seq_len
 
