@@ -59,12 +59,16 @@ def test_doc_mask_with_pipeline_stages_is_refused():
         load_config("recipes/gpt_debug.yaml", ["data.doc_mask=true", "parallel.pp=2"])
 
 
-def test_training_with_doc_mask_runs_through_the_launcher(tmp_path):
-    from helpers import losses, train
+def test_training_with_doc_mask_runs_through_the_launcher_and_with_tensor_parallel(tmp_path):
+    """One rank, then tp2 over two processes: the document mask reaches the sharded attention too, so the
+    per-step losses agree (fp32; sharded matmuls add in another order, ~1e-7 relative: 1e-5 as elsewhere)."""
+    from helpers import assert_losses_match, losses, train
 
     train(tmp_path / "run", "data.doc_mask=true", "train.max_steps=3")
     got = losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3] and all(v == v and v > 0 for v in got.values())
+    train(tmp_path / "tp2", "data.doc_mask=true", "train.max_steps=3", "parallel.tp=2", launcher="torchrun", nproc=2)
+    assert_losses_match(losses(tmp_path / "tp2"), got, 1e-5)
 
 
 def test_doc_mask_is_refused_where_it_would_be_ignored(tiny_dataset):
