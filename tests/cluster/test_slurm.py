@@ -105,3 +105,34 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
         run_dir / "logs" / "rank0.log").read_text()
     train = last_by_step(read_metrics(metrics), "loss")
     assert sorted(train) == list(range(1, max_steps + 1)) and all(map(math.isfinite, train.values()))
+
+
+def test_two_node_distill_sbatch_job(slurm_cluster, tmp_path):
+    """launchers/slurm/distill.sbatch: the same node logic with launchers/distill.py as the entry. A tiny
+    teacher is trained here first (one process), then a 2-node job distils a student from it."""
+    teacher, run_dir = tmp_path / "teacher", tmp_path / "run"
+    overrides = [*TINY, "train.max_steps=2"]
+    resolve_sources(load_config(ROOT / RECIPE, overrides).data)
+    made = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), RECIPE, *overrides,
+                           f"out_dir={teacher}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+    cmd = ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/slurm-%j.out",
+           "launchers/slurm/distill.sbatch", "recipes/distill_gpt_debug.yaml", *TINY,
+           f"train.max_steps={MAX_STEPS}", f"distill.teacher={teacher}", f"out_dir={run_dir}"]
+    job_env = slurm_cluster.env(dict(env(threads=1), LLMTRAIN_PYTHON=sys.executable))
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    job_id = proc.stdout.strip().split(";")[0]
+
+    job = slurm_cluster.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert (job.state, job.fields.get("ExitCode")) == ("COMPLETED", "0:0"), (
+        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')}\n{_logs(tmp_path, run_dir)}")
+    assert job.fields["NumNodes"] == "2"
+    for node_rank in range(2):
+        text = (run_dir / "logs" / f"node{node_rank}.log").read_text()
+        assert f"node_rank={node_rank} nnodes=2" in text and "torchrun exited 0" in text, text
+    assert json.loads((run_dir / "preflight.json").read_text())["world_size"] == 2
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, MAX_STEPS + 1)), train
+    assert all(math.isfinite(r["loss"]) for r in train), train
+    assert all("kd_loss" in r for r in train), train[0]  # the teacher term is there: it distilled
