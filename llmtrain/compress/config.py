@@ -26,6 +26,9 @@ class DistillConfig:
     relation_heads: int = 4
     # Numeric format of the frozen teacher's weights and forward: fp32 or bf16 (halves its memory).
     teacher_precision: Literal["fp32", "bf16"] = "fp32"
+    # Teacher layout: 0 = whole on every rank; 3 = its parameters partitioned over the data-parallel ranks
+    # (DeepSpeed ZeRO-3, no rank ever holds it whole), gathered block by block during its forward.
+    teacher_zero_stage: int = 0
     # Directory of precomputed top-k teacher logits for every training sample of the run ('' = run the teacher
     # every step). Built once before training when missing; later runs with the same data pay no teacher forward.
     cache_dir: str = ""

@@ -8,8 +8,11 @@ metrics.jsonl, wandb and preemption work unchanged.
 (Hinton et al. 2015 for the tau^2 factor, which keeps the soft-target gradients on the scale of CE's;
 DistilBERT for the loss mix; Wang et al. 2021, MiniLMv2, for relations that need no equal head counts.)
 
-The teacher is a frozen plain module on every rank (fp32 or bf16), in eval mode, never in the engine:
-with ZeRO-3 the student is partitioned and the teacher is whole on each rank. With `distill.cache_dir`
+The teacher is a frozen plain module (fp32 or bf16), in eval mode, never in the student's engine: whole on
+every rank (`distill.teacher_zero_stage=0`, whatever the student's ZeRO stage), or with
+`distill.teacher_zero_stage=3` built inside `deepspeed.zero.Init` and wrapped in its own optimizer-less
+ZeRO-3 engine (ZeRO-Inference), so each rank holds 1/dp of it and its forward gathers block by block;
+every rank then runs every teacher forward (they are collectives). With `distill.cache_dir`
 the teacher's top-k logits of every training sample are computed once (rank 0) and later looked up by a
 hash of the sample's tokens, so the student run pays no teacher forward and any layout reads the cache.
 Held-out evaluation is the student's plain CE (so its perplexity compares with a run without teacher).
@@ -261,7 +264,8 @@ class Distill:
             kd = topk_kd_kl(logits[keep], logprobs.flatten(0, 1)[keep], indices.flatten(0, 1)[keep], c.temperature)
             t_feats: dict[str, Any] = {}
         else:
-            with torch.no_grad(), capture(self.teacher, c.hidden_weight > 0, c.attention_weight > 0) as t_feats:
+            t_plain = getattr(self.teacher, "module", self.teacher)  # a ZeRO-3 teacher is an inference engine
+            with torch.no_grad(), capture(t_plain, c.hidden_weight > 0, c.attention_weight > 0) as t_feats:
                 t_logits = self._forward(self.teacher, batch)[0]
             kd = kd_kl(logits[keep], t_logits[keep], c.temperature)
         loss = c.alpha * c.temperature**2 * kd + (1 - c.alpha) * own
@@ -307,33 +311,88 @@ def validate_distill(cfg: Any) -> None:
         raise ValueError(f"distill.temperature must be > 0; got {d.temperature}")
     if d.top_k < 1:
         raise ValueError(f"distill.top_k must be >= 1; got {d.top_k}")
+    if d.teacher_zero_stage not in (0, 3):
+        raise ValueError(f"distill.teacher_zero_stage must be 0 (whole teacher on every rank) or 3 (teacher "
+                         f"partitioned over the data-parallel ranks); got {d.teacher_zero_stage}")
+    if d.teacher_zero_stage == 3 and d.cache_dir:
+        raise ValueError("distill.cache_dir is built by rank 0 alone with the whole teacher; set "
+                         "distill.teacher_zero_stage=0 (or distill.cache_dir='')")
     if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         raise ValueError("distillation runs on data parallel with ZeRO 0-3 (the teacher is whole on every rank); "
                          "set parallel.tp=1 and parallel.pp=1")
 
 
-def load_teacher(path: str, precision: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """A frozen, eval-mode plain module of the teacher: an llmtrain checkpoint, run or consolidated directory,
-    or a Hugging Face directory / GGUF file, imported on the fly through llmtrain's HF interop."""
+def load_teacher(path: str, precision: str, device: torch.device, zero_stage: int = 0) -> tuple[nn.Module, Any]:
+    """A frozen, eval-mode module of the teacher: an llmtrain checkpoint, run or consolidated directory, or a
+    Hugging Face directory / GGUF file, imported on the fly through llmtrain's HF interop. zero_stage=3
+    (collective: every rank calls it) returns a ZeRO-3 inference engine around it instead of a whole module."""
     import tempfile
 
     from llmtrain.models import build_model
-    from llmtrain.parallel.consolidate import load_model_weights
+    from llmtrain.parallel.consolidate import iter_model_weights, load_model_weights
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     try:
-        if (Path(path) / "config.json").is_file() or Path(path).suffix == ".gguf":
-            from llmtrain.interop.cli import import_hf
+        with tempfile.TemporaryDirectory(prefix="llmtrain-teacher-") as tmp:
+            if (Path(path) / "config.json").is_file() or Path(path).suffix == ".gguf":
+                from llmtrain.interop.cli import import_hf
 
-            with tempfile.TemporaryDirectory(prefix="llmtrain-teacher-") as tmp:
-                cfg, weights = load_model_weights(import_hf(path, Path(tmp) / "teacher"))
-        else:
-            cfg, weights = load_model_weights(path)
+                path = import_hf(path, Path(tmp) / "teacher")
+            if zero_stage == 3:
+                cfg, weights = iter_model_weights(path)
+                return _zero3_teacher(path, cfg, weights, dtype), cfg
+            cfg, state = load_model_weights(path)
     except ValueError as exc:
         raise ValueError(f"distill.teacher: {exc}") from None
     teacher = build_model(cfg)
-    teacher.load_state_dict(weights)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    teacher.load_state_dict(state)
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg
+
+
+def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype) -> nn.Module:
+    """Build the teacher inside deepspeed.zero.Init (each rank allocates only its partition of every parameter),
+    copy the checkpoint in one parameter at a time (gathered, written by rank 0, re-partitioned), and wrap it
+    in an optimizer-less ZeRO-3 engine whose hooks gather each module's parameters for its forward."""
+    import dataclasses
+
+    import deepspeed
+
+    from llmtrain.models import build_model
+    from llmtrain.utils import rank
+
+    # Every parameter partitioned, however small (the default keeps those under 1e5 elements whole). No
+    # memory-efficient linear: zero.Init would swap torch.nn.functional.linear for the whole process (the
+    # student's layers too) to save activations for a backward the teacher never runs.
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False}
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+          "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    # the dtype comes from the config: zero.Init's own dtype argument is ignored on devices without fp16
+    # (DeepSpeed 0.19 makes such parameters bf16 whatever is asked)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        teacher = build_model(dataclasses.replace(cfg, init_from=None))
+    params = dict(teacher.named_parameters())  # tied weights once, as the checkpoint yields them
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in weights:
+            p = params.get(name)
+            if p is None or tuple(p.ds_shape) != tuple(tensor.shape):
+                raise ValueError(f"{path}: parameter '{name}' {tuple(tensor.shape)} does not fit the teacher "
+                                 f"built from its own config; the checkpoint is inconsistent")
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank() == 0:
+                    p.data.copy_(tensor)
+            seen.add(name)
+    missing = [n for n in params if n not in seen]
+    if missing:
+        raise ValueError(f"{path} has no weight for '{missing[0]}'; it is incomplete")
+    teacher.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+    engine.eval()
+    local = sum(p.ds_tensor.numel() for p in teacher.parameters())
+    total = sum(p.ds_numel for p in teacher.parameters())
+    kind = next(teacher.parameters()).ds_tensor.dtype
+    print(f"teacher ZeRO-3: rank {rank()} holds {local} of {total} teacher parameter elements ({kind})", flush=True)
+    return engine
 
 
 def check_pair(student: Any, teacher: Any) -> None:
@@ -385,7 +444,7 @@ def run_distill(cfg: Any) -> dict[str, Any]:
     d = cfg.distill
     teacher, teacher_cfg, cache = None, None, None
     if d.teacher:
-        teacher, teacher_cfg = load_teacher(d.teacher, d.teacher_precision, info.device)
+        teacher, teacher_cfg = load_teacher(d.teacher, d.teacher_precision, info.device, d.teacher_zero_stage)
         check_pair(cfg.model, teacher_cfg)
     if d.cache_dir:
         cache = ensure_cache(cfg, teacher, info.device)

@@ -211,3 +211,47 @@ def test_cached_teacher_logits(tmp_path, teacher):
     proc = _distill(tmp_path / "c", teacher, "train.max_steps=3", f"distill.cache_dir={cache}",
                     "distill.top_k=8", "distill.hidden_weight=1", check=False)
     assert proc.returncode == 2 and "distill.hidden_weight=0" in proc.stderr
+
+
+@pytest.mark.slow
+def test_zero3_teacher_matches_a_whole_teacher(tmp_path, teacher):
+    """distill.teacher_zero_stage=3 on 2 ranks (student ZeRO-1, hidden-state and relation transfer on): each
+    rank holds half the teacher, and the fp32 losses equal those of the same run with the whole teacher on
+    every rank."""
+    import re
+
+    from helpers import free_port
+
+    def run(stage: int):
+        torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
+        return _distill(tmp_path / f"t{stage}", teacher, *COMMON, "train.max_steps=3", "parallel.zero_stage=1",
+                        f"distill.teacher_zero_stage={stage}", launcher=torchrun)
+
+    proc = run(3)
+    held = {int(r): (int(n), int(t)) for r, n, t in
+            re.findall(r"teacher ZeRO-3: rank (\d) holds (\d+) of (\d+) teacher parameter elements \(torch.float32\)",
+                       proc.stdout)}
+    assert sorted(held) == [0, 1], proc.stdout[-3000:]
+    total = held[0][1]
+    for local, _ in held.values():
+        assert total / 2 <= local <= total / 2 + 2048  # half, plus at most a few elements of padding per parameter
+    run(0)
+    whole, sharded = losses(tmp_path / "t0"), losses(tmp_path / "t3")
+    assert sorted(sharded) == [1, 2, 3]
+    for step in whole:
+        assert sharded[step] == pytest.approx(whole[step], abs=1e-5), step
+    print(f"per-rank teacher elements {held}; max |loss difference| "
+          f"{max(abs(sharded[s] - whole[s]) for s in whole):.2e}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.teacher_zero_stage=2"], "distill.teacher_zero_stage must be 0"),
+    (["distill.teacher_zero_stage=3", "distill.cache_dir=c"], "distill.teacher_zero_stage=0"),
+])
+def test_teacher_zero_stage_is_validated(overrides, message):
+    from llmtrain.compress.distill import validate_distill
+    from llmtrain.config import load_config
+
+    cfg = load_config(ROOT / "recipes" / "distill_gpt_debug.yaml", overrides)
+    with pytest.raises(ValueError, match=message):
+        validate_distill(cfg)
