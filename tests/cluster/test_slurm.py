@@ -37,20 +37,30 @@ def _logs(tmp_path, run_dir) -> str:
     return "\n".join(parts)
 
 
+def _submit(slurm_cluster, tmp_path, script: str, *args: str) -> str:
+    """sbatch a 2-node job of one of our scripts as a user does; its job id."""
+    cmd = ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/slurm-%j.out", script, *args]
+    job_env = slurm_cluster.env(dict(env(threads=1), LLMTRAIN_PYTHON=sys.executable))
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def _wait_completed(slurm_cluster, job_id: str, tmp_path, run_dir):
+    job = slurm_cluster.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert (job.state, job.fields.get("ExitCode")) == ("COMPLETED", "0:0"), (
+        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')}\n{_logs(tmp_path, run_dir)}")
+    return job
+
+
 def test_two_node_sbatch_job_trains_gpt_debug(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY, f"train.max_steps={MAX_STEPS}"]
     resolve_sources(load_config(ROOT / RECIPE, overrides).data)  # stage the corpus (downloads on a cold cache)
-    cmd = ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/slurm-%j.out",
-           "launchers/slurm/train.sbatch", RECIPE, *overrides, f"out_dir={run_dir}"]
-    job_env = slurm_cluster.env(dict(env(threads=1), LLMTRAIN_PYTHON=sys.executable))
-    proc = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides,
+                     f"out_dir={run_dir}")
 
-    job = slurm_cluster.wait(job_id, timeout=JOB_TIMEOUT_S)
-    assert (job.state, job.fields.get("ExitCode")) == ("COMPLETED", "0:0"), (
-        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')}\n{_logs(tmp_path, run_dir)}")
+    job = _wait_completed(slurm_cluster, job_id, tmp_path, run_dir)
     assert job.fields["NumNodes"] == "2" and job.fields["NodeList"] == "llmnode[1-2]"
 
     # One node task per node, each on its own host, both in the same 2-node rendezvous.
@@ -78,12 +88,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     run_dir, max_steps = tmp_path / "run", 40  # >= 38 steps left after the signal: seconds of margin
     overrides = [*TINY, f"train.max_steps={max_steps}", "checkpoint.keep_last=2"]
     resolve_sources(load_config(ROOT / RECIPE, overrides).data)
-    cmd = ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/slurm-%j.out",
-           "launchers/slurm/train.sbatch", RECIPE, *overrides, f"out_dir={run_dir}"]
-    job_env = slurm_cluster.env(dict(env(threads=1), LLMTRAIN_PYTHON=sys.executable))
-    proc = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides,
+                     f"out_dir={run_dir}")
 
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -116,17 +122,10 @@ def test_two_node_distill_sbatch_job(slurm_cluster, tmp_path):
     made = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), RECIPE, *overrides,
                            f"out_dir={teacher}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
-    cmd = ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/slurm-%j.out",
-           "launchers/slurm/distill.sbatch", "recipes/distill_gpt_debug.yaml", *TINY,
-           f"train.max_steps={MAX_STEPS}", f"distill.teacher={teacher}", f"out_dir={run_dir}"]
-    job_env = slurm_cluster.env(dict(env(threads=1), LLMTRAIN_PYTHON=sys.executable))
-    proc = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/distill.sbatch", "recipes/distill_gpt_debug.yaml",
+                     *TINY, f"train.max_steps={MAX_STEPS}", f"distill.teacher={teacher}", f"out_dir={run_dir}")
 
-    job = slurm_cluster.wait(job_id, timeout=JOB_TIMEOUT_S)
-    assert (job.state, job.fields.get("ExitCode")) == ("COMPLETED", "0:0"), (
-        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')}\n{_logs(tmp_path, run_dir)}")
+    job = _wait_completed(slurm_cluster, job_id, tmp_path, run_dir)
     assert job.fields["NumNodes"] == "2"
     for node_rank in range(2):
         text = (run_dir / "logs" / f"node{node_rank}.log").read_text()
