@@ -5,6 +5,14 @@ llama.cpp's converter permutes the rows of q_proj and k_proj within each head fr
 layout (dim i pairs with dim i + hs/2) to the interleaved one (dim 2i pairs with 2i + 1); `_unpermute`
 undoes that. The tokenizer (a byte-level BPE for `tokenizer.ggml.model = gpt2`) is rebuilt from the
 vocabulary and merges stored in the file's metadata.
+
+Rotary scaling is read as llama.cpp reads it: `llama.rope.scaling.type` (absent means "linear"),
+`llama.rope.scaling.factor` (older files: `llama.rope.scale_linear`; absent or 0 means 1). "linear" with a
+factor other than 1 becomes transformers' `rope_scaling={"rope_type": "linear", "factor": f}`; "none" (or
+factor 1) is plain rotary. Other types (yarn, longrope) are refused, as is the `rope_freqs.weight` tensor in
+which llama.cpp stores llama3 scaling: its per-frequency factors do not determine rope_scaling's llama3
+parameters (import a llama3-scaled model from its Hugging Face checkpoint: `llmtrain import-hf HF_DIR OUT_DIR`).
+A `llama.rope.scaling.attn_factor` other than 1 is refused too (transformers' linear and plain rotary have none).
 """
 
 from __future__ import annotations
@@ -53,6 +61,28 @@ def _hf_name(name: str) -> str | None:
     return hf.format(i=parts[1]) if hf and parts[0] == "blk" else hf
 
 
+def _rope_scaling(meta: Any, path: str | Path) -> dict[str, Any] | None:
+    """transformers' `rope_scaling` for the file's rotary scaling metadata (None: plain rotary)."""
+    key = "llama.rope.scaling.type"
+    kind = meta(key, "linear")  # llama.cpp's default when the key is absent
+    factor = meta("llama.rope.scaling.factor", meta("llama.rope.scale_linear", 0.0))
+    factor = _f32(factor) if factor else 1.0
+    if kind not in ("none", "linear"):
+        orig = meta("llama.rope.scaling.original_context_length")
+        raise ValueError(f"{path}: {key} = '{kind}' (llama.rope.scaling.factor = {factor}"
+                         + (f", llama.rope.scaling.original_context_length = {orig}" if orig is not None else "")
+                         + f") is not supported: GGUF import maps the types 'none' and 'linear' only, and llmtrain "
+                         f"implements no rotary scaling but linear and llama3 (a Hugging Face checkpoint with those "
+                         f"imports through llmtrain import-hf HF_DIR OUT_DIR)")
+    attn = meta("llama.rope.scaling.attn_factor", 1.0)
+    if _f32(attn) != 1.0:  # llama.cpp multiplies the rotated q and k by it; transformers' linear / plain do not
+        raise ValueError(f"{path}: llama.rope.scaling.attn_factor = {_f32(attn)} is not supported (1 only): "
+                         f"llmtrain's rotary has no such factor")
+    if kind == "none" or factor == 1.0:  # llama.cpp never scales with type none, whatever the factor
+        return None
+    return {"rope_type": "linear", "factor": factor}
+
+
 def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
     """(transformers LlamaConfig, fp32 state dict in transformers' Llama layout, HF `tokenizers.Tokenizer`)."""
     from gguf import GGUFReader
@@ -68,6 +98,12 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
 
     if meta("general.architecture") != "llama":
         raise ValueError(f"{path}: GGUF architecture '{meta('general.architecture')}' is not llama")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"{path}: tensor 'rope_freqs.weight' holds llama3 rope frequency factors (llama.cpp's form "
+                         f"of rope_scaling type llama3), which cannot be mapped back to rope_scaling's factor, "
+                         f"low/high_freq_factor and original_max_position_embeddings; import the model's Hugging "
+                         f"Face checkpoint instead: llmtrain import-hf HF_DIR OUT_DIR")
+    rope_scaling = _rope_scaling(meta, path)
     n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
     sd: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantise", unit="tensor", disable=None):
@@ -87,7 +123,7 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
         intermediate_size=int(meta("llama.feed_forward_length")), num_hidden_layers=int(meta("llama.block_count")),
         num_attention_heads=n_head, num_key_value_heads=n_kv, max_position_embeddings=int(meta("llama.context_length")),
         rms_norm_eps=_f32(meta("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=_f32(meta("llama.rope.freq_base", 10000.0)), tie_word_embeddings=tied,
+        rope_theta=_f32(meta("llama.rope.freq_base", 10000.0)), rope_scaling=rope_scaling, tie_word_embeddings=tied,
         bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
     if tied:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
