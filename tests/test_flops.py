@@ -27,12 +27,23 @@ def test_gpt_125m_flops_and_mfu_by_hand():
     assert h100.record(200_000.0)["mfu"] == pytest.approx(100_000 * 968_629_248 / 989e12)
 
 
-def test_hfu_counts_recompute():
-    cfg = load_config(None, ["parallel.activation_checkpointing=full"])
-    model = build_model(cfg.model)
+@pytest.mark.parametrize("mode, every_n, blocks_redone", [("full", 2, 12), ("every_n", 5, 3), ("every_n", 4, 3)])
+def test_hfu_counts_the_recomputed_blocks_by_hand(mode, every_n, blocks_redone):
+    """Recompute = one more forward of each checkpointed block (its matmuls + attention core); the
+    embedding and the output head are not recomputed. every_n wraps blocks 0, n, 2n, ... (12 layers)."""
+    cfg = load_config(None, ["model.name=gpt_125m", "train.seq_len=2048", f"parallel.activation_checkpointing={mode}",
+                             f"parallel.checkpoint_every_n={every_n}"])
+    with torch.device("meta"):
+        model = build_model(cfg.model)
     tp = build_throughput(cfg, model, torch.device("cpu"), 1)
-    assert tp.hw_flops_per_token > tp.model_flops_per_token
-    assert "hfu" in tp.record(1000.0)
+    d, T = 768, 2048
+    block_fwd = 2 * (12 * d * d + 13 * d) + 4 * d * T
+    assert tp.hw_flops_per_token - tp.model_flops_per_token == blocks_redone * block_fwd
+    assert tp.record(1000.0)["hfu"] is None  # CPU: no peak, but the field is there
+    selective = load_config(None, ["model.name=gpt_125m", "train.seq_len=2048",
+                                   "parallel.activation_checkpointing=selective"])
+    tp = build_throughput(selective, model, torch.device("cpu"), 1)
+    assert tp.hw_flops_per_token - tp.model_flops_per_token == 12 * 4 * d * T
 
 
 def test_peak_table():
@@ -54,7 +65,8 @@ def test_untied_embedding_is_a_lookup_not_a_matmul():
 
 
 def test_bert_masked_lm_head_counts_only_masked_positions():
-    """BERT's MLM head (dense + decoder tied to wte) runs on the ~15% masked positions, not every token."""
+    """BERT's MLM head (dense + decoder tied to wte) runs on the ~15% masked positions, not every token;
+    the pooler and NSP head once per sequence."""
     cfg = load_config(ROOT / "recipes" / "bert_base.yaml", ["train.seq_len=512"])
     with torch.device("meta"):
         model = build_model(cfg.model)
@@ -65,4 +77,6 @@ def test_bert_masked_lm_head_counts_only_masked_positions():
     head = d * d + V * d  # mlm_dense + tied decoder
     dense_bias = d  # mlm_dense.bias is a per-token add, counted with the params as PaLM does
     n_all = blocks + rest + head + dense_bias + V  # + the decoder bias
-    assert tp.model_flops_per_token == pytest.approx(6 * (n_all - (1 - p) * head) + 12 * L * d * T, abs=6)
+    per_seq = d * d + d + 2 * d + 2  # pooler + nsp head, on [CLS] only
+    assert tp.model_flops_per_token == pytest.approx(
+        6 * (n_all - (1 - p) * head - (1 - 1 / T) * per_seq) + 12 * L * d * T, abs=6)

@@ -51,21 +51,52 @@ def masked_lm_head_params(named_params: Iterable[tuple[str, Any]]) -> int:
     return sizes["mlm_dense.weight"] + sizes.get("lm_head.weight", sizes.get("wte.weight", 0))
 
 
-def model_flops_per_token(n_matmul_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+def block_params(named_params: Iterable[tuple[str, Any]]) -> int:
+    """Parameters inside the transformer blocks (`blocks.*`): the part activation checkpointing recomputes
+    (the embedding lookup and the output head run once)."""
+    return sum(p.numel() for name, p in named_params if name.startswith("blocks."))
+
+
+def per_sequence_params(named_params: Iterable[tuple[str, Any]]) -> int:
+    """Matmul parameters applied once per sequence, to its first ([CLS]) position: BERT's pooler, NSP head
+    and sequence classifier; 0 for decoders."""
+    return sum(p.numel() for name, p in named_params if name.startswith(("pooler.", "nsp_head.", "classifier.")))
+
+
+def model_flops_per_token(n_matmul_params: float, n_layer: int, d_model: int, seq_len: int) -> float:
     return 6.0 * n_matmul_params + 12.0 * n_layer * d_model * seq_len
 
 
-def recompute_flops_per_token(mode: str, n_matmul_params: int, n_layer: int, d_model: int, seq_len: int,
+def recompute_flops_per_token(mode: str, n_block_params: int, n_layer: int, d_model: int, seq_len: int,
                               every_n: int = 2) -> float:
-    """Extra forward FLOPs per token spent recomputing activations in backward."""
-    block_fwd = 2.0 * n_matmul_params + 4.0 * n_layer * d_model * seq_len  # a full forward (approx.)
+    """Extra forward FLOPs per token spent recomputing activations in backward: a block's forward is
+    2 x its parameters + the attention core 4·d·T; `every_n` recomputes blocks 0, n, 2n, ..."""
+    core = 4.0 * d_model * seq_len  # QK^T and AV of one layer, forward
+    block_fwd = 2.0 * n_block_params / max(1, n_layer) + core
     if mode == "full":
-        return block_fwd
+        return n_layer * block_fwd
     if mode == "every_n":
-        return block_fwd / max(1, every_n)
+        return len(range(0, n_layer, max(1, every_n))) * block_fwd
     if mode == "selective":  # only the attention core (QK^T, softmax, AV) is recomputed
-        return 4.0 * n_layer * d_model * seq_len
+        return n_layer * core
     return 0.0
+
+
+def flops_per_token(model: Any, n_layer: int, d_model: int, seq_len: int, mlm_prob: float | None = None,
+                    checkpointing: str = "none", every_n: int = 2) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per token of a training step of `model` (an nn.Module, meta is fine).
+
+    `mlm_prob` (BERT pre-training): the masked-LM head multiplies only that fraction of the positions.
+    The pooler / NSP / classifier heads run once per sequence, i.e. 1/seq_len of the tokens.
+    """
+    named = list(model.named_parameters())
+    n_mm = float(matmul_params(named))
+    if mlm_prob is not None:
+        n_mm -= masked_lm_head_params(named) * (1.0 - mlm_prob)
+    n_mm -= per_sequence_params(named) * (1.0 - 1.0 / seq_len)
+    per_token = model_flops_per_token(n_mm, n_layer, d_model, seq_len)
+    extra = recompute_flops_per_token(checkpointing, block_params(named), n_layer, d_model, seq_len, every_n)
+    return per_token, per_token + extra
 
 
 def utilisation(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:

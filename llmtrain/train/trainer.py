@@ -51,15 +51,12 @@ class Throughput:
 
 
 def build_throughput(cfg: Config, model: torch.nn.Module, device: torch.device, world_size: int) -> Throughput:
-    n_mm = flops.matmul_params(model.named_parameters())
-    if cfg.data.sample_kind == "bert":  # the masked-LM head multiplies only the masked positions
-        n_mm -= round(flops.masked_lm_head_params(model.named_parameters()) * (1.0 - cfg.data.mlm_prob))
-    m = cfg.model
-    per_token = flops.model_flops_per_token(n_mm, m.n_layer, m.n_embd, cfg.train.seq_len)
-    extra = flops.recompute_flops_per_token(cfg.parallel.activation_checkpointing, n_mm, m.n_layer,
-                                            m.n_embd, cfg.train.seq_len, cfg.parallel.checkpoint_every_n)
+    m, mlm = cfg.model, cfg.data.mlm_prob if cfg.data.sample_kind == "bert" else None
+    per_token, hw_per_token = flops.flops_per_token(model, m.n_layer, m.n_embd, cfg.train.seq_len, mlm,
+                                                    cfg.parallel.activation_checkpointing,
+                                                    cfg.parallel.checkpoint_every_n)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return Throughput(per_token, per_token + extra, flops.peak_flops(name), world_size)
+    return Throughput(per_token, hw_per_token, flops.peak_flops(name), world_size)
 
 
 @dataclass
