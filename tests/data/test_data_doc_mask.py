@@ -78,3 +78,33 @@ def test_doc_mask_is_refused_where_it_would_be_ignored(tiny_dataset):
                 DataConfig(path=str(tiny_dataset), sample_kind="bert", doc_mask=True)):
         with pytest.raises(ValueError, match=r"data\.doc_mask works on packed causal samples"):
             build_data(cfg, seq_len=16, seed=0, micro_batch_size=2, grad_accum=1, dp_rank=0, dp_size=1)
+
+
+
+@pytest.mark.slow
+def test_compiled_blocks_take_the_document_mask_as_data():
+    """train.compile with data.doc_mask: the (B, 1, T, T) mask is an input of each compiled block, so two
+    packings of the same length (one graph, no recompile) each give every document its own logits;
+    a graph that had baked the first packing in would fail the second. Inductor reorders fp32 sums: 1e-4."""
+    from llmtrain.parallel.compile import compile_blocks
+
+    model = tiny_gpt("rope")
+    assert compile_blocks(model) == 2
+    g = torch.Generator().manual_seed(2)
+    for lengths in ((5, 9, 6), (12, 3, 5)):
+        docs = [torch.randint(0, 64, (n,), generator=g) for n in lengths]
+        packed = torch.cat(docs)[None]
+        doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+        position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+        with torch.no_grad():
+            got = model(packed, position_ids=position_ids, doc_ids=doc_ids)[0]
+            want = torch.cat([eager(model, d) for d in docs])
+            unmasked = eager(model, torch.cat(docs))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(unmasked[lengths[0]:], want[lengths[0]:], atol=1e-3)  # the mask matters
+
+
+def eager(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of `ids` with every compiled block run uncompiled (nn.Module.compile keeps the original)."""
+    with torch.compiler.set_stance("force_eager"):
+        return model(ids[None])[0]
