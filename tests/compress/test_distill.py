@@ -255,3 +255,38 @@ def test_teacher_zero_stage_is_validated(overrides, message):
     cfg = load_config(ROOT / "recipes" / "distill_gpt_debug.yaml", overrides)
     with pytest.raises(ValueError, match=message):
         validate_distill(cfg)
+
+
+@pytest.mark.slow
+def test_zero3_bert_teacher_matches_a_whole_teacher(tmp_path):
+    """A BERT teacher (MLM + NSP logits and hidden states) partitioned with distill.teacher_zero_stage=3 on
+    2 ranks gives the same fp32 losses as the whole teacher on every rank."""
+    from helpers import free_port
+    from llmtrain.compress.cli import write_model
+    from llmtrain.config import load_config
+
+    small = ["model.n_head=2", "model.n_embd=32", "train.seq_len=32", "train.micro_batch_size=4",
+             "train.global_batch_size=8", "precision=fp32", "train.eval_interval=0", "train.eval_batches=1",
+             "train.sample_tokens=0", "checkpoint.interval=0", "log.interval=1", "optim.warmup_steps=1"]
+    cfg = load_config(ROOT / "recipes" / "bert_debug.yaml", [*small, "model.n_layer=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.init_weights()
+    write_model(tmp_path / "teacher", cfg, model, {})
+
+    def run(stage: int):
+        torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
+        cmd = [*torchrun, DISTILL, str(ROOT / "recipes" / "distill_bert_base_to_6l.yaml"), "model.name=bert_debug",
+               "model.n_layer=1", "model.init_from=", "data.vocab_size=8192", *small, "train.max_steps=3",
+               "parallel.zero_stage=1", f"distill.teacher={tmp_path / 'teacher'}", f"distill.teacher_zero_stage={stage}",
+               f"out_dir={tmp_path / f't{stage}'}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc
+
+    assert "teacher ZeRO-3: rank 1 holds" in run(3).stdout
+    run(0)
+    whole, sharded = losses(tmp_path / "t0"), losses(tmp_path / "t3")
+    assert sorted(sharded) == [1, 2, 3]
+    for step in whole:
+        assert sharded[step] == pytest.approx(whole[step], abs=1e-5), step
