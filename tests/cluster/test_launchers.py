@@ -100,6 +100,33 @@ def test_accelerate_launch_two_processes_with_its_deepspeed_options(tmp_path):
     _assert_golden(out)
 
 
+@pytest.mark.slow
+def test_accelerate_two_machines_one_process_each(tmp_path):
+    """accelerate's multi-machine flags: what each of two hosts runs (`--num_machines 2 --machine_rank r
+    --main_process_ip`), here both on this machine; the ranks meet and the losses equal the golden ones."""
+    out, port = tmp_path / "run", free_port()
+    machines = []
+    for machine_rank in range(2):
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+               str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+               TRAIN, RECIPE, *TINY, f"train.max_steps={STEPS}", f"out_dir={out}"]
+        machines.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, start_new_session=True))
+    logs = []
+    try:
+        for proc in machines:
+            logs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in machines:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for machine_rank, (proc, log) in enumerate(zip(machines, logs)):
+        assert proc.returncode == 0, f"machine {machine_rank} exited {proc.returncode}\n{log[-4000:]}"
+    assert "world 2 (dp 2" in logs[0] and "checkpoint saved" in logs[0]
+    _assert_golden(out)
+
+
 def _accelerate_env(*launch_args: str) -> dict[str, str]:
     """The ACCELERATE_* variables `accelerate launch LAUNCH_ARGS script.py` gives its ranks, built by
     accelerate's own launcher code in this process (a subprocess would cost ~10 s of imports)."""
