@@ -1,11 +1,13 @@
 """Data pipeline benchmarks, measured side by side in one run; results written as JSON.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_bench.py [--workers N] [--rounds R] [--out FILE]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_bench.py --parts memory   # re-measure one part
 
 1. prepare: `write_dataset` tokens/s vs raw HF `tokenizers` over the same texts (target: >= 0.9x).
 2. loader: `train_batches` vs a raw numpy-memmap random-window batcher at the same (B, T) (>= 0.5x).
 3. resume: time to the first batch when resuming at global sample 10**8 (< 1 s).
-4. memory: peak RSS of `prepare-data` (main process and largest worker) on corpora 1x and 4x in size,
+4. memory: peak RSS of `prepare-data` (main process, and the largest worker's own peak: VmHWM sampled
+   after its exec) on corpora 1x and 4x in size,
    all several times larger than the shard size (flat); with the CLI's own seconds and tokens/s.
 The corpus is the bundled one (KJV + Shakespeare) split into paragraphs, so batches balance across workers.
 
@@ -164,6 +166,28 @@ def bench_resume(B: int, T: int) -> dict:
             "epochs_skipped": 10**8 // d.n_train[0], "target": "< 1 s"}
 
 
+# Run inside the measured process: a thread that samples each child's VmHWM (its own peak RSS since exec)
+# every 20 ms. RUSAGE_CHILDREN's ru_maxrss would not do: a spawned worker is first a fork of this process,
+# and ru_maxrss keeps that instant's size (the parent's) across the exec.
+_WATCH_WORKERS = """
+import glob, os, threading, time
+PEAKS = {}
+def _watch():
+    while True:
+        for path in glob.glob(f'/proc/{os.getpid()}/task/*/children'):
+            for pid in open(path).read().split():
+                try:
+                    status, cmd = open(f'/proc/{pid}/status').read(), open(f'/proc/{pid}/cmdline').read()
+                except OSError:
+                    continue
+                if cmd.endswith('--multiprocessing-fork\\0'):  # a spawned worker after its exec
+                    kb = int(status.split('VmHWM:')[1].split()[0])
+                    PEAKS[pid] = max(PEAKS.get(pid, 0), kb)
+        time.sleep(0.02)
+threading.Thread(target=_watch, daemon=True).start()
+"""
+
+
 def bench_memory(texts: list[str], tok_dir: Path, workers: int, tmp: Path, scales: tuple[int, ...]) -> dict:
     """Peak RSS of prepare-data in a fresh process per corpus size (ru_maxrss of it and of its children)."""
     out = {}
@@ -173,11 +197,10 @@ def bench_memory(texts: list[str], tok_dir: Path, workers: int, tmp: Path, scale
             for _ in range(scale):
                 for t in texts:
                     f.write(json.dumps({"text": t}) + "\n")
-        code = ("import resource,sys; from llmtrain.data.cli import main; "
+        code = (_WATCH_WORKERS + "import resource; from llmtrain.data.cli import main; "
                 f"rc = main(['prepare-data','--input',{str(corpus)!r},'--tokenizer',{str(tok_dir)!r},'--out',"
                 f"{str(tmp / f'ds{scale}')!r},'--workers','{workers}','--shard-tokens','500000','--no-progress']); "
-                "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+                "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, max(PEAKS.values(), default=0))")
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
         lines = proc.stdout.strip().splitlines()
         summary = json.loads(lines[0])
@@ -199,7 +222,13 @@ def main() -> None:
     ap.add_argument("--scales", default="1,4")
     ap.add_argument("--rounds", type=int, default=7, help="prepare: interleaved rounds (medians over them)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_bench.json"))
+    ap.add_argument("--parts", default="prepare,loader,resume,memory",
+                    help="which measurements to run; the others are kept from an existing --out file")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"prepare", "loader", "resume", "memory"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'prepare', 'loader', 'resume', 'memory'})}; "
+                 f"choose from prepare,loader,resume,memory")
     # The raw baseline gets as many tokenizer threads as prepare gets processes; tokenizers reads this
     # once, when its thread pool starts, so it is set before anything tokenizes.
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)
@@ -208,20 +237,21 @@ def main() -> None:
 
     tok_dir = bundled_tokenizer_dir(DataConfig())
     texts = paragraphs()
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-              "corpus": "bundled KJV + Shakespeare, one document per paragraph"}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() and parts != {"prepare", "loader", "resume", "memory"} else {}
+    result |= {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+               "corpus": "bundled KJV + Shakespeare, one document per paragraph"}
     with tempfile.TemporaryDirectory() as tmp:
-        result["prepare"] = bench_prepare(texts, tok_dir, args.workers, Path(tmp), args.rounds)
-        print(json.dumps(result["prepare"]), flush=True)
-        result["loader"] = bench_loader(args.B, args.T)
-        print(json.dumps(result["loader"]), flush=True)
-        result["resume"] = bench_resume(args.B, args.T)
-        print(json.dumps(result["resume"]), flush=True)
-        result["memory"] = bench_memory(texts, tok_dir, args.workers, Path(tmp),
-                                        tuple(int(s) for s in args.scales.split(",")))
-        print(json.dumps(result["memory"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+        runs = {"prepare": lambda: bench_prepare(texts, tok_dir, args.workers, Path(tmp), args.rounds),
+                "loader": lambda: bench_loader(args.B, args.T), "resume": lambda: bench_resume(args.B, args.T),
+                "memory": lambda: bench_memory(texts, tok_dir, args.workers, Path(tmp),
+                                               tuple(int(s) for s in args.scales.split(",")))}
+        for name, run in runs.items():
+            if name in parts:
+                result[name] = run()
+                print(json.dumps(result[name]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 
 
