@@ -67,3 +67,13 @@ def test_gpu_sweep_records_each_case_and_carries_on_where_it_stopped(tmp_path):
     assert failed["case"] == "1b-compile" and failed["error"].startswith("exit") and "/nonexistent" in failed["log_tail"]
     table = _run("benchmarks/gpu_sweep.py", "--table", str(out)).stdout
     assert "| 1b-zero3 |" in table and "| 1b-compile | failed: exit" in table
+
+
+def test_data_bench_memory_part_measures_the_workers_themselves(tmp_path):
+    """A spawned worker's peak is its own (~65 MB: tokenizers + the stdlib), not the main process's size at
+    the fork before its exec (~430 MB), which ru_maxrss of the children would report."""
+    out = tmp_path / "data.json"
+    _run("benchmarks/data_bench.py", "--parts", "memory", "--scales", "1", "--out", str(out))
+    mem = json.loads(out.read_text())["memory"]["1x"]
+    assert set(json.loads(out.read_text())) == {"machine", "corpus", "memory"}  # only the part asked for
+    assert 10 < mem["peak_rss_worker_mb"] < mem["peak_rss_main_mb"] / 2, mem
