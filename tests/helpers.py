@@ -62,12 +62,29 @@ def losses(out_dir: Path) -> dict[int, float]:
     return last_by_step(read_metrics(Path(out_dir) / "metrics.jsonl"), "loss")
 
 
+def grad_norms(out_dir: Path) -> dict[int, float]:
+    return last_by_step(read_metrics(Path(out_dir) / "metrics.jsonl"), "grad_norm")
+
+
 GOLDEN = ROOT / "tests" / "golden" / "gpt_tiny_zero_losses.json"
 
 
 def golden_losses() -> dict[int, float]:
     """The pinned 1-rank ZeRO-0 fp32 per-step losses of TINY over 6 steps (tests/golden/make_golden.py)."""
     return {int(k): v for k, v in json.loads(GOLDEN.read_text())["losses"].items()}
+
+
+def golden_grad_norms() -> dict[int, float]:
+    """The 1-rank gradient norms (before clipping) of the golden run, step by step."""
+    return {int(k): v for k, v in json.loads(GOLDEN.read_text())["grad_norms"].items()}
+
+
+def assert_norms_match(got: dict[int, float], ref: dict[int, float], rel_tol: float = 2e-6) -> None:
+    """Every layout reports the global gradient norm of the same gradients: summed in another order
+    (~1e-7 relative in fp32), never a parameter missed or counted twice (that would be >= 1e-5 here)."""
+    assert sorted(got) == sorted(ref), (sorted(got), sorted(ref))
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= rel_tol * ref[step], (step, got[step], ref[step])
 
 
 def assert_losses_match(got: dict[int, float], ref: dict[int, float], abs_tol: float) -> None:

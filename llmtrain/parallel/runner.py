@@ -98,11 +98,11 @@ class EngineRunner:
         return StepResult(total / len(micro_batches), norm, skipped)
 
     def _local_grad_norm(self) -> float:
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        if self.tp == 1:
-            return torch.nn.utils.get_total_norm([p.grad for p in params]).item()  # already averaged over ranks
         from llmtrain.parallel.layout import model_parallel_grad_norm
 
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if self.tp == 1:
+            return model_parallel_grad_norm(params)  # gradients already averaged over the dp ranks
         return model_parallel_grad_norm(params, self.mpu.get_model_parallel_group(),
                                         self.mpu.get_slice_parallel_rank())
 

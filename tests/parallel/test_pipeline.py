@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import assert_losses_match, golden_losses, losses, train
+from helpers import assert_losses_match, assert_norms_match, golden_grad_norms, golden_losses, grad_norms, losses, train
 
 STEPS = 6
 
@@ -27,6 +27,7 @@ def test_pp2_matches_one_rank(tmp_path):
     assert "partition by layers of 6 layers" in proc.stdout and "stage 0: layers 0-2; stage 1: layers 3-5" in proc.stdout
     assert "sample:" in proc.stdout  # generation in lockstep: logits passed stage to stage, then broadcast
     assert_losses_match(losses(out), golden_losses(), 1e-5)
+    assert_norms_match(grad_norms(out), golden_grad_norms())  # every stage's gradients, the tied wte once
 
 
 @pytest.mark.slow
@@ -36,6 +37,7 @@ def test_pp2_dp2_zero1_matches_one_rank(tmp_path):
                  "train.micro_batch_size=2", "parallel.activation_checkpointing=full", launcher="torchrun", nproc=4)
     assert "(dp 2 x tp 1 x pp 2)" in proc.stdout and "partition by parameters" in proc.stdout
     assert_losses_match(losses(out), golden_losses(), 1e-5)
+    assert_norms_match(grad_norms(out), golden_grad_norms())
 
 
 @pytest.mark.slow
