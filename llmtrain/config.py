@@ -305,9 +305,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.doc_mask and p.pp > 1:
         raise ConfigError("data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
                           "document mask); set data.doc_mask=false or parallel.pp=1")
-    if cfg.model.arch == "bert" and p.tp > 1:
-        raise ConfigError(f"model.arch=bert has no tensor-parallel plan: it runs data parallel (ZeRO 0-3) and "
-                          f"pipeline parallel; set parallel.tp=1 (got tp={p.tp})")
     if cfg.model.arch == "bert" and cfg.model.num_labels > 0 and p.pp > 1:
         raise ConfigError(f"parallel.pp={p.pp}: the pipeline split of model.arch=bert covers pre-training (MLM + "
                           f"NSP), not the sequence classifier (model.num_labels={cfg.model.num_labels}); set "

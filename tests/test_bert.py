@@ -148,12 +148,18 @@ def test_finetune_classifier_beats_chance(pretrained, tmp_path):
     assert final["step"] == 80 and final["eval_accuracy"] > 0.5, final
 
 
-def test_bert_layout_has_pipeline_but_no_tensor_parallel():
-    from llmtrain.config import ConfigError, load_config
+def test_bert_layouts_tensor_and_pipeline_parallel():
+    from llmtrain.config import ConfigError, derive, load_config
 
     recipe = ROOT / "recipes" / "bert_debug.yaml"
     assert load_config(recipe, ["parallel.pp=2", "train.global_batch_size=64"]).parallel.pp == 2
-    with pytest.raises(ConfigError, match="no tensor-parallel plan.*set parallel.tp=1"):
-        load_config(recipe, ["parallel.tp=2"])
+    assert derive(load_config(recipe, ["parallel.tp=2"]), 2).dp_size == 1  # pre-training has a TP plan
+    finetune = ROOT / "recipes" / "bert_finetune_debug.yaml"
+    assert derive(load_config(finetune, ["parallel.tp=2", "parallel.zero_stage=2"]), 4).dp_size == 2  # classifier too
+    # what tensor parallel cannot split is refused before anything is built, saying what to change
+    with pytest.raises(ConfigError, match="model.n_head=4 is not divisible by parallel.tp=3"):
+        derive(load_config(recipe, ["parallel.tp=3"]), 3)
+    with pytest.raises(ConfigError, match="model.vocab_size=30522 is not divisible by parallel.tp=4.*pad"):
+        derive(load_config(recipe, ["model.name=bert_base", "parallel.tp=4"]), 4)  # 12 heads split, 30522 rows not
     with pytest.raises(ConfigError, match="not the sequence classifier.*set parallel.pp=1"):
-        load_config(ROOT / "recipes" / "bert_finetune_debug.yaml", ["parallel.pp=2", "train.global_batch_size=64"])
+        load_config(finetune, ["parallel.pp=2", "train.global_batch_size=64"])

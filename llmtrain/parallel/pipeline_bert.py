@@ -16,7 +16,9 @@ The masked-LM decoder (`lm_head`) shares its weight with the word embedding. `Ti
 builds the embedding on the first stage and again, as the last layer, on the last stage, where it only
 registers the tie: there `lm_head.weight` *is* that copy's weight (one Parameter of the plain model), so
 DeepSpeed all-reduces its gradient between the two stages and counts it once in the gradient norm.
-The decoder's bias is not tied and lives on the last stage only, with the other heads.
+The decoder's bias is not tied and lives on the last stage only, with the other heads. With tensor
+parallel the layers hold the model's sharded modules: the tie is then between the two stages' copies of
+this rank's vocabulary shard, and the bias is split on the same rows (tensor_parallel.py).
 """
 
 from __future__ import annotations

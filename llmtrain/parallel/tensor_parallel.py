@@ -6,11 +6,19 @@ Styles:
                  r*nkv/tp.. of k and v (grouped-query attention keeps each query head with its kv head)
     row          y = sum_r x_r W_r^T + b: input features split, partial outputs all-reduced (attn out, MLP down)
     vocab_embed  embedding rows split by vocabulary; each rank looks up its ids, the rest are summed in
-    vocab_head   output head split by vocabulary (shares the embedding shard when tied); returns the
-                 logits as a DTensor sharded on the vocabulary dim, so the objective's F.cross_entropy
-                 runs as vocabulary-parallel cross-entropy under `loss_parallel()`: the full (B, T, V)
-                 logits never exist on one rank in training
-    heads        the attention module computes with its local heads (nh / tp)
+    vocab_head   output head split by vocabulary (shares the embedding shard when tied; a bias, such
+                 as BERT's output bias, is split on the same rows); returns the logits as a DTensor
+                 sharded on the vocabulary dim, so the objective's F.cross_entropy runs as
+                 vocabulary-parallel cross-entropy under `loss_parallel()`: the full (B, T, V) (or,
+                 for BERT's masked positions, (N, V)) logits never exist on one rank in training
+    heads        the attention module computes with its local heads (nh / tp, and nkv / tp where it has
+                 kv heads)
+
+Plans: GPT (`GPT_TP_PLAN`, `LLAMA_TP_PLAN` with the SwiGLU gate) and BERT (`BERT_TP_PLAN` for the
+sequence classifier's trunk, `BERT_PRETRAIN_TP_PLAN` adds the masked-LM decoder). What a plan leaves out
+stays whole on every rank: BERT's position and segment embeddings, LayerNorms, pooler, masked-LM
+transform (`mlm_dense`), NSP head and classifier, which all read the replicated hidden states that a
+row-parallel layer's all-reduce produces.
 
 Why these layers hold plain local tensors rather than DTensor parameters (`parallelize_module`), and
 why not DeepSpeed AutoTP: DeepSpeed's ZeRO-1/2 optimizers flatten parameters into contiguous buffers and
@@ -47,6 +55,17 @@ GPT_TP_PLAN: dict[str, str] = {
 }
 # The Llama flavour (SwiGLU): the gate is split like the up projection it multiplies.
 LLAMA_TP_PLAN: dict[str, str] = {**GPT_TP_PLAN, "blocks.*.mlp.gate": "column"}
+# llmtrain.models.bert: the trunk (BertForSequenceClassification's whole plan; its MLP sits in the block).
+BERT_TP_PLAN: dict[str, str] = {
+    "wte": "vocab_embed",
+    "blocks.*.attn": "heads",
+    "blocks.*.attn.qkv": "column_qkv",
+    "blocks.*.attn.proj": "row",
+    "blocks.*.up": "column",
+    "blocks.*.down": "row",
+}
+# Bert (MLM + NSP): the masked-LM decoder (tied to wte, with its own output bias) is vocabulary-parallel.
+BERT_PRETRAIN_TP_PLAN: dict[str, str] = {**BERT_TP_PLAN, "lm_head": "vocab_head"}
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -134,16 +153,17 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """Logits for this rank's vocabulary rows, returned as a DTensor sharded on the last dim."""
+    """Logits for this rank's vocabulary rows (+ their bias, if any), returned as a DTensor sharded on
+    the last dim."""
 
-    def __init__(self, weight: nn.Parameter, group: Any, mesh: Any):
+    def __init__(self, weight: nn.Parameter, group: Any, mesh: Any, bias: nn.Parameter | None = None):
         super().__init__()
-        self.weight, self.group, self.mesh = weight, group, mesh
+        self.weight, self.bias, self.group, self.mesh = weight, bias, group, mesh
 
     def forward(self, x: torch.Tensor):
         from torch.distributed.tensor import DTensor, Shard
 
-        local = F.linear(_CopyToTP.apply(x, self.group), self.weight)  # (B, T, V / tp)
+        local = F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)  # (..., V / tp)
         return DTensor.from_local(local, self.mesh, [Shard(local.dim() - 1)], run_check=False)
 
 
@@ -163,8 +183,9 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
         for name in names:
             module = model.get_submodule(name)
             if style == "heads":  # the attention splits its fused projection by these local counts
-                module.n_head //= size
-                module.n_kv_head //= size
+                for count in ("n_head", "n_kv_head"):  # BERT's attention has no separate kv heads
+                    if hasattr(module, count):
+                        setattr(module, count, getattr(module, count) // size)
                 continue
             new = _build(style, module, model, tied, group, mesh, rank, size)
             parent, _, child = name.rpartition(".")
@@ -186,18 +207,19 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
     if style == "vocab_embed":
         return VocabParallelEmbedding(module, group, rank, size)
     if style == "vocab_head":
-        if tied:
-            return VocabParallelHead(model.wte.weight, group, mesh)
-        return VocabParallelHead(_shard_param(module.weight, slice(rank * (module.out_features // size),
-                                                                   (rank + 1) * (module.out_features // size)), 0),
-                                 group, mesh)
+        local = module.out_features // size
+        rows = slice(rank * local, (rank + 1) * local)  # the rows of the vocab_embed shard on this rank
+        weight = model.wte.weight if tied else _shard_param(module.weight, rows, 0)
+        bias = _shard_param(module.bias, rows, 0) if module.bias is not None else None
+        return VocabParallelHead(weight, group, mesh, bias)
     raise ValueError(f"unknown tensor-parallel style {style!r}; known: column, column_qkv, row, vocab_embed, "
                      f"vocab_head, heads")
 
 
 def plan_for(model: nn.Module) -> dict[str, str]:
     """The tensor-parallel plan of a model class (plans are data; add one per architecture)."""
-    plans = {"GPT": LLAMA_TP_PLAN if getattr(model.cfg, "mlp", "gelu") == "swiglu" else GPT_TP_PLAN}
+    plans = {"GPT": LLAMA_TP_PLAN if getattr(model.cfg, "mlp", "gelu") == "swiglu" else GPT_TP_PLAN,
+             "Bert": BERT_PRETRAIN_TP_PLAN, "BertForSequenceClassification": BERT_TP_PLAN}
     name = type(model).__name__
     if name not in plans:
         raise ValueError(f"no tensor-parallel plan for {name}; known: {', '.join(plans)} (set parallel.tp=1)")

@@ -29,8 +29,10 @@ def test_sharded_layers_match_unsharded_two_processes():
            str(ROOT / "tests" / "parallel" / "tp_layers_worker.py")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for mlp in ("gelu", "swiglu"):  # the GPT-2 and the Llama (GQA + SwiGLU gate) flavours
-        assert f"{mlp}: tensor-parallel layers match the unsharded model on 2 ranks" in proc.stdout
+    # the GPT-2 and the Llama (GQA + SwiGLU gate) flavours; BERT pre-training (MLM decoder and its output
+    # bias vocabulary-parallel) with a tied and an untied decoder, and the BERT sequence classifier
+    for flavour in ("gelu", "swiglu", "bert tied", "bert untied", "bert classifier"):
+        assert f"{flavour}: tensor-parallel layers match the unsharded model on 2 ranks" in proc.stdout
 
 
 @pytest.mark.slow
