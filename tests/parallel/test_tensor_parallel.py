@@ -16,7 +16,8 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, ROOT, assert_losses_match, env, free_port, golden_losses, losses, train
+from helpers import (BIN, ROOT, assert_losses_match, assert_norms_match, env, free_port, golden_grad_norms, golden_losses,
+                     grad_norms, losses, train)
 from llmtrain.parallel.consolidate import load_model_weights
 from llmtrain.train.metrics import last_by_step, read_metrics
 
@@ -43,6 +44,7 @@ def test_tp2_dp2_zero2_matches_one_rank(tmp_path):
                  "train.sample_tokens=4", launcher="torchrun", nproc=4)
     assert "(dp 2 x tp 2 x pp 1)" in proc.stdout and "sample:" in proc.stdout
     assert_losses_match(losses(out), golden_losses(), TOL)
+    assert_norms_match(grad_norms(out), golden_grad_norms())  # DeepSpeed's ZeRO-2 norm over the tp shards
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,7 @@ def tp2_pp2(tmp_path_factory):
 @pytest.mark.slow
 def test_tp2_pp2_matches_one_rank(tp2_pp2):
     assert_losses_match(losses(tp2_pp2), golden_losses(), TOL)
+    assert_norms_match(grad_norms(tp2_pp2), golden_grad_norms())
 
 
 @pytest.mark.slow
