@@ -36,6 +36,7 @@ count each shard once and every replicated parameter once (on TP rank 0).
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Any
 
 import torch
@@ -167,6 +168,37 @@ class VocabParallelHead(nn.Module):
         return DTensor.from_local(local, self.mesh, [Shard(local.dim() - 1)], run_check=False)
 
 
+def rank_local_dropout(attend: Any, module: nn.Module, tp_rank: int) -> Any:
+    """Attention dropout that differs between tensor-parallel ranks.
+
+    Every TP rank holds the same global RNG state (one seed, the same ops), which is what dropout on
+    replicated activations needs. Attention probabilities are sharded by head, though: with the shared
+    state, local head i of every rank would get the same mask (head i and head i + nh/tp correlated).
+    Each call therefore draws one seed from the global CPU generator (the same draw on every TP rank, so
+    the states stay in step) and runs the attention core in a forked RNG seeded with seed + tp_rank.
+    Activation checkpointing restores the global state before recomputing, so the draw, and the masks,
+    repeat exactly in backward. (Megatron keeps a separate model-parallel RNG state for this instead,
+    and needs its own checkpoint function to restore it.) Only installed when dropout > 0: torch.compile
+    runs this attention core eagerly.
+    """
+
+    @torch.compiler.disable
+    @functools.wraps(attend)
+    def wrapped(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not module.training:
+            return attend(q, *args, **kwargs)
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())  # CPU generator: no device sync
+        local = (seed + 1_000_003 * tp_rank) % (2**63)
+        devices = [q.device] if q.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=q.device.type if devices else "cuda"):
+            torch.default_generator.manual_seed(local)
+            if devices:
+                torch.get_device_module(q.device).manual_seed(local)  # this process's device only
+            return attend(q, *args, **kwargs)
+
+    return wrapped
+
+
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, mesh: Any) -> list[str]:
     """Shard `model` in place per `plan` over the TP process `group` (and its 1-D DeviceMesh `mesh`).
 
@@ -186,6 +218,8 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
                 for count in ("n_head", "n_kv_head"):  # BERT's attention has no separate kv heads
                     if hasattr(module, count):
                         setattr(module, count, getattr(module, count) // size)
+                if getattr(module, "dropout", 0.0) > 0 and hasattr(module, "attend"):
+                    module.attend = rank_local_dropout(module.attend, module, rank)
                 continue
             new = _build(style, module, model, tied, group, mesh, rank, size)
             parent, _, child = name.rpartition(".")

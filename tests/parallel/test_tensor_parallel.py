@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import (BIN, ROOT, assert_losses_match, assert_norms_match, env, free_port, golden_grad_norms, golden_losses,
                      grad_norms, losses, train)
@@ -82,3 +83,46 @@ def test_resume_tp2_pp2_checkpoint_on_dp2_zero3(tp2_pp2, tmp_path):
     _, b = load_model_weights(out)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_dropout_differs_between_tp_ranks_and_repeats_in_recompute():
+    """Sharded heads need their own dropout masks per TP rank (else local head i is masked alike on every
+    rank), the global RNG must advance alike on every rank, and activation checkpointing must replay the
+    masks exactly in backward (the gradients equal those without recompute)."""
+    import copy
+
+    from llmtrain.models import ModelConfig, build_model
+    from llmtrain.parallel.checkpointing import apply_activation_checkpointing
+    from llmtrain.parallel.tensor_parallel import rank_local_dropout
+
+    cfg = ModelConfig(arch="gpt", n_layer=2, n_head=2, n_embd=16, vocab_size=32, block_size=8, dropout=0.3)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    attn = model.blocks[0].attn.train()
+    q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
+    outs, states = [], []
+    for tp_rank in (0, 1):
+        torch.manual_seed(1)
+        outs.append(rank_local_dropout(attn.attend, attn, tp_rank)(q, k, v))
+        states.append(torch.get_rng_state())
+    assert not torch.allclose(outs[0], outs[1])
+    assert torch.equal(states[0], states[1])
+    torch.manual_seed(1)
+    assert torch.equal(rank_local_dropout(attn.attend, attn, 0)(q, k, v), outs[0])
+    attn.eval()
+    assert torch.equal(rank_local_dropout(attn.attend, attn, 1)(q, k, v), attn.attend(q, k, v))
+
+    def grads(recompute: str) -> list[torch.Tensor]:
+        m = copy.deepcopy(model).train()
+        for block in m.blocks:
+            block.attn.attend = rank_local_dropout(block.attn.attend, block.attn, 1)
+        apply_activation_checkpointing(m, recompute)
+        torch.manual_seed(2)
+        ids = torch.randint(0, 32, (2, 8))
+        F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+        return [p.grad for p in m.parameters()]
+
+    for mode in ("selective", "full"):
+        for a, b in zip(grads("none"), grads(mode)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
