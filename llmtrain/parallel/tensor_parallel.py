@@ -12,7 +12,8 @@ Styles:
                  vocabulary-parallel cross-entropy under `loss_parallel()`: the full (B, T, V) (or,
                  for BERT's masked positions, (N, V)) logits never exist on one rank in training
     heads        the attention module computes with its local heads (nh / tp, and nkv / tp where it has
-                 kv heads)
+                 kv heads); with dropout, each TP rank draws its own attention-dropout masks
+                 (`rank_local_dropout`)
 
 Plans: GPT (`GPT_TP_PLAN`, `LLAMA_TP_PLAN` with the SwiGLU gate) and BERT (`BERT_TP_PLAN` for the
 sequence classifier's trunk, `BERT_PRETRAIN_TP_PLAN` adds the masked-LM decoder). What a plan leaves out
