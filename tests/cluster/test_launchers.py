@@ -31,6 +31,24 @@ def _hostfile_from_example(path) -> list[str]:
     return hosts
 
 
+def _run_nodes(cmds: list[list[str]], timeout: float = 240) -> list[str]:
+    """Start the per-node commands of a multi-node job together (as each host would), wait for all, kill
+    what is left on failure; every node must exit 0. Returns their logs, node by node."""
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd in cmds]
+    logs = []
+    try:
+        for proc in nodes:
+            logs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for node, (proc, log) in enumerate(zip(nodes, logs)):
+        assert proc.returncode == 0, f"node {node} exited {proc.returncode}\n{log[-4000:]}"
+    return logs
+
+
 def _assert_golden(out_dir) -> None:
     # dp 2 x micro 4 against the 1-rank micro 4 x 2 accumulation of the golden file: the same 8 sequences
     # per step, summed in another order (tests/test_train.py::test_zero_parity_two_ranks: within 1e-5).
@@ -46,23 +64,11 @@ def test_deepspeed_no_ssh_per_node_form_runs_a_two_node_job(tmp_path):
     hosts = _hostfile_from_example(hostfile)
     assert len(hosts) == 2, hosts
     port = free_port()
-    nodes = []
-    for node_rank in range(2):  # what each host runs, with its own --node_rank
-        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               TRAIN, RECIPE, *TINY, f"train.max_steps={STEPS}", f"out_dir={out}"]
-        nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    logs = []
-    try:
-        for proc in nodes:
-            logs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in nodes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    for node_rank, (proc, log) in enumerate(zip(nodes, logs)):
-        assert proc.returncode == 0, f"node {node_rank} exited {proc.returncode}\n{log[-4000:]}"
+    logs = _run_nodes([  # what each host runs, with its own --node_rank
+        [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+         "--master_addr", "127.0.0.1", "--master_port", str(port),
+         TRAIN, RECIPE, *TINY, f"train.max_steps={STEPS}", f"out_dir={out}"] for node_rank in range(2)])
+    for node_rank, log in enumerate(logs):
         assert f"nnodes=2, num_local_procs=1, node_rank={node_rank}" in log, log[-4000:]
         assert f"{{'{hosts[0]}': [0], '{hosts[1]}': [1]}}" in log, log[-4000:]  # rank r on node r
     preflight = json.loads((out / "preflight.json").read_text())
@@ -105,24 +111,11 @@ def test_accelerate_two_machines_one_process_each(tmp_path):
     """accelerate's multi-machine flags: what each of two hosts runs (`--num_machines 2 --machine_rank r
     --main_process_ip`), here both on this machine; the ranks meet and the losses equal the golden ones."""
     out, port = tmp_path / "run", free_port()
-    machines = []
-    for machine_rank in range(2):
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-               str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-               TRAIN, RECIPE, *TINY, f"train.max_steps={STEPS}", f"out_dir={out}"]
-        machines.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, start_new_session=True))
-    logs = []
-    try:
-        for proc in machines:
-            logs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in machines:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    for machine_rank, (proc, log) in enumerate(zip(machines, logs)):
-        assert proc.returncode == 0, f"machine {machine_rank} exited {proc.returncode}\n{log[-4000:]}"
+    logs = _run_nodes([
+        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+         str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+         TRAIN, RECIPE, *TINY, f"train.max_steps={STEPS}", f"out_dir={out}"] for machine_rank in range(2)])
     assert "world 2 (dp 2" in logs[0] and "checkpoint saved" in logs[0]
     _assert_golden(out)
 
