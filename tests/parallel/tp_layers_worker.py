@@ -66,16 +66,7 @@ def _check(cfg: ModelConfig, plan: dict, rank: int, size: int, mesh, group) -> f
     y = torch.randint(0, 96, (2, 16))
     y[0, :3] = -100  # ignored targets take the same path in the parallel loss
 
-    # one block: output and input-gradient
-    h = torch.randn(2, 16, 32, requires_grad=True)
-    h_tp = h.detach().clone().requires_grad_(True)
-    out, out_tp = ref.blocks[0](h), tp.blocks[0](h_tp)
-    torch.testing.assert_close(out_tp, out, **TOL)
-    out.pow(2).sum().backward()
-    out_tp.pow(2).sum().backward()
-    torch.testing.assert_close(h_tp.grad, h.grad, **TOL)
-    ref.zero_grad(set_to_none=True)
-    tp.zero_grad(set_to_none=True)
+    _check_block(ref, tp, (2, 16, 32))
 
     # the whole model: logits, loss through the vocab-parallel cross-entropy, every gradient
     logits = ref(x)
@@ -95,6 +86,19 @@ def _check(cfg: ModelConfig, plan: dict, rank: int, size: int, mesh, group) -> f
             g_ref = _slice_like(name, g_ref, rank, size, cfg)
         torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
     return loss.item()
+
+
+def _check_block(ref, tp, shape: tuple[int, ...], *args) -> None:
+    """Block 0 of both models: the same output and the same input-gradient; parameter grads cleared after."""
+    h = torch.randn(*shape, requires_grad=True)
+    h_tp = h.detach().clone().requires_grad_(True)
+    out, out_tp = ref.blocks[0](h, *args), tp.blocks[0](h_tp, *args)
+    torch.testing.assert_close(out_tp, out, **TOL)
+    out.pow(2).sum().backward()
+    out_tp.pow(2).sum().backward()
+    torch.testing.assert_close(h_tp.grad, h.grad, **TOL)
+    ref.zero_grad(set_to_none=True)
+    tp.zero_grad(set_to_none=True)
 
 
 def _check_bert(cfg: ModelConfig, rank: int, size: int, mesh, group) -> float:
@@ -123,17 +127,7 @@ def _check_bert(cfg: ModelConfig, rank: int, size: int, mesh, group) -> float:
     if not pretrain:
         batch = {**batch, "class_labels": torch.tensor([2, 0, 1])}
 
-    # one block with the padding mask: output and input-gradient
-    h = torch.randn(3, 16, 32, requires_grad=True)
-    h_tp = h.detach().clone().requires_grad_(True)
-    key_mask = mask.bool()[:, None, None, :]
-    out, out_tp = ref.blocks[0](h, key_mask), tp.blocks[0](h_tp, key_mask)
-    torch.testing.assert_close(out_tp, out, **TOL)
-    out.pow(2).sum().backward()
-    out_tp.pow(2).sum().backward()
-    torch.testing.assert_close(h_tp.grad, h.grad, **TOL)
-    ref.zero_grad(set_to_none=True)
-    tp.zero_grad(set_to_none=True)
+    _check_block(ref, tp, (3, 16, 32), mask.bool()[:, None, None, :])  # with the padding mask
 
     # the whole model through the trainer's objective (MLM + NSP, or classification), every gradient
     loss = objective_for("bert")(ref, batch)
