@@ -376,7 +376,9 @@ def _check_model_split(cfg: Config) -> None:
                               f"holds whole heads; choose a parallel.tp that divides {n}")
     if p.tp > 1 and m.vocab_size % p.tp:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (the "
-                          f"embedding is split by vocabulary rows); pad model.vocab_size to a multiple of {p.tp}")
+                          f"embedding is split by vocabulary rows); pad it: model.vocab_size="
+                          f"{-(-m.vocab_size // (64 * p.tp)) * 64 * p.tp} (model.init_from fills the extra rows of a "
+                          f"smaller checkpoint's vocabulary with fresh ones)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

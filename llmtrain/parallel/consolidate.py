@@ -47,18 +47,24 @@ def iter_model_weights(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[st
     return cfg, _tensors(source, cfg)
 
 
-def init_model_from(model: torch.nn.Module, path: str | Path) -> None:
+def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Copy the weights of the checkpoint at `path` into `model` (plain, not yet parallelised), one
-    parameter at a time. Raises ValueError naming the first parameter whose name or shape differs."""
+    parameter at a time. Raises ValueError naming the first parameter whose name or shape differs.
+
+    A model whose vocabulary is larger than the checkpoint's (model.vocab_size padded, e.g. to a multiple
+    of parallel.tp or of 64) takes the checkpoint's rows of each vocabulary table (embedding, output head
+    and its bias) and keeps its fresh init in the rows beyond; no tokenizer ever produces those ids.
+    Returns the names of the tables so padded."""
     try:
-        _, weights = iter_model_weights(path)
+        ckpt_cfg, weights = iter_model_weights(path)
     except ValueError as exc:
         raise ValueError(f"model.init_from: {exc}") from None
     params = dict(model.named_parameters())
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
     head = tuple(getattr(model, "task_head_prefixes", ()))
-    seen = set()
+    vocab, ckpt_vocab = model.cfg.vocab_size, ckpt_cfg.vocab_size
+    seen, padded = set(), []
     with torch.no_grad():
         for name, tensor in weights:
             if name not in params and head:
@@ -66,16 +72,23 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> None:
             if name not in params:
                 raise ValueError(f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
                                  f"model does not; set the model.* keys to the checkpoint's shape")
-            if params[name].shape != tensor.shape:
+            target = params[name]
+            if (target.shape != tensor.shape and ckpt_vocab < vocab and tensor.shape[:1] == (ckpt_vocab,)
+                    and target.shape == (vocab, *tensor.shape[1:])):
+                target[:ckpt_vocab].copy_(tensor)  # a vocabulary table, padded: the rest keeps its init
+                padded.append(name)
+            elif target.shape != tensor.shape:
                 raise ValueError(f"model.init_from={path}: parameter '{name}' has shape {tuple(tensor.shape)} "
-                                 f"in the checkpoint but {tuple(params[name].shape)} in this model; set the "
+                                 f"in the checkpoint but {tuple(target.shape)} in this model; set the "
                                  f"model.* keys to the checkpoint's shape")
-            params[name].copy_(tensor)
+            else:
+                target.copy_(tensor)
             seen.add(name)
     missing = [n for n in params if n not in seen and not n.startswith(head)]
     if missing:
         raise ValueError(f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
                          f"parameters missing); set the model.* keys to the checkpoint's shape")
+    return padded
 
 
 def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -85,8 +85,9 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     if cfg.model.init_from and resume_from is None:  # a resume restores the weights anyway
         from llmtrain.parallel.consolidate import init_model_from
 
-        init_model_from(model, cfg.model.init_from)
-        print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0")
+        padded = init_model_from(model, cfg.model.init_from)
+        print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0"
+               + (f"; vocabulary padded to {cfg.model.vocab_size} rows in {', '.join(padded)}" if padded else ""))
     if hasattr(objective, "attach"):  # an objective's own trainable modules (distillation's projections)
         objective.attach(model)  # join the model: the engine trains, checkpoints and resumes them too
     throughput = build_throughput(cfg, model, info.device, info.world_size)

@@ -68,6 +68,28 @@ def test_missing_or_incomplete_checkpoint_is_a_clear_error(source, tmp_path):
 
 def test_init_from_names_the_mismatched_parameter(source):
     cfg, _ = load_model_weights(source)
-    wider = build_model(ModelConfig(**{**cfg.__dict__, "vocab_size": cfg.vocab_size + 64}))
+    wider = build_model(ModelConfig(**{**cfg.__dict__, "n_embd": cfg.n_embd * 2}))
     with pytest.raises(ValueError, match=r"model.init_from=.*parameter 'wte.weight' has shape"):
         init_model_from(wider, source)
+    smaller_vocab = build_model(ModelConfig(**{**cfg.__dict__, "vocab_size": cfg.vocab_size - 64}))
+    with pytest.raises(ValueError, match=r"parameter 'wte.weight' has shape"):
+        init_model_from(smaller_vocab, source)  # rows would be lost: never silently cut
+
+
+def test_init_from_pads_the_vocabulary(source, tmp_path):
+    """model.vocab_size padded past the checkpoint's (e.g. to split over tensor-parallel ranks): the
+    checkpoint's rows land first, so the logits of every real token are the checkpoint model's."""
+    cfg, weights = load_model_weights(source)
+    ref = build_model(cfg)
+    ref.load_state_dict(weights)
+    padded = build_model(ModelConfig(**{**cfg.__dict__, "vocab_size": cfg.vocab_size + 64}))
+    padded.init_weights()
+    assert init_model_from(padded, source) == ["wte.weight"]  # the tied head is the same table
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        want, got = ref.eval()(ids), padded.eval()(ids)
+    assert got.shape[-1] == cfg.vocab_size + 64
+    assert torch.equal(got[..., :cfg.vocab_size], want)
+    proc = train(tmp_path / "run", "train.max_steps=1", "optim.lr=0", f"model.init_from={source}",
+                 f"model.vocab_size={cfg.vocab_size + 64}")
+    assert f"vocabulary padded to {cfg.vocab_size + 64} rows in wte.weight" in proc.stdout
