@@ -162,6 +162,17 @@ class TeacherCache:
         return self.values[rows].to(dev), self.indices[rows].to(dev)
 
 
+def _all_position_logits(teacher: nn.Module, mb: dict[str, torch.Tensor], rows: torch.Tensor,
+                         device: torch.device) -> torch.Tensor:
+    """The teacher's vocabulary logits at every position of the chosen rows, (b, T, V). A BERT teacher's
+    masked-LM head runs on all positions: which ones a student is scored on is read from its batch later
+    (the input ids, which the cache is keyed by, fix the teacher's output but not the chosen positions)."""
+    ids = mb["input_ids"][rows].to(device)
+    if "mlm_labels" in mb:
+        return teacher(ids, mb["token_type_ids"][rows].to(device), mb["attention_mask"][rows].to(device))[0]
+    return teacher(ids)
+
+
 @torch.no_grad()
 def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dict[str, torch.Tensor]], top_k: int,
                 tau: float, describe: str, total: int, device: torch.device, rows_per_file: int = 4096) -> None:
@@ -190,7 +201,7 @@ def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dic
         if not new.any():
             continue
         seen.update(keys[new].tolist())
-        logprobs = F.log_softmax(teacher(ids[new].to(device)).float() / tau, dim=-1)  # (b, T, V)
+        logprobs = F.log_softmax(_all_position_logits(teacher, mb, new, device).float() / tau, dim=-1)  # (b, T, V)
         vals, idx = logprobs.topk(top_k, dim=-1)  # (b, T, k)
         buf["keys"].append(keys[new])
         buf["values"].append(vals.cpu())
@@ -223,9 +234,6 @@ class Distill:
         self.cfg, self.student_cfg, self.teacher, self.teacher_cfg, self.cache = cfg, student_cfg, teacher, teacher_cfg, cache
         self.bert = student_cfg.arch == "bert"
         self.generative = not self.bert
-        if self.bert and cache is not None:
-            raise ValueError("distill.cache_dir supports decoder students only (BERT masks are drawn per sample); "
-                             "set distill.cache_dir=''")
         self.sums = MetricSums()
 
     def attach(self, model: nn.Module) -> None:
@@ -260,8 +268,10 @@ class Distill:
             logits, labels, own = self._forward(model, batch)
         keep = labels != -100
         if self.cache is not None:
-            logprobs, indices = self.cache.lookup(batch["input_ids"])
-            kd = topk_kd_kl(logits[keep], logprobs.flatten(0, 1)[keep], indices.flatten(0, 1)[keep], c.temperature)
+            logprobs, indices = self.cache.lookup(batch["input_ids"])  # (B, T, k) each
+            scored = batch["mlm_labels"] != -100 if self.bert else slice(None)  # BERT: the masked positions
+            logprobs, indices = logprobs[scored].flatten(0, -2), indices[scored].flatten(0, -2)  # (N, k)
+            kd = topk_kd_kl(logits[keep], logprobs[keep], indices[keep], c.temperature)
             t_feats: dict[str, Any] = {}
         else:
             t_plain = getattr(self.teacher, "module", self.teacher)  # a ZeRO-3 teacher is an inference engine

@@ -114,6 +114,38 @@ def test_bert_student_learns_from_mlm_logits_and_hidden_states():
     assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
 
 
+def test_bert_cached_teacher_logits_equal_the_live_teacher(tmp_path):
+    """A BERT teacher's cache holds its MLM log-probs at every position; the student's masked positions are
+    picked from the batch. With every logit kept (k = V) the cached KD loss is the live teacher's."""
+    from llmtrain.compress.distill import TeacherCache, build_cache
+
+    kw = dict(arch="bert", n_head=2, n_embd=32, vocab_size=64, block_size=16, norm_eps=1e-12)
+    teacher_cfg, student_cfg = ModelConfig(n_layer=2, **kw), ModelConfig(n_layer=1, **kw)
+    torch.manual_seed(0)
+    teacher, student = build_model(teacher_cfg), build_model(student_cfg)
+    teacher.init_weights(), student.init_weights()
+    teacher.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(5, 64, (4, 16), generator=g)
+        mlm = torch.full_like(ids, -100)
+        pick = torch.rand(4, 16, generator=g) < 0.3
+        mlm[pick] = ids[pick]
+        batches.append({"input_ids": ids, "token_type_ids": (torch.arange(16) >= 8).long().expand(4, 16),
+                        "attention_mask": torch.ones_like(ids), "mlm_labels": mlm, "nsp_labels": torch.tensor([0, 1, 0, 1])})
+    cfg = DistillConfig(alpha=0.5, temperature=2.0, top_k=64)
+    build_cache(tmp_path / "c", teacher, iter(batches), 64, 2.0, "test", 2, torch.device("cpu"))
+    cached = Distill(cfg, student_cfg, None, teacher_cfg, TeacherCache(tmp_path / "c"))
+    live = Distill(cfg, student_cfg, teacher, teacher_cfg)
+    student.train()
+    for batch in batches:
+        a, b = cached(student, batch), live(student, batch)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    parts = cached.pop_metrics(True)
+    assert parts["kd_loss"] > 0
+
+
 def test_teacher_from_a_hugging_face_directory(tmp_path):
     import transformers  # the hf and dev extras
 
@@ -257,36 +289,59 @@ def test_teacher_zero_stage_is_validated(overrides, message):
         validate_distill(cfg)
 
 
-@pytest.mark.slow
-def test_zero3_bert_teacher_matches_a_whole_teacher(tmp_path):
-    """A BERT teacher (MLM + NSP logits and hidden states) partitioned with distill.teacher_zero_stage=3 on
-    2 ranks gives the same fp32 losses as the whole teacher on every rank."""
-    from helpers import free_port
+BERT_SMALL = ["model.n_head=2", "model.n_embd=32", "train.seq_len=32", "train.micro_batch_size=4",
+              "train.global_batch_size=8", "precision=fp32", "train.eval_interval=0", "train.eval_batches=1",
+              "train.sample_tokens=0", "checkpoint.interval=0", "log.interval=1", "optim.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def bert_teacher(tmp_path_factory):
+    """A tiny 2-layer BERT teacher (MLM + NSP) of bert_debug's vocabulary, in the consolidated layout."""
     from llmtrain.compress.cli import write_model
     from llmtrain.config import load_config
 
-    small = ["model.n_head=2", "model.n_embd=32", "train.seq_len=32", "train.micro_batch_size=4",
-             "train.global_batch_size=8", "precision=fp32", "train.eval_interval=0", "train.eval_batches=1",
-             "train.sample_tokens=0", "checkpoint.interval=0", "log.interval=1", "optim.warmup_steps=1"]
-    cfg = load_config(ROOT / "recipes" / "bert_debug.yaml", [*small, "model.n_layer=2"])
+    cfg = load_config(ROOT / "recipes" / "bert_debug.yaml", [*BERT_SMALL, "model.n_layer=2"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.init_weights()
-    write_model(tmp_path / "teacher", cfg, model, {})
+    out = tmp_path_factory.mktemp("bert_teacher") / "t"
+    write_model(out, cfg, model, {})
+    return out
 
-    def run(stage: int):
-        torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
-        cmd = [*torchrun, DISTILL, str(ROOT / "recipes" / "distill_bert_base_to_6l.yaml"), "model.name=bert_debug",
-               "model.n_layer=1", "model.init_from=", "data.vocab_size=8192", *small, "train.max_steps=3",
-               "parallel.zero_stage=1", f"distill.teacher={tmp_path / 'teacher'}", f"distill.teacher_zero_stage={stage}",
-               f"out_dir={tmp_path / f't{stage}'}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        return proc
 
-    assert "teacher ZeRO-3: rank 1 holds" in run(3).stdout
-    run(0)
+def _distill_bert(out, teacher, *overrides, nproc=1):
+    """distill_bert_base_to_6l.yaml shrunk to a 1-layer student of the tiny teacher (hidden-state MSE on)."""
+    from helpers import free_port
+
+    launch = ([str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+              if nproc > 1 else [sys.executable])
+    cmd = [*launch, DISTILL, str(ROOT / "recipes" / "distill_bert_base_to_6l.yaml"), "model.name=bert_debug",
+           "model.n_layer=1", "model.init_from=", "data.vocab_size=8192", *BERT_SMALL, "train.max_steps=3",
+           f"distill.teacher={teacher}", f"out_dir={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_zero3_bert_teacher_matches_a_whole_teacher(tmp_path, bert_teacher):
+    """A BERT teacher (MLM + NSP logits and hidden states) partitioned with distill.teacher_zero_stage=3 on
+    2 ranks gives the same fp32 losses as the whole teacher on every rank."""
+    proc = _distill_bert(tmp_path / "t3", bert_teacher, "parallel.zero_stage=1", "distill.teacher_zero_stage=3", nproc=2)
+    assert "teacher ZeRO-3: rank 1 holds" in proc.stdout
+    _distill_bert(tmp_path / "t0", bert_teacher, "parallel.zero_stage=1", "distill.teacher_zero_stage=0", nproc=2)
     whole, sharded = losses(tmp_path / "t0"), losses(tmp_path / "t3")
     assert sorted(sharded) == [1, 2, 3]
     for step in whole:
         assert sharded[step] == pytest.approx(whole[step], abs=1e-5), step
+
+
+def test_bert_teacher_cache_through_the_launcher(tmp_path, bert_teacher):
+    """The cache built by the first run (top-8 MLM log-probs at every position) is all the second run
+    needs: no teacher, the same losses."""
+    cache = tmp_path / "cache"
+    kd = ["distill.hidden_weight=0", f"distill.cache_dir={cache}", "distill.top_k=8"]
+    proc = _distill_bert(tmp_path / "a", bert_teacher, *kd)
+    assert "building the teacher cache" in proc.stdout and (cache / "meta.json").is_file()
+    _distill_bert(tmp_path / "b", "", *kd)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
