@@ -12,7 +12,10 @@ The teacher is a frozen plain module (fp32 or bf16), in eval mode, never in the 
 every rank (`distill.teacher_zero_stage=0`, whatever the student's ZeRO stage), or with
 `distill.teacher_zero_stage=3` built inside `deepspeed.zero.Init` and wrapped in its own optimizer-less
 ZeRO-3 engine (ZeRO-Inference), so each rank holds 1/dp of it and its forward gathers block by block;
-every rank then runs every teacher forward (they are collectives). With `distill.cache_dir`
+every rank then runs every teacher forward (they are collectives). The student may be tensor parallel
+(`parallel.tp`, the teacher whole on every rank): its logits stay split by vocabulary and the KD terms are
+computed vocabulary-parallel (`sharded_kd_kl`, `sharded_topk_kd_kl`); block outputs are replicated, so
+hidden-state MSE is unchanged; attention relations (local heads only) are refused. With `distill.cache_dir`
 the teacher's top-k logits of every training sample are computed once (rank 0) and later looked up by a
 hash of the sample's tokens, so the student run pays no teacher forward and any layout reads the cache.
 Held-out evaluation is the student's plain CE (so its perplexity compares with a run without teacher).
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.compress.config import DistillConfig
-from llmtrain.train.objectives import MetricSums
+from llmtrain.train.objectives import MetricSums, _local
 
 # ---------------------------------------------------------------------------------------------
 # Losses
@@ -51,12 +54,62 @@ def topk_kd_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, ind
     """KL from the teacher's top-k log-probs at temperature tau (N, k), with all its other tokens as one
     bucket: sum_i p_i log(p_i / q_i) + p_rest log(p_rest / q_rest). The tail bucket keeps the student from
     being taught zero mass outside the top-k (renormalising over the top-k would). Equals kd_kl when k = V."""
-    t = teacher_logprobs.float()  # (N, k)
     s = F.log_softmax(student_logits.float() / tau, dim=-1).gather(-1, indices.long())  # (N, k)
+    return _topk_rows(teacher_logprobs.float(), s).mean()
+
+
+def _topk_rows(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k KL (N,) from the teacher's and the student's log-probs at the same k tokens (N, k)."""
     p_rest = (1 - t.exp().sum(-1)).clamp_min(0.0)  # (N,)
     q_rest = (1 - s.exp().sum(-1)).clamp_min(1e-12)
     tail = p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log())
-    return ((t.exp() * (t - s)).sum(-1) + tail).mean()
+    return (t.exp() * (t - s)).sum(-1) + tail
+
+
+# Tensor parallel: the student's logits are split by vocabulary over the TP ranks (rank r holds columns
+# r*V/tp ..), so each rank computes its columns' share of every row and the shares are summed (Megatron's g);
+# rows are weighted (1 scored, 0 not) rather than indexed, and the mean is over the scored rows, as above.
+
+
+def sharded_kd_kl(student_local: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor, tau: float,
+                  group: Any) -> torch.Tensor:
+    """kd_kl of the scored rows from this rank's student columns (N, V/tp) and the teacher's full logits (N, V)."""
+    import torch.distributed as dist
+
+    from llmtrain.parallel.tensor_parallel import reduce_from_tp, vocab_parallel_log_softmax
+
+    width = student_local.shape[-1]
+    start = dist.get_rank(group) * width
+    s = vocab_parallel_log_softmax(student_local.float() / tau, group)  # (N, V/tp)
+    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)[:, start:start + width]  # normalised over all of V
+    rows = reduce_from_tp((t.exp() * (t - s)).sum(-1), group)  # (N,)
+    return (rows * weights).sum() / weights.sum()
+
+
+def sharded_topk_kd_kl(student_local: torch.Tensor, teacher_logprobs: torch.Tensor, indices: torch.Tensor,
+                       weights: torch.Tensor, tau: float, group: Any) -> torch.Tensor:
+    """topk_kd_kl of the scored rows from this rank's student columns (N, V/tp); `indices` (N, k) count in the
+    whole vocabulary: each rank gathers those in its columns (0 elsewhere) and the gathers are summed."""
+    import torch.distributed as dist
+
+    from llmtrain.parallel.tensor_parallel import reduce_from_tp, vocab_parallel_log_softmax
+
+    width = student_local.shape[-1]
+    local = indices.long() - dist.get_rank(group) * width
+    inside = (local >= 0) & (local < width)
+    s = vocab_parallel_log_softmax(student_local.float() / tau, group)  # (N, V/tp)
+    s = s.gather(-1, local.clamp(0, width - 1)).masked_fill(~inside, 0.0)  # (N, k), this rank's entries
+    rows = _topk_rows(teacher_logprobs.float(), reduce_from_tp(s, group))  # (N,)
+    return (rows * weights).sum() / weights.sum()
+
+
+def _vocab_shard(logits: Any) -> tuple[torch.Tensor, Any] | None:
+    """(this rank's vocabulary columns, the tensor-parallel group) of DTensor logits; None for plain ones."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(logits, DTensor):
+        return None
+    return logits.to_local(), logits.device_mesh.get_group()
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -248,16 +301,18 @@ class Distill:
         model.distill_proj = proj.to(next(model.parameters()).device)
 
     def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scored logits (N, V), their labels (N,), the student's own loss)."""
+        """(scored logits (N, V), their labels (N,), the student's own loss). Under tensor parallel the logits
+        are a DTensor split by vocabulary and the loss its vocabulary-parallel cross-entropy's local value."""
         if self.bert:
             labels = batch["mlm_labels"]
             chosen = labels != -100
             mlm, nsp = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], chosen)
-            own = F.cross_entropy(mlm.float(), labels[chosen]) + F.cross_entropy(nsp.float(), batch["nsp_labels"])
+            own = (_local(F.cross_entropy(mlm.float(), labels[chosen]))
+                   + F.cross_entropy(nsp.float(), batch["nsp_labels"]))
             return mlm, labels[chosen], own
         logits = model(batch["input_ids"]).flatten(0, 1)  # (B*T, V)
         labels = batch["labels"].flatten()
-        return logits, labels, F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return logits, labels, _local(F.cross_entropy(logits.float(), labels, ignore_index=-100))
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         plain = getattr(model, "module", model)  # DeepSpeed's engine.eval() flags only the module it wraps
@@ -267,17 +322,24 @@ class Distill:
         with capture(plain, c.hidden_weight > 0, c.attention_weight > 0) as s_feats:
             logits, labels, own = self._forward(model, batch)
         keep = labels != -100
+        shard = _vocab_shard(logits)  # tensor parallel: (this rank's columns, the TP group)
         if self.cache is not None:
             logprobs, indices = self.cache.lookup(batch["input_ids"])  # (B, T, k) each
             scored = batch["mlm_labels"] != -100 if self.bert else slice(None)  # BERT: the masked positions
             logprobs, indices = logprobs[scored].flatten(0, -2), indices[scored].flatten(0, -2)  # (N, k)
-            kd = topk_kd_kl(logits[keep], logprobs[keep], indices[keep], c.temperature)
+            if shard is not None:
+                kd = sharded_topk_kd_kl(shard[0], logprobs, indices, keep.float(), c.temperature, shard[1])
+            else:
+                kd = topk_kd_kl(logits[keep], logprobs[keep], indices[keep], c.temperature)
             t_feats: dict[str, Any] = {}
         else:
             t_plain = getattr(self.teacher, "module", self.teacher)  # a ZeRO-3 teacher is an inference engine
             with torch.no_grad(), capture(t_plain, c.hidden_weight > 0, c.attention_weight > 0) as t_feats:
                 t_logits = self._forward(self.teacher, batch)[0]
-            kd = kd_kl(logits[keep], t_logits[keep], c.temperature)
+            if shard is not None:
+                kd = sharded_kd_kl(shard[0], t_logits, keep.float(), c.temperature, shard[1])
+            else:
+                kd = kd_kl(logits[keep], t_logits[keep], c.temperature)
         loss = c.alpha * c.temperature**2 * kd + (1 - c.alpha) * own
         parts = {"kd_loss": kd, "ce_loss": own}
         if c.hidden_weight:
@@ -327,9 +389,15 @@ def validate_distill(cfg: Any) -> None:
     if d.teacher_zero_stage == 3 and d.cache_dir:
         raise ValueError("distill.cache_dir is built by rank 0 alone with the whole teacher; set "
                          "distill.teacher_zero_stage=0 (or distill.cache_dir='')")
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        raise ValueError("distillation runs on data parallel with ZeRO 0-3 (the teacher is whole on every rank); "
-                         "set parallel.tp=1 and parallel.pp=1")
+    if cfg.parallel.pp > 1:
+        raise ValueError("distillation runs on data parallel with ZeRO 0-3 and tensor parallel (the teacher whole "
+                         "on every rank), not on a pipeline; set parallel.pp=1")
+    if cfg.parallel.tp > 1 and d.attention_weight:
+        raise ValueError("distill.attention_weight reads the student's whole q/k/v, which parallel.tp > 1 splits "
+                         "by head over the ranks; set distill.attention_weight=0 or parallel.tp=1")
+    if cfg.parallel.tp > 1 and d.teacher_zero_stage == 3:
+        raise ValueError("distill.teacher_zero_stage=3 is not supported with parallel.tp > 1; set "
+                         "distill.teacher_zero_stage=0 (the teacher whole on every rank) or parallel.tp=1")
 
 
 def load_teacher(path: str, precision: str, device: torch.device, zero_stage: int = 0) -> tuple[nn.Module, Any]:

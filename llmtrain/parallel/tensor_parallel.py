@@ -99,6 +99,42 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+def reduce_from_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum partial values over the TP ranks (Megatron's g: backward passes the gradient through unchanged)."""
+    return _ReduceFromTP.apply(x, group)
+
+
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+    """log_softmax over a last dim split across the TP ranks: max and sum of exp are all-reduced in
+    forward; backward is grad - softmax * (sum of grad over the whole vocabulary), that sum all-reduced."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        top = x.max(dim=-1, keepdim=True).values  # (..., 1)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        shifted = x - top
+        total = shifted.exp().sum(dim=-1, keepdim=True)
+        dist.all_reduce(total, group=group)
+        out = shifted - total.log()
+        ctx.group = group
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        total = grad.sum(dim=-1, keepdim=True).contiguous()
+        dist.all_reduce(total, group=ctx.group)
+        return grad - out.exp() * total, None
+
+
+def vocab_parallel_log_softmax(local: torch.Tensor, group: Any) -> torch.Tensor:
+    """This rank's columns of log_softmax(x, dim=-1), from its columns `local` (..., V / tp) of x. (torch's
+    F.log_softmax on a vocabulary-sharded DTensor under `loss_parallel` gives the right values but wrong
+    gradients for losses other than its own cross-entropy.)"""
+    return _VocabParallelLogSoftmax.apply(local.contiguous(), group)
+
+
 def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> nn.Parameter:
     if isinstance(index, slice):
         index = torch.arange(index.start, index.stop)
