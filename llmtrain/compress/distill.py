@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.compress.config import DistillConfig
-from llmtrain.train.objectives import MetricSums, _local
+from llmtrain.train.objectives import MetricSums, local_loss
 
 # ---------------------------------------------------------------------------------------------
 # Losses
@@ -307,12 +307,12 @@ class Distill:
             labels = batch["mlm_labels"]
             chosen = labels != -100
             mlm, nsp = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], chosen)
-            own = (_local(F.cross_entropy(mlm.float(), labels[chosen]))
+            own = (local_loss(F.cross_entropy(mlm.float(), labels[chosen]))
                    + F.cross_entropy(nsp.float(), batch["nsp_labels"]))
             return mlm, labels[chosen], own
         logits = model(batch["input_ids"]).flatten(0, 1)  # (B*T, V)
         labels = batch["labels"].flatten()
-        return logits, labels, _local(F.cross_entropy(logits.float(), labels, ignore_index=-100))
+        return logits, labels, local_loss(F.cross_entropy(logits.float(), labels, ignore_index=-100))
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         plain = getattr(model, "module", model)  # DeepSpeed's engine.eval() flags only the module it wraps

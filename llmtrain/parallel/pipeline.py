@@ -31,7 +31,7 @@ from torch import nn
 from llmtrain.parallel.layout import model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
-from llmtrain.train.objectives import Objective, pop_metrics as objective_metrics
+from llmtrain.train.objectives import Objective, local_loss, pop_metrics as objective_metrics
 from llmtrain.utils import print0
 
 # partition name in our config -> DeepSpeed's partition_method
@@ -151,8 +151,7 @@ class ObjectiveLoss:
 
     def __call__(self, outputs: Any, labels: Any) -> torch.Tensor:
         loss = self.objective(lambda *_args: outputs, self.as_batch(labels))
-        # vocab-parallel logits give a replicated DTensor loss; DeepSpeed sums and all-reduces plain tensors
-        return loss.to_local() if hasattr(loss, "to_local") else loss
+        return local_loss(loss)  # DeepSpeed sums and all-reduces plain tensors
 
 
 class PipelineRunner:

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 
 from llmtrain.config import Config, Derived
-from llmtrain.train.objectives import Objective, pop_metrics
+from llmtrain.train.objectives import Objective, local_loss, pop_metrics
 
 ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
 
@@ -84,7 +84,7 @@ class EngineRunner:
         total, norm, skipped = torch.zeros((), device=self.device), None, False
         for i, mb in enumerate(micro_batches):
             with loss_context(self.tp):  # vocab-parallel cross-entropy, forward and backward
-                loss = _replicated(objective(engine, _to(mb, self.device)))
+                loss = local_loss(objective(engine, _to(mb, self.device)))
                 engine.backward(loss)
             total += loss.detach().float()
             if i == len(micro_batches) - 1:  # the boundary: engine.step() below updates the weights
@@ -113,7 +113,7 @@ class EngineRunner:
         self.engine.eval()
         try:
             with loss_context(self.tp):
-                return _replicated(objective(self.engine, _to(batch, self.device))).float()
+                return local_loss(objective(self.engine, _to(batch, self.device))).float()
         finally:
             self.engine.train()
 
@@ -156,9 +156,6 @@ def load_engine(engine: Any, universal: Any, directory: Path, load_optimizer: bo
         raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
 
 
-def _replicated(loss: Any) -> torch.Tensor:
-    """A loss computed by vocab-parallel cross-entropy is a replicated DTensor: its local value is the loss."""
-    return loss.to_local() if hasattr(loss, "to_local") else loss
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

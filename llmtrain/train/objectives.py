@@ -73,7 +73,7 @@ class MaskedLMWithNSP:
         chosen = labels != -100  # (B, T)
         mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                                        chosen)  # (N, V), (B, 2)
-        mlm = _local(F.cross_entropy(mlm_logits.float(), labels[chosen]))
+        mlm = local_loss(F.cross_entropy(mlm_logits.float(), labels[chosen]))
         nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
         self.sums.add(mlm_loss=mlm, nsp_loss=nsp,
                       nsp_accuracy=(nsp_logits.argmax(-1) == nsp_labels).float().mean())
@@ -83,7 +83,7 @@ class MaskedLMWithNSP:
         return self.sums.pop(training)
 
 
-def _local(loss: torch.Tensor) -> torch.Tensor:
+def local_loss(loss: torch.Tensor) -> torch.Tensor:
     """With tensor parallel, vocabulary-sharded logits (a DTensor) give a replicated DTensor loss (under
     `loss_parallel`); its local value is the loss, and a plain tensor adds to the other parts and metrics."""
     return loss.to_local() if hasattr(loss, "to_local") else loss

@@ -92,13 +92,18 @@ def test_teacher_stays_frozen_while_the_student_learns(flavour):
     assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
 
 
-def test_bert_student_learns_from_mlm_logits_and_hidden_states():
+def _tiny_bert_pair():
+    """(teacher config, student config, frozen 2-layer teacher, 1-layer student) of one 64-token vocabulary."""
     kw = dict(arch="bert", n_head=2, n_embd=32, vocab_size=64, block_size=16, norm_eps=1e-12)
     teacher_cfg, student_cfg = ModelConfig(n_layer=2, **kw), ModelConfig(n_layer=1, **kw)
     torch.manual_seed(0)
     teacher, student = build_model(teacher_cfg), build_model(student_cfg)
     teacher.init_weights(), student.init_weights()
-    teacher.eval().requires_grad_(False)
+    return teacher_cfg, student_cfg, teacher.eval().requires_grad_(False), student
+
+
+def test_bert_student_learns_from_mlm_logits_and_hidden_states():
+    teacher_cfg, student_cfg, teacher, student = _tiny_bert_pair()
     objective = Distill(DistillConfig(hidden_weight=1.0, attention_weight=1.0, relation_heads=2), student_cfg,
                         teacher, teacher_cfg)
     objective.attach(student)
@@ -119,12 +124,7 @@ def test_bert_cached_teacher_logits_equal_the_live_teacher(tmp_path):
     picked from the batch. With every logit kept (k = V) the cached KD loss is the live teacher's."""
     from llmtrain.compress.distill import TeacherCache, build_cache
 
-    kw = dict(arch="bert", n_head=2, n_embd=32, vocab_size=64, block_size=16, norm_eps=1e-12)
-    teacher_cfg, student_cfg = ModelConfig(n_layer=2, **kw), ModelConfig(n_layer=1, **kw)
-    torch.manual_seed(0)
-    teacher, student = build_model(teacher_cfg), build_model(student_cfg)
-    teacher.init_weights(), student.init_weights()
-    teacher.eval().requires_grad_(False)
+    teacher_cfg, student_cfg, teacher, student = _tiny_bert_pair()
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(2):
@@ -170,14 +170,18 @@ def _digest(path) -> str:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny teacher written in the consolidated layout (what `llmtrain prune` writes)."""
+    return _write_teacher(tmp_path_factory.mktemp("teacher") / "t", "gpt_debug.yaml", TINY)
+
+
+def _write_teacher(out: Path, recipe: str, overrides: list[str]) -> Path:
+    """A freshly initialised model of recipes/RECIPE (seed 0) written like `llmtrain prune` writes one."""
     from llmtrain.compress.cli import write_model
     from llmtrain.config import load_config
 
-    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY)
+    cfg = load_config(ROOT / "recipes" / recipe, overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.init_weights()
-    out = tmp_path_factory.mktemp("teacher") / "t"
     write_model(out, cfg, model, {})
     return out
 
@@ -297,16 +301,8 @@ BERT_SMALL = ["model.n_head=2", "model.n_embd=32", "train.seq_len=32", "train.mi
 @pytest.fixture(scope="module")
 def bert_teacher(tmp_path_factory):
     """A tiny 2-layer BERT teacher (MLM + NSP) of bert_debug's vocabulary, in the consolidated layout."""
-    from llmtrain.compress.cli import write_model
-    from llmtrain.config import load_config
-
-    cfg = load_config(ROOT / "recipes" / "bert_debug.yaml", [*BERT_SMALL, "model.n_layer=2"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    model.init_weights()
-    out = tmp_path_factory.mktemp("bert_teacher") / "t"
-    write_model(out, cfg, model, {})
-    return out
+    return _write_teacher(tmp_path_factory.mktemp("bert_teacher") / "t", "bert_debug.yaml",
+                          [*BERT_SMALL, "model.n_layer=2"])
 
 
 def _distill_bert(out, teacher, *overrides, nproc=1):
