@@ -21,10 +21,11 @@ import yaml
 
 from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
+from llmtrain.errors import UserError
 from llmtrain.models.config import ModelConfig, apply_model_preset
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration error: the message says which key is wrong and what to change."""
 
 
