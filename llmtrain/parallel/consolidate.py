@@ -132,7 +132,7 @@ def _open(path: str | Path) -> tuple[ModelConfig, Path]:
     if (path / CONSOLIDATED).is_file():
         return _model_config(path / CONFIG), path / CONSOLIDATED
     from llmtrain.parallel.universal import FOLDER
-    from llmtrain.train.checkpoint import resolve_checkpoint
+    from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     if not (ckpt / FOLDER / "meta.json").is_file():

@@ -24,46 +24,11 @@ from typing import Any
 import torch
 
 from llmtrain.config import Config, save_config
+# Path resolution lives under llmtrain/parallel (readers there must not import the trainer); the old
+# names stay importable from here.
+from llmtrain.parallel.checkpoint_paths import (LATEST, checkpoint_root, latest_checkpoint,  # noqa: F401
+                                                resolve_checkpoint, step_name)
 from llmtrain.utils import barrier, rank
-
-LATEST = "latest"
-
-
-def checkpoint_root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a `checkpoints/` directory or a run directory; return a complete checkpoint.
-
-    Raises ValueError saying what was expected when nothing complete is found.
-    """
-    path = Path(path)
-    if (path / "trainer_state.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            target = root / (root / LATEST).read_text().strip()
-            if (target / "trainer_state.json").is_file():
-                return target
-            raise ValueError(f"{root / LATEST} names {target.name}, which is missing or incomplete; "
-                             f"point train.resume at an older complete checkpoint under {root}")
-    if not path.exists():
-        raise ValueError(f"checkpoint path {path} does not exist; pass a checkpoint or run directory")
-    raise ValueError(f"{path} holds no complete checkpoint (no trainer_state.json, no 'latest' pointer); "
-                     f"pass a run directory, its checkpoints/ folder or one step_* folder inside it")
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint `latest` points to under out_dir, or None when there is none."""
-    root = checkpoint_root(out_dir)
-    if not (root / LATEST).is_file():
-        return None
-    return resolve_checkpoint(root)
 
 
 def save_checkpoint(runner: Any, cfg: Config, step: int, trainer_state: dict[str, Any]) -> Path:
