@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.compress.config import DistillConfig
-from llmtrain.train.objectives import MetricSums, local_loss
+from llmtrain.models.objective import MetricSums, local_loss
 
 # ---------------------------------------------------------------------------------------------
 # Losses

@@ -31,7 +31,7 @@ from torch import nn
 from llmtrain.parallel.layout import model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
-from llmtrain.train.objectives import Objective, local_loss, pop_metrics as objective_metrics
+from llmtrain.models.objective import Objective, local_loss, pop_metrics as objective_metrics
 from llmtrain.utils import print0
 
 # partition name in our config -> DeepSpeed's partition_method
@@ -126,7 +126,7 @@ def pipeline_split(model: nn.Module) -> PipelineSplit:
 
 
 def build_pipeline_module(split: PipelineSplit, pp: int, tp: int, dp: int, partition: str,
-                          loss_fn: Callable) -> PipelineModule:
+                          loss_fn: Callable | None) -> PipelineModule:
     """Split the layers into `pp` stages over the TP x PP x DP grid (rank order: see layout.py)."""
     if partition not in PARTITIONS:
         raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
@@ -269,11 +269,9 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
     """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    from llmtrain.train.objectives import objective_for
-
     split = pipeline_split(model)
-    module = build_pipeline_module(split, pp, tp, dp, partition,
-                                   ObjectiveLoss(objective_for(model.cfg.arch), split.as_batch))
+    # no loss function yet: train_step / eval_loss install the objective they are given
+    module = build_pipeline_module(split, pp, tp, dp, partition, loss_fn=None)
     optimizer = optimizer_fn(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=LambdaLR(optimizer, lr_lambda), config=ds_config)

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 
 from llmtrain.config import Config, Derived
-from llmtrain.train.objectives import Objective, local_loss, pop_metrics
+from llmtrain.models.objective import Objective, local_loss, pop_metrics
 
 ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
 
