@@ -1,7 +1,8 @@
 """The `llmtrain` command: one entry point, one sub-command per job.
 
-User errors (a bad key, an impossible layout, a missing checkpoint, a corrupt file) print one line,
-`error: ...`, saying what to change, and exit with status 2. Set LLMTRAIN_DEBUG=1 for the traceback.
+User errors (a bad key, an impossible layout, a missing checkpoint, a corrupt file), raised as
+`llmtrain.errors.UserError`, print one line, `error: ...`, saying what to change, and exit with status 2
+(LLMTRAIN_DEBUG=1 shows the traceback). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 from typing import Callable
 
+from llmtrain.errors import UserError
 from llmtrain.utils import eprint, rank
 
 EPILOG = ("Overrides are dotted config keys after the recipe, e.g. train.max_steps=50 optim.lr=3e-4 "
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except ValueError as exc:  # ConfigError and every other user-input error
+    except UserError as exc:  # ConfigError, CheckpointError, DataError: the user's input, not a bug
         if os.environ.get("LLMTRAIN_DEBUG"):
             raise
         if rank() == 0:

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmtrain.errors import UserError
+
 if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
     import torch
 
@@ -122,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_cfg = _eval_data_config(args)
     seq_len = args.seq_len or cfg.block_size
     if seq_len > cfg.block_size:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's block_size {cfg.block_size}")
+        raise UserError(f"--seq-len {seq_len} exceeds the model's block_size {cfg.block_size}")
     data = build_data(data_cfg, seq_len=seq_len, seed=0, micro_batch_size=args.batch_size, grad_accum=1,
                       dp_rank=0, dp_size=1)
     if data.vocab_size > cfg.vocab_size:

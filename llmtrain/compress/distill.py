@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmtrain.errors import UserError
 from llmtrain.compress.config import DistillConfig
 from llmtrain.models.objective import MetricSums, local_loss
 
@@ -279,9 +280,9 @@ class Distill:
     def __init__(self, cfg: DistillConfig, student_cfg: Any, teacher: nn.Module | None = None,
                  teacher_cfg: Any = None, cache: TeacherCache | None = None):
         if teacher is None and cache is None:
-            raise ValueError("distillation needs a teacher (distill.teacher) or a teacher cache (distill.cache_dir)")
+            raise UserError("distillation needs a teacher (distill.teacher) or a teacher cache (distill.cache_dir)")
         if cache is not None and (cfg.hidden_weight or cfg.attention_weight):
-            raise ValueError("distill.cache_dir holds logits only; hidden-state and attention transfer need the "
+            raise UserError("distill.cache_dir holds logits only; hidden-state and attention transfer need the "
                              "teacher's forward: set distill.hidden_weight=0 and distill.attention_weight=0, or "
                              "distill.cache_dir=''")
         self.cfg, self.student_cfg, self.teacher, self.teacher_cfg, self.cache = cfg, student_cfg, teacher, teacher_cfg, cache

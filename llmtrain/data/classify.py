@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtrain.errors import DataError
 from llmtrain.data.config import DataConfig
 
 CLASSES = ("old_testament", "new_testament", "shakespeare")
@@ -92,7 +93,7 @@ class SourceClassData:
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         if self.vocab_size > model_vocab_size:
-            raise ValueError(f"the tokenizer has {self.vocab_size} tokens but model.vocab_size={model_vocab_size}; "
+            raise DataError(f"the tokenizer has {self.vocab_size} tokens but model.vocab_size={model_vocab_size}; "
                              f"set model.vocab_size >= {self.vocab_size}")
 
     def train_batches(self, step: int) -> list[dict[str, Any]]:

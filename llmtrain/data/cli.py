@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from llmtrain.errors import DataError
 
 
 def _input_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -77,7 +78,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
         specials = args.special_tokens.split(",") if args.special_tokens else None
         tok = train_tokenizer(texts, args.kind, args.vocab_size, specials)
         if tok.vocab_size <= len(tok.specials):
-            raise ValueError(f"{', '.join(args.input)}: the corpus is empty (no text to train on); check --input "
+            raise DataError(f"{', '.join(args.input)}: the corpus is empty (no text to train on); check --input "
                              "and --text-field")
     tok.save(args.out)
     print(json.dumps({"out": str(Path(args.out) / "tokenizer.json"), "kind": tok.kind, "vocab_size": tok.vocab_size,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llmtrain.errors import DataError
 
 VERSION = 1
 BIN_MAGIC = b"LLMTBIN\x00"
@@ -82,7 +83,7 @@ def _read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
     if len(head) < HEADER.size:
-        raise ValueError(f"{path}: truncated shard ({len(head)} bytes, shorter than its header); {REPREPARE}")
+        raise DataError(f"{path}: truncated shard ({len(head)} bytes, shorter than its header); {REPREPARE}")
     got, version, itemsize, count, extra = HEADER.unpack(head)
     if got != magic:
         raise ValueError(f"{path}: bad magic {got!r} (expected {magic!r}): not an llmtrain shard or corrupt; {REPREPARE}")
@@ -90,7 +91,7 @@ def _read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
         raise ValueError(f"{path}: format version {version}, this llmtrain reads version {VERSION}; {REPREPARE}")
     want = HEADER.size + count * itemsize
     if path.stat().st_size != want:
-        raise ValueError(f"{path}: size {path.stat().st_size} bytes does not match its header ({count} items of "
+        raise DataError(f"{path}: size {path.stat().st_size} bytes does not match its header ({count} items of "
                          f"{itemsize} bytes = {want} bytes): truncated or corrupt; {REPREPARE}")
     return itemsize, count, extra
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtrain.errors import DataError
 from llmtrain.data.format import REPREPARE, Shard, read_manifest
 from llmtrain.data.order import blend_table, derive_key, permute
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
@@ -149,7 +150,7 @@ class OrderedData:
         for s in self.sources:
             v = s.manifest["tokenizer"]["vocab_size"]
             if v > model_vocab_size:
-                raise ValueError(f"{s.path / 'manifest.json'}: the data was tokenized with a {v} tokens vocabulary but "
+                raise DataError(f"{s.path / 'manifest.json'}: the data was tokenized with a {v} tokens vocabulary but "
                                  f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {v} or prepare the data "
                                  "with the model's tokenizer")
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from llmtrain.errors import DataError
 from llmtrain.data import tokenize_worker
 from llmtrain.data.format import FORMAT_NAME, VERSION, ShardWriter, token_dtype, write_manifest
 from llmtrain.data.order import derive_key, mix64
@@ -163,7 +164,7 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
     bar.close()
     manifest = _manifest(chunks, tok, source, settings, dtype)
     if manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"] == 0:
-        raise ValueError(f"{label}: the corpus is empty (no document has any text); check the input path and "
+        raise DataError(f"{label}: the corpus is empty (no document has any text); check the input path and "
                          "--text-field")
     write_manifest(out, manifest)
     manifest["prepare_seconds"] = time.perf_counter() - started

@@ -11,6 +11,7 @@ import glob
 import itertools
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+from llmtrain.errors import DataError
 
 READ_BATCH = 256  # records per column batch read from `datasets` (memory: as many documents)
 
@@ -101,7 +102,7 @@ def _check_record(record: dict[str, Any], text_field: str, spec: str) -> None:
     """`record`: one record or a batch of them (field -> values); both have the fields as keys."""
     if text_field not in record:
         fields = ", ".join(sorted(record)) or "none"
-        raise ValueError(f"{spec}: its records have no field '{text_field}' (fields: {fields}); pass "
+        raise DataError(f"{spec}: its records have no field '{text_field}' (fields: {fields}); pass "
                          f"--text-field with one of them")
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from llmtrain.errors import DataError
 from llmtrain.data.config import DataConfig
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -78,7 +79,7 @@ class StreamingData:
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         if self.vocab_size > model_vocab_size:
-            raise ValueError(f"{self.tokenizer.source}: the tokenizer has {self.vocab_size} tokens but "
+            raise DataError(f"{self.tokenizer.source}: the tokenizer has {self.vocab_size} tokens but "
                              f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {self.vocab_size}")
 
     def _docs(self, first: int, last: int | None = None) -> Iterator[tuple[int, np.ndarray]]:

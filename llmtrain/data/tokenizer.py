@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from llmtrain.errors import DataError
 from llmtrain.data.tokenize_worker import encoder
 
 EOS_GPT = "<|endoftext|>"
@@ -64,12 +65,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return gpt2_from_files(p / "encoder.json", p / "vocab.bpe")
     f = p / TOKENIZER_FILE if p.is_dir() else p
     if not f.exists():
-        raise ValueError(f"{p}: no tokenizer here; expected a directory with {TOKENIZER_FILE} (or encoder.json + "
+        raise DataError(f"{p}: no tokenizer here; expected a directory with {TOKENIZER_FILE} (or encoder.json + "
                          f"vocab.bpe), or a {TOKENIZER_FILE} file; create one with `llmtrain train-tokenizer`")
     try:
         hf = HFTokenizer.from_file(str(f))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"{f}: not a valid HF tokenizer.json ({exc}); re-create it with `llmtrain train-tokenizer`") from None
+        raise DataError(f"{f}: not a valid HF tokenizer.json ({exc}); re-create it with `llmtrain train-tokenizer`") from None
     return Tokenizer(hf, str(f))
 
 

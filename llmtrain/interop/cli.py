@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from llmtrain.errors import UserError
 
 if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
     import torch
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
 
 def _fresh_tmp(out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new OUT_DIR")
+        raise UserError(f"{out} exists and is not empty; choose a new OUT_DIR")
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
