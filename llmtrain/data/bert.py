@@ -16,6 +16,7 @@ import numpy as np
 
 from llmtrain.data.config import DataConfig
 from llmtrain.data.loader import OrderedData, PreparedSource, TokenStream
+from llmtrain.errors import DataError
 
 _TRAIN, _VAL = 0xB7, 0x7A1
 
@@ -26,12 +27,12 @@ class BertData(OrderedData):
 
     def __init__(self, sources: list[PreparedSource], weights: list[float], *, cfg: DataConfig, **kw: Any) -> None:
         if kw["seq_len"] < 8:
-            raise ValueError(f"BERT samples need train.seq_len >= 8 (got {kw['seq_len']})")
+            raise DataError(f"BERT samples need train.seq_len >= 8 (got {kw['seq_len']})")
         super().__init__(sources, weights, unit=kw["seq_len"] - 3, blend_block=cfg.blend_block, **kw)
         sp = self.tokenizer.specials
         missing = [t for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]") if t not in sp]
         if missing:
-            raise ValueError(f"{sources[0].path / 'tokenizer.json'}: BERT samples need the special tokens {missing}; "
+            raise DataError(f"{sources[0].path / 'tokenizer.json'}: BERT samples need the special tokens {missing}; "
                              "prepare the data with a WordPiece tokenizer (`llmtrain train-tokenizer --kind wordpiece`)")
         self.cls, self.sep, self.mask, self.pad = sp["[CLS]"], sp["[SEP]"], sp["[MASK]"], sp["[PAD]"]
         self.mlm_prob, self.whole_word = cfg.mlm_prob, cfg.whole_word_mask
@@ -88,7 +89,7 @@ class BertData(OrderedData):
             if lo != own_lo and hi - 1 > lo:
                 pos = min(pos, hi - 2)
                 return stream.window(pos, max(1, min(length, hi - 1 - pos)))
-        raise ValueError("BERT next-sentence pairs need at least two non-empty documents in every split; "
+        raise DataError("BERT next-sentence pairs need at least two non-empty documents in every split; "
                          "prepare more documents (or a larger --val-fraction)")
 
     def _mask(self, a: np.ndarray, b: np.ndarray, rng: np.random.Generator, label: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.data.config import DataConfig
+from llmtrain.errors import DataError
 
 
 def resolve_sources(cfg: DataConfig) -> list[tuple[Path, float]]:
@@ -16,17 +17,17 @@ def resolve_sources(cfg: DataConfig) -> list[tuple[Path, float]]:
     out = []
     for path, weight in specs:
         if weight < 0:
-            raise ValueError(f"data.sources: weight {weight} of '{path}' is negative; use a weight >= 0")
+            raise DataError(f"data.sources: weight {weight} of '{path}' is negative; use a weight >= 0")
         out.append((bundled_dataset_dir(cfg) if path == "bundled" else Path(path).expanduser(), float(weight)))
     return out
 
 
 def _check_layout(seq_len: int, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int) -> None:
     if seq_len < 1 or micro_batch_size < 1 or grad_accum < 1 or dp_size < 1:
-        raise ValueError(f"seq_len, micro_batch_size, grad_accum and dp_size must be >= 1; got {seq_len}, "
+        raise DataError(f"seq_len, micro_batch_size, grad_accum and dp_size must be >= 1; got {seq_len}, "
                          f"{micro_batch_size}, {grad_accum}, {dp_size}")
     if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+        raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
 
 
 def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
@@ -35,7 +36,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
 
     _check_layout(seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
     if cfg.doc_mask and (cfg.stream or cfg.sample_kind != "causal"):
-        raise ValueError("data.doc_mask works on packed causal samples of prepared data only; set data.doc_mask=false "
+        raise DataError("data.doc_mask works on packed causal samples of prepared data only; set data.doc_mask=false "
                          "(or data.sample_kind=causal without data.stream)")
     kwargs = dict(seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                   dp_rank=dp_rank, dp_size=dp_size)
@@ -44,7 +45,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
         from llmtrain.data.streaming import StreamingData
 
         if cfg.sample_kind != "causal":
-            raise ValueError("data.stream supports data.sample_kind=causal only; prepare BERT data with prepare-data")
+            raise DataError("data.stream supports data.sample_kind=causal only; prepare BERT data with prepare-data")
         tok_dir = cfg.stream_tokenizer or str(bundled_tokenizer_dir(cfg))
         return StreamingData(cfg, tok_dir, **kwargs)
     if cfg.sample_kind == "source_class":

@@ -20,6 +20,7 @@ import numpy as np
 
 from llmtrain.errors import DataError
 from llmtrain.data.config import DataConfig
+from llmtrain.errors import DataError
 
 CLASSES = ("old_testament", "new_testament", "shakespeare")
 _KJV_CHAPTERS, _OT_CHAPTERS = 1189, 929  # Genesis 1 .. Malachi 4 are the first 929 of the 1,189 chapters
@@ -64,10 +65,10 @@ class SourceClassData:
         from llmtrain.data.tokenizer import load_tokenizer
 
         if cfg.tokenizer != "wordpiece":
-            raise ValueError(f"data.sample_kind=source_class needs data.tokenizer=wordpiece ([CLS]/[SEP]/[PAD]); "
+            raise DataError(f"data.sample_kind=source_class needs data.tokenizer=wordpiece ([CLS]/[SEP]/[PAD]); "
                              f"got '{cfg.tokenizer}'")
         if seq_len < 8:
-            raise ValueError(f"source_class samples need train.seq_len >= 8 (got {seq_len})")
+            raise DataError(f"source_class samples need train.seq_len >= 8 (got {seq_len})")
         self.tokenizer = load_tokenizer(bundled_tokenizer_dir(cfg))
         self.vocab_size = self.tokenizer.vocab_size
         sp = self.tokenizer.specials

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from llmtrain.errors import DataError
 
+from llmtrain.errors import DataError
+
 
 def _input_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--input", action="append", required=required,
@@ -69,7 +71,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
         tok = load_tokenizer(args.pretrained)
     else:
         if not args.input:
-            raise ValueError("train-tokenizer needs --input (a corpus to train on), or --from/--gpt2 to import one")
+            raise DataError("train-tokenizer needs --input (a corpus to train on), or --from/--gpt2 to import one")
         from llmtrain.data.reader import iter_many
 
         texts = iter_many(args.input, **_reader_kwargs(args))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from llmtrain.errors import DataError
+
 
 @dataclass(frozen=True)
 class Archive:
@@ -59,7 +61,7 @@ def fetch(archive: Archive, downloads: Path) -> Path:
             got.replace(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != archive.sha256:
-        raise ValueError(f"{path}: sha256 {digest} does not match the pinned {archive.sha256}; delete the file "
+        raise DataError(f"{path}: sha256 {digest} does not match the pinned {archive.sha256}; delete the file "
                          "and run again to download it afresh")
     return path
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from llmtrain.errors import DataError
 
+from llmtrain.errors import DataError
+
 VERSION = 1
 BIN_MAGIC = b"LLMTBIN\x00"
 IDX_MAGIC = b"LLMTIDX\x00"
@@ -79,16 +81,16 @@ class ShardWriter:
 
 def _read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
     if not path.exists():
-        raise ValueError(f"{path}: missing shard file; {REPREPARE}")
+        raise DataError(f"{path}: missing shard file; {REPREPARE}")
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
     if len(head) < HEADER.size:
         raise DataError(f"{path}: truncated shard ({len(head)} bytes, shorter than its header); {REPREPARE}")
     got, version, itemsize, count, extra = HEADER.unpack(head)
     if got != magic:
-        raise ValueError(f"{path}: bad magic {got!r} (expected {magic!r}): not an llmtrain shard or corrupt; {REPREPARE}")
+        raise DataError(f"{path}: bad magic {got!r} (expected {magic!r}): not an llmtrain shard or corrupt; {REPREPARE}")
     if version != VERSION:
-        raise ValueError(f"{path}: format version {version}, this llmtrain reads version {VERSION}; {REPREPARE}")
+        raise DataError(f"{path}: format version {version}, this llmtrain reads version {VERSION}; {REPREPARE}")
     want = HEADER.size + count * itemsize
     if path.stat().st_size != want:
         raise DataError(f"{path}: size {path.stat().st_size} bytes does not match its header ({count} items of "
@@ -109,10 +111,10 @@ class Shard:
         bin_path, idx_path = Path(stem).with_suffix(".bin"), Path(stem).with_suffix(".idx")
         itemsize, count, _ = _read_header(bin_path, BIN_MAGIC)
         if itemsize not in (2, 4):
-            raise ValueError(f"{bin_path}: token item size {itemsize} is neither 2 nor 4; {REPREPARE}")
+            raise DataError(f"{bin_path}: token item size {itemsize} is neither 2 nor 4; {REPREPARE}")
         _, docs, idx_tokens = _read_header(idx_path, IDX_MAGIC)
         if idx_tokens != count:
-            raise ValueError(f"{idx_path}: index says {idx_tokens} tokens but {bin_path.name} holds {count}: the "
+            raise DataError(f"{idx_path}: index says {idx_tokens} tokens but {bin_path.name} holds {count}: the "
                              f"pair does not belong together; {REPREPARE}")
         dtype = np.uint16 if itemsize == 2 else np.uint32
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
@@ -120,7 +122,7 @@ class Shard:
         # Plain ndarray views of the maps (the maps stay alive as their base): indexing skips memmap's wrapping.
         tokens, ends = tokens.view(np.ndarray), ends.view(np.ndarray)
         if docs and int(ends[-1]) != count:
-            raise ValueError(f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
+            raise DataError(f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
                              f"{bin_path.name}: corrupt index; {REPREPARE}")
         return cls(Path(stem), tokens, ends)
 
@@ -137,12 +139,12 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     if not f.exists():
         hint = ("an interrupted `llmtrain prepare-data` leaves no manifest: run it again to finish"
                 if d.is_dir() else "prepare one with `llmtrain prepare-data --out DIR`")
-        raise ValueError(f"{f}: no manifest, so {d} is not a complete prepared dataset; {hint}")
+        raise DataError(f"{f}: no manifest, so {d} is not a complete prepared dataset; {hint}")
     try:
         m = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{f}: not valid JSON ({exc}); {REPREPARE}") from None
+        raise DataError(f"{f}: not valid JSON ({exc}); {REPREPARE}") from None
     if m.get("format") != FORMAT_NAME or m.get("version") != VERSION:
-        raise ValueError(f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
+        raise DataError(f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
                          f"{FORMAT_NAME!r} version {VERSION}; {REPREPARE}")
     return m

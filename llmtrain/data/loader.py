@@ -21,6 +21,7 @@ from llmtrain.errors import DataError
 from llmtrain.data.format import REPREPARE, Shard, read_manifest
 from llmtrain.data.order import blend_table, derive_key, permute
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
+from llmtrain.errors import DataError
 
 
 # Sources with at most this many windows keep their epoch's permutation as a table (8 MB at most).
@@ -103,7 +104,7 @@ class PreparedSource:
         self.tokenizer = load_tokenizer(self.path)
         want = self.manifest["tokenizer"]["hash"]
         if self.tokenizer.hash != want:
-            raise ValueError(f"{self.path / 'tokenizer.json'}: tokenizer hash {self.tokenizer.hash} differs from the "
+            raise DataError(f"{self.path / 'tokenizer.json'}: tokenizer hash {self.tokenizer.hash} differs from the "
                              f"{want} recorded in {self.path / 'manifest.json'}: the tokens were made with another "
                              f"tokenizer; {REPREPARE}")
         splits = self.manifest["splits"]
@@ -134,7 +135,7 @@ class OrderedData:
         self.n_train = [_windows(s.train, unit) for s in sources]
         for s, n in zip(sources, self.n_train):
             if n == 0:
-                raise ValueError(f"{s.path}: its train split has {s.train.n_tokens} tokens, fewer than one sequence of "
+                raise DataError(f"{s.path}: its train split has {s.train.n_tokens} tokens, fewer than one sequence of "
                                  f"train.seq_len={seq_len}; lower train.seq_len or prepare more text")
         self.weights = [float(w) for w in weights]
         self._table = blend_table(self.weights, blend_block if len(sources) > 1 else 1)
@@ -222,12 +223,12 @@ class OrderedData:
         """The first n micro-batches of this rank over the validation windows, in order (no shuffle)."""
         counts = [_windows(s.val, self.unit) for s in self.sources]
         if sum(counts) == 0:
-            raise ValueError(f"{self.sources[0].path}: no validation split (or shorter than one sequence); prepare "
+            raise DataError(f"{self.sources[0].path}: no validation split (or shorter than one sequence); prepare "
                              "the dataset with --val-fraction > 0 (or data.val_fraction for the bundled corpus)")
         per_batch = self.B * self.dp_size
         n = min(n, sum(counts) // per_batch)
         if n == 0:
-            raise ValueError(f"{self.sources[0].path}: validation split has {sum(counts)} sequences, fewer than one "
+            raise DataError(f"{self.sources[0].path}: validation split has {sum(counts)} sequences, fewer than one "
                              f"global micro-batch ({per_batch}); prepare more validation text or lower the batch")
         # Take from each source in proportion to its weight, up to what it has: deterministic, no wrap.
         order = _val_order(counts, self.weights, n * per_batch)
@@ -254,7 +255,7 @@ class OrderedData:
         if not d:
             return
         if d.get("tokenizer_hash", self.tokenizer.hash) != self.tokenizer.hash:
-            raise ValueError(f"the checkpoint's data was tokenized with tokenizer {d['tokenizer_hash']}, this run's "
+            raise DataError(f"the checkpoint's data was tokenized with tokenizer {d['tokenizer_hash']}, this run's "
                              f"data with {self.tokenizer.hash}; resume with the same data (or start a new out_dir)")
         mapping = {k: int(d[k]) for k in ("base_step", "base_samples", "global_batch")}
         with self._lock:
@@ -343,6 +344,6 @@ def _check_same_tokenizer(sources: list[PreparedSource]) -> None:
     first = sources[0]
     for s in sources[1:]:
         if s.tokenizer.hash != first.tokenizer.hash:
-            raise ValueError(f"{s.path / 'manifest.json'}: tokenized with tokenizer {s.tokenizer.hash}, but "
+            raise DataError(f"{s.path / 'manifest.json'}: tokenized with tokenizer {s.tokenizer.hash}, but "
                              f"{first.path} with {first.tokenizer.hash}; blend only datasets prepared with the same "
                              "tokenizer (re-run `llmtrain prepare-data --tokenizer` on one of them)")

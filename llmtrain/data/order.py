@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmtrain.errors import DataError
+
 _MASK = 0xFFFFFFFFFFFFFFFF
 
 
@@ -70,7 +72,7 @@ def blend_table(weights: list[float], block: int) -> tuple[np.ndarray, np.ndarra
     """
     w = np.asarray(weights, dtype=np.float64)
     if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"data.sources weights must be >= 0 with a positive sum; got {list(weights)}")
+        raise DataError(f"data.sources weights must be >= 0 with a positive sum; got {list(weights)}")
     w = w / w.sum()
     counts = np.floor(w * block).astype(np.int64)
     rem = w * block - counts

@@ -24,6 +24,7 @@ from llmtrain.data import tokenize_worker
 from llmtrain.data.format import FORMAT_NAME, VERSION, ShardWriter, token_dtype, write_manifest
 from llmtrain.data.order import derive_key, mix64
 from llmtrain.data.tokenizer import Tokenizer, tokenizer_meta
+from llmtrain.errors import DataError
 
 SPLITS = ("train", "val")
 
@@ -117,7 +118,7 @@ def finished_chunks(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]
         info = json.loads(f.read_text())
         diff = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
         if diff:
-            raise ValueError(f"{f}: {out} was prepared with other settings {diff} (earlier, now); use a new --out "
+            raise DataError(f"{f}: {out} was prepared with other settings {diff} (earlier, now); use a new --out "
                              "directory or delete this one")
         done.append(info)
     return done

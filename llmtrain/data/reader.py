@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from llmtrain.errors import DataError
 
+from llmtrain.errors import DataError
+
 READ_BATCH = 256  # records per column batch read from `datasets` (memory: as many documents)
 
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
@@ -26,11 +28,11 @@ def _builder_for(files: list[str], spec: str) -> str:
         ext = suffixes[-2] if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst") and len(suffixes) > 1 else (
             suffixes[-1] if suffixes else "")
         if ext not in _BUILDERS:
-            raise ValueError(f"{f}: unsupported file type '{ext}'; use .txt, .jsonl, .json, .parquet or .csv "
+            raise DataError(f"{f}: unsupported file type '{ext}'; use .txt, .jsonl, .json, .parquet or .csv "
                              f"(optionally compressed), or pass a `datasets` loader name")
         kinds.add(_BUILDERS[ext])
     if len(kinds) != 1:
-        raise ValueError(f"{spec}: mixes file types {sorted(kinds)}; prepare each type separately and blend them "
+        raise DataError(f"{spec}: mixes file types {sorted(kinds)}; prepare each type separately and blend them "
                          "with data.sources")
     return kinds.pop()
 
@@ -58,11 +60,11 @@ def open_stream(spec: str, *, text_field: str = "text", split: str = "train", na
         kwargs: dict[str, Any] = {"sample_by": sample_by} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=True, **kwargs)
     if Path(spec).expanduser().exists() and files is None:
-        raise ValueError(f"{spec}: no input files there; point --input at .txt/.jsonl/.parquet files")
+        raise DataError(f"{spec}: no input files there; point --input at .txt/.jsonl/.parquet files")
     try:
         return datasets.load_dataset(spec, name, split=split, streaming=True)
     except FileNotFoundError as exc:
-        raise ValueError(f"{spec}: neither a local file/directory/glob nor a `datasets` loader that can be "
+        raise DataError(f"{spec}: neither a local file/directory/glob nor a `datasets` loader that can be "
                          f"reached ({exc}); check the path") from None
 
 
@@ -94,7 +96,7 @@ def iter_texts(spec: str, *, text_field: str = "text", split: str = "train", nam
             elif isinstance(value, str):
                 yield value
             else:
-                raise ValueError(f"{spec}: field '{text_field}' holds {type(value).__name__}, not text; pass "
+                raise DataError(f"{spec}: field '{text_field}' holds {type(value).__name__}, not text; pass "
                                  "--text-field naming a string field")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from llmtrain.errors import DataError
 from llmtrain.data.config import DataConfig
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
+from llmtrain.errors import DataError
 
 KEEP_POSITIONS = 8  # the trainer saves after step k while step k+1 may already be built
 
@@ -100,7 +101,7 @@ class StreamingData:
     def _global_batch(self, step: int) -> np.ndarray:
         if step != self._next_step or self._stream is None:
             if step not in self.positions:
-                raise ValueError(f"streaming data can continue only at a step whose position was saved "
+                raise DataError(f"streaming data can continue only at a step whose position was saved "
                                  f"({sorted(self.positions)}), not at step {step}; resume from that checkpoint")
             doc, off = self.positions[step]
             self._stream = PackedStream(self._docs(doc), self.seq_len, doc, off)
@@ -108,7 +109,7 @@ class StreamingData:
         for _ in range(self.global_batch):
             w = self._stream.take()
             if w is None:
-                raise ValueError(f"{self.cfg.stream}: the stream ended at step {step}; streaming mode runs one pass, "
+                raise DataError(f"{self.cfg.stream}: the stream ended at step {step}; streaming mode runs one pass, "
                                  "so lower train.max_steps or add data")
             windows.append(w)
         self._next_step = step + 1
@@ -129,7 +130,7 @@ class StreamingData:
             windows = list(itertools.takewhile(lambda w: w is not None, (stream.take() for _ in range(10**9))))
             per_batch = self.B * self.dp_size
             if len(windows) < per_batch:
-                raise ValueError(f"{self.cfg.stream}: its first data.stream_val_docs={self.cfg.stream_val_docs} "
+                raise DataError(f"{self.cfg.stream}: its first data.stream_val_docs={self.cfg.stream_val_docs} "
                                  f"documents give {len(windows)} validation sequences, fewer than one global "
                                  f"micro-batch ({per_batch}); raise data.stream_val_docs")
             lo = self.dp_rank * self.B
@@ -145,7 +146,7 @@ class StreamingData:
         if not d:
             return
         if d.get("kind") != "stream":
-            raise ValueError("the checkpoint's data state is not a streaming one; resume with the checkpoint's data "
+            raise DataError("the checkpoint's data state is not a streaming one; resume with the checkpoint's data "
                              "settings (data.stream) or start a new out_dir")
         self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in d["positions"].items()}
         self._stream, self._next_step = None, -1

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Literal
 
 from llmtrain.errors import DataError
 from llmtrain.data.tokenize_worker import encoder
+from llmtrain.errors import DataError
 
 EOS_GPT = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -32,7 +33,7 @@ class Tokenizer:
         # GPT tokenizers separate documents with <|endoftext|>; BERT ones with [SEP].
         eos = EOS_GPT if EOS_GPT in vocab else ("[SEP]" if "[SEP]" in vocab else None)
         if eos is None:
-            raise ValueError(f"{source}: the tokenizer has neither '{EOS_GPT}' nor '[SEP]'; add one of them as "
+            raise DataError(f"{source}: the tokenizer has neither '{EOS_GPT}' nor '[SEP]'; add one of them as "
                              "a special token (llmtrain train-tokenizer does) so documents can be separated")
         self.eos_token = eos
         self.eos_id: int = vocab[eos]
@@ -106,7 +107,7 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["bpe", "wordpiece"], voc
         hf.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     else:
-        raise ValueError(f"unknown tokenizer kind '{kind}'; use 'bpe' (GPT) or 'wordpiece' (BERT)")
+        raise DataError(f"unknown tokenizer kind '{kind}'; use 'bpe' (GPT) or 'wordpiece' (BERT)")
     hf.train_from_iterator(_nonempty(texts), trainer)
     return Tokenizer(hf, f"<trained {kind}>")
 
