@@ -23,6 +23,7 @@ from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import UserError
 from llmtrain.models.config import ModelConfig, apply_model_preset
+from llmtrain.parallel.layout import ParallelDims
 
 
 class ConfigError(UserError):
@@ -173,6 +174,8 @@ class Derived:
     dp_size: int
     grad_accum: int
     tokens_per_step: int
+    # The layout: axis sizes, rank coordinates, process groups (llmtrain/parallel/layout.py)
+    dims: ParallelDims
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,13 +323,8 @@ def _positive(value: int, key: str) -> None:
 def derive(cfg: Config, world_size: int) -> Derived:
     """Layout checks that need the world size, and the values derived from it."""
     t, p = cfg.train, cfg.parallel
-    model_par = p.tp * p.pp
-    if world_size % model_par:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {p.tp}*{p.pp}; "
-            f"launch a multiple of {model_par} processes or change tp/pp"
-        )
-    dp = world_size // model_par
+    dims = ParallelDims.for_world(world_size, tp=p.tp, pp=p.pp)
+    dp = dims.dp
     _check_model_split(cfg)
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
@@ -348,6 +346,7 @@ def derive(cfg: Config, world_size: int) -> Derived:
         dp_size=dp,
         grad_accum=grad_accum,
         tokens_per_step=t.global_batch_size * t.seq_len,
+        dims=dims,
     )
 
 

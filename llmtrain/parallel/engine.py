@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from llmtrain.config import Config, Derived
+from llmtrain.parallel.layout import ParallelDims
 from llmtrain.utils import print0
 
 
@@ -224,7 +225,7 @@ def build_engine(
 ) -> tuple[Any, torch.optim.Optimizer]:
     """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule; returns (engine, optimizer).
 
-    `mpu` (from `model_parallel_grid`) tells DeepSpeed which ranks are data-parallel replicas when the
+    `mpu` (`ParallelDims.ds_grid()`) tells DeepSpeed which ranks are data-parallel replicas when the
     model is tensor-parallel: gradients are averaged, and ZeRO partitions, over those ranks only.
     """
     import deepspeed
@@ -241,11 +242,18 @@ def build_engine(
     return engine, optimizer
 
 
-def model_parallel_grid(tp: int, pp: int, dp: int) -> Any:
-    """DeepSpeed's process grid (its `mpu`) for our rank order (llmtrain/parallel/layout.py)."""
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+def process_topology(dims: ParallelDims) -> Any:
+    """DeepSpeed's process topology for our rank order (`ParallelDims`: pipe, data, model; model fastest)."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    return PipelineParallelGrid(topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp))
+    return PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+
+
+def process_grid(dims: ParallelDims) -> Any:
+    """DeepSpeed's process grid (its `mpu`) for `dims`; collective. Use `dims.ds_grid()`, which makes it once."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+    return PipelineParallelGrid(topology=process_topology(dims))
 
 
 def grad_norm_unreported(engine: Any) -> bool:

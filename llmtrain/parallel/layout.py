@@ -1,4 +1,8 @@
-"""Where each rank sits in the TP x PP x DP grid.
+"""The parallel layout: one frozen `ParallelDims` object says how the world is cut into axes.
+
+`llmtrain.config.derive` builds it once from `parallel.*` and the world size; everything that needs a
+rank's place, a process group, the device mesh or DeepSpeed's process topology asks it, so the axes
+travel as one object and never as loose integers in different orders.
 
 One rank order for every runner, the same as DeepSpeed's `PipeModelDataParallelTopology` (axes pipe,
 data, model; the last varies fastest):
@@ -6,13 +10,21 @@ data, model; the last varies fastest):
     rank = (pipe * dp + data) * tp + model
 
 Tensor-parallel ranks are neighbours (on GPUs: inside one node, where their per-layer all-reduces are
-cheapest), then data-parallel replicas, then pipeline stages. The trainer asks this module for the
-data-parallel rank before anything is built, so it picks the right slice of each global batch.
+cheapest), then data-parallel replicas, then pipeline stages. The trainer asks for the data-parallel rank
+before anything is built, so it picks the right slice of each global batch.
+
+`cp` (context parallel) and `ep` (expert parallel) have a place here and are 1 today: a layout that
+asks for more is refused before anything starts (DEVELOPERS.md, "Adding a parallel axis").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+# Mesh axes, outermost first (the last varies fastest). The one place the rank order is written down:
+# coords, rank_of, the device mesh and DeepSpeed's topology all follow it.
+AXES = ("pp", "dp", "tp")
 
 
 @dataclass(frozen=True)
@@ -24,23 +36,107 @@ class Coords:
     tp: int
 
 
-def coords(rank: int, tp: int, pp: int, dp: int) -> Coords:
-    if not 0 <= rank < tp * pp * dp:
-        raise ValueError(f"rank {rank} is outside a world of tp*pp*dp = {tp}*{pp}*{dp}")
-    return Coords(dp=(rank // tp) % dp, pp=rank // (tp * dp), tp=rank % tp)
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of the parallel axes; their product is the world size. Build it with `for_world`."""
 
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1  # context parallel: each sequence split over ranks (not implemented yet: 1)
+    ep: int = 1  # expert parallel: MoE experts split over ranks (not implemented yet: 1)
+    # Process groups, the mesh and DeepSpeed's grid, made on first use (creating them is collective)
+    _built: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
-def rank_of(c: Coords, tp: int, pp: int, dp: int) -> int:
-    return (c.pp * dp + c.dp) * tp + c.tp
+    def __post_init__(self) -> None:
+        for axis in ("dp", "tp", "pp", "cp", "ep"):
+            size = getattr(self, axis)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"parallel axis {axis} must be an int >= 1; got {size!r}")
+        if (self.cp, self.ep) != (1, 1):
+            raise ValueError(f"cp={self.cp}, ep={self.ep}: context and expert parallel are not implemented yet")
 
+    @classmethod
+    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1) -> ParallelDims:
+        """The layout for `world_size` ranks: data parallel takes what the model-parallel axes leave.
+        Raises ConfigError naming the `parallel.*` keys to change."""
+        from llmtrain.config import ConfigError
 
-def describe(tp: int, pp: int, dp: int) -> str:
-    """One line naming which ranks form each stage and replica, for the start-up banner."""
-    stages = []
-    for s in range(pp):
-        ranks = [rank_of(Coords(d, s, t), tp, pp, dp) for d in range(dp) for t in range(tp)]
-        stages.append(f"stage {s}: ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"stage {s}: rank {ranks[0]}")
-    return "; ".join(stages) + f" (tp groups of {tp} adjacent ranks, dp replicas every {tp} ranks)"
+        for key, size in (("parallel.cp", cp), ("parallel.ep", ep)):
+            if size != 1:
+                raise ConfigError(f"{key}={size}: this axis is not implemented yet; set {key}=1")
+        model_par = tp * pp
+        if world_size < 1 or world_size % model_par:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp}*{pp}; "
+                f"launch a multiple of {model_par} processes or change tp/pp"
+            )
+        return cls(dp=world_size // model_par, tp=tp, pp=pp, cp=cp, ep=ep)
+
+    @property
+    def world_size(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Axis sizes in `AXES` order (the device mesh's shape)."""
+        return tuple(getattr(self, axis) for axis in AXES)
+
+    def coords(self, rank: int) -> Coords:
+        """Where `rank` sits on each axis."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside a world of tp*pp*dp = {self.tp}*{self.pp}*{self.dp}")
+        return Coords(dp=(rank // self.tp) % self.dp, pp=rank // (self.tp * self.dp), tp=rank % self.tp)
+
+    def rank_of(self, c: Coords) -> int:
+        return (c.pp * self.dp + c.dp) * self.tp + c.tp
+
+    def describe(self) -> str:
+        """One line naming which ranks form each stage and replica, for the start-up banner."""
+        stages = []
+        for s in range(self.pp):
+            ranks = [self.rank_of(Coords(d, s, t)) for d in range(self.dp) for t in range(self.tp)]
+            stages.append(f"stage {s}: ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"stage {s}: rank {ranks[0]}")
+        return "; ".join(stages) + f" (tp groups of {self.tp} adjacent ranks, dp replicas every {self.tp} ranks)"
+
+    def as_dict(self) -> dict[str, int]:
+        """The axis sizes, as checkpoints record the layout they were saved from."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
+    # -- process groups: collective on first call (every rank must call them in the same order) --
+
+    def mesh(self, device_type: str) -> Any:
+        """torch's DeviceMesh over every axis (names `AXES`); `mesh(d)["tp"]` is this rank's TP mesh."""
+        key = f"mesh:{device_type}"
+        if key not in self._built:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._built[key] = init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+        return self._built[key]
+
+    def tp_group(self, device_type: str) -> tuple[Any, Any]:
+        """(process group, 1-D device mesh) of this rank's tensor-parallel peers; (None, None) when tp = 1."""
+        if self.tp == 1:
+            return None, None
+        mesh = self.mesh(device_type)["tp"]
+        return mesh.get_group(), mesh
+
+    def ds_topology(self) -> Any:
+        """DeepSpeed's process topology for this layout (what its PipelineModule takes)."""
+        from llmtrain.parallel.engine import process_topology
+
+        return process_topology(self)
+
+    def ds_grid(self) -> Any:
+        """DeepSpeed's process grid (its `mpu`: data-parallel and model-parallel groups) for this layout."""
+        if "ds_grid" not in self._built:
+            from llmtrain.parallel.engine import process_grid
+
+            self._built["ds_grid"] = process_grid(self)
+        return self._built["ds_grid"]
 
 
 def counted_in_norm(param, tp_rank: int) -> bool:

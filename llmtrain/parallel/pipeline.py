@@ -25,10 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
-from llmtrain.parallel.layout import model_parallel_grad_norm
+from llmtrain.parallel.layout import ParallelDims, model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.models.objective import Objective, local_loss, pop_metrics as objective_metrics
@@ -125,12 +124,12 @@ def pipeline_split(model: nn.Module) -> PipelineSplit:
     return gpt_split(model)
 
 
-def build_pipeline_module(split: PipelineSplit, pp: int, tp: int, dp: int, partition: str,
+def build_pipeline_module(split: PipelineSplit, dims: ParallelDims, partition: str,
                           loss_fn: Callable | None) -> PipelineModule:
-    """Split the layers into `pp` stages over the TP x PP x DP grid (rank order: see layout.py)."""
+    """Split the layers into `dims.pp` stages over the layout's process topology (rank order: layout.py)."""
     if partition not in PARTITIONS:
         raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    topology = dims.ds_topology()
     layers = split.layers
     module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method=PARTITIONS[partition])
     stages = "; ".join(f"stage {i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(zip(module.parts, module.parts[1:])))
@@ -264,14 +263,14 @@ def _act_dtype(engine: Any) -> torch.dtype:
 
 
 def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer_fn: Callable,
-                          lr_lambda: Callable[[int], float], pp: int, tp: int, dp: int, partition: str,
+                          lr_lambda: Callable[[int], float], dims: ParallelDims, partition: str,
                           device: torch.device, universal: Any = None) -> PipelineRunner:
     """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
     from torch.optim.lr_scheduler import LambdaLR
 
     split = pipeline_split(model)
     # no loss function yet: train_step / eval_loss install the objective they are given
-    module = build_pipeline_module(split, pp, tp, dp, partition, loss_fn=None)
+    module = build_pipeline_module(split, dims, partition, loss_fn=None)
     optimizer = optimizer_fn(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=LambdaLR(optimizer, lr_lambda), config=ds_config)

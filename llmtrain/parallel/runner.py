@@ -167,20 +167,18 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
     """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
     -> engine) and return the runner for that layout."""
     from llmtrain.parallel.checkpointing import apply_activation_checkpointing
-    from llmtrain.parallel.engine import (build_engine, deepspeed_config, model_parallel_grid, param_groups,
-                                          skippable_adamw)
-    from llmtrain.parallel.layout import coords
+    from llmtrain.parallel.engine import build_engine, deepspeed_config, param_groups, skippable_adamw
     from llmtrain.parallel.universal import UniversalCheckpoint, layout_of
     from llmtrain.utils import print0, rank
 
-    p = cfg.parallel
-    tp_group = _tensor_parallel_group(p.tp, p.pp, derived.dp_size, device)
-    if p.tp > 1:
+    p, dims = cfg.parallel, derived.dims
+    tp_group = dims.tp_group(device.type)
+    if dims.tp > 1:
         from llmtrain.parallel.tensor_parallel import apply_tensor_parallel, plan_for
 
         apply_tensor_parallel(model, plan_for(model), *tp_group)
-    where = coords(rank(), p.tp, p.pp, derived.dp_size)
-    universal = UniversalCheckpoint(model, layout_of(p.tp, p.pp, derived.dp_size, p.zero_stage, cfg.precision),
+    where = dims.coords(rank())
+    universal = UniversalCheckpoint(model, layout_of(dims, p.zero_stage, cfg.precision),
                                     tp_group[0], writer=where.dp == 0 and where.tp == 0)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if cfg.train.compile:
@@ -193,20 +191,9 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
         return build_pipeline_runner(
             model, deepspeed_config(cfg, derived),
             lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay)),
-            lr_lambda, pp=p.pp, tp=p.tp, dp=derived.dp_size, partition=p.pipeline_partition, device=device,
-            universal=universal)
-    mpu = model_parallel_grid(p.tp, 1, derived.dp_size) if p.tp > 1 else None
+            lr_lambda, dims, partition=p.pipeline_partition, device=device, universal=universal)
+    mpu = dims.ds_grid() if dims.tp > 1 else None
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
-    return EngineRunner(engine, optimizer, device, dp_rank=where.dp, dp_size=derived.dp_size, tp=p.tp, mpu=mpu,
+    return EngineRunner(engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu,
                         universal=universal)
 
-
-def _tensor_parallel_group(tp: int, pp: int, dp: int, device: torch.device) -> tuple[Any, Any]:
-    """(process group, 1-D device mesh) of this rank's tensor-parallel peers; (None, None) when tp = 1."""
-    if tp == 1:
-        return None, None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    # Row-major over (pp, dp, tp): the rank order of layout.py and of DeepSpeed's pipeline topology.
-    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))["tp"]
-    return mesh.get_group(), mesh

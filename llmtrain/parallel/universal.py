@@ -22,11 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmtrain.parallel.layout import ParallelDims
+
 FOLDER = "universal"
 
 
-def layout_of(tp: int, pp: int, dp: int, zero_stage: int, precision: str) -> dict[str, Any]:
-    return {"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero_stage, "precision": precision}
+def layout_of(dims: ParallelDims, zero_stage: int, precision: str) -> dict[str, Any]:
+    return {**dims.as_dict(), "zero_stage": zero_stage, "precision": precision}
 
 
 def _file(directory: Path, name: str) -> Path:

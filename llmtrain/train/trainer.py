@@ -156,9 +156,7 @@ def log_preflight(cfg: Config, report: dict[str, Any]) -> None:
 def build_data_for(cfg: Config, derived: Derived):
     from llmtrain.data import build_data
 
-    from llmtrain.parallel.layout import coords
-
-    dp_rank = coords(rank(), cfg.parallel.tp, cfg.parallel.pp, derived.dp_size).dp
+    dp_rank = derived.dims.coords(rank()).dp
     data = build_data(
         cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=derived.grad_accum, dp_rank=dp_rank, dp_size=derived.dp_size,
@@ -191,9 +189,7 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
         f" | activation checkpointing {cfg.parallel.activation_checkpointing}"
     )
     if cfg.parallel.tp * cfg.parallel.pp > 1:
-        from llmtrain.parallel.layout import describe
-
-        print0(f"layout: {describe(cfg.parallel.tp, cfg.parallel.pp, derived.dp_size)}")
+        print0(f"layout: {derived.dims.describe()}")
 
 
 def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective: Objective,
