@@ -1,13 +1,13 @@
 """DeepSpeed behind one door: process-group start, our config -> DeepSpeed JSON, engine construction.
 
-This is the only module (with the pipeline module) that imports deepspeed. Everything DeepSpeed can do
+This is the only module (with `ds_compat.py`, which holds every use of DeepSpeed internals) that imports
+deepspeed. Everything DeepSpeed can do
 that llmtrain does not model as a config key passes through `parallel.deepspeed_overrides`, merged last
 and logged.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from llmtrain.config import Config, Derived
+from llmtrain.parallel import ds_compat
 from llmtrain.parallel.layout import ParallelDims
 from llmtrain.utils import print0
 
@@ -48,7 +49,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _limit_cpu_threads()
-        _skip_shm_comm_build()
+        ds_compat.skip_shm_comm_build()
     import deepspeed
     import torch.distributed as dist
 
@@ -108,13 +109,6 @@ def _limit_cpu_threads() -> None:
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-
-
-def _skip_shm_comm_build() -> None:
-    # On CPU, DeepSpeed compiles its shared-memory all-reduce op (~55 s on 2 cores) at every
-    # init_distributed. Only AutoTP inference uses it; training all-reduces go through gloo.
-    comm_torch = importlib.import_module("deepspeed.comm.torch")
-    comm_torch.build_shm_op = lambda: None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +192,6 @@ def skippable_adamw(cfg: Config, params: list[dict[str, Any]]) -> torch.optim.Op
     torch's AdamW (fused on GPU) unless the optimizer state is offloaded, which needs DeepSpeedCPUAdam.
     torch's rather than DeepSpeed's FusedAdam also avoids compiling a C++ op at start (~76 s on CPU).
     """
-    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
-
     o = cfg.optim
     kwargs: dict[str, Any] = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if cfg.parallel.offload_optimizer:
@@ -211,8 +203,7 @@ def skippable_adamw(cfg: Config, params: list[dict[str, Any]]) -> torch.optim.Op
         cls = SkippableAdamW
         if torch.cuda.is_available() and o.fused:
             kwargs["fused"] = True
-    if cls not in ZERO_SUPPORTED_OPTIMIZERS:  # DeepSpeed checks exact types; these are Adam(W) unchanged
-        ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    ds_compat.allow_zero_optimizer(cls)  # DeepSpeed checks exact types; these are Adam(W) unchanged
     return cls(params, **kwargs)
 
 
@@ -282,9 +273,8 @@ def get_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Te
 
     weight = safe_get_full_fp32_param(param)
     if weight is not None:  # ZeRO-1/2/3 or the bf16 optimizer: partitions gathered
-        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2, bf16; None on ZeRO-3
-        if mapping is not None and not all(k in (mapping.optim_fragment or {}) for k in ADAM_KEYS):
-            # no optimizer step yet (saved before the first update): the moments are zero
+        if not ds_compat.optimizer_state_linked(param, ADAM_KEYS):
+            # ZeRO-1/2 (bf16) before the first update: no moments linked yet, they are zero
             return {"fp32": weight, **{k: torch.zeros_like(weight) for k in ADAM_KEYS}}
         return {"fp32": weight, **{k: safe_get_full_optimizer_state(param, k) for k in ADAM_KEYS}}
     state = engine.optimizer.state.get(param, {})  # ZeRO-0 fp32: the torch optimizer holds it as is
@@ -300,11 +290,9 @@ def link_optimizer_state(engine: Any) -> None:
     `safe_get_full_optimizer_state` fails for them. Relinking after a step fixes that; call it before
     reading the state. A no-op where no link exists (ZeRO-0, ZeRO-3)."""
     opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        base = getattr(opt, "optimizer", opt)
-        if any("exp_avg" in st for st in base.state.values()):
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
+    base = getattr(opt, "optimizer", opt)
+    if any("exp_avg" in st for st in base.state.values()):
+        ds_compat.relink_optimizer_state(opt)
 
 
 def prepare_set_state(engine: Any) -> None:
@@ -313,9 +301,7 @@ def prepare_set_state(engine: Any) -> None:
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)  # ZeRO / bf16 wrap the torch optimizer
     # The flat fp32 partitions the torch optimizer steps (ZeRO-3 hands them over one sub-group at a time)
-    masters = (getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-               or getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
-               or getattr(opt, "fp32_groups_flat_partition", None)  # bf16 optimizer
+    masters = (ds_compat.fp32_partitions(opt)  # ZeRO-1/2/3, bf16 optimizer
                or [p for g in base.param_groups for p in g["params"]])  # ZeRO-0 fp32
     for p in masters:
         st = base.state[p]
@@ -323,8 +309,7 @@ def prepare_set_state(engine: Any) -> None:
             st["step"] = torch.tensor(0.0)
             for k in ADAM_KEYS:
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: point the fragments at them
-        opt._lazy_init_hp_params_optimizer_state()
+    ds_compat.link_optimizer_state_once(opt)  # ZeRO-1/2, bf16: point the fragments at them
 
 
 def set_full_state(engine: Any, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
@@ -332,11 +317,12 @@ def set_full_state(engine: Any, param: torch.nn.Parameter, values: dict[str, tor
     call `prepare_set_state` before the first parameter and `finish_set_state` after the last."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+    zero3 = ds_compat.is_zero3_param(param)
+    if zero3 or ds_compat.has_hp_mapping(param):
         safe_set_full_fp32_param(param, values["fp32"])
         for k in ADAM_KEYS:
             safe_set_full_optimizer_state(param, values[k], k)
-        if not hasattr(param, "ds_id"):  # ZeRO-1/2: the model's own weight is whole on every rank
+        if not zero3:  # ZeRO-1/2: the model's own weight is whole on every rank
             param.data.copy_(values["fp32"].to(param.dtype))
         return
     param.data.copy_(values["fp32"].to(param.dtype))
@@ -354,6 +340,5 @@ def finish_set_state(engine: Any, step: int) -> None:
         if "exp_avg" in st:
             st["step"] = torch.tensor(float(step))
     if engine.zero_optimization_stage() == 3:
-        for sub_group_id in range(len(opt.fp16_groups)):
-            opt._reassign_or_swap_out_partitioned_parameters(sub_group_id)
-    engine.global_steps = step
+        ds_compat.refresh_zero3_partitions(opt)
+    ds_compat.set_global_steps(engine, step)

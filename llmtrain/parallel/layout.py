@@ -158,9 +158,11 @@ def model_parallel_grad_norm(params: list, model_parallel_group=None, tp_rank: i
     import torch
     import torch.distributed as dist
 
+    from llmtrain.parallel.ds_compat import is_pipe_replicated
+
     sq = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
     for p in params:
-        if not getattr(p, "ds_pipe_replicated", False) and counted_in_norm(p, tp_rank):
+        if not is_pipe_replicated(p) and counted_in_norm(p, tp_rank):
             sq += p.grad.detach().float().pow(2).sum()
     if model_parallel_group is not None:
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=model_parallel_group)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
+from llmtrain.parallel.ds_compat import replace_fp32_clipping
 from llmtrain.parallel.layout import ParallelDims, model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
@@ -184,7 +185,7 @@ class PipelineRunner:
             for p in params:
                 p.grad.mul_(coef)
 
-        engine.clip_fp32_gradients = clip_and_record
+        replace_fp32_clipping(engine, clip_and_record)
 
     def _pairs(self, micro_batches: list[dict[str, torch.Tensor]]) -> Any:
         return iter([(self.split.inputs(mb), self.split.labels(mb)) for mb in micro_batches])

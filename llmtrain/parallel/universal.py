@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmtrain.parallel.ds_compat import global_steps, is_pipe_replicated
 from llmtrain.parallel.layout import ParallelDims
 
 FOLDER = "universal"
@@ -65,7 +66,7 @@ def save_universal(engine: Any, names: dict[int, str], directory: Path, layout: 
         state = get_full_state(engine, param)
         if hasattr(param, "llmtrain_tp_shard"):
             state = {k: _gather_tp(v, param, tp_group) for k, v in state.items()}
-        if writer and not getattr(param, "ds_pipe_replicated", False):
+        if writer and not is_pipe_replicated(param):
             save_file({k: v.detach().cpu().float().contiguous() for k, v in state.items()},
                       str(_file(directory, names[id(param)])))
         del state
@@ -138,7 +139,7 @@ class UniversalCheckpoint:
         self.layout, self.tp_group, self.writer = layout, tp_group, writer
 
     def save(self, engine: Any, directory: Path) -> None:
-        step_state = {"optimizer_step": int(engine.global_steps),
+        step_state = {"optimizer_step": global_steps(engine),
                       "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
         save_universal(engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state)
 

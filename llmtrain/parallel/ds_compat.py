@@ -1,0 +1,202 @@
+"""Every use of DeepSpeed internals (names outside its public API), each behind one small function.
+
+DeepSpeed can rename any of these in a minor release. Keeping them here means an upgrade is checked in
+one file: `check_internals()` (run by tests/parallel/test_ds_compat.py) imports each module, looks up
+each name and fails naming every one that is missing. `TESTED` is the range pinned in pyproject.toml.
+
+Everything else goes through the DeepSpeed door (`llmtrain/parallel/engine.py`) and the public API.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from typing import Any, Callable
+
+import torch
+
+TESTED = "deepspeed>=0.19.8,<0.20"  # the range pyproject.toml allows; 0.19.8 is what the suite ran on
+
+# (module, class or "", name, kind): "attr" = an attribute of the module/class; "set" = an instance (or
+# parameter) attribute that the module's source assigns (`.name =`), so it cannot be looked up statically.
+_Z12 = ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer")
+_BF16 = ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer")
+_Z3 = ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3")
+_ENGINE = ("deepspeed.runtime.engine", "DeepSpeedEngine")
+REQUIRED: tuple[tuple[str, str, str, str], ...] = (
+    ("deepspeed.comm.torch", "", "build_shm_op", "attr"),
+    ("deepspeed.runtime.zero.utils", "", "ZERO_SUPPORTED_OPTIMIZERS", "attr"),
+    (*_Z12, "_lazy_init_hp_params_optimizer_state", "attr"),
+    (*_Z12, "_hp_optimizer_states_linked", "set"),
+    (*_Z12, "single_partition_of_fp32_groups", "set"),
+    (*_BF16, "_lazy_init_hp_params_optimizer_state", "attr"),
+    (*_BF16, "_hp_optimizer_states_linked", "set"),
+    (*_BF16, "fp32_groups_flat_partition", "set"),
+    (*_Z3, "_reassign_or_swap_out_partitioned_parameters", "attr"),
+    (*_Z3, "fp32_partitioned_groups_flat", "set"),
+    (*_Z3, "fp16_groups", "set"),
+    (*_ENGINE, "clip_fp32_gradients", "attr"),
+    (*_ENGINE, "global_steps", "set"),
+    ("deepspeed.utils.mixed_precision_linkage", "", "_hp_mapping", "set"),
+    ("deepspeed.utils.tensor_fragment", "tensor_fragment", "optim_fragment", "attr"),
+    ("deepspeed.runtime.zero.partition_parameters", "", "ds_id", "set"),
+    ("deepspeed.runtime.zero.partition_parameters", "", "ds_shape", "set"),
+    ("deepspeed.runtime.zero.partition_parameters", "", "ds_numel", "set"),
+    ("deepspeed.runtime.zero.partition_parameters", "", "ds_tensor", "set"),
+    ("deepspeed.runtime.pipe.module", "", "ds_pipe_replicated", "set"),
+)
+
+
+def missing_internals() -> list[str]:
+    """The `module[.Class].name` of every entry of REQUIRED the installed DeepSpeed lacks."""
+    missing = []
+    for module_name, cls_name, name, kind in REQUIRED:
+        where = f"{module_name}.{cls_name}" if cls_name else module_name
+        try:
+            owner: Any = importlib.import_module(module_name)
+            if cls_name:
+                owner = getattr(owner, cls_name)
+        except (ImportError, AttributeError):
+            missing.append(f"{where}.{name} ({where} not found)")
+            continue
+        if kind == "attr":
+            found = hasattr(owner, name)
+        else:
+            found = re.search(rf"\.{name}\s*=[^=]", inspect.getsource(owner)) is not None
+        if not found:
+            missing.append(f"{where}.{name}")
+    return missing
+
+
+def check_internals() -> None:
+    """Raise naming every DeepSpeed internal llmtrain relies on that the installed version lacks."""
+    import deepspeed
+
+    missing = missing_internals()
+    if missing:
+        raise RuntimeError(
+            f"deepspeed {deepspeed.__version__} lacks internals llmtrain uses (llmtrain/parallel/ds_compat.py): "
+            f"{', '.join(missing)}; install the tested range: pip install '{TESTED}'")
+
+
+def _require(obj: Any, name: str, where: str) -> Any:
+    if not hasattr(obj, name):
+        import deepspeed
+
+        raise RuntimeError(f"deepspeed {deepspeed.__version__}: {where}.{name} is gone, which "
+                           f"llmtrain/parallel/ds_compat.py relies on; install '{TESTED}'")
+    return getattr(obj, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process start and optimizer admission
+
+
+def skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed compiles its shared-memory all-reduce op (~55 s on 2 cores) at every
+    init_distributed; only AutoTP inference uses it, training all-reduces go through gloo. Replace the
+    builder by a no-op. (`import deepspeed.comm.torch as m` would bind the real `torch` package.)"""
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    _require(comm_torch, "build_shm_op", "deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+
+
+def allow_zero_optimizer(cls: type) -> None:
+    """ZeRO checks the optimizer's exact type against a list; admit `cls` (an Adam(W) subclass whose
+    update is unchanged) to it."""
+    utils = importlib.import_module("deepspeed.runtime.zero.utils")
+    supported = _require(utils, "ZERO_SUPPORTED_OPTIMIZERS", "deepspeed.runtime.zero.utils")
+    if cls not in supported:
+        supported.append(cls)
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO / bf16-optimizer state of one parameter (what the universal checkpoint reads and writes)
+
+
+def is_zero3_param(param: torch.nn.Parameter) -> bool:
+    """A ZeRO-3 partitioned parameter (DeepSpeed tags each with `ds_id`)."""
+    return hasattr(param, "ds_id")
+
+
+def has_hp_mapping(param: torch.nn.Parameter) -> bool:
+    """A parameter linked to a ZeRO-1/2 or bf16-optimizer fp32 fragment."""
+    return hasattr(param, "_hp_mapping")
+
+
+def optimizer_state_linked(param: torch.nn.Parameter, keys: tuple[str, ...]) -> bool:
+    """False when `param`'s ZeRO-1/2 (bf16) fragment exists but is not yet linked to all of `keys`'
+    optimizer states (before the first optimizer step); True otherwise (ZeRO-0, ZeRO-3: nothing to link)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return True
+    fragment = mapping.optim_fragment or {}
+    return all(k in fragment for k in keys)
+
+
+def relink_optimizer_state(optimizer: Any) -> None:
+    """Point every parameter's ZeRO-1/2 (bf16) fragment at the optimizer's current states. DeepSpeed
+    links them once, after the first parameter group's first step, and marks that done."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def link_optimizer_state_once(optimizer: Any) -> None:
+    """DeepSpeed's own one-time link (a no-op where it has run or the optimizer has none)."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def fp32_partitions(optimizer: Any) -> list[torch.Tensor] | None:
+    """The flat fp32 master partitions the wrapped torch optimizer steps, or None (ZeRO-0 fp32)."""
+    return (getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+            or getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+            or getattr(optimizer, "fp32_groups_flat_partition", None))  # bf16 optimizer
+
+
+def refresh_zero3_partitions(optimizer: Any) -> None:
+    """ZeRO-3: copy the fp32 masters into the working partitions of every sub-group (after writing them)."""
+    refresh = _require(optimizer, "_reassign_or_swap_out_partitioned_parameters", type(optimizer).__name__)
+    for sub_group_id in range(len(optimizer.fp16_groups)):
+        refresh(sub_group_id)
+
+
+def global_steps(engine: Any) -> int:
+    """The engine's optimizer-step counter (what DeepSpeed's own checkpoint records)."""
+    return int(_require(engine, "global_steps", "DeepSpeedEngine"))
+
+
+def set_global_steps(engine: Any, step: int) -> None:
+    _require(engine, "global_steps", "DeepSpeedEngine")
+    engine.global_steps = step
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline engine and ZeRO-3 parameters
+
+
+def replace_fp32_clipping(engine: Any, clip: Callable[[], None]) -> None:
+    """Make the engine's ZeRO-0 fp32 gradient clipping call `clip` instead of its own."""
+    _require(engine, "clip_fp32_gradients", "DeepSpeedEngine")
+    engine.clip_fp32_gradients = clip
+
+
+def is_pipe_replicated(param: torch.nn.Parameter) -> bool:
+    """A copy of a tied weight on a later pipeline stage (DeepSpeed keeps it equal to the first)."""
+    return bool(getattr(param, "ds_pipe_replicated", False))
+
+
+def zero3_full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """The whole shape of a ZeRO-3 partitioned parameter (its `.shape` is empty)."""
+    return tuple(param.ds_shape)
+
+
+def zero3_numel(param: torch.nn.Parameter) -> tuple[int, int]:
+    """(elements of this rank's partition, elements of the whole parameter)."""
+    return param.ds_tensor.numel(), param.ds_numel
+
+
+def zero3_partition_dtype(param: torch.nn.Parameter) -> torch.dtype:
+    return param.ds_tensor.dtype
