@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank() == 0:
             eprint(f"error: {exc}")
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: no traceback
+        if rank() == 0:
+            eprint("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
 from llmtrain.train.objectives import Objective, objective_for
 from llmtrain.train.prefetch import Prefetcher
-from llmtrain.train.preemption import StopRequest
+from llmtrain.train.preemption import StopRequest, watch_launcher
+from llmtrain.train.runlock import lock_run_dir
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
 
@@ -74,8 +75,10 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     from llmtrain.parallel.engine import init_distributed, preflight
     from llmtrain.parallel.runner import build_runner
 
+    watch_launcher()  # a rank never outlives its launcher (nor waits for it in the c10d store)
     info = init_distributed(cfg.parallel.collective_timeout_s)
     derived = derive(cfg, info.world_size)
+    lock = lock_run_dir(cfg.out_dir)  # one job per run directory, before anything in it is read or written
     resume_from = resolve_resume(cfg)
     prepare_run_dir(cfg)
     log_preflight(cfg, preflight(info))
@@ -112,9 +115,12 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
                 print0(f"stop requested by signal: checkpoint {path} written at step {state.step}; "
                        f"rerun the same command to continue")
                 summary = {"step": state.step, "stopped": True}
+                stop.mark_stopped()
     finally:
         stop.restore()
         sink.close()
+        if lock is not None:
+            lock.release()
     return summary
 
 

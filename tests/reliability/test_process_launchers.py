@@ -1,0 +1,84 @@
+"""Ranks never outlive their launcher: kill -9 of torchrun, SIGTERM to the deepspeed runner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from helpers import ROOT, TINY, env, launch_cmd
+
+
+def _start(launcher: str, out: Path) -> subprocess.Popen:
+    cmd = [*launch_cmd(launcher, 2), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
+           "train.max_steps=100000"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) if p.name.isdigit() else None
+        except (OSError, ValueError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _orphan_ranks_stop(launcher: str, sig: int, tmp_path: Path) -> tuple[float, str]:
+    out = tmp_path / launcher
+    proc = _start(launcher, out)
+    tree: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        tree = _descendants(proc.pid)
+        proc.send_signal(sig)  # only the launcher process, as `kill` does
+        killed = time.time()
+        while _alive(tree) and time.time() - killed < 60:
+            time.sleep(0.2)
+        gone_after = time.time() - killed
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        for pid in _alive([proc.pid, *tree]):
+            os.kill(pid, signal.SIGKILL)
+    assert not _alive(tree), f"{launcher}: ranks still alive 60 s after the launcher died"
+    return gone_after, output
+
+
+def test_ranks_stop_when_torchrun_is_killed_or_the_deepspeed_runner_is_terminated(tmp_path):
+    gone_after, output = _orphan_ranks_stop("torchrun", signal.SIGKILL, tmp_path)
+    assert gone_after < 30, gone_after
+    # the kernel's parent-death signal (or the watchdog) turned it into a stop: checkpoint, exit
+    assert "stop requested by signal" in output, output[-3000:]
+    assert (tmp_path / "torchrun" / "checkpoints" / "latest").is_file()
+
+    # The deepspeed runner dies of SIGTERM (it installs no handler for a local run, and its launch.py
+    # child never hears of it); the ranks see it gone, checkpoint and exit 0, so launch.py exits 0 too.
+    gone_after, output = _orphan_ranks_stop("deepspeed", signal.SIGTERM, tmp_path)
+    assert gone_after < 30, gone_after
+    assert "stop requested by signal" in output, output[-3000:]
+    assert (tmp_path / "deepspeed" / "checkpoints" / "latest").is_file()
