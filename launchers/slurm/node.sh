@@ -23,6 +23,7 @@ nnodes=${SLURM_NNODES:-${NNODES:-1}}
 node_rank=${SLURM_NODEID:-${NODE_RANK:-0}}
 nproc=${LLMTRAIN_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 python=${LLMTRAIN_PYTHON:-python}
+launchers=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export LLMTRAIN_LOG_DIR=${LLMTRAIN_RUN_DIR:-.}/logs
 mkdir -p "$LLMTRAIN_LOG_DIR"
 
@@ -36,11 +37,13 @@ echo "[node.sh] host=$(hostname) node_rank=$node_rank nnodes=$nnodes procs_per_n
 # installs its handler) and this script passes the signal to torchrun's children, the ranks. With
 # proctrack/cgroup or linuxproc SLURM also signals every rank itself: the trainer must treat a
 # repeated signal as one. SIGTERM is forwarded to the ranks by torchrun itself, which then waits
-# --shutdown_timeout seconds before SIGKILL.
+# --shutdown_timeout seconds before SIGKILL. torchrun runs through launchers/torchrun.py: plain torchrun
+# exits 1 after a SIGTERM even when every rank wrote its stop checkpoint and exited 0; the wrapper exits 0
+# then, so a preempted or cancelled job step ends cleanly.
 # Each rank's stdout+stderr is appended to logs/rank<RANK>.log (append: a requeued job adds to it).
 (
     trap '' USR1
-    exec "$python" -m torch.distributed.run \
+    exec "$python" "$launchers/torchrun.py" \
         --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         --max_restarts 0 \

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import ROOT, TINY, env, launch_cmd
+from helpers import BIN, ROOT, TINY, TRAIN, env, free_port, launch_cmd
 
 
 def _start(launcher: str, out: Path) -> subprocess.Popen:
@@ -82,3 +82,27 @@ def test_ranks_stop_when_torchrun_is_killed_or_the_deepspeed_runner_is_terminate
     assert gone_after < 30, gone_after
     assert "stop requested by signal" in output, output[-3000:]
     assert (tmp_path / "deepspeed" / "checkpoints" / "latest").is_file()
+
+
+def test_sigterm_to_the_torchrun_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tmp_path):
+    """Plain torchrun exits 1 with a SignalException traceback here although its ranks exited 0
+    (it re-raises the signal after shutting them down); launchers/torchrun.py reports the ranks' verdict."""
+    out = tmp_path / "run"
+    cmd = [str(BIN / "python"), str(ROOT / "launchers" / "torchrun.py"), "--nproc_per_node=2",
+           f"--master_port={free_port()}", TRAIN, str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
+           "train.max_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stop requested by signal" in output and "Traceback" not in output, output[-3000:]
+    assert "all 2 ranks of this node wrote their stop checkpoint" in output
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "run.lock").exists()

@@ -1,0 +1,40 @@
+"""torchrun, except that a SIGTERM / SIGINT its ranks answered with a stop checkpoint ends in exit 0.
+
+    python launchers/torchrun.py --nproc_per_node 2 launchers/train.py recipes/gpt_debug.yaml ...
+
+Same arguments as `torchrun` (it runs torch.distributed.run in this process). Why it exists: on SIGTERM or
+SIGINT, torchrun passes the signal to its ranks, waits for them (--shutdown_timeout), then re-raises the
+signal as a SignalException, so it exits 1 with a traceback even when every rank wrote its stop
+checkpoint and exited 0; schedulers then report a clean preemption as a failure. Here each rank that
+stopped cleanly after a signal leaves a mark in LLMTRAIN_STOP_DIR (llmtrain/train/preemption.py); when
+all of this node's ranks did, the launcher exits 0. Anything else keeps torchrun's own exit and output.
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    with tempfile.TemporaryDirectory(prefix="llmtrain-stop-") as marks:
+        os.environ["LLMTRAIN_STOP_DIR"] = marks
+        try:
+            torchrun(argv)
+        except SignalException as exc:
+            stopped = sorted(Path(marks).glob("rank*"))
+            expected = {int(p.read_text() or 0) for p in stopped}
+            if not stopped or expected != {len(stopped)}:
+                raise
+            print(f"[launchers/torchrun.py] {exc.sigval.name}: all {len(stopped)} ranks of this node wrote their "
+                  f"stop checkpoint and exited 0", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
