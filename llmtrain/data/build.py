@@ -53,7 +53,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
 
         return SourceClassData(cfg, **kwargs)
     pairs = resolve_sources(cfg)
-    sources = [PreparedSource(p) for p, _ in pairs]
+    sources = [PreparedSource(p, cfg.verify) for p, _ in pairs]
     if cfg.sample_kind == "bert":
         from llmtrain.data.bert import BertData
 

@@ -114,8 +114,20 @@ def bundled_dataset_dir(cfg: DataConfig) -> Path:
     tok_dir = bundled_tokenizer_dir(cfg)
     root = cache_root(cfg.cache_dir)
     name = f"bundled-c{CORPUS_VERSION}-val{cfg.val_fraction}-{tok_dir.name}"
-    return _on_every_node_once(
-        lambda: build_once(root / "datasets" / name, MANIFEST, lambda tmp: _build_dataset(cfg, root, tok_dir, tmp)))
+    return _on_every_node_once(lambda: _with_checksums(
+        build_once(root / "datasets" / name, MANIFEST, lambda tmp: _build_dataset(cfg, root, tok_dir, tmp))))
+
+
+def _with_checksums(dataset: Path) -> Path:
+    """A bundled dataset cached by an llmtrain without shard checksums gets them, once, after a full check
+    of its ~5 MB (token ids, document ends): the cache is llmtrain's own, so no notice every run."""
+    from llmtrain.data.format import read_manifest
+    from llmtrain.data.verify import add_checksums
+
+    if "checksums" not in read_manifest(dataset):
+        with _locked(dataset.parent):
+            add_checksums(dataset)  # a no-op when another process added them while we waited
+    return dataset
 
 
 def _build_dataset(cfg: DataConfig, root: Path, tok_dir: Path, tmp: Path) -> None:

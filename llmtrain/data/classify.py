@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from llmtrain.errors import DataError
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import DataError
 

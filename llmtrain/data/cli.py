@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 from pathlib import Path
-from llmtrain.errors import DataError
 
 from llmtrain.errors import DataError
 
@@ -50,6 +49,19 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-docs", type=int, default=512, help="documents per tokenizer task")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_prepare_data)
+
+    p = sub.add_parser("verify", help="check a prepared dataset, checkpoint, run or model directory against its checksums",
+                       description="Check every byte of a directory against the checksums written with it. A prepared "
+                                   "dataset (manifest.json): every block of every shard, every token id below the "
+                                   "vocabulary, every document index. A checkpoint, run, consolidated, pruned or "
+                                   "imported model directory: every file listed in its checksums.json (a run "
+                                   "directory: each of its checkpoints). Exit status 0 when all is intact, 2 with "
+                                   "one line naming the bad file and the fix when not.")
+    p.add_argument("dir", help="prepared dataset, run, checkpoints/, step_* checkpoint or model directory")
+    p.add_argument("--add-checksums", action="store_true",
+                   help="dataset prepared by an older llmtrain (no checksums): check it in full, then record them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_verify)
 
 
 def _reader_kwargs(args: argparse.Namespace) -> dict:
@@ -105,6 +117,60 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     print(json.dumps({"out": args.out, **counts, "shards": len(m["splits"]["train"]["shards"]), "dtype": m["dtype"],
                       "seconds": round(secs, 2), "tokens_per_s": round(m.pop("new_tokens") / max(secs, 1e-9))}))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from llmtrain.data.format import MANIFEST
+
+    path = Path(args.dir)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such directory; pass a prepared dataset, run, checkpoint or model directory")
+    if (path / MANIFEST).exists():
+        print(_verify_dataset(path, args.add_checksums, not args.no_progress))
+    elif args.add_checksums:
+        raise DataError(f"{path}: --add-checksums is for prepared datasets (it has no {MANIFEST})")
+    else:
+        print(_verify_model_dirs(path))
+    return 0
+
+
+def _verify_dataset(path: Path, add: bool, progress: bool) -> str:
+    from llmtrain.data.format import read_manifest
+    from llmtrain.data.verify import add_checksums, check_dataset
+
+    had = "checksums" in read_manifest(path)
+    r = add_checksums(path, progress) if add else check_dataset(path, mode="full", progress=progress)
+    what = (f"{r.files} shard files, {r.bytes / 1e6:,.1f} MB, {r.tokens:,} token ids in range and document "
+            f"indexes in order, in {r.seconds:.2f} s")
+    if had:
+        return f"ok: {path}: {what}; every block matches its checksum"
+    if add:
+        return f"ok: {path}: {what}; checksums recorded in {path / 'manifest.json'}"
+    return (f"ok: {path}: {what}; no checksums recorded (prepared by an older llmtrain): rerun with "
+            "--add-checksums to record them")
+
+
+def _verify_model_dirs(path: Path) -> str:
+    """Checkpoint, consolidated or imported model directories: every file against its checksums.json."""
+    import time
+
+    from llmtrain.errors import CheckpointError
+    from llmtrain.integrity import CHECKSUMS, verify_dir
+
+    started = time.perf_counter()
+    ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    dirs = [path] if (path / CHECKSUMS).exists() else sorted(d for d in ckpts.glob("step_*") if d.is_dir())
+    if not dirs:
+        raise CheckpointError(f"{path}: neither a prepared dataset (manifest.json) nor a checkpoint or model "
+                              f"directory ({CHECKSUMS}) nor a run directory with checkpoints; pass one of those")
+    files = size = 0
+    for d in dirs:
+        names = verify_dir(d)
+        files += len(names)
+        size += sum((d / n).stat().st_size for n in names)
+    kind = f"{len(dirs)} checkpoints, " if dirs != [path] else ""
+    return (f"ok: {path}: {kind}{files} files, {size / 1e6:,.1f} MB match their sha256 checksums "
+            f"({time.perf_counter() - started:.2f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,3 +53,7 @@ class DataConfig:
     stream_val_docs: int = 64
     # BERT: choose whole words for masking (all sub-word pieces of a chosen word are masked together).
     whole_word_mask: bool = False
+    # Start-up check of prepared shards against the manifest's checksums (headers and sizes are always checked):
+    # 'auto' hashes every block of datasets up to 256 MiB and one block per shard file above that; 'full'
+    # hashes every block (as `llmtrain verify` does); 'sample' one block per file; 'off' none.
+    verify: Literal["auto", "full", "sample", "off"] = "auto"

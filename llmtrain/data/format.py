@@ -7,10 +7,16 @@
 
 Both headers are `<8s I I Q Q`: magic, format version, item size in bytes, item count, and (idx only)
 the token count of the matching `.bin`, so a truncated or mismatched pair is caught on open.
+
+The manifest's `checksums` record each shard file's size and a digest of every `BLOCK_SIZE` bytes of
+it (the first 16 hex digits of the block's sha256): a start-up check can hash a few blocks of every
+shard, `llmtrain verify` all of them (`verify.py`). Manifests written before checksums existed lack
+the key; such datasets still train (with a notice).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -19,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from llmtrain.errors import DataError
 
 from llmtrain.errors import DataError
 
@@ -30,11 +35,33 @@ HEADER = struct.Struct("<8sIIQQ")
 MANIFEST = "manifest.json"
 FORMAT_NAME = "llmtrain-tokens"
 REPREPARE = "delete the dataset directory and run `llmtrain prepare-data` again"
+BLOCK_SIZE = 1 << 20  # bytes per checksummed block: 16 manifest bytes per MiB of shards
+DIGEST_HEX = 16  # hex digits kept of each block's sha256 (64 bits: ample against corruption)
+CHECKSUM_ALGORITHM = f"sha256[:{DIGEST_HEX}] per {BLOCK_SIZE} bytes"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves disk and page-cache use whenever every id fits in it."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def block_digest(block: bytes | memoryview) -> str:
+    return hashlib.sha256(block).hexdigest()[:DIGEST_HEX]
+
+
+def file_checksum(path: Path) -> dict[str, Any]:
+    """{"size", "blocks"}: the file's size and its block digests concatenated (one read of the file)."""
+    digests = []
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_SIZE):
+            digests.append(block_digest(block))
+    return {"size": Path(path).stat().st_size, "blocks": "".join(digests)}
+
+
+def shard_checksums(stem: Path) -> dict[str, dict[str, Any]]:
+    """Checksums of a shard pair, keyed by file name (`train_00000.bin`, `train_00000.idx`)."""
+    stem = Path(stem)
+    return {p.name: file_checksum(p) for p in (stem.with_suffix(".bin"), stem.with_suffix(".idx"))}
 
 
 class ShardWriter:
@@ -76,10 +103,11 @@ class ShardWriter:
                 f.write(ends.tobytes())
         os.replace(self._bin_tmp, self.stem.with_suffix(".bin"))
         os.replace(idx_tmp, self.stem.with_suffix(".idx"))
-        return {"tokens": self.tokens, "docs": self.docs}
+        # Hashed from the page cache it was just written to: ~1.7 GB/s, under 1% of tokenizing time.
+        return {"tokens": self.tokens, "docs": self.docs, "checksums": shard_checksums(self.stem)}
 
 
-def _read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
+def read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
     if not path.exists():
         raise DataError(f"{path}: missing shard file; {REPREPARE}")
     with open(path, "rb") as f:
@@ -109,10 +137,10 @@ class Shard:
     @classmethod
     def open(cls, stem: Path) -> "Shard":
         bin_path, idx_path = Path(stem).with_suffix(".bin"), Path(stem).with_suffix(".idx")
-        itemsize, count, _ = _read_header(bin_path, BIN_MAGIC)
+        itemsize, count, _ = read_header(bin_path, BIN_MAGIC)
         if itemsize not in (2, 4):
             raise DataError(f"{bin_path}: token item size {itemsize} is neither 2 nor 4; {REPREPARE}")
-        _, docs, idx_tokens = _read_header(idx_path, IDX_MAGIC)
+        _, docs, idx_tokens = read_header(idx_path, IDX_MAGIC)
         if idx_tokens != count:
             raise DataError(f"{idx_path}: index says {idx_tokens} tokens but {bin_path.name} holds {count}: the "
                              f"pair does not belong together; {REPREPARE}")
@@ -147,4 +175,10 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     if m.get("format") != FORMAT_NAME or m.get("version") != VERSION:
         raise DataError(f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
                          f"{FORMAT_NAME!r} version {VERSION}; {REPREPARE}")
+    sums = m.get("checksums")
+    if sums is not None and not (isinstance(sums, dict) and isinstance(sums.get("files"), dict)
+                                 and isinstance(sums.get("block_size"), int) and sums["block_size"] % 8 == 0
+                                 and all(isinstance(v, dict) and {"size", "blocks"} <= set(v)
+                                         for v in sums["files"].values())):
+        raise DataError(f"{f}: its 'checksums' are malformed (edited or corrupt); {REPREPARE}")
     return m

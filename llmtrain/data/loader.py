@@ -11,17 +11,19 @@ number of ranks continues with exactly the next samples.
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmtrain.errors import DataError
 from llmtrain.data.format import REPREPARE, Shard, read_manifest
 from llmtrain.data.order import blend_table, derive_key, permute
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
+from llmtrain.data.verify import check_dataset
 from llmtrain.errors import DataError
+from llmtrain.utils import print0
 
 
 # Sources with at most this many windows keep their epoch's permutation as a table (8 MB at most).
@@ -31,14 +33,31 @@ PERM_CACHE_MAX = 1 << 20
 class TokenStream:
     """The shards of one split of a prepared dataset, read as a single memory-mapped token stream."""
 
-    def __init__(self, dataset_dir: Path, shard_names: list[str]) -> None:
+    def __init__(self, dataset_dir: Path, shard_names: list[str], vocab_size: int | None = None) -> None:
         shards = [Shard.open(dataset_dir / name) for name in shard_names]
+        self.dataset_dir = dataset_dir
         self.shards = [s for s in shards if len(s.tokens)]
         sizes = [len(s.tokens) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # token offset of each shard
         docs = [len(s.ends) for s in self.shards]
         self.doc_starts = np.concatenate([[0], np.cumsum(docs)]).astype(np.int64)  # doc offset of each shard
         self.n_tokens = int(self.starts[-1])
+        # Ids of every window read are checked against this (None: the dtype cannot hold a larger id).
+        dtype_max = max((np.iinfo(s.tokens.dtype).max for s in self.shards), default=0)
+        self.vocab_size = vocab_size if vocab_size is not None and vocab_size <= dtype_max else None
+
+    def _checked(self, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """`tokens` (windows read at `starts`), or a DataError naming the shard when an id is outside the
+        vocabulary: a corrupt shard must not reach the model as an out-of-range embedding index."""
+        if self.vocab_size is None or not tokens.size or int(tokens.max()) < self.vocab_size:
+            return tokens
+        row, col = (int(x) for x in np.argwhere(tokens.reshape(len(starts), -1) >= self.vocab_size)[0])
+        pos = int(starts[row]) + col
+        k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        raise DataError(f"{self.shards[k].path.with_suffix('.bin')}: token id {int(tokens.reshape(len(starts), -1)[row, col])} "
+                        f"at token {pos - int(self.starts[k])} is outside the tokenizer's {self.vocab_size}-token "
+                        f"vocabulary: the shard is corrupt or was made with another tokenizer; check it with "
+                        f"`llmtrain verify {self.dataset_dir}`, then {REPREPARE}")
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length) as int64, crossing shard boundaries when needed."""
@@ -46,13 +65,13 @@ class TokenStream:
         off = start - int(self.starts[k])
         piece = self.shards[k].tokens[off:off + length]
         if len(piece) == length:
-            return piece.astype(np.int64)
+            return self._checked(piece.astype(np.int64), np.array([start]))
         parts, need = [piece], length - len(piece)
         while need > 0:  # rare: a window that straddles shards
             k += 1
             parts.append(self.shards[k].tokens[:need])
             need -= len(parts[-1])
-        return np.concatenate(parts).astype(np.int64)
+        return self._checked(np.concatenate(parts).astype(np.int64), np.array([start]))
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """Tokens [s, s+length) for each start, as an int64 (len(starts), length) array, one gather per shard."""
@@ -62,13 +81,13 @@ class TokenStream:
         inside = starts + length <= self.starts[ks + 1]
         ar = np.arange(length, dtype=np.int64)
         if len(self.shards) == 1 and inside.all():  # one shard: a single gather, no per-shard bookkeeping
-            return self.shards[0].tokens[starts[:, None] + ar].astype(np.int64)
+            return self._checked(self.shards[0].tokens[starts[:, None] + ar].astype(np.int64), starts)
         for k in np.unique(ks[inside]):
             sel = np.flatnonzero(inside & (ks == k))
             out[sel] = self.shards[k].tokens[(starts[sel] - self.starts[k])[:, None] + ar]
         for i in np.flatnonzero(~inside):  # rare: windows that straddle two shards
             out[i] = self.window(int(starts[i]), length)
-        return out
+        return self._checked(out, starts)
 
     def doc_index(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(global document id, offset within its document) of each token position in the window."""
@@ -98,7 +117,7 @@ class TokenStream:
 class PreparedSource:
     """One prepared dataset directory: manifest, tokenizer and the train/val token streams."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, verify: str = "auto") -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.tokenizer = load_tokenizer(self.path)
@@ -107,9 +126,14 @@ class PreparedSource:
             raise DataError(f"{self.path / 'tokenizer.json'}: tokenizer hash {self.tokenizer.hash} differs from the "
                              f"{want} recorded in {self.path / 'manifest.json'}: the tokens were made with another "
                              f"tokenizer; {REPREPARE}")
-        splits = self.manifest["splits"]
-        self.train = TokenStream(self.path, splits["train"]["shards"])
-        self.val = TokenStream(self.path, splits["val"]["shards"])
+        self.integrity = check_dataset(self.path, self.manifest, mode=verify)  # before any token is read
+        if not self.integrity.has_checksums:
+            print0(f"notice: {self.path / 'manifest.json'} records no shard checksums (prepared by an older llmtrain): "
+                   f"only shard headers, sizes and token ids are checked; `llmtrain verify --add-checksums "
+                   f"{self.path}` records them", file=sys.stderr)
+        splits, vocab = self.manifest["splits"], int(self.manifest["tokenizer"]["vocab_size"])
+        self.train = TokenStream(self.path, splits["train"]["shards"], vocab)
+        self.val = TokenStream(self.path, splits["val"]["shards"], vocab)
 
 
 def _windows(stream: TokenStream, seq_len: int) -> int:

@@ -19,9 +19,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from llmtrain.errors import DataError
 from llmtrain.data import tokenize_worker
-from llmtrain.data.format import FORMAT_NAME, VERSION, ShardWriter, token_dtype, write_manifest
+from llmtrain.data.format import (BLOCK_SIZE, CHECKSUM_ALGORITHM, FORMAT_NAME, VERSION, ShardWriter, shard_checksums,
+                                  token_dtype, write_manifest)
 from llmtrain.data.order import derive_key, mix64
 from llmtrain.data.tokenizer import Tokenizer, tokenizer_meta
 from llmtrain.errors import DataError
@@ -163,7 +163,7 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
     else:
         chunk.discard()
     bar.close()
-    manifest = _manifest(chunks, tok, source, settings, dtype)
+    manifest = _manifest(out, chunks, tok, source, settings, dtype)
     if manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"] == 0:
         raise DataError(f"{label}: the corpus is empty (no document has any text); check the input path and "
                          "--text-field")
@@ -173,15 +173,20 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
     return manifest
 
 
-def _manifest(chunks: list[dict[str, Any]], tok: Tokenizer, source: dict[str, Any], settings: dict[str, Any],
-              dtype: np.dtype) -> dict[str, Any]:
+def _manifest(out: Path, chunks: list[dict[str, Any]], tok: Tokenizer, source: dict[str, Any],
+              settings: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
     splits = {s: {"shards": [c[s]["shard"] for c in chunks],
                   "tokens": sum(c[s]["tokens"] for c in chunks),
                   "docs": sum(c[s]["docs"] for c in chunks)} for s in SPLITS}
+    files: dict[str, Any] = {}
+    for c in chunks:
+        for s in SPLITS:  # chunks finished by an llmtrain without checksums are hashed now
+            files.update(c[s].get("checksums") or shard_checksums(out / c[s]["shard"]))
     return {"format": FORMAT_NAME, "version": VERSION, "tokenizer": tokenizer_meta(tok), "dtype": dtype.name,
             "source": source, "input_docs": sum(c["input_docs"] for c in chunks), "splits": splits,
             "val_fraction": settings["val_fraction"], "seed": settings["seed"],
-            "shard_tokens": settings["shard_tokens"]}
+            "shard_tokens": settings["shard_tokens"],
+            "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files}}
 
 
 def _progress(enabled: bool, label: str, skip: int) -> Any:

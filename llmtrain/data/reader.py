@@ -11,7 +11,6 @@ import glob
 import itertools
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from llmtrain.errors import DataError
 
 from llmtrain.errors import DataError
 

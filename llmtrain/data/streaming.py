@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from llmtrain.errors import DataError
 from llmtrain.data.config import DataConfig
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.errors import DataError

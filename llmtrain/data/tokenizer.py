@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from llmtrain.errors import DataError
 from llmtrain.data.tokenize_worker import encoder
 from llmtrain.errors import DataError
 
