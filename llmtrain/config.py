@@ -22,7 +22,8 @@ import yaml
 from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import UserError
-from llmtrain.models.config import ModelConfig, apply_model_preset
+from llmtrain.models.config import ModelConfig, apply_model_preset, config_class_for
+from llmtrain.models.registry import family_of
 from llmtrain.parallel.layout import ParallelDims
 
 
@@ -240,6 +241,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
+        if tp is ModelConfig and isinstance(value, dict):  # the family's own config class (model.arch)
+            tp, value = config_class_for(value, ConfigError)
         return _build(tp, value if value is not None else {}, key + ".")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -309,10 +312,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.doc_mask and p.pp > 1:
         raise ConfigError("data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
                           "document mask); set data.doc_mask=false or parallel.pp=1")
-    if cfg.model.arch == "bert" and cfg.model.num_labels > 0 and p.pp > 1:
-        raise ConfigError(f"parallel.pp={p.pp}: the pipeline split of model.arch=bert covers pre-training (MLM + "
-                          f"NSP), not the sequence classifier (model.num_labels={cfg.model.num_labels}); set "
-                          f"parallel.pp=1")
+    problems = family_of(cfg.model).check(cfg.model, cfg.data, p.pp)  # e.g. model.arch vs data.sample_kind
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _positive(value: int, key: str) -> None:
@@ -367,10 +369,7 @@ def _check_model_split(cfg: Config) -> None:
     if p.pp > m.n_layer:
         raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every stage needs a layer; "
                           f"set parallel.pp <= {m.n_layer}")
-    heads = {"model.n_head": m.n_head}
-    if getattr(m, "n_kv_head", None):
-        heads["model.n_kv_head"] = m.n_kv_head
-    for key, n in heads.items():
+    for key, n in family_of(m).tp_heads(m).items():
         if n % p.tp:
             raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}: each tensor-parallel rank "
                               f"holds whole heads; choose a parallel.tp that divides {n}")

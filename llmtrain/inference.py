@@ -26,11 +26,14 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
     import torch
 
     from llmtrain.models import build_model
+    from llmtrain.models.registry import FAMILIES, family_of
     from llmtrain.parallel.consolidate import load_model_weights
 
     cfg, weights = load_model_weights(path)
-    if cfg.arch != "gpt":
-        raise ValueError(f"{path} holds a model.arch={cfg.arch} model; generate and eval need a decoder (arch gpt)")
+    family = family_of(cfg)
+    if not family.generative:
+        raise ValueError(f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
+                         f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)})")
     with torch.device("meta"):
         model = build_model(cfg)
     model.load_state_dict(weights, assign=True)

@@ -110,8 +110,7 @@ def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memo
     logits = t.seq_len * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
     chosen = act[p.activation_checkpointing if p.activation_checkpointing in act else "none"] + logits
     total = states.total / GiB + chosen
-    per_token, _ = flops.flops_per_token(model, m.n_layer, m.n_embd, t.seq_len,
-                                         cfg.data.mlm_prob if cfg.data.sample_kind == "bert" else None)
+    per_token, _ = flops.flops_per_token(model, m.n_layer, m.n_embd, t.seq_len, cfg.data)
     step_flops = per_token * derived.tokens_per_step
     return Plan(
         recipe=recipe, gpus=gpus, dp=derived.dp_size, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,

@@ -86,7 +86,7 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path) -> dict[str
     data = build_data(cfg.data, seq_len=seq_len, seed=cfg.train.seed, micro_batch_size=recipe.micro_batch_size,
                       grad_accum=1, dp_rank=0, dp_size=1)
     val = data.val_batches(recipe.eval_batches)
-    objective = objective_for(model_cfg.arch)
+    objective = objective_for(model_cfg)
     before = held_out_loss(model, objective, val)
     if recipe.method == "activation":
         calib = (data.train_batches(s)[0] for s in tqdm(range(recipe.calib_batches), desc="calibration",

@@ -38,6 +38,7 @@ from torch import nn
 from llmtrain.errors import UserError
 from llmtrain.compress.config import DistillConfig
 from llmtrain.models.objective import MetricSums, local_loss
+from llmtrain.models.registry import family_of
 
 # ---------------------------------------------------------------------------------------------
 # Losses
@@ -286,7 +287,7 @@ class Distill:
                              "teacher's forward: set distill.hidden_weight=0 and distill.attention_weight=0, or "
                              "distill.cache_dir=''")
         self.cfg, self.student_cfg, self.teacher, self.teacher_cfg, self.cache = cfg, student_cfg, teacher, teacher_cfg, cache
-        self.bert = student_cfg.arch == "bert"
+        self.bert = not family_of(student_cfg).generative
         self.generative = not self.bert
         self.sums = MetricSums()
 
@@ -475,9 +476,10 @@ def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tenso
 
 
 def check_pair(student: Any, teacher: Any) -> None:
-    if student.vocab_size != teacher.vocab_size or student.arch != teacher.arch:
+    s_family, t_family = family_of(student).name, family_of(teacher).name
+    if student.vocab_size != teacher.vocab_size or s_family != t_family:
         raise ValueError(f"student and teacher must share the tokenizer and family: student model.arch="
-                         f"{student.arch} vocab_size={student.vocab_size}, teacher arch={teacher.arch} vocab_size="
+                         f"{s_family} vocab_size={student.vocab_size}, teacher arch={t_family} vocab_size="
                          f"{teacher.vocab_size}; set model.vocab_size={teacher.vocab_size} (and the same data.tokenizer)")
 
 

@@ -10,7 +10,7 @@ Importance is measured once on the unpruned model, then every axis is pruned at 
 
 Shape legend:  C hidden width   nh query heads   nkv key/value heads   hs head size   F MLP width
 Slicing works on state-dict names: every parameter name of a supported model maps to the axes it
-carries (`_axes`), so a parameter we do not know is an error rather than a silently unpruned tensor.
+carries (`_axes`, from the family's spec), so a parameter we do not know is an error rather than a silently unpruned tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from llmtrain.compress.config import PruneConfig
 from llmtrain.models import ModelConfig, build_model
+from llmtrain.models.registry import family_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,11 +63,7 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
         raise ValueError(f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
                          f"{group} query heads per kv head; pick n_head as a multiple of {group} "
                          f"(kv groups are pruned whole)")
-    if cfg.arch == "bert":  # BERT's MLP is always 4 * n_embd: its channels are pruned to that
-        if p.intermediate_size and p.intermediate_size != 4 * new["n_embd"]:
-            raise ValueError(f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "
-                             f"intermediate_size unset (got {p.intermediate_size})")
-        new["intermediate_size"] = None
+    family_of(cfg).prune_target(cfg, new, p)  # a family may fix a width its config leaves implicit
     hs = head_size(cfg)
     new["n_head"] = new_nh
     if new_nkv != new_nh or getattr(cfg, "n_kv_head", None):
@@ -112,9 +109,7 @@ def _mlp_down(block: nn.Module) -> nn.Linear:
 
 
 def _call(model: nn.Module, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> Any:
-    if cfg.arch == "bert":
-        return model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
-    return model(batch["input_ids"])
+    return family_of(cfg).forward_inputs(model, batch)
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
@@ -221,39 +216,19 @@ def _rows(heads: torch.Tensor, hs: int) -> torch.Tensor:
     return (heads[:, None] * hs + torch.arange(hs)).flatten()
 
 
-# Per parameter-name suffix inside a block: the axis kind of each dimension (None = keep whole).
-# C hidden, Q query-head rows, KV key/value-head rows, QKV fused rows, F MLP channels.
-_BLOCK_AXES: dict[str, tuple[str | None, ...]] = {
-    "attn.qkv.weight": ("QKV", "C"), "attn.qkv.bias": ("QKV",),
-    "attn.q.weight": ("Q", "C"), "attn.q.bias": ("Q",),
-    "attn.k.weight": ("KV", "C"), "attn.k.bias": ("KV",),
-    "attn.v.weight": ("KV", "C"), "attn.v.bias": ("KV",),
-    "attn.proj.weight": ("C", "Q"), "attn.proj.bias": ("C",),
-    "mlp.up.weight": ("F", "C"), "mlp.up.bias": ("F",),
-    "mlp.gate.weight": ("F", "C"), "mlp.gate.bias": ("F",),
-    "mlp.down.weight": ("C", "F"), "mlp.down.bias": ("C",),
-    "up.weight": ("F", "C"), "up.bias": ("F",), "down.weight": ("C", "F"), "down.bias": ("C",),  # BERT
-}
-_TOP_AXES: dict[str, tuple[str | None, ...]] = {
-    "wte.weight": (None, "C"), "wpe.weight": (None, "C"), "lm_head.weight": (None, "C"),
-    # BERT: segment embeddings, pooler, MLM transform and head bias, NSP / classifier heads
-    "wtt.weight": (None, "C"), "pooler.weight": ("C", "C"), "pooler.bias": ("C",),
-    "mlm_dense.weight": ("C", "C"), "mlm_dense.bias": ("C",), "lm_head.bias": (None,),
-    "nsp_head.weight": (None, "C"), "nsp_head.bias": (None,),
-    "classifier.weight": (None, "C"), "classifier.bias": (None,),
-}
-
-
-def _axes(name: str) -> tuple[str, tuple[str | None, ...]]:
-    """(block-relative suffix or top-level name, axis kinds) for a parameter name."""
+def _axes(name: str, cfg: ModelConfig) -> tuple[str, tuple[str | None, ...]]:
+    """(block-relative suffix or top-level name, axis kinds) for a parameter name. The kinds come from the
+    model family's spec (`prune_block_axes` / `prune_top_axes`): C hidden, Q query-head rows, KV key/value-
+    head rows, QKV fused rows, F MLP channels, None = keep whole; norms are recognised by name."""
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     suffix = m.group(2) if m else name
     if re.fullmatch(r"(.+\.)?((\w+_)?ln(_\w+)?|\w*norm\w*)\.(weight|bias)", suffix):
         return suffix, ("C",)
-    table = _BLOCK_AXES if m else _TOP_AXES
+    family = family_of(cfg)
+    table = family.prune_block_axes if m else family.prune_top_axes
     if suffix not in table:
-        raise ValueError(f"pruning does not know the parameter {name!r}; it supports llmtrain's GPT (both "
-                         f"flavours) and BERT layouts")
+        raise ValueError(f"pruning does not know the parameter {name!r} of model.arch={family.name}; add it to "
+                         f"the family's prune axes (llmtrain/models/{family.name}/family.py)")
     return suffix, table[suffix]
 
 
@@ -263,7 +238,7 @@ def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, keep: Kee
     old_to_new = {old: new for new, old in enumerate(keep.layers.tolist())}
     out = {}
     for name, tensor in state.items():
-        suffix, kinds = _axes(name)
+        suffix, kinds = _axes(name, cfg)
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
         if m and int(m.group(1)) not in old_to_new:
             continue
@@ -292,7 +267,7 @@ def prune(model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, imp: Importan
         raise AssertionError(f"pruned state_dict mismatch: {sorted(set(state) ^ set(shapes))}")
     for name, tensor in state.items():
         if tensor.shape != shapes[name]:  # a family that derives a width instead of reading the config
-            raise ValueError(f"a {new.arch} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
+            raise ValueError(f"a {family_of(new).name} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
                              f"{tuple(tensor.shape)}: this family does not take that target from its config; "
                              f"leave that prune key unset (e.g. intermediate_size for BERT, whose MLP is 4 * n_embd)")
     return new, state

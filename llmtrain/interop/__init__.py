@@ -1,9 +1,10 @@
-"""Hugging Face interop: llmtrain models <-> `transformers` models, one module per family.
+"""Hugging Face interop: llmtrain models <-> `transformers` models, one module per Hugging Face twin.
 
-Each family module (`gpt2.py`, `llama.py`, `bert.py`) defines:
+Each model family's spec lists its adapter modules (`hf_adapters`: `gpt2.py` and `llama.py` for the
+decoder, `bert.py` for the encoder); each defines:
 
     HF_MODEL_TYPES: tuple[str, ...]      # transformers `config.model_type` values it imports
-    def exports(model_cfg: ModelConfig) -> bool:          # whether to_hf handles this config
+    def exports(model_cfg: ModelConfig) -> bool:          # whether to_hf handles this config of its family
     def to_hf(model_cfg, state_dict) -> (transformers.PretrainedConfig, hf_state_dict)
     def from_hf(hf_config, hf_state_dict) -> (ModelConfig, state_dict)
     HF_ARCHITECTURE: str                 # transformers class written into an export's config.json
@@ -21,27 +22,32 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-FAMILIES: tuple[str, ...] = ("gpt2", "llama", "bert")
+def _modules(adapters: tuple[str, ...] | None = None) -> list[ModuleType]:
+    """The adapter modules of every model family (its spec's `hf_adapters`), or of the ones given."""
+    if adapters is None:
+        from llmtrain.models.registry import FAMILIES
 
-
-def _modules() -> list[ModuleType]:
+        adapters = tuple(a for f in FAMILIES.values() for a in f.hf_adapters)
     mods = []
-    for name in FAMILIES:
+    for name in adapters:
         try:
-            mods.append(importlib.import_module(f"llmtrain.interop.{name}"))
+            mods.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
-            if exc.name != f"llmtrain.interop.{name}":
+            if exc.name != name:
                 raise
     return mods
 
 
 def family_for_config(model_cfg: Any) -> ModuleType:
-    """The family module that exports `model_cfg`; ValueError when none does."""
-    for mod in _modules():
+    """The adapter module of `model_cfg`'s family that exports it; ValueError when none does."""
+    from llmtrain.models.registry import family_of
+
+    family = family_of(model_cfg)
+    for mod in _modules(family.hf_adapters):
         if mod.exports(model_cfg):
             return mod
     raise ValueError(
-        f"model.arch={model_cfg.arch} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
+        f"model.arch={family.name} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
         f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned or "
         f"sinusoidal positions, layernorm, gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT")
 

@@ -18,6 +18,8 @@ from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig
 
 HF_MODEL_TYPES = ("bert",)
+# An export's tokenizer adds [CLS] A [SEP] (B [SEP]) and returns token_type_ids, as BERT's tokenizers do.
+PAIR_TEMPLATE = True
 HF_ARCHITECTURE = "BertForPreTraining"
 
 # ours -> transformers, without the "bert." prefix of BertForPreTraining
@@ -47,7 +49,7 @@ _HEADS = {  # ours -> full transformers name
 
 
 def exports(c: Any) -> bool:
-    return c.arch == "bert"
+    return True  # every BERT config of the family (listed in its spec) has a twin
 
 
 def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:

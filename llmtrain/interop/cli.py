@@ -71,7 +71,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         specials.update({k: t for k, t in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
                                             ("mask_token", "[MASK]"), ("unk_token", "[UNK]")) if t in tok.specials})
         hf_tok = tok.hf
-        if cfg.arch == "bert" and {"[CLS]", "[SEP]"} <= set(tok.specials):
+        if getattr(family, "PAIR_TEMPLATE", False) and {"[CLS]", "[SEP]"} <= set(tok.specials):
             # BERT's inputs: the tokenizer adds [CLS] A [SEP] (B [SEP]) and returns the segments, as BERT's do
             hf_tok = with_bert_template(tok.hf)
             specials["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]

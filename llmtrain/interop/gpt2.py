@@ -35,7 +35,7 @@ _TOP = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.w
 
 
 def exports(c: Any) -> bool:
-    return (c.arch == "gpt" and c.pos in ("learned", "sinusoidal") and c.norm == "layernorm" and c.mlp == "gelu"
+    return (c.pos in ("learned", "sinusoidal") and c.norm == "layernorm" and c.mlp == "gelu"
             and (c.n_kv_head or c.n_head) == c.n_head and c.head_dim in (None, c.n_embd // c.n_head))
 
 

@@ -28,7 +28,7 @@ _TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.we
 
 
 def exports(c: Any) -> bool:
-    return c.arch == "gpt" and c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+    return c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
 
 
 def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -39,12 +39,26 @@ class RopeScaling:
                              f"original_max_position_embeddings > 0, got {self}")
 
 
+class _ByArch(type):
+    """`ModelConfig(**keys)` builds the config class of the family named by `keys["arch"]` (default gpt),
+    so code and saved config.yaml files that name only ModelConfig keep working; a family's own class
+    (`GPTConfig(...)`, `dataclasses.replace`) is built as itself."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is ModelConfig:
+            cls, kwargs = config_class_for(kwargs)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(metaclass=_ByArch):
+    """The keys every family has; each family's config class (its folder's config.py) adds its own."""
+
     # Named size this config starts from (see MODEL_SIZES); other model.* keys override it.
     name: str = "gpt_debug"
-    # Model family: 'gpt' (decoder, causal LM) or 'bert' (encoder, masked LM + next-sentence prediction).
-    arch: Literal["gpt", "bert"] = "gpt"
+    # Model family (llmtrain/models/registry.py): 'gpt' (decoder, causal LM) or 'bert' (encoder, masked
+    # LM + next-sentence prediction, or a sequence classifier).
+    arch: str = "gpt"
     # Number of transformer blocks.
     n_layer: int = 4
     # Attention heads per block.
@@ -57,44 +71,55 @@ class ModelConfig:
     block_size: int = 256
     # Dropout on attention, residual and embedding outputs (0 for pre-training, as is usual now).
     dropout: float = 0.0
-    # Use biases in linear layers and LayerNorms (GPT-2 does).
-    bias: bool = True
     # Tie the output head to the token embedding.
     tie_embeddings: bool = True
     # Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layer).
     init_std: float = 0.02
     # Checkpoint or run directory whose weights initialise the model (fresh optimizer and step 0).
     init_from: str | None = None
-    # BERT: number of segment (token type) embeddings; 2 for sentence A / sentence B.
-    type_vocab_size: int = 2
     # Epsilon of the normalisation layers (BERT uses 1e-12; 1e-5 is torch's LayerNorm default).
     norm_eps: float = 1e-5
-    # BERT fine-tuning: classes of the sequence-classification head (0 = pre-training heads only).
-    num_labels: int = 0
-    # Decoder positions: learned (GPT-2 table), rope (rotary, Llama) or sinusoidal (fixed, Vaswani et al.).
-    pos: Literal["learned", "rope", "sinusoidal"] = "learned"
-    # Decoder normalisation: layernorm (GPT-2) or rmsnorm (Llama); both use model.norm_eps.
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    # Decoder feed-forward: gelu (down(gelu(up x)), GPT-2) or swiglu (down(silu(gate x) * up x), Llama).
-    mlp: Literal["gelu", "swiglu"] = "gelu"
     # Feed-forward hidden width; None means 4 * n_embd.
     intermediate_size: int | None = None
-    # Key/value heads (grouped-query attention when < n_head); None means n_head.
-    n_kv_head: int | None = None
-    # Attention head size; None means n_embd // n_head (a pruned model keeps its heads' size with fewer heads).
-    head_dim: int | None = None
-    # Base of the rotary frequencies (pos=rope); Llama 2 uses 1e4, SmolLM2 1e5.
-    rope_theta: float = 10000.0
-    # Rotary frequency scaling (pos=rope) for a longer context, as Llama 3.1 configs carry; None = plain rotary.
-    rope_scaling: RopeScaling | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
-            known = {f.name for f in dataclasses.fields(RopeScaling)}
-            if set(self.rope_scaling) - known:
-                raise ValueError(f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
-                                 f"valid: {', '.join(sorted(known))}")
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+# Keys that one ModelConfig held for every family until each family got its own class, with the value
+# they had when unused: a config.yaml written then lists them, and they load when they hold that value.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "bias": True, "pos": "learned", "norm": "layernorm", "mlp": "gelu", "n_kv_head": None, "head_dim": None,
+    "rope_theta": 10000.0, "rope_scaling": None, "type_vocab_size": 2, "num_labels": 0,
+}
+
+
+def config_class_for(raw: dict[str, Any], error: type[Exception] = ValueError) -> tuple[type, dict[str, Any]]:
+    """(the family's config class, `raw` without legacy keys at their old value) for a model mapping.
+    A key another family uses is an error naming the key, the family and the fix."""
+    from llmtrain.models.registry import FAMILIES, family_of
+
+    family = family_of(raw.get("arch", ModelConfig.arch), error)
+    own = {f.name for f in dataclasses.fields(family.config_class)}
+    out = {}
+    for key, value in raw.items():
+        if key in own or (key in LEGACY_DEFAULTS and value == LEGACY_DEFAULTS[key]):
+            if key in own:
+                out[key] = value
+            continue
+        users = [f.name for f in FAMILIES.values() if key in {g.name for g in dataclasses.fields(f.config_class)}]
+        if users:
+            raise error(f"model.{key} is a key of model.arch={'/'.join(users)}; model.arch={family.name} does not "
+                        f"use it: remove model.{key} (or pick a {'/'.join(users)} size with model.name)")
+        out[key] = value  # unknown to every family: the strict loader names the nearest valid key
+    return family.config_class, out
+
+
+def model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
+    """The model config saved in `where` (a config.yaml); ValueError naming the file for unknown keys."""
+    cls, keys = config_class_for(raw)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"{where}: model keys {unknown} are unknown to this version of llmtrain")
+    return cls(**keys)
 
 
 # What makes a decoder Llama-style; the sizes below add their shapes.

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from llmtrain.models import ModelConfig, build_model
+from llmtrain.models.config import model_config_from_dict
 
 CONSOLIDATED = "model.safetensors"
 CONFIG = "config.yaml"
@@ -147,11 +148,7 @@ def _model_config(config_file: Path) -> ModelConfig:
     model = (yaml.safe_load(config_file.read_text()) or {}).get("model")
     if not isinstance(model, dict):
         raise ValueError(f"{config_file} has no 'model' section; the checkpoint is incomplete")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise ValueError(f"{config_file}: model keys {unknown} are unknown to this version of llmtrain")
-    return ModelConfig(**model)
+    return model_config_from_dict(model, str(config_file))
 
 
 def _plain_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -156,13 +156,19 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; norms, biases and position tables are not decayed."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 skip_decay: Callable[[str, Any], bool] | None = None) -> list[dict[str, Any]]:
+    """Decay what the model family's rule does not exempt (`ModelFamily.no_decay`: norms, biases, position
+    tables); `skip_decay` defaults to the rule of `model.cfg`'s family (a pipeline module passes its own)."""
+    if skip_decay is None:
+        from llmtrain.models.registry import family_of
+
+        skip_decay = family_of(model.cfg).no_decay
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "wpe" not in name else no_decay).append(p)
+        (no_decay if skip_decay(name, p) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -342,3 +348,59 @@ def finish_set_state(engine: Any, step: int) -> None:
     if engine.zero_optimization_stage() == 3:
         ds_compat.refresh_zero3_partitions(opt)
     ds_compat.set_global_steps(engine, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline and inference engines
+
+
+def pipeline_module(layers: list[Any], topology: Any, loss_fn: Callable | None, partition_method: str) -> Any:
+    """DeepSpeed's PipelineModule over `topology` (`ParallelDims.ds_topology()`) from a family's layers
+    (modules and `models.spec.TiedLayer` descriptions, built here as TiedLayerSpecs)."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+
+    from llmtrain.models.spec import TiedLayer
+
+    specs = [TiedLayerSpec(layer.key, layer.module_class, *layer.args, forward_fn=layer.forward_fn,
+                           tied_weight_attr=layer.weight_attr) if isinstance(layer, TiedLayer) else layer
+             for layer in layers]
+    return PipelineModule(layers=specs, topology=topology, loss_fn=loss_fn, partition_method=partition_method)
+
+
+def initialize_pipeline(module: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                        ds_config: dict[str, Any]) -> Any:
+    """DeepSpeed's PipelineEngine around a `pipeline_module`."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def zero3_inference_engine(build: Callable[[], torch.nn.Module],
+                           fill: Callable[[torch.nn.Module, Callable[[list[Any]], Any]], None],
+                           dtype: torch.dtype, overrides: dict[str, Any] | None = None) -> Any:
+    """An optimizer-less ZeRO-3 engine around a frozen module (a distillation teacher): `build()` runs inside
+    zero.Init (each rank allocates only its partition of every parameter), then `fill(module, gathered)`
+    writes the weights, `gathered(params)` being the context in which rank 0's writes reach every partition.
+    `overrides` (parallel.deepspeed_overrides) are merged last, as for the training engine; stage 3 stays."""
+    import deepspeed
+
+    # Every parameter partitioned, however small (the default keeps those under 1e5 elements whole). No
+    # memory-efficient linear: zero.Init would swap torch.nn.functional.linear for the whole process (the
+    # student's layers too) to save activations for a backward the teacher never runs.
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False}
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+          "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if overrides:
+        ds = _deep_merge(ds, overrides)
+        ds["zero_optimization"]["stage"] = 3
+    # the dtype comes from the config: zero.Init's own dtype argument is ignored on devices without fp16
+    # (DeepSpeed 0.19 makes such parameters bf16 whatever is asked)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        module = build()
+    fill(module, lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    module.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=ds)
+    engine.eval()
+    return engine

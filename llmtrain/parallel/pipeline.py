@@ -1,13 +1,13 @@
-"""Pipeline parallel: the plain GPT (or BERT, `pipeline_bert.py`) split into DeepSpeed `PipelineModule`
-stages, and its runner.
+"""Pipeline parallel: a plain model split into DeepSpeed pipeline stages, and its runner.
 
-The model file knows nothing of pipelines. `gpt_pipeline_layers` reads the plain model as a flat list
-of layers, embed -> positions -> blocks -> final norm -> head, reusing the model's own (already
-initialised) modules, so every layout starts from the same weights. The token embedding and the output
-head share one weight: DeepSpeed's `TiedLayerSpec` keeps a copy on the first and the last stage and
-all-reduces its gradient between the two, so they stay equal, and counts it once in the gradient norm.
-A `PipelineSplit` bundles a family's layers with how a micro-batch dict feeds them (first-stage inputs,
-last-stage labels) and how the objective reads the labels back; `pipeline_split` picks it by model.arch.
+The model file knows nothing of pipelines. Each family's spec (`llmtrain/models/<family>/pipeline.py`)
+reads the plain model as a flat list of layers, outermost first, reusing the model's own (already
+initialised) modules, so every layout starts from the same weights, and describes a weight shared between
+the first and the last stage (a tied embedding and output head) as a `TiedLayer`. The DeepSpeed door
+(`engine.pipeline_module`) builds those as `TiedLayerSpec`s: a copy on each of the two stages, its
+gradient all-reduced between them, counted once in the gradient norm. A `PipelineSplit` bundles the
+layers with how a micro-batch dict feeds them (first-stage inputs, last-stage labels) and how the
+objective reads the labels back.
 
 DeepSpeed runs the 1F1B schedule (`TrainSchedule`) over the gradient-accumulation micro-batches of one
 optimizer step, so micro-batches per step = gradient accumulation = the number of micro-batches in
@@ -18,121 +18,42 @@ flight. DeepSpeed refuses ZeRO-2/3 with pipelines (gradients must stay whole acr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
+from llmtrain.models.objective import Objective, local_loss, pop_metrics as objective_metrics
+from llmtrain.models.registry import family_of
+from llmtrain.models.spec import PipelineSplit
 from llmtrain.parallel.ds_compat import replace_fp32_clipping
 from llmtrain.parallel.layout import ParallelDims, model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
-from llmtrain.models.objective import Objective, local_loss, pop_metrics as objective_metrics
 from llmtrain.utils import print0
+
+__all__ = ["PARTITIONS", "PipelineSplit", "pipeline_split", "build_pipeline_module", "ObjectiveLoss",
+           "PipelineRunner", "build_pipeline_runner"]
 
 # partition name in our config -> DeepSpeed's partition_method
 PARTITIONS = {"parameters": "parameters", "layers": "type:Block"}
 
 
-def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return module(x)
-
-
-class _Reuse(nn.Module):
-    """A pipeline layer built from an existing module of the plain model (no new weights)."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.inner, self.fn = module, fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.inner, x)
-
-
-class TiedEmbedding(nn.Module):
-    """The token embedding and the output head that shares its weight, as one module: DeepSpeed builds
-    it on the first stage (used as `embed`) and on the last (used as `head`) and keeps the two equal.
-    Holding the model's own modules keeps their behaviour, tensor-parallel ones included."""
-
-    def __init__(self, embed: nn.Module, head: nn.Module):
-        super().__init__()
-        self.embed, self.head = embed, head
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)  # (B, T, C)
-
-
-class Positions(nn.Module):
-    """Adds the model's absolute positions, if any (rotary ones live in the blocks), and embedding
-    dropout. Keeps the attribute name `wpe` so the optimizer's no-decay rule for position tables finds
-    it under the pipeline's names too."""
-
-    def __init__(self, wpe: nn.Module | None, drop: nn.Module):
-        super().__init__()
-        self.wpe, self.drop = wpe, drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(x.shape[1], device=x.device))
-        return self.drop(x)  # (B, T, C)
-
-
-def _head(tied: TiedEmbedding, x: torch.Tensor) -> torch.Tensor:
-    return tied.head(x)  # (B, T, V), or its vocabulary shard with tensor parallel
-
-
-def gpt_pipeline_layers(model: nn.Module) -> list[Any]:
-    """The plain GPT as a flat list of pipeline layers (modules and tied specs), outermost first."""
-    tied = model.cfg.tie_embeddings
-    if tied:
-        embed = TiedLayerSpec("embed", TiedEmbedding, model.wte, model.lm_head, tied_weight_attr="embed.weight")
-        head = TiedLayerSpec("embed", TiedEmbedding, model.wte, model.lm_head, forward_fn=_head,
-                             tied_weight_attr="embed.weight")
-    else:
-        embed, head = _Reuse(model.wte, _call), _Reuse(model.lm_head, _call)
-    positions = Positions(model.wpe, model.drop)
-    return [embed, positions, *model.blocks, model.ln_f, head]
-
-
-class PipelineSplit(NamedTuple):
-    """A model family as pipeline layers, and how a micro-batch (the data's dict) feeds them. DeepSpeed
-    gives the first stage `inputs` and the loss function on the last stage `labels`, nothing else."""
-
-    layers: list[Any]  # modules and tied specs, outermost first
-    legend: str  # what the layers are, for the partition log line
-    inputs: Callable[[dict[str, torch.Tensor]], Any]  # micro-batch -> the first stage's tensor or tuple
-    labels: Callable[[dict[str, torch.Tensor]], Any]  # micro-batch -> what reaches the loss function
-    as_batch: Callable[[Any], dict[str, torch.Tensor]]  # those labels -> the batch keys the objective reads
-    decoder: bool  # the last stage's output is next-token logits (generation can use the pipeline)
-
-
-def gpt_split(model: nn.Module) -> PipelineSplit:
-    return PipelineSplit(gpt_pipeline_layers(model), f"embed, positions, {len(model.blocks)} blocks, final norm, head",
-                         inputs=lambda mb: mb["input_ids"], labels=lambda mb: mb["labels"],
-                         as_batch=lambda labels: {"input_ids": None, "labels": labels}, decoder=True)
-
-
 def pipeline_split(model: nn.Module) -> PipelineSplit:
-    """The split of `model`'s family (model.arch)."""
-    if model.cfg.arch == "bert":
-        from llmtrain.parallel.pipeline_bert import bert_split
-
-        return bert_split(model)
-    return gpt_split(model)
+    """The split of `model`'s family (its spec's `pipeline_split`)."""
+    return family_of(model.cfg).pipeline_split(model)
 
 
 def build_pipeline_module(split: PipelineSplit, dims: ParallelDims, partition: str,
-                          loss_fn: Callable | None) -> PipelineModule:
+                          loss_fn: Callable | None) -> Any:
     """Split the layers into `dims.pp` stages over the layout's process topology (rank order: layout.py)."""
+    from llmtrain.parallel.engine import pipeline_module
+
     if partition not in PARTITIONS:
         raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
-    topology = dims.ds_topology()
     layers = split.layers
-    module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method=PARTITIONS[partition])
+    module = pipeline_module(layers, dims.ds_topology(), loss_fn=loss_fn, partition_method=PARTITIONS[partition])
     stages = "; ".join(f"stage {i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(zip(module.parts, module.parts[1:])))
     print0(f"pipeline partition by {partition} of {len(layers)} layers ({split.legend}): {stages}")
     return module
@@ -225,7 +146,7 @@ class PipelineRunner:
         """Full logits on every rank: each replica passes activations stage to stage by point-to-point
         sends, then its last stage broadcasts the logits to the replica's other stages."""
         if not self.split.decoder:
-            raise ValueError("logits for generation need a decoder pipeline (model.arch=gpt)")
+            raise ValueError("logits for generation need a decoder pipeline (a generative model family)")
         engine, grid = self.engine, self.engine.grid
         module = engine.module
         module.eval()
@@ -269,11 +190,12 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
     """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
     from torch.optim.lr_scheduler import LambdaLR
 
+    from llmtrain.parallel.engine import initialize_pipeline
+
     split = pipeline_split(model)
     # no loss function yet: train_step / eval_loss install the objective they are given
     module = build_pipeline_module(split, dims, partition, loss_fn=None)
     optimizer = optimizer_fn(module)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                           lr_scheduler=LambdaLR(optimizer, lr_lambda), config=ds_config)
+    engine = initialize_pipeline(module, optimizer, LambdaLR(optimizer, lr_lambda), ds_config)
     return PipelineRunner(engine, split, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size,
                           universal=universal)

@@ -186,11 +186,13 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
 
         print0(f"train.compile: compiled {compile_blocks(model)} blocks (inductor)")
     if p.pp > 1:
+        from llmtrain.models.registry import family_of
         from llmtrain.parallel.pipeline import build_pipeline_runner
 
         return build_pipeline_runner(
             model, deepspeed_config(cfg, derived),
-            lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay)),
+            lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay,
+                                                             family_of(model.cfg).no_decay)),
             lr_lambda, dims, partition=p.pipeline_partition, device=device, universal=universal)
     mpu = dims.ds_grid() if dims.tp > 1 else None
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)

@@ -15,7 +15,7 @@ Styles:
                  kv heads); with dropout, each TP rank draws its own attention-dropout masks
                  (`rank_local_dropout`)
 
-Plans: GPT (`GPT_TP_PLAN`, `LLAMA_TP_PLAN` with the SwiGLU gate) and BERT (`BERT_TP_PLAN` for the
+Plans (in each family's folder): GPT (`GPT_TP_PLAN`, `LLAMA_TP_PLAN` with the SwiGLU gate) and BERT (`BERT_TP_PLAN` for the
 sequence classifier's trunk, `BERT_PRETRAIN_TP_PLAN` adds the masked-LM decoder). What a plan leaves out
 stays whole on every rank: BERT's position and segment embeddings, LayerNorms, pooler, masked-LM
 transform (`mlm_dense`), NSP head and classifier, which all read the replicated hidden states that a
@@ -45,29 +45,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# The plan for llmtrain.models.gpt.GPT. Order matters: the embedding is sharded before the tied head.
-GPT_TP_PLAN: dict[str, str] = {
-    "wte": "vocab_embed",
-    "blocks.*.attn": "heads",
-    "blocks.*.attn.qkv": "column_qkv",
-    "blocks.*.attn.proj": "row",
-    "blocks.*.mlp.up": "column",
-    "blocks.*.mlp.down": "row",
-    "lm_head": "vocab_head",
-}
-# The Llama flavour (SwiGLU): the gate is split like the up projection it multiplies.
-LLAMA_TP_PLAN: dict[str, str] = {**GPT_TP_PLAN, "blocks.*.mlp.gate": "column"}
-# llmtrain.models.bert: the trunk (BertForSequenceClassification's whole plan; its MLP sits in the block).
-BERT_TP_PLAN: dict[str, str] = {
-    "wte": "vocab_embed",
-    "blocks.*.attn": "heads",
-    "blocks.*.attn.qkv": "column_qkv",
-    "blocks.*.attn.proj": "row",
-    "blocks.*.up": "column",
-    "blocks.*.down": "row",
-}
-# Bert (MLM + NSP): the masked-LM decoder (tied to wte, with its own output bias) is vocabulary-parallel.
-BERT_PRETRAIN_TP_PLAN: dict[str, str] = {**BERT_TP_PLAN, "lm_head": "vocab_head"}
+# The plans live in the families' folders (models/<family>/tp.py); kept importable here.
+from llmtrain.models.bert.tp import BERT_PRETRAIN_TP_PLAN, BERT_TP_PLAN  # noqa: E402
+from llmtrain.models.gpt.tp import GPT_TP_PLAN, LLAMA_TP_PLAN  # noqa: E402
+
+__all__ = ["GPT_TP_PLAN", "LLAMA_TP_PLAN", "BERT_TP_PLAN", "BERT_PRETRAIN_TP_PLAN", "plan_for", "apply_tensor_parallel",
+           "full_logits", "loss_context", "vocab_parallel_log_softmax"]
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -271,7 +254,8 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
         return ColumnParallelLinear(module, group, rank, size)
     if style == "column_qkv":
         c = model.cfg
-        hs, n_kv = c.head_dim or c.n_embd // c.n_head, c.n_kv_head or c.n_head
+        hs = getattr(c, "head_dim", None) or c.n_embd // c.n_head
+        n_kv = getattr(c, "n_kv_head", None) or c.n_head
         return ColumnParallelLinear(module, group, rank, size, blocks=[c.n_head * hs, n_kv * hs, n_kv * hs])
     if style == "row":
         return RowParallelLinear(module, group, rank, size)
@@ -288,13 +272,10 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
 
 
 def plan_for(model: nn.Module) -> dict[str, str]:
-    """The tensor-parallel plan of a model class (plans are data; add one per architecture)."""
-    plans = {"GPT": LLAMA_TP_PLAN if getattr(model.cfg, "mlp", "gelu") == "swiglu" else GPT_TP_PLAN,
-             "Bert": BERT_PRETRAIN_TP_PLAN, "BertForSequenceClassification": BERT_TP_PLAN}
-    name = type(model).__name__
-    if name not in plans:
-        raise ValueError(f"no tensor-parallel plan for {name}; known: {', '.join(plans)} (set parallel.tp=1)")
-    return plans[name]
+    """The tensor-parallel plan of `model` (plans are data, one per family: its spec's `tp_plan`)."""
+    from llmtrain.models.registry import family_of
+
+    return family_of(model.cfg).tp_plan(model)
 
 
 def full_logits(logits: Any) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Model FLOPs utilisation (MFU) and hardware FLOPs utilisation (HFU).
 
 Model FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6N + 12·L·d·T, where N counts the
-parameters that take part in matmuls (learned position tables are lookups and are left out; a tied
-embedding counts once, for the output head), L the layers, d the width and T the sequence length
+parameters that take part in matmuls per token (the model family counts them: learned position tables
+are lookups and are left out; a tied embedding counts once, for the output head), L the layers, d the width and T the sequence length
 (the 12·L·d·T term is attention's QK^T and AV, forward and backward). MFU divides the achieved model
 FLOP rate by the device's dense BF16 peak. HFU also counts work redone by activation checkpointing.
 """
@@ -32,35 +32,10 @@ def peak_flops(device_name: str | None) -> float | None:
     return None
 
 
-def matmul_params(named_params: Iterable[tuple[str, Any]]) -> int:
-    """Parameters that take part in matmuls, each tied weight once: all but lookups, i.e. position tables
-    and a token embedding that is not also the output head (untied `wte`: only `lm_head` multiplies)."""
-    sizes = {name: p.numel() for name, p in named_params}  # a tied head is listed once, as wte.weight
-    lookups = {n for n in sizes if "wpe" in n or "position" in n or "wtt" in n}  # wtt: BERT's segment table
-    if "lm_head.weight" in sizes:
-        lookups |= {n for n in sizes if n.endswith("wte.weight")}
-    return sum(size for name, size in sizes.items() if name not in lookups)
-
-
-def masked_lm_head_params(named_params: Iterable[tuple[str, Any]]) -> int:
-    """Matmul parameters of BERT's masked-LM head (transform + decoder tied to `wte`): it runs only on the
-    masked positions (~`data.mlm_prob` of the tokens), not on every token; 0 for models without it."""
-    sizes = {name: p.numel() for name, p in named_params}
-    if "mlm_dense.weight" not in sizes:
-        return 0
-    return sizes["mlm_dense.weight"] + sizes.get("lm_head.weight", sizes.get("wte.weight", 0))
-
-
 def block_params(named_params: Iterable[tuple[str, Any]]) -> int:
     """Parameters inside the transformer blocks (`blocks.*`): the part activation checkpointing recomputes
     (the embedding lookup and the output head run once)."""
     return sum(p.numel() for name, p in named_params if name.startswith("blocks."))
-
-
-def per_sequence_params(named_params: Iterable[tuple[str, Any]]) -> int:
-    """Matmul parameters applied once per sequence, to its first ([CLS]) position: BERT's pooler, NSP head
-    and sequence classifier; 0 for decoders."""
-    return sum(p.numel() for name, p in named_params if name.startswith(("pooler.", "nsp_head.", "classifier.")))
 
 
 def model_flops_per_token(n_matmul_params: float, n_layer: int, d_model: int, seq_len: int) -> float:
@@ -82,18 +57,16 @@ def recompute_flops_per_token(mode: str, n_block_params: int, n_layer: int, d_mo
     return 0.0
 
 
-def flops_per_token(model: Any, n_layer: int, d_model: int, seq_len: int, mlm_prob: float | None = None,
+def flops_per_token(model: Any, n_layer: int, d_model: int, seq_len: int, data: Any = None,
                     checkpointing: str = "none", every_n: int = 2) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) per token of a training step of `model` (an nn.Module, meta is fine).
+    """(model FLOPs, hardware FLOPs) per token of a training step of `model` (an nn.Module, meta is fine) on
+    `data` (its DataConfig: which batches, e.g. BERT's masked-LM fraction). The matmul parameters per token
+    are the model family's count (`ModelFamily.matmul_params_per_token`): it knows its lookups and its
+    heads that run on fewer positions."""
+    from llmtrain.models.registry import family_of
 
-    `mlm_prob` (BERT pre-training): the masked-LM head multiplies only that fraction of the positions.
-    The pooler / NSP / classifier heads run once per sequence, i.e. 1/seq_len of the tokens.
-    """
     named = list(model.named_parameters())
-    n_mm = float(matmul_params(named))
-    if mlm_prob is not None:
-        n_mm -= masked_lm_head_params(named) * (1.0 - mlm_prob)
-    n_mm -= per_sequence_params(named) * (1.0 - 1.0 / seq_len)
+    n_mm = family_of(model.cfg).matmul_params_per_token(named, seq_len, data)
     per_token = model_flops_per_token(n_mm, n_layer, d_model, seq_len)
     extra = recompute_flops_per_token(checkpointing, block_params(named), n_layer, d_model, seq_len, every_n)
     return per_token, per_token + extra

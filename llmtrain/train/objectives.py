@@ -1,88 +1,21 @@
 """Objectives: a loss over a batch. The trainer knows only this interface, so causal LM, masked LM and
-distillation plug in without `if` branches in the loop."""
+distillation plug in without `if` branches in the loop. The interface lives in llmtrain/models/objective.py
+and each model family's objective in its folder; this module keeps the names importable from here."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from llmtrain.models.bert.objective import BertObjective, MaskedLMWithNSP, SequenceClassification
+from llmtrain.models.gpt.objective import CausalLM
 from llmtrain.models.objective import MetricSums, Objective, local_loss, pop_metrics
+from llmtrain.models.registry import FAMILIES, family_of
 
 __all__ = ["MetricSums", "Objective", "local_loss", "pop_metrics", "CausalLM", "MaskedLMWithNSP",
            "SequenceClassification", "BertObjective", "OBJECTIVES", "objective_for"]
 
-
-class CausalLM:
-    """Next-token cross-entropy; labels equal to -100 are ignored."""
-
-    generative = True
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # data.doc_mask batches carry position_ids and doc_ids: attention stays inside each packed document.
-        docs = {k: batch[k] for k in ("position_ids", "doc_ids") if k in batch}
-        logits = model(batch["input_ids"], **docs)  # (B, T, V)
-        labels = batch["labels"]
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-
-
-class MaskedLMWithNSP:
-    """BERT pre-training: masked-LM cross-entropy over the chosen positions (mlm_labels != -100) plus
-    next-sentence-prediction cross-entropy over the pairs, summed with equal weight as in the original."""
-
-    def __init__(self) -> None:
-        self.sums = MetricSums()
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels, nsp_labels = batch["mlm_labels"], batch["nsp_labels"]
-        chosen = labels != -100  # (B, T)
-        mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                       chosen)  # (N, V), (B, 2)
-        mlm = local_loss(F.cross_entropy(mlm_logits.float(), labels[chosen]))
-        nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
-        self.sums.add(mlm_loss=mlm, nsp_loss=nsp,
-                      nsp_accuracy=(nsp_logits.argmax(-1) == nsp_labels).float().mean())
-        return mlm + nsp
-
-    def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
-        return self.sums.pop(training)
-
-
-class SequenceClassification:
-    """Cross-entropy of class logits (B, K) against `class_labels` (B,); reports accuracy."""
-
-    def __init__(self) -> None:
-        self.sums = MetricSums()
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch["class_labels"]
-        logits = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))  # (B, K)
-        loss = F.cross_entropy(logits.float(), labels)
-        self.sums.add(accuracy=(logits.argmax(-1) == labels).float().mean())
-        return loss
-
-    def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
-        return self.sums.pop(training)
-
-
-class BertObjective:
-    """BERT batches carry either pre-training targets (mlm_labels, nsp_labels) or `class_labels` for
-    fine-tuning a classifier; each kind goes to its objective."""
-
-    def __init__(self) -> None:
-        self.pretrain, self.classify = MaskedLMWithNSP(), SequenceClassification()
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self.classify if "class_labels" in batch else self.pretrain)(model, batch)
-
-    def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
-        return {**self.pretrain.pop_metrics(training), **self.classify.pop_metrics(training)}
-
-
-# model.arch -> the objective it pre-trains with. Components add their own entries here.
-OBJECTIVES: dict[str, type] = {"gpt": CausalLM, "bert": BertObjective}
+# model.arch -> the objective it trains with (each family's spec names it).
+OBJECTIVES: dict[str, type] = {name: f.objective for name, f in FAMILIES.items()}
 
 
 def objective_for(arch: str) -> Objective:
-    if arch not in OBJECTIVES:
-        raise ValueError(f"no training objective for model.arch '{arch}'; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[arch]()
+    """The objective of the family `arch` (a model.arch value or a model config)."""
+    return family_of(arch).objective()

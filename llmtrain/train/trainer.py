@@ -52,8 +52,8 @@ class Throughput:
 
 
 def build_throughput(cfg: Config, model: torch.nn.Module, device: torch.device, world_size: int) -> Throughput:
-    m, mlm = cfg.model, cfg.data.mlm_prob if cfg.data.sample_kind == "bert" else None
-    per_token, hw_per_token = flops.flops_per_token(model, m.n_layer, m.n_embd, cfg.train.seq_len, mlm,
+    m = cfg.model
+    per_token, hw_per_token = flops.flops_per_token(model, m.n_layer, m.n_embd, cfg.train.seq_len, cfg.data,
                                                     cfg.parallel.activation_checkpointing,
                                                     cfg.parallel.checkpoint_every_n)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -104,7 +104,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         print0(f"resumed from {resume_from} at step {state.step}")
     print_layout(cfg, derived, info, model)
     sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg))
-    objective = objective or objective_for(cfg.model.arch)
+    objective = objective or objective_for(cfg.model)
     stop = StopRequest()
     try:
         with attention_backend(cfg.train.attention_backend, info.device):

@@ -1,6 +1,6 @@
 """GPT decoder family: a plain single-device nn.Module (imports only torch).
 
-One decoder, two flavours chosen by config (see ModelConfig): GPT-2 (learned positions, LayerNorm,
+One decoder, two flavours chosen by config (see GPTConfig): GPT-2 (learned positions, LayerNorm,
 GELU MLP, biases, multi-head attention) and Llama (rotary positions, RMSNorm, SwiGLU MLP, no biases,
 grouped-query attention); fixed sinusoidal positions are a third position option.
 
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.config import ModelConfig, RopeScaling
+from llmtrain.models.config import RopeScaling
+from llmtrain.models.gpt.config import GPTConfig
 
 
 class LayerKV:
@@ -102,7 +103,7 @@ class SinusoidalPositions(nn.Module):
         return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (T, C) or (B, T, C)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
@@ -111,7 +112,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class CausalSelfAttention(nn.Module):
     """Multi-head or grouped-query causal attention; the fused qkv rows are [q (nh*hs); k (nkv*hs); v]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         n_kv = cfg.n_kv_head or cfg.n_head
         if cfg.head_dim is None and cfg.n_embd % cfg.n_head:
@@ -170,7 +171,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """GELU: down(gelu(up x)). SwiGLU: down(silu(gate x) * up x)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = cfg.intermediate_size or 4 * cfg.n_embd
         self.swiglu = cfg.mlp == "swiglu"
@@ -188,7 +189,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
@@ -209,7 +210,7 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.config import ModelConfig
+from llmtrain.models.bert.config import BertConfig
 
 
 class SelfAttention(nn.Module):
     """Bidirectional multi-head attention; q, k, v from one fused projection."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BertConfig):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
@@ -52,7 +52,7 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Post-LN encoder block: x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BertConfig):
         super().__init__()
         self.attn = SelfAttention(cfg)
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -70,7 +70,7 @@ class Block(nn.Module):
 class BertTrunk(nn.Module):
     """Embeddings, encoder blocks and the tanh pooler over [CLS]; the heads live in subclasses."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BertConfig):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -124,7 +124,7 @@ class BertTrunk(nn.Module):
 class Bert(BertTrunk):
     """BERT with its pre-training heads: masked LM and next-sentence prediction."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BertConfig):
         super().__init__(cfg)
         self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.mlm_ln = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -164,7 +164,7 @@ class BertForSequenceClassification(BertTrunk):
     # model.init_from loads a pre-trained trunk and leaves these fresh (see parallel/consolidate.py).
     task_head_prefixes = ("classifier.",)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BertConfig):
         super().__init__(cfg)
         if cfg.num_labels < 2:
             raise ValueError(f"model.num_labels={cfg.num_labels}: a classifier needs at least 2 classes")

@@ -1,0 +1,37 @@
+"""The decoder's config: the common keys plus the GPT-2 / Llama flavour keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from llmtrain.models.config import ModelConfig, RopeScaling
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    # Use biases in linear layers and LayerNorms (GPT-2 does).
+    bias: bool = True
+    # Decoder positions: learned (GPT-2 table), rope (rotary, Llama) or sinusoidal (fixed, Vaswani et al.).
+    pos: Literal["learned", "rope", "sinusoidal"] = "learned"
+    # Decoder normalisation: layernorm (GPT-2) or rmsnorm (Llama); both use model.norm_eps.
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # Decoder feed-forward: gelu (down(gelu(up x)), GPT-2) or swiglu (down(silu(gate x) * up x), Llama).
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # Key/value heads (grouped-query attention when < n_head); None means n_head.
+    n_kv_head: int | None = None
+    # Attention head size; None means n_embd // n_head (a pruned model keeps its heads' size with fewer heads).
+    head_dim: int | None = None
+    # Base of the rotary frequencies (pos=rope); Llama 2 uses 1e4, SmolLM2 1e5.
+    rope_theta: float = 10000.0
+    # Rotary frequency scaling (pos=rope) for a longer context, as Llama 3.1 configs carry; None = plain rotary.
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
+            known = {f.name for f in dataclasses.fields(RopeScaling)}
+            if set(self.rope_scaling) - known:
+                raise ValueError(f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
+                                 f"valid: {', '.join(sorted(known))}")
+            self.rope_scaling = RopeScaling(**self.rope_scaling)

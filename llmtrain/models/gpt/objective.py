@@ -1,0 +1,25 @@
+"""The decoder's objective: next-token cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class CausalLM:
+    """Next-token cross-entropy; labels equal to -100 are ignored."""
+
+    generative = True
+
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's logits (B, T, V) on the batch's inputs; data.doc_mask batches carry position_ids and
+        doc_ids, so attention stays inside each packed document."""
+        docs = {k: batch[k] for k in ("position_ids", "doc_ids") if k in batch}
+        return model(batch["input_ids"], **docs)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(self.logits(model, batch), batch)
