@@ -164,7 +164,7 @@ def _check_bert(cfg: ModelConfig, rank: int, size: int, mesh, group) -> float:
 
 def _slice_like(name: str, full: torch.Tensor, rank: int, size: int, cfg: ModelConfig) -> torch.Tensor:
     if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
-        hs, kv = cfg.n_embd // cfg.n_head, cfg.n_kv_head or cfg.n_head
+        hs, kv = cfg.n_embd // cfg.n_head, getattr(cfg, "n_kv_head", None) or cfg.n_head  # BERT has no kv heads
         parts = full.split([cfg.n_head * hs, kv * hs, kv * hs], dim=0)  # [q; k; v]: this rank holds its heads of each
         return torch.cat([p.chunk(size, dim=0)[rank] for p in parts])
     dim = 1 if (name.endswith("proj.weight") or name.endswith("down.weight")) else 0
