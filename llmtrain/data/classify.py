@@ -106,6 +106,17 @@ class SourceClassData:
             rows.append((self.train[c][i], c))
         return [self._collate(rows[m * self.B:(m + 1) * self.B]) for m in range(self.G)]
 
+    def check_eval(self, n: int) -> None:
+        """Before step 1: DataError when the held-out passages cannot fill one eval batch (see OrderedData)."""
+        from llmtrain.data.loader import require_eval_batches
+
+        require_eval_batches(n)
+        per_batch = self.B * self.dp_size
+        if min(len(v) for v in self.val) * self.num_classes < per_batch:
+            raise DataError(f"the source-class validation split has {min(len(v) for v in self.val)} passages per "
+                            f"class, fewer than one eval batch (train.micro_batch_size={self.B} x {self.dp_size} "
+                            f"data-parallel ranks = {per_batch}); lower train.micro_batch_size or train.seq_len")
+
     def val_batches(self, n: int) -> list[dict[str, Any]]:
         """Up to n micro-batches for this rank: the classes in turn, passages spread over each class."""
         per_class = min(len(v) for v in self.val)

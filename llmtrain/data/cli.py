@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from llmtrain.errors import DataError
+from llmtrain.utils import eprint
 
 
 def _input_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -116,7 +117,20 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     counts = {s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in m["splits"]}
     print(json.dumps({"out": args.out, **counts, "shards": len(m["splits"]["train"]["shards"]), "dtype": m["dtype"],
                       "seconds": round(secs, 2), "tokens_per_s": round(m.pop("new_tokens") / max(secs, 1e-9))}))
+    _val_notice(args, m)
     return 0
+
+
+def _val_notice(args: argparse.Namespace, m: dict) -> None:
+    """Say so when --val-fraction left the validation split empty or had to move a document into it."""
+    val = m["splits"]["val"]
+    if args.val_fraction > 0 and m.get("moved_to_val"):
+        eprint(f"notice: --val-fraction {args.val_fraction} of {m['input_docs']} documents held out none, so the "
+               f"last training document became the validation split ({val['tokens']} tokens); runs evaluate on at "
+               "most that: for a meaningful held-out loss raise --val-fraction")
+    elif args.val_fraction > 0 and val["docs"] == 0:
+        eprint(f"notice: {args.out} has no validation split (too few documents); runs will refuse to start "
+               "until it has one: add text or raise --val-fraction")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -86,6 +86,19 @@ class ShardWriter:
         self.tokens += len(tokens)
         self.docs += len(lengths)
 
+    def pop_last(self) -> np.ndarray:
+        """Take the last document added back out (its tokens, EOS included); only before `close`."""
+        ends = np.concatenate(self._ends)
+        start = int(ends[-2]) if len(ends) > 1 else 0
+        self._bin.flush()
+        with open(self._bin_tmp, "rb") as f:
+            f.seek(HEADER.size + start * self.dtype.itemsize)
+            tokens = np.frombuffer(f.read(), dtype=self.dtype)
+        self._bin.seek(HEADER.size + start * self.dtype.itemsize)
+        self._bin.truncate()
+        self._ends, self.tokens, self.docs = [ends[:-1]], start, self.docs - 1
+        return tokens
+
     def discard(self) -> None:
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)

@@ -136,6 +136,13 @@ class PreparedSource:
         self.val = TokenStream(self.path, splits["val"]["shards"], vocab)
 
 
+def require_eval_batches(n: int) -> None:
+    """Every run evaluates at its end, so train.eval_batches must ask for at least one batch."""
+    if n < 1:
+        raise DataError(f"train.eval_batches={n}: every run evaluates on held-out data at its end (and every "
+                        "train.eval_interval steps); set train.eval_batches >= 1")
+
+
 def _windows(stream: TokenStream, seq_len: int) -> int:
     return max(0, (stream.n_tokens - 1) // seq_len)
 
@@ -243,17 +250,34 @@ class OrderedData:
         first = self.step_start(step) + self.dp_rank * per_rank
         return self._micro_batches(np.arange(first, first + per_rank))
 
+    def check_eval(self, n: int) -> None:
+        """Before step 1 (the trainer calls it with train.eval_batches): DataError naming the dataset and the
+        fix when `val_batches(n)` could not give one batch: no validation split, or fewer validation windows
+        than one global micro-batch (or n < 1). Then the final eval, after every training step, cannot fail on data."""
+        require_eval_batches(n)
+        self._eval_batches(n)
+
+    def _eval_batches(self, n: int) -> tuple[list[int], int]:
+        """(validation windows per source, how many of the n requested micro-batches they fill)."""
+        counts = [_windows(s.val, self.unit) for s in self.sources]
+        names = ", ".join(str(s.path) for s in self.sources)
+        if sum(counts) == 0:
+            tokens = sum(s.val.n_tokens for s in self.sources)
+            raise DataError(f"{names}: no validation split ({tokens} validation tokens, fewer than one sequence of "
+                            f"train.seq_len={self.seq_len} + 1): prepare the dataset with a larger --val-fraction "
+                            "(data.val_fraction for the bundled corpus), or lower train.seq_len")
+        per_batch = self.B * self.dp_size
+        if sum(counts) < per_batch:
+            raise DataError(f"{names}: the validation split has {sum(counts)} sequences of train.seq_len="
+                            f"{self.seq_len}, fewer than one eval batch (train.micro_batch_size={self.B} x "
+                            f"{self.dp_size} data-parallel ranks = {per_batch}); prepare the dataset with a larger "
+                            "--val-fraction, or lower train.micro_batch_size or train.seq_len")
+        return counts, min(n, sum(counts) // per_batch)
+
     def val_batches(self, n: int) -> list[dict[str, Any]]:
         """The first n micro-batches of this rank over the validation windows, in order (no shuffle)."""
-        counts = [_windows(s.val, self.unit) for s in self.sources]
-        if sum(counts) == 0:
-            raise DataError(f"{self.sources[0].path}: no validation split (or shorter than one sequence); prepare "
-                             "the dataset with --val-fraction > 0 (or data.val_fraction for the bundled corpus)")
+        counts, n = self._eval_batches(n)
         per_batch = self.B * self.dp_size
-        n = min(n, sum(counts) // per_batch)
-        if n == 0:
-            raise DataError(f"{self.sources[0].path}: validation split has {sum(counts)} sequences, fewer than one "
-                             f"global micro-batch ({per_batch}); prepare more validation text or lower the batch")
         # Take from each source in proportion to its weight, up to what it has: deterministic, no wrap.
         order = _val_order(counts, self.weights, n * per_batch)
         lo = self.dp_rank * self.B

@@ -82,6 +82,7 @@ class _Chunk:
         self.out, self.number, self.first_doc = out, number, first_doc
         self.writers = {s: ShardWriter(out / f"{s}_{number:05d}", dtype) for s in SPLITS}
         self.docs = 0
+        self.moved_to_val = 0  # training documents moved to validation (_keep_one_val_doc)
 
     @property
     def tokens(self) -> int:
@@ -103,6 +104,8 @@ class _Chunk:
 
     def close(self, settings: dict[str, Any]) -> dict[str, Any]:
         info = {"chunk": self.number, "first_doc": self.first_doc, "input_docs": self.docs, **settings}
+        if self.moved_to_val:
+            info["moved_to_val"] = self.moved_to_val
         for s, w in self.writers.items():
             info[s] = {"shard": f"{s}_{self.number:05d}", **w.close()}
         tmp = self.out / f"chunk_{self.number:05d}.json.tmp"
@@ -139,25 +142,31 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
         stale.unlink()
     dtype = token_dtype(tok.vocab_size)
     bar = _progress(progress, label, skip)
-    chunk = _Chunk(out, len(chunks), skip, dtype)
+    chunk, full_chunk = _Chunk(out, len(chunks), skip, dtype), None
     doc_index, started, new_tokens = skip, time.perf_counter(), 0
     for flat, lengths in encoded_batches(_batched(texts, skip, batch_docs), tok, workers, dtype):
         val = is_val(np.arange(doc_index, doc_index + len(lengths)), val_fraction, seed)
         ends = np.cumsum(lengths)
         a = 0
         while a < len(lengths):  # the documents [a, b) go to this chunk; it closes after the one that fills it
+            if full_chunk is not None:  # kept open until a document follows it (see _keep_one_val_doc)
+                chunks.append(full_chunk.close(settings))
+                full_chunk = None
             start = int(ends[a - 1]) if a else 0
             # the first document with which the chunk reaches `shard_tokens` (len(lengths): none of this batch)
             full = int(np.searchsorted(ends, start + shard_tokens - chunk.tokens))
             b = min(max(full, a) + 1, len(lengths))
             chunk.add(flat[start:ends[b - 1]], lengths[a:b], val[a:b])
             if full < len(lengths):  # shards stay within one document of `shard_tokens`
-                chunks.append(chunk.close(settings))
-                chunk = _Chunk(out, len(chunks), doc_index + b, dtype)
+                full_chunk, chunk = chunk, _Chunk(out, len(chunks) + 1, doc_index + b, dtype)
             a = b
         doc_index += len(lengths)
         new_tokens += len(flat)
         bar.update(len(flat))
+    if val_fraction > 0:
+        _keep_one_val_doc(chunks, [c for c in (full_chunk, chunk) if c is not None])
+    if full_chunk is not None:
+        chunks.append(full_chunk.close(settings))
     if chunk.docs or not chunks:
         chunks.append(chunk.close(settings))
     else:
@@ -173,6 +182,19 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
     return manifest
 
 
+def _keep_one_val_doc(done: list[dict[str, Any]], open_chunks: list[_Chunk]) -> None:
+    """--val-fraction > 0 on a small corpus may hash no document into validation (587 documents at the default
+    0.0005 expect 0.3): then the last training document moves there, so runs can evaluate. Only the last
+    chunks are still open, so no finished shard is rewritten; a finished run never needs it again."""
+    def docs(split: str) -> int:
+        return sum(c[split]["docs"] for c in done) + sum(c.writers[split].docs for c in open_chunks)
+
+    last = next((c for c in reversed(open_chunks) if c.writers["train"].docs), None)
+    if docs("val") == 0 and docs("train") >= 2 and last is not None:
+        last.writers["val"].add(last.writers["train"].pop_last())
+        last.moved_to_val = 1
+
+
 def _manifest(out: Path, chunks: list[dict[str, Any]], tok: Tokenizer, source: dict[str, Any],
               settings: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
     splits = {s: {"shards": [c[s]["shard"] for c in chunks],
@@ -186,6 +208,7 @@ def _manifest(out: Path, chunks: list[dict[str, Any]], tok: Tokenizer, source: d
             "source": source, "input_docs": sum(c["input_docs"] for c in chunks), "splits": splits,
             "val_fraction": settings["val_fraction"], "seed": settings["seed"],
             "shard_tokens": settings["shard_tokens"],
+            "moved_to_val": sum(c.get("moved_to_val", 0) for c in chunks),
             "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files}}
 
 

@@ -123,6 +123,13 @@ class StreamingData:
         mine = x[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         return [_to_batch(mine[m * self.B:(m + 1) * self.B]) for m in range(self.G)]
 
+    def check_eval(self, n: int) -> None:
+        """Before step 1: DataError when the held-out documents cannot fill one eval batch (see OrderedData)."""
+        from llmtrain.data.loader import require_eval_batches
+
+        require_eval_batches(n)
+        self.val_batches(n)  # reads and keeps the first data.stream_val_docs documents, as the first eval would
+
     def val_batches(self, n: int) -> list[dict[str, Any]]:
         if self._val is None:
             stream = PackedStream(self._docs(0, self.cfg.stream_val_docs), self.seq_len, 0, 0)
