@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -292,6 +293,7 @@ def validate(cfg: Config) -> None:
     _positive(t.seq_len, "train.seq_len")
     _positive(p.tp, "parallel.tp")
     _positive(p.pp, "parallel.pp")
+    _check_numbers(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3; got {p.zero_stage}")
     if t.seq_len > cfg.model.block_size:
@@ -320,6 +322,33 @@ def validate(cfg: Config) -> None:
 def _positive(value: int, key: str) -> None:
     if value < 1:
         raise ConfigError(f"{key} must be >= 1; got {value}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Numbers that can only be a mistake, refused before anything starts (they used to pass silently or
+    fail steps later): counts below their minimum, rates and fractions outside their range."""
+    t, o = cfg.train, cfg.optim
+    _positive(t.eval_batches, "train.eval_batches")  # the final eval always runs: 0 batches is no eval loss
+    _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
+    at_least_0 = {"optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps or 0,
+                  "optim.weight_decay": o.weight_decay, "train.grad_clip": t.grad_clip,
+                  "train.eval_interval": t.eval_interval, "train.sample_tokens": t.sample_tokens,
+                  "checkpoint.interval": cfg.checkpoint.interval}
+    for key, value in at_least_0.items():
+        if not value >= 0:  # also NaN
+            raise ConfigError(f"{key} must be >= 0; got {value}" + (" (0 disables it)" if key in _ZERO_OFF else ""))
+    ranges = {"optim.lr": (o.lr, 0 <= o.lr < math.inf, ">= 0 and finite"), "optim.eps": (o.eps, o.eps > 0, "> 0"),
+              "optim.min_lr_ratio": (o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+              "optim.beta1": (o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+              "optim.beta2": (o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+              "parallel.collective_timeout_s": (cfg.parallel.collective_timeout_s,
+                                                cfg.parallel.collective_timeout_s > 0, "> 0")}
+    for key, (value, ok, allowed) in ranges.items():
+        if not ok:
+            raise ConfigError(f"{key} must be {allowed}; got {value}")
+
+
+_ZERO_OFF = ("train.grad_clip", "train.eval_interval", "train.sample_tokens", "checkpoint.interval")
 
 
 def derive(cfg: Config, world_size: int) -> Derived:
