@@ -1,4 +1,4 @@
-"""`llmtrain train-tokenizer` and `llmtrain prepare-data` (registered through `add_subcommands`)."""
+"""`llmtrain train-tokenizer`, `llmtrain prepare-data` and `llmtrain verify` (registered through `add_subcommands`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def _input_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--name", default=None, help="config name of a `datasets` loader")
     p.add_argument("--sample-by", default="document", choices=["document", "paragraph", "line"],
                    help="for .txt inputs: one document per file, blank-line paragraph, or line (default: document)")
+    p.add_argument("--on-missing-text", choices=["skip", "error"], default="skip",
+                   help="records without the text field (or with a null one): skip them and report how many at the "
+                        "end (default), or stop with an error naming the first")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +69,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _reader_kwargs(args: argparse.Namespace) -> dict:
-    return {"text_field": args.text_field, "split": args.split, "name": args.name, "sample_by": args.sample_by}
+    return {"text_field": args.text_field, "split": args.split, "name": args.name, "sample_by": args.sample_by,
+            "missing_text": args.on_missing_text}
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -103,11 +107,12 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     from llmtrain.data.prepare import write_dataset
-    from llmtrain.data.reader import iter_many
+    from llmtrain.data.reader import InputStats, iter_many
     from llmtrain.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    texts = iter_many(args.input, **_reader_kwargs(args))
+    stats = InputStats()
+    texts = iter_many(args.input, stats=stats, **_reader_kwargs(args))
     source = {"inputs": args.input, "text_field": args.text_field, "split": args.split, "name": args.name,
               "sample_by": args.sample_by}
     m = write_dataset(texts, tok, args.out, source=source, val_fraction=args.val_fraction,
@@ -116,7 +121,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     secs = m.pop("prepare_seconds")
     counts = {s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in m["splits"]}
     print(json.dumps({"out": args.out, **counts, "shards": len(m["splits"]["train"]["shards"]), "dtype": m["dtype"],
-                      "seconds": round(secs, 2), "tokens_per_s": round(m.pop("new_tokens") / max(secs, 1e-9))}))
+                      "seconds": round(secs, 2), "tokens_per_s": round(m.pop("new_tokens") / max(secs, 1e-9)),
+                      "input": stats.as_dict()}))
+    if stats.missing:
+        eprint(f"notice: {stats.missing} of {stats.records} records had no '{args.text_field}' field (or a null one) "
+               f"and were skipped (the first: {stats.first_missing}); pass --on-missing-text error to refuse such input")
     _val_notice(args, m)
     return 0
 
