@@ -12,7 +12,7 @@ from llmtrain.data.config import DataConfig, SourceConfig
 if TYPE_CHECKING:
     from llmtrain.data.tokenizer import Tokenizer
 
-__all__ = ["DataConfig", "SourceConfig", "build_data", "load_tokenizer", "resolve_sources"]
+__all__ = ["DataConfig", "SourceConfig", "build_data", "check_same_tokenizer", "load_tokenizer", "resolve_sources"]
 
 
 def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
@@ -29,6 +29,13 @@ def load_tokenizer(path: str) -> "Tokenizer":
     from llmtrain.data.tokenizer import load_tokenizer as _load
 
     return _load(path)
+
+
+def check_same_tokenizer(data_tok: "Tokenizer", other: "Tokenizer", where: str) -> None:
+    """DataError unless `other` (a checkpoint's tokenizer) is the data's; see llmtrain.data.tokenizer."""
+    from llmtrain.data.tokenizer import check_same_tokenizer as _check
+
+    _check(data_tok, other, where)
 
 
 def resolve_sources(cfg: DataConfig) -> list[tuple[str, float]]:

@@ -131,6 +131,21 @@ def _nonempty(texts: Iterable[str]) -> Iterable[str]:
             yield t
 
 
+def check_same_tokenizer(data_tok: Tokenizer, other: Tokenizer, where: str) -> None:
+    """DataError unless `other` (the tokenizer a checkpoint was trained with) is the data's, by hash: a model
+    started from another tokenizer's weights reads every id as a different token. `where` names the setting,
+    e.g. "model.init_from=runs/a". For the trainer, before step 1 (`eval` refuses the same mismatch):
+
+        from llmtrain.inference import checkpoint_tokenizer  # the checkpoint's own tokenizer/ or its data's
+        check_same_tokenizer(data.tokenizer, checkpoint_tokenizer(path), f"model.init_from={path}")
+    """
+    if other.hash != data_tok.hash:
+        raise DataError(f"{where}: the checkpoint was trained with tokenizer {other.hash} ({other.source}, "
+                        f"{other.vocab_size} tokens) but this run's data is tokenized with {data_tok.hash} "
+                        f"({data_tok.source}, {data_tok.vocab_size} tokens); prepare the data with the checkpoint's "
+                        "tokenizer (llmtrain prepare-data --tokenizer), or start from a checkpoint trained on this one")
+
+
 def tokenizer_meta(tok: Tokenizer) -> dict[str, Any]:
     """What a manifest records about the tokenizer its tokens came from."""
     return {"hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "kind": tok.kind,

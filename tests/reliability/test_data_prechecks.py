@@ -96,3 +96,24 @@ def test_check_eval_of_streaming_data(tmp_path, tok):
         data.check_eval(1)
     with pytest.raises(DataError, match=r"train\.eval_batches=0"):
         data.check_eval(0)
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_is_named_by_the_comparison_helper(tmp_path, tok):
+    """Issue 13, item 6: model.init_from a checkpoint of another tokenizer was accepted (eval refused it).
+    The trainer compares the data's tokenizer with the checkpoint's through this helper before step 1."""
+    from llmtrain.data import check_same_tokenizer
+    from llmtrain.data.tokenizer import train_tokenizer
+    from llmtrain.inference import checkpoint_tokenizer
+
+    ckpt = tmp_path / "imported"  # a model directory that carries its own tokenizer/ (import-hf writes one)
+    (ckpt / "tokenizer").mkdir(parents=True)
+    (ckpt / "config.yaml").write_text("{}\n")
+    train_tokenizer(make_docs(100, seed=8), "bpe", 280).save(ckpt / "tokenizer")
+    prepare(tok, tmp_path / "d", make_docs(60, seed=3))
+    data = open_data(tmp_path / "d")
+    with pytest.raises(DataError, match=rf"model\.init_from={ckpt}: the checkpoint was trained with tokenizer \w+ "
+                                        r".*280 tokens\) but this run's data is tokenized with \w+ .*300 tokens\); "
+                                        r"prepare the data with the checkpoint's tokenizer"):
+        check_same_tokenizer(data.tokenizer, checkpoint_tokenizer(ckpt), f"model.init_from={ckpt}")
+    tok.save(ckpt / "tokenizer")  # the same tokenizer: accepted
+    check_same_tokenizer(data.tokenizer, checkpoint_tokenizer(ckpt), f"model.init_from={ckpt}")
