@@ -1,9 +1,11 @@
 """One metrics sink: console line + `<out_dir>/metrics.jsonl` + optional Weights & Biases, rank 0 only.
 
 Every record is one JSON object per line. Training records hold at least step, loss, lr, grad_norm,
-tokens_seen, tokens_per_s; eval records hold step, eval_loss, eval_ppl. A resumed run appends; when a
-step appears twice (a run killed after logging it and resumed from an older checkpoint) the last record
-for that step is the one the resumed run produced.
+tokens_seen, tokens_per_s; eval records hold step, eval_loss, eval_ppl. A resumed run appends, one
+record per step: when it starts from step s, the records a killed run logged past s (steps it will now
+compute again) move to `metrics.superseded.jsonl` first. A line torn by a crash mid-write is dropped
+(and reported) when the next run opens the file; `read_metrics` skips a torn last line and names the
+file and line of any other unreadable one.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.config import LogConfig
+from llmtrain.errors import UserError
 from llmtrain.utils import rank
 
 
 class MetricsSink:
-    def __init__(self, out_dir: str | Path, cfg: LogConfig, run_config: dict[str, Any]):
+    def __init__(self, out_dir: str | Path, cfg: LogConfig, run_config: dict[str, Any], resume_step: int = 0):
         self.enabled = rank() == 0
         self.path = Path(out_dir) / "metrics.jsonl"
         self._wandb = None
+        if self.enabled and self.path.exists():
+            _repair(self.path, resume_step)
         if self.enabled and cfg.wandb:
             self._wandb = _start_wandb(Path(out_dir), cfg.wandb_project, run_config)
 
@@ -62,8 +67,46 @@ def _start_wandb(out_dir: Path, project: str, run_config: dict[str, Any]) -> Any
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl, in file order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a metrics.jsonl, in file order. A torn last line (a crash mid-write) is skipped;
+    an unreadable line elsewhere is a UserError naming the file and the line."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # torn by a crash while it was written
+            raise UserError(f"{path}:{i + 1}: not a JSON record ({line[:60]!r}); delete or repair that line") from None
+    return records
+
+
+def _repair(path: Path, resume_step: int) -> None:
+    """Drop a torn last line, and move records past the step this run starts from (they are computed
+    again) to metrics.superseded.jsonl, so the file holds one record per step. Atomic rewrite."""
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    torn = bool(lines) and not text.endswith("\n")
+    if torn:
+        from llmtrain.utils import eprint
+
+        eprint(f"{path}: dropped a torn last line (a crash while it was written): {lines.pop()[:60]!r}")
+    keep, later = [], []
+    for line in lines:
+        try:
+            step = json.loads(line).get("step", 0) if line.strip() else None
+        except ValueError:
+            step = None  # an unreadable line is kept as it is, for read_metrics to name
+        (later if step is not None and step > resume_step else keep).append(line)
+    if later:
+        with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+            f.write("".join(line + "\n" for line in later))
+    if torn or later:
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
 
 def last_by_step(records: list[dict[str, Any]], key: str) -> dict[int, float]:

@@ -84,10 +84,12 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     log_preflight(cfg, preflight(info))
     torch.manual_seed(cfg.train.seed)
     data = build_data_for(cfg, derived)
+    data.check_eval(cfg.train.eval_batches)  # an empty or too small validation split fails now, not after training
     model = build_model_for(cfg, data.vocab_size)
     if cfg.model.init_from and resume_from is None:  # a resume restores the weights anyway
         from llmtrain.parallel.consolidate import init_model_from
 
+        check_init_from_tokenizer(cfg.model.init_from, data.tokenizer)
         padded = init_model_from(model, cfg.model.init_from)
         print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0"
                + (f"; vocabulary padded to {cfg.model.vocab_size} rows in {', '.join(padded)}" if padded else ""))
@@ -103,7 +105,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         data.load_state_dict(saved.get("data", {}))
         print0(f"resumed from {resume_from} at step {state.step}")
     print_layout(cfg, derived, info, model)
-    sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg))
+    sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg), resume_step=state.step)
     objective = objective or objective_for(cfg.model)
     stop = StopRequest()
     try:
@@ -287,17 +289,48 @@ def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float |
             "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, **rates}
 
 
-def evaluate(runner: Runner, objective: Objective, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean held-out loss over this rank's batches, averaged over ranks."""
-    total = torch.zeros((), device=runner.device)
-    for mb in batches:
-        total += runner.eval_loss(objective, mb)
-    return _mean_over_ranks(total / max(1, len(batches)))
+def held_out_batches(cfg: Config, data: Any) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """This rank's share of the first train.eval_batches global micro-batches of the validation split
+    (micro_batch_size sequences each): the same sequences whatever the world size. Rank r's b-th batch is
+    global batch b * dp + r; every rank runs the same number of forwards (ZeRO-3 and pipeline stages
+    need that), the ones past the end flagged False and not counted."""
+    dp_size, dp_rank = getattr(data, "dp_size", 1), getattr(data, "dp_rank", 0)
+    mine = data.val_batches(-(-cfg.train.eval_batches // dp_size))
+    n = min(cfg.train.eval_batches, len(mine) * dp_size)  # a split shorter than asked: all of it
+    return [(mb, b * dp_size + dp_rank < n) for b, mb in enumerate(mine)]
+
+
+def evaluate(runner: Runner, objective: Objective, batches: list[tuple[dict[str, torch.Tensor], bool]]) -> float:
+    """Mean held-out loss over the counted batches of every rank (each global batch counted once)."""
+    total = torch.zeros(2, device=runner.device)
+    for mb, counted in batches:
+        loss = runner.eval_loss(objective, mb)  # every rank runs every forward, counted or not
+        if counted:
+            total[0] += loss
+            total[1] += 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)  # tp/pp copies scale both sums alike
+    v = (total[0] / total[1].clamp(min=1)).item()
+    return v if math.isfinite(v) else float("nan")
+
+
+def check_init_from_tokenizer(init_from: str, tokenizer: Any) -> None:
+    """model.init_from a checkpoint trained with another tokenizer: its embedding rows mean other tokens."""
+    from llmtrain.inference import checkpoint_tokenizer
+
+    try:
+        expected = checkpoint_tokenizer(init_from).hash
+    except (ValueError, OSError):
+        return  # no recorded tokenizer (as eval): the vocabulary size check still applies
+    if expected != tokenizer.hash:
+        raise ConfigError(f"model.init_from={init_from} was trained with another tokenizer (hash {expected}) than "
+                          f"this run's data ({tokenizer.hash}); its embeddings would mean other tokens. Train on "
+                          f"data prepared with the checkpoint's tokenizer, or drop model.init_from")
 
 
 def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
              sink: MetricsSink) -> float:
-    loss = evaluate(runner, objective, data.val_batches(cfg.train.eval_batches))
+    loss = evaluate(runner, objective, held_out_batches(cfg, data))
     extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
     sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
              console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
@@ -315,9 +348,9 @@ def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path:
 
 def finish(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
            sink: MetricsSink) -> dict[str, Any]:
-    """Final eval, final checkpoint, loss plot and a generated sample."""
-    eval_loss = log_eval(cfg, runner, data, objective, state, sink)
+    """Final checkpoint (first: a failing eval must not cost the run), final eval, loss plot, a sample."""
     save(runner, cfg, state, data)
+    eval_loss = log_eval(cfg, runner, data, objective, state, sink)
     summary: dict[str, Any] = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
     if rank() == 0:
         png = plot_losses(sink.path, Path(cfg.out_dir) / "loss.png")
