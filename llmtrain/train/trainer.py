@@ -316,16 +316,14 @@ def evaluate(runner: Runner, objective: Objective, batches: list[tuple[dict[str,
 
 def check_init_from_tokenizer(init_from: str, tokenizer: Any) -> None:
     """model.init_from a checkpoint trained with another tokenizer: its embedding rows mean other tokens."""
+    from llmtrain.data import check_same_tokenizer
     from llmtrain.inference import checkpoint_tokenizer
 
     try:
-        expected = checkpoint_tokenizer(init_from).hash
+        other = checkpoint_tokenizer(init_from)
     except (ValueError, OSError):
         return  # no recorded tokenizer (as eval): the vocabulary size check still applies
-    if expected != tokenizer.hash:
-        raise ConfigError(f"model.init_from={init_from} was trained with another tokenizer (hash {expected}) than "
-                          f"this run's data ({tokenizer.hash}); its embeddings would mean other tokens. Train on "
-                          f"data prepared with the checkpoint's tokenizer, or drop model.init_from")
+    check_same_tokenizer(tokenizer, other, f"model.init_from={init_from}")
 
 
 def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,

@@ -77,5 +77,5 @@ def test_init_from_a_checkpoint_with_another_tokenizer_is_refused_before_step_1(
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"model.init_from={other} was trained with another tokenizer" in errors[0]
+    assert f"model.init_from={other}: the checkpoint was trained with tokenizer" in errors[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
