@@ -92,6 +92,25 @@ def test_teacher_stays_frozen_while_the_student_learns(flavour):
     assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
 
 
+def test_doc_masked_distillation_is_the_causal_objective_at_alpha_0():
+    """Distill wraps the family's objective: with data.doc_mask batches (position_ids, doc_ids) its loss at
+    alpha=0 is CausalLM's on the same batch, so the document mask reaches the student (and the teacher)."""
+    from llmtrain.train.objectives import CausalLM
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=64, block_size=16)
+    torch.manual_seed(0)
+    student, teacher = build_model(cfg), build_model(cfg)
+    student.init_weights(), teacher.init_weights()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    doc_ids = (torch.arange(16) >= 6).long().expand(2, 16)  # two packed documents per row: 6 + 10 tokens
+    position_ids = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, 16)
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "position_ids": position_ids, "doc_ids": doc_ids}
+    distill = Distill(DistillConfig(alpha=0.0, temperature=2.0), cfg, teacher.eval().requires_grad_(False), cfg)
+    base = CausalLM()(student, batch)
+    assert torch.equal(distill(student, batch), base)
+    assert not torch.equal(base, CausalLM()(student, {"input_ids": ids, "labels": batch["labels"]}))  # the mask matters
+
+
 def _tiny_bert_pair():
     """(teacher config, student config, frozen 2-layer teacher, 1-layer student) of one 64-token vocabulary."""
     kw = dict(arch="bert", n_head=2, n_embd=32, vocab_size=64, block_size=16, norm_eps=1e-12)

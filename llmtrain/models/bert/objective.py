@@ -17,15 +17,31 @@ class MaskedLMWithNSP:
         self.sums = MetricSums()
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mlm_logits, nsp_logits, mlm, nsp = self._forward(model, batch)
+        self.sums.add(mlm_loss=mlm, nsp_loss=nsp,
+                      nsp_accuracy=(nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
+        return mlm + nsp
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         labels, nsp_labels = batch["mlm_labels"], batch["nsp_labels"]
         chosen = labels != -100  # (B, T)
         mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                                        chosen)  # (N, V), (B, 2)
         mlm = local_loss(F.cross_entropy(mlm_logits.float(), labels[chosen]))
         nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
-        self.sums.add(mlm_loss=mlm, nsp_loss=nsp,
-                      nsp_accuracy=(nsp_logits.argmax(-1) == nsp_labels).float().mean())
-        return mlm + nsp
+        return mlm_logits, nsp_logits, mlm, nsp
+
+    def scored(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(masked-LM logits of the masked positions (N, V), their labels (N,), the MLM + NSP loss) from one
+        forward: what distillation compares with a teacher."""
+        mlm_logits, _, mlm, nsp = self._forward(model, batch)
+        labels = batch["mlm_labels"]
+        return mlm_logits, labels[labels != -100], mlm + nsp
+
+    @staticmethod
+    def positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scored (masked) positions of this batch, a bool (B, T) index."""
+        return batch["mlm_labels"] != -100
 
     def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
         return self.sums.pop(training)
@@ -60,3 +76,9 @@ class BertObjective:
 
     def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
         return {**self.pretrain.pop_metrics(training), **self.classify.pop_metrics(training)}
+
+    def scored(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distillation scores the masked-LM positions of pre-training batches (see MaskedLMWithNSP.scored)."""
+        return self.pretrain.scored(model, batch)
+
+    positions = staticmethod(MaskedLMWithNSP.positions)
