@@ -7,7 +7,9 @@ SIGINT, torchrun passes the signal to its ranks, waits for them (--shutdown_time
 signal as a SignalException, so it exits 1 with a traceback even when every rank wrote its stop
 checkpoint and exited 0; schedulers then report a clean preemption as a failure. Here each rank that
 stopped cleanly after a signal leaves a mark in LLMTRAIN_STOP_DIR (llmtrain/train/preemption.py); when
-all of this node's ranks did, the launcher exits 0. Anything else keeps torchrun's own exit and output.
+all of this node's ranks did, the launcher exits 0. Likewise, when the first rank to fail exited 2 (a
+user error, which rank 0 printed as one line), it exits 2 without torchrun's ChildFailedError traceback.
+Anything else keeps torchrun's own exit and output.
 """
 
 import os
@@ -20,12 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     with tempfile.TemporaryDirectory(prefix="llmtrain-stop-") as marks:
         os.environ["LLMTRAIN_STOP_DIR"] = marks
         try:
             torchrun(argv)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            if failure.exitcode != 2:
+                raise
+            # exit 2 is llmtrain's "error in the user's input", already printed as one line by rank 0;
+            # torchrun's ChildFailedError report would bury it under a traceback
+            print(f"[launchers/torchrun.py] rank {rank} exited 2 (the error above)", file=sys.stderr, flush=True)
+            return 2
         except SignalException as exc:
             stopped = sorted(Path(marks).glob("rank*"))
             expected = {int(p.read_text() or 0) for p in stopped}

@@ -26,6 +26,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def sentence(help_text: str) -> str:
+    """A one-line sub-command help as the sentence its --help page opens with."""
+    return help_text[:1].upper() + help_text[1:] + ("" if help_text.endswith(".") else ".")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from llmtrain.config import load_config
     from llmtrain.train.trainer import train
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtrain", description="Train, compress and evaluate LLMs on DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        p = sub.add_parser(name, help=help_text, description=sentence(help_text), epilog=EPILOG)
         _add_recipe_args(p)
         p.set_defaults(fn=fn)
     for register in _plugin_registrars():

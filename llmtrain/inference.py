@@ -158,9 +158,14 @@ def _eval_data_config(args: argparse.Namespace) -> Any:
     return dataclasses.replace(base, path=args.data, sources=[], stream="")
 
 
+def _doc_paragraph(i: int) -> str:
+    """Paragraph i of this module's docstring as one line (a --help description, whole sentences)."""
+    return " ".join(__doc__.split("\n\n")[i].split())
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)",
-                       description="Continue a prompt with a trained or imported decoder. " + __doc__.splitlines()[2])
+                       description="Continue a prompt with a trained or imported decoder. " + _doc_paragraph(1))
     p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -174,7 +179,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint on the validation split of prepared data",
-                       description="Perplexity of a decoder checkpoint on prepared data. " + __doc__.splitlines()[2])
+                       description="Perplexity of a decoder checkpoint on prepared data. " + _doc_paragraph(1))
     p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
     p.add_argument("--data", default="bundled", help="prepared dataset directory (llmtrain prepare-data) or 'bundled'")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the model's block_size)")

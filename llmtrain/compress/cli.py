@@ -131,14 +131,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    from llmtrain.cli import EPILOG, _add_recipe_args
+    from llmtrain.cli import EPILOG, _add_recipe_args, sentence
 
     help_text = "train a student against a frozen teacher (distill.* keys; what launchers/distill.py runs)"
-    d = sub.add_parser("distill", help=help_text, description=help_text, epilog=EPILOG)
+    d = sub.add_parser("distill", help=help_text, description=sentence(help_text), epilog=EPILOG)
     _add_recipe_args(d)
     d.set_defaults(fn=cmd_distill)
     p = sub.add_parser("prune", help="structured pruning of a checkpoint (heads, MLP channels, width, layers)",
-                       description=__doc__.splitlines()[0])
+                       description="Structured pruning: a smaller model out of a trained checkpoint (attention heads, "
+                                   "MLP channels, width, layers), written as a model directory that model.init_from, "
+                                   "eval and export accept; `llmtrain distill` then trains it against a teacher.")
     p.add_argument("checkpoint", help="checkpoint, run or consolidated directory to prune")
     p.add_argument("--recipe", help="recipe YAML with a prune: section, e.g. recipes/prune_gpt_debug.yaml")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.yaml)")

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from llmtrain.errors import CheckpointError
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.models.config import model_config_from_dict
 
@@ -143,8 +144,12 @@ def _open(path: str | Path) -> tuple[ModelConfig, Path]:
 
 
 def _model_config(config_file: Path) -> ModelConfig:
+    if not config_file.is_file() and (config_file.parent / "config.json").is_file():
+        d = config_file.parent
+        raise CheckpointError(f"{d} is a Hugging Face transformers model directory (config.json, no config.yaml); "
+                              f"convert it first: `llmtrain import-hf {d} OUT`, then pass OUT")
     if not config_file.is_file():
-        raise ValueError(f"{config_file} is missing: cannot tell the model's shape; the checkpoint is incomplete")
+        raise CheckpointError(f"{config_file} is missing: cannot tell the model's shape; the checkpoint is incomplete")
     model = (yaml.safe_load(config_file.read_text()) or {}).get("model")
     if not isinstance(model, dict):
         raise ValueError(f"{config_file} has no 'model' section; the checkpoint is incomplete")

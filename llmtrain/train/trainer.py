@@ -188,7 +188,7 @@ def build_model_for(cfg: Config, vocab_size: int) -> torch.nn.Module:
 
 
 def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Module) -> None:
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves numel() 0
     print0(
         f"llmtrain | model {cfg.model.name} {n / 1e6:.2f}M params | world {derived.world_size} "
         f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}) on {info.device.type}/{info.backend} | "

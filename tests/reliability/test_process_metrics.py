@@ -62,6 +62,7 @@ def test_eval_loss_is_the_same_on_one_and_two_ranks_and_the_final_checkpoint_com
     assert b == pytest.approx(a, abs=2e-6), (a, b)  # was 6.4000 vs 6.4850: per-rank counts
     for proc in (one, two):
         assert proc.stdout.index("checkpoint saved") < proc.stdout.index("eval @ step 1")
+        assert "model gpt_debug 0.64M params" in proc.stdout  # ZeRO-3 partitioned: was 0.00M
 
 
 def test_init_from_a_checkpoint_with_another_tokenizer_is_refused_before_step_1(tmp_path):
