@@ -20,7 +20,9 @@ batch as well (`TokenStream`), so an id out of range is a `DataError` naming the
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,6 +35,7 @@ from llmtrain.errors import DataError
 
 FULL_CHECK_BYTES = 256 << 20  # datasets up to this size are hashed whole at every start (~0.15 s of sha256)
 SAMPLE_BLOCKS = 1  # blocks per shard file hashed at start above that size
+THREADS = min(8, os.cpu_count() or 1)  # files checked at once
 MODES = ("auto", "full", "sample", "off")
 
 
@@ -90,23 +93,34 @@ def check_dataset(path: str | Path, manifest: dict[str, Any] | None = None, *, m
         report.seconds = time.perf_counter() - started
         return report
     checker = _ContentChecker(path, manifest, block_size)
-    with _progress(progress, total if full else None, path) as bar:  # closed (a newline) before an error prints
+    # sha256 and file reads release the GIL: threads hash several files at once (and overlap slow reads).
+    with _progress(progress, total if full else None, path) as bar, ThreadPoolExecutor(THREADS) as pool:
+        jobs = []
         for name, size in files:
             n_blocks = -(-size // block_size)
             blocks = range(n_blocks) if full else sample_blocks(name, n_blocks)
             want = recorded["files"][name]["blocks"] if recorded else None
-            digests = _check_blocks(path / name, blocks, block_size, want, checker, report, bar)
+            jobs.append(pool.submit(_check_blocks, path / name, blocks, block_size, want, checker, bar))
             report.total_blocks += n_blocks
-            if full:
-                report.digests[name] = {"size": size, "blocks": "".join(digests)}
+        try:
+            for (name, size), job in zip(files, jobs):  # in file order: the first bad file is the one named
+                digests, tokens, nbytes = job.result()
+                report.blocks, report.bytes, report.tokens = report.blocks + len(digests), report.bytes + nbytes, \
+                    report.tokens + tokens
+                if full:
+                    report.digests[name] = {"size": size, "blocks": "".join(digests)}
+        finally:
+            for job in jobs:
+                job.cancel()
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _check_blocks(file: Path, blocks: Iterable[int], block_size: int, want: str | None, checker: _ContentChecker,
-                  report: Report, bar: Any) -> list[str]:
-    """Hash and content-check these blocks of `file` against the recorded digests `want`; their digests."""
-    digests = []
+                  bar: Any) -> tuple[list[str], int, int]:
+    """Hash and content-check these blocks of `file` against the recorded digests `want`; returns their
+    digests, the token ids checked and the bytes read."""
+    digests, tokens, nbytes = [], 0, 0
     with open(file, "rb") as f:
         for i in blocks:
             f.seek(i * block_size)
@@ -116,11 +130,10 @@ def _check_blocks(file: Path, blocks: Iterable[int], block_size: int, want: str 
                 raise DataError(f"{file}: block {i} (bytes {i * block_size}-{i * block_size + len(block)}) does not "
                                 f"match its checksum in {file.parent / MANIFEST}: the shard is corrupt (bad disk or "
                                 f"copy); copy the dataset again from a good source, or {REPREPARE}")
-            report.tokens += checker.check(file.name, i, block)
-            report.blocks += 1
-            report.bytes += len(block)
+            tokens += checker.check(file.name, i, block)
+            nbytes += len(block)
             bar.update(len(block))
-    return digests
+    return digests, tokens, nbytes
 
 
 def _checked_size(path: Path, name: str, recorded: dict[str, Any] | None) -> int:

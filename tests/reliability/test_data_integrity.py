@@ -165,3 +165,28 @@ def test_large_datasets_hash_a_sample_at_start_and_verify_hashes_every_block(tmp
     flip(out / "train_00003.bin", sampled[0] * 1024 + 40)  # the block it does read
     with pytest.raises(DataError, match=rf"train_00003\.bin: block {sampled[0]} "):
         open_data(out)
+
+
+def test_verify_checks_checkpoint_run_and_model_directories_against_their_checksums(tmp_path, capsys):
+    from llmtrain.integrity import write_checksums
+
+    run = tmp_path / "run"
+    for step in (10, 20):
+        d = run / "checkpoints" / f"step_{step:08d}"
+        (d / "universal").mkdir(parents=True)
+        (d / "universal" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+        (d / "config.yaml").write_text("model: {}\n")
+        write_checksums(d)
+    rc, out, err = verify(capsys, str(run))
+    assert rc == 0 and err == "" and out.startswith(f"ok: {run}: 2 checkpoints, 4 files") and "sha256" in out
+    rc, out, _ = verify(capsys, str(run / "checkpoints" / "step_00000020"))
+    assert rc == 0 and out.startswith(f"ok: {run / 'checkpoints' / 'step_00000020'}: 2 files")
+    flip(run / "checkpoints" / "step_00000010" / "universal" / "model.safetensors", 1000)
+    rc, out, err = verify(capsys, str(run))
+    bad = run / "checkpoints" / "step_00000010" / "universal" / "model.safetensors"
+    assert rc == 2 and out == "" and err.count("\n") == 0 and err.startswith(f"error: {bad} does not match its sha256")
+    rc, _, err = verify(capsys, str(tmp_path / "nothing"))
+    assert rc == 2 and "no such directory" in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = verify(capsys, str(tmp_path / "empty"))
+    assert rc == 2 and "neither a prepared dataset" in err
