@@ -26,6 +26,7 @@ from typing import Iterable
 from llmtrain.errors import CheckpointError
 
 CHECKSUMS = "checksums.json"
+_FIX = "restore the directory from a good copy or write it again"
 _CHUNK = 1 << 22
 
 
@@ -84,13 +85,25 @@ def verify_dir(directory: str | Path, only: Iterable[str] | None = None, fix: st
     e.g. ["universal/", "config.yaml"]); returns the names checked.
 
     Raises CheckpointError naming the first missing, resized or changed file and `fix` (what to do instead)."""
-    root = Path(directory)
-    fix = fix or "restore the directory from a good copy or write it again"
+    prefixes = tuple(only) if only is not None else ()
+    names = [n for n in listed_files(directory, fix) if not prefixes or n.startswith(prefixes)]
+    verify_files(directory, names, fix)
+    return names
+
+
+def listed_files(directory: str | Path, fix: str | None = None) -> list[str]:
+    """The names checksums.json lists (CheckpointError when it is missing or malformed)."""
+    return sorted(_read_checksums(Path(directory), fix or _FIX))
+
+
+def verify_files(directory: str | Path, names: Iterable[str], fix: str | None = None) -> None:
+    """Check these listed files (a share of `listed_files`: ranks can split the work)."""
+    root, fix = Path(directory), fix or _FIX
     recorded = _read_checksums(root, fix)
-    prefixes = tuple(only) if only is not None else None
-    names = [n for n in recorded if prefixes is None or n.startswith(prefixes)]
     for name in names:
-        path, want = root / name, recorded[name]
+        path, want = root / name, recorded.get(name)
+        if want is None:
+            raise CheckpointError(f"{path} is not listed in {root / CHECKSUMS}; {fix}")
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (listed in {root / CHECKSUMS}); {fix}")
         size = path.stat().st_size
@@ -100,14 +113,14 @@ def verify_dir(directory: str | Path, only: Iterable[str] | None = None, fix: st
         if file_digest(path) != want["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in {root / CHECKSUMS} (corrupted or "
                                   f"changed after it was written); {fix}")
-    return names
 
 
 def _read_checksums(root: Path, fix: str) -> dict[str, dict[str, int | str]]:
     path = root / CHECKSUMS
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the directory was written without checksums or is "
-                              f"incomplete; {fix}")
+        raise CheckpointError(f"{path} is missing: the directory is incomplete or was written without "
+                              f"checksums (by an older llmtrain: if you trust it, record them with "
+                              f"`python -m llmtrain.integrity {root}`); {fix}")
     try:
         body = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
@@ -120,3 +133,12 @@ def _read_checksums(root: Path, fix: str) -> dict[str, dict[str, int | str]]:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"{path} lists '{name}', outside the directory; {fix}")
     return files
+
+
+if __name__ == "__main__":  # record checksums for a directory written before they existed
+    import sys
+
+    for arg in sys.argv[1:] or ["--help"]:
+        if arg.startswith("-") or not Path(arg).is_dir():
+            sys.exit("usage: python -m llmtrain.integrity DIR [DIR ...]  (writes DIR/checksums.json)")
+        print(write_checksums(arg))

@@ -54,6 +54,7 @@ def write_model(out: Path, cfg: Any, model: torch.nn.Module, extra: dict[str, An
     from safetensors.torch import save_file
 
     from llmtrain.config import save_config
+    from llmtrain.integrity import write_checksums
 
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +63,7 @@ def write_model(out: Path, cfg: Any, model: torch.nn.Module, extra: dict[str, An
     save_file(weights, str(tmp / "model.safetensors"))
     save_config(cfg, tmp / "config.yaml")
     (tmp / "prune.json").write_text(json.dumps(extra, indent=1))
+    write_checksums(tmp)  # last: every reader verifies the files against it
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -100,6 +100,7 @@ def write_model_dir(cfg: Any, state_dict: dict[str, torch.Tensor], out_dir: str 
     import yaml
     from safetensors.torch import save_file
 
+    from llmtrain.integrity import write_checksums
     from llmtrain.models import build_model
 
     with torch.device("meta"):
@@ -112,6 +113,7 @@ def write_model_dir(cfg: Any, state_dict: dict[str, torch.Tensor], out_dir: str 
     if tokenizer_json is not None:
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
+    write_checksums(tmp)  # last: every reader verifies the files against it
     return _publish(tmp, out)
 
 

@@ -98,6 +98,8 @@ def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torc
     returns the safetensors path. Holds one parameter in memory at a time."""
     from tqdm import tqdm
 
+    from llmtrain.integrity import write_checksums
+
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(str(d) for d in _DTYPES)}; got {dtype}")
     cfg, source = _open(path)
@@ -122,6 +124,7 @@ def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torc
         os.fsync(f.fileno())
     os.replace(tmp, final)
     _write_config(cfg, source, out_dir / CONFIG)
+    write_checksums(out_dir)  # last: readers verify every file against it
     return final
 
 
@@ -130,13 +133,19 @@ def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torc
 
 def _open(path: str | Path) -> tuple[ModelConfig, Path]:
     """(model config, source): source is a consolidated model.safetensors or a checkpoint's universal/ folder."""
+    from llmtrain.integrity import verify_dir
+
     path = Path(path)
     if (path / CONSOLIDATED).is_file():
+        verify_dir(path, only=[CONSOLIDATED, CONFIG], fix=f"write {path} again (llmtrain consolidate, prune or "
+                                                          f"import-hf) or restore it from a copy")
         return _model_config(path / CONFIG), path / CONSOLIDATED
-    from llmtrain.parallel.universal import FOLDER
     from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
+    from llmtrain.parallel.universal import FOLDER
 
     ckpt = resolve_checkpoint(path)
+    verify_dir(ckpt, only=[f"{FOLDER}/", CONFIG], fix=f"use an older checkpoint under {ckpt.parent} or restore "
+                                                      f"{ckpt.name} from a copy")
     if not (ckpt / FOLDER / "meta.json").is_file():
         raise ValueError(f"{ckpt} has no {FOLDER}/meta.json: it was written before layout-independent "
                          f"checkpoints or is incomplete; resume it with the same layout and save again")
