@@ -160,7 +160,7 @@ def test_keep_last_and_no_partial_checkpoints(tmp_path):
     (out / "checkpoints" / ".tmp-step_00000009").mkdir(parents=True)  # left by a killed save
     train(out, "train.max_steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2")
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["latest", "step_00000004", "step_00000006"]
+    assert names == ["good", "latest", "step_00000004", "step_00000006"]  # good: the final one (finite run)
 
 
 def test_divergence_skips_updates_then_stops_with_last_good_checkpoint(tmp_path):
@@ -172,10 +172,12 @@ def test_divergence_skips_updates_then_stops_with_last_good_checkpoint(tmp_path)
     assert "not finite for 3 steps in a row" in proc.stderr and "last good checkpoint" in proc.stderr
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert records[-1]["skipped_steps"] >= 2 and records[-1]["loss"] is None  # NaN is logged as null
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    state = json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
     first_bad = min(r["step"] for r in records if r["loss"] is None)
-    assert state["step"] < first_bad  # nothing saved after the divergence began
+    for saved in (out / "checkpoints").glob("step_*"):  # nothing saved after the divergence began
+        assert json.loads((saved / "trainer_state.json").read_text())["step"] < first_bad
+    # `latest` names the last good checkpoint, or is gone when none was confirmed (tests/reliability)
+    latest = out / "checkpoints" / "latest"
+    assert not latest.exists() or (out / "checkpoints" / latest.read_text().strip()).is_dir()
 
 
 def test_wandb_offline_and_console_script(tmp_path):

@@ -404,3 +404,54 @@ def zero3_inference_engine(build: Callable[[], torch.nn.Module],
     engine, *_ = deepspeed.initialize(model=module, config=ds)
     engine.eval()
     return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resume needs beyond the tensors (llmtrain/parallel/universal.py meta.json), and the
+# finiteness check before a save
+
+
+def adam_step(engine: Any) -> int:
+    """Adam's own step count (bias correction): behind engine.global_steps by the skipped updates."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    for st in base.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(engine: Any) -> Any:
+    opt = engine.optimizer
+    return getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
+
+
+def get_loss_scaler(engine: Any) -> dict[str, Any] | None:
+    """The fp16 dynamic loss scaler's position (None without fp16), for meta.json."""
+    scaler = _loss_scaler(engine) if engine.fp16_enabled() else None
+    if scaler is None:
+        return None
+    return {k: (v.item() if isinstance(v, torch.Tensor) else v)
+            for k in _SCALER_FIELDS if isinstance(v := getattr(scaler, k, None), (int, float, torch.Tensor))}
+
+
+def set_loss_scaler(engine: Any, saved: dict[str, Any] | None) -> None:
+    scaler = _loss_scaler(engine) if saved and engine.fp16_enabled() else None
+    for k, v in (saved or {}).items():
+        if scaler is not None and k in _SCALER_FIELDS:
+            setattr(scaler, k, v)
+
+
+def optimizer_state_finite(engine: Any) -> bool:
+    """True when every tensor this rank's optimizer holds (its fp32 master weights, however ZeRO
+    partitioned them, and the Adam moments) is finite: what a checkpoint would carry forward."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    tensors = [p for g in base.param_groups for p in g["params"]]
+    tensors += [v for st in base.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    tensors += [p for p in engine.module.parameters() if p.numel()]  # the working weights (bf16 copies)
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True  # one device sync

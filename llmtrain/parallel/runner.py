@@ -145,17 +145,11 @@ def save_engine(engine: Any, universal: Any, directory: Path) -> None:
 
 
 def load_engine(engine: Any, universal: Any, directory: Path, load_optimizer: bool) -> None:
-    if universal is not None and universal.needs_conversion(directory):
-        universal.load(engine, directory, load_optimizer)
-        return
-    path, _ = engine.load_checkpoint(
-        str(directory), tag=ENGINE_TAG, load_optimizer_states=load_optimizer,
-        load_lr_scheduler_states=load_optimizer, load_module_only=not load_optimizer,
-    )
-    if path is None:
-        raise ValueError(f"no engine state under {directory / ENGINE_TAG}; the checkpoint is incomplete")
+    """Restore from the checkpoint's universal/ (safetensors + JSON) on every layout, the saved one too.
 
-
+    DeepSpeed's state/*.pt files are pickles that engine.load_checkpoint reads with weights_only=False, so
+    a payload planted in one would run: they are written (DeepSpeed's tools read them) but never read."""
+    universal.load(engine, directory, load_optimizer)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -9,8 +9,11 @@ tensor-parallel shards, and the first replica of its pipeline stage writes it. N
 than one whole parameter beyond its own shards, so consolidation never needs a second copy of the model.
 Loading on a layout that differs from the saved one (world size, tp, pp or ZeRO stage) reads each
 local parameter's file, keeps this rank's tensor-parallel slice and hands it to the engine, which keeps
-its own ZeRO partition. On the same layout DeepSpeed's own checkpoint is loaded instead (bit-exact,
-and it also holds what our format does not need to move, such as loss-scaler state).
+its own ZeRO partition. Every resume reads this format, on the same layout too (bit-exact there):
+DeepSpeed's own `state/*.pt` files are pickles, which torch.load would run code from, so they are
+written for DeepSpeed's tools but never read. meta.json therefore also carries what DeepSpeed's state
+held beyond the tensors: Adam's own step count (behind the trainer's after skipped updates) and the
+fp16 loss scaler.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmtrain.errors import CheckpointError
 from llmtrain.parallel.ds_compat import global_steps, is_pipe_replicated
 from llmtrain.parallel.layout import ParallelDims
 
@@ -85,27 +89,70 @@ def load_universal(engine: Any, names: dict[int, str], directory: Path, load_opt
     step count) from the layout-independent files; returns meta.json."""
     from safetensors import safe_open
 
-    from llmtrain.parallel.engine import finish_set_state, prepare_set_state, set_full_state
+    from llmtrain.parallel.ds_compat import set_global_steps
+    from llmtrain.parallel.engine import finish_set_state, prepare_set_state, set_full_state, set_loss_scaler
 
-    meta = json.loads((directory / FOLDER / "meta.json").read_text())
+    meta = read_meta(directory)
+    check_same_parameters(directory, names)
     prepare_set_state(engine)
     for param in _local_params(engine, names):
         path = _file(directory, names[id(param)])
         if not path.is_file():
-            raise ValueError(f"{path} is missing: the checkpoint under {directory} is incomplete")
+            raise CheckpointError(f"{path} is missing: the checkpoint under {directory} is incomplete; "
+                                  f"resume from an older checkpoint (train.resume=<its step_* folder>)")
         with safe_open(str(path), framework="pt") as f:
             values = {k: _local_slice(f.get_tensor(k), param) for k in f.keys()}
         if not load_optimizer:
             values = {"fp32": values["fp32"], **{k: torch.zeros_like(values["fp32"]) for k in values if k != "fp32"}}
         set_full_state(engine, param, {k: v.to(param.device) for k, v in values.items()})
-    finish_set_state(engine, meta["optimizer_step"] if load_optimizer else 0)
+    finish_set_state(engine, meta.get("adam_step", meta["optimizer_step"]) if load_optimizer else 0)
+    if load_optimizer:
+        set_global_steps(engine, meta["optimizer_step"])  # counts skipped updates too, unlike Adam's step
+        set_loss_scaler(engine, meta.get("loss_scaler"))
     if load_optimizer and engine.lr_scheduler is not None:
-        scheduler = engine.lr_scheduler
-        scheduler.load_state_dict(meta["lr_scheduler"])
-        # the schedule's position is restored, but the optimizer's current LR lives in its param groups
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
+        _restore_schedule(engine.lr_scheduler, meta["lr_scheduler"])
     return meta
+
+
+def _restore_schedule(scheduler: Any, saved: dict[str, Any]) -> None:
+    """The schedule's position (its step) from the checkpoint; its peak LR (base_lrs) from this run's
+    config, so a changed optim.lr applies from the first resumed step (the multiplier function is this
+    run's too: warmup, decay and max_steps changes apply the same way)."""
+    base_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(saved)
+    scheduler.base_lrs = base_lrs
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(base_lrs, scheduler.lr_lambdas)]
+    scheduler._last_lr = lrs
+    # the optimizer's current LR lives in its param groups
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / FOLDER / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {directory} was written before layout-independent "
+                              f"checkpoints or is incomplete; resume from another checkpoint") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); resume from another checkpoint") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("optimizer_step"), int):
+        raise CheckpointError(f"{path} lacks optimizer_step; resume from another checkpoint")
+    return meta
+
+
+def check_same_parameters(directory: Path, names: dict[int, str]) -> None:
+    """The checkpoint holds exactly this model's parameters: a resume never drops or invents layers."""
+    saved = {p.name[: -len(".safetensors")] for p in (directory / FOLDER).glob("*.safetensors")}
+    wanted = set(names.values())
+    extra, missing = sorted(saved - wanted), sorted(wanted - saved)
+    if extra or missing:
+        what = (f"parameters this model lacks ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
+                if extra else f"no '{missing[0]}' ({len(missing)} parameters missing)")
+        raise CheckpointError(f"{directory / FOLDER} holds {what}: it was saved from another model shape; "
+                              f"resume with the checkpoint's model.* keys, or start a new out_dir "
+                              f"(model.init_from=... to start from its weights)")
 
 
 def _local_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
@@ -139,18 +186,22 @@ class UniversalCheckpoint:
         self.layout, self.tp_group, self.writer = layout, tp_group, writer
 
     def save(self, engine: Any, directory: Path) -> None:
-        step_state = {"optimizer_step": global_steps(engine),
+        from llmtrain.parallel.engine import adam_step, get_loss_scaler
+
+        step_state = {"optimizer_step": global_steps(engine), "adam_step": adam_step(engine),
+                      "loss_scaler": get_loss_scaler(engine),
                       "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
         save_universal(engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state)
 
     def needs_conversion(self, directory: Path) -> bool:
-        """True when `directory` was saved on another layout, so DeepSpeed's own state cannot be loaded."""
+        """True when `directory` was saved on another layout (worth a line in the log)."""
         saved = saved_layout(directory)
         return saved is not None and saved != self.layout
 
     def load(self, engine: Any, directory: Path, load_optimizer: bool) -> None:
         from llmtrain.utils import print0
 
-        print0(f"resuming across layouts: saved on {saved_layout(directory)}, now {self.layout}; "
-               f"loading {directory / FOLDER}")
+        if self.needs_conversion(directory):
+            print0(f"resuming across layouts: saved on {saved_layout(directory)}, now {self.layout}; "
+                   f"loading {directory / FOLDER}")
         load_universal(engine, self.names, directory, load_optimizer)

@@ -66,6 +66,7 @@ class TrainerState:
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss
     nonfinite_in_a_row: int = 0
+    finite_in_a_row: int = 0  # since the resume point: confirms checkpoints good (checkpoint_paths.py)
 
 
 def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     derived = derive(cfg, info.world_size)
     lock = lock_run_dir(cfg.out_dir)  # one job per run directory, before anything in it is read or written
     resume_from = resolve_resume(cfg)
+    changed = ckpt.resume_changes(cfg, resume_from) if resume_from is not None else []  # refuse before writing
     prepare_run_dir(cfg)
     log_preflight(cfg, preflight(info))
     torch.manual_seed(cfg.train.seed)
@@ -103,7 +105,8 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"],
                              skipped_steps=saved.get("skipped_steps", 0))
         data.load_state_dict(saved.get("data", {}))
-        print0(f"resumed from {resume_from} at step {state.step}")
+        print0(f"resumed from {resume_from} at step {state.step}"
+               + (f"; applying changed keys: {', '.join(changed)}" if changed else ""))
     print_layout(cfg, derived, info, model)
     sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg), resume_step=state.step)
     objective = objective or objective_for(cfg.model)
@@ -114,8 +117,8 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
                 summary = finish(cfg, runner, data, objective, state, sink)
             else:
                 path = save(runner, cfg, state, data)
-                print0(f"stop requested by signal: checkpoint {path} written at step {state.step}; "
-                       f"rerun the same command to continue")
+                print0(f"stop requested by signal: checkpoint {path or '(none: state not finite)'} written at "
+                       f"step {state.step}; rerun the same command to continue")
                 summary = {"step": state.step, "stopped": True}
                 stop.mark_stopped()
     finally:
@@ -214,6 +217,7 @@ def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective
             check_finite(cfg, state, result.skipped)
             state.step += 1
             state.tokens_seen += derived.tokens_per_step
+            ckpt.confirm_good(cfg.out_dir, state.step, state.finite_in_a_row, cfg.train.max_nonfinite_steps)
             window.add(result.loss)
             progress.update(1)
             if log_now:
@@ -266,16 +270,20 @@ class LogWindow:
 def check_finite(cfg: Config, state: TrainerState, skipped: bool) -> None:
     """Count skipped (non-finite) steps; stop the run after train.max_nonfinite_steps in a row."""
     state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+    state.finite_in_a_row = 0 if skipped else state.finite_in_a_row + 1
     state.skipped_steps += int(skipped)
     if skipped:
         print0(f"step {state.step + 1}: loss is not finite on some rank; update skipped "
                f"({state.nonfinite_in_a_row} in a row, {state.skipped_steps} in total)")
     if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-        last = ckpt.latest_checkpoint(cfg.out_dir)
+        good = ckpt.fall_back_to_good(cfg.out_dir)  # `latest` now names it (or is removed)
+        where = (f"The last good checkpoint is {good}; {ckpt.LATEST} names it again, so rerunning resumes from it"
+                 if good else "The last good checkpoint: none yet (a checkpoint is good once the "
+                              "train.max_nonfinite_steps steps after it stayed finite), so rerunning starts afresh")
         raise NonFiniteLossError(
             f"the loss was not finite for {state.nonfinite_in_a_row} steps in a row (up to step "
-            f"{state.step + 1}); stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}. "
-            f"Lower optim.lr, raise optim.warmup_steps or check the data, then rerun to resume from it."
+            f"{state.step + 1}); stopping. {where}. Lower optim.lr, raise optim.warmup_steps or check the "
+            f"data, then rerun."
         )
 
 
@@ -336,18 +344,21 @@ def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state
     return loss
 
 
-def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path:
+def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path | None:
     trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
                      "data": data.state_dict()}
-    path = ckpt.save_checkpoint(runner, cfg, state.step, trainer_state)
-    print0(f"checkpoint saved: {path}")
+    path = ckpt.save_checkpoint(runner, cfg, state.step, trainer_state)  # None: not finite, not written
+    if path is not None:
+        print0(f"checkpoint saved: {path}")
     return path
 
 
 def finish(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
            sink: MetricsSink) -> dict[str, Any]:
     """Final checkpoint (first: a failing eval must not cost the run), final eval, loss plot, a sample."""
-    save(runner, cfg, state, data)
+    path = save(runner, cfg, state, data)
+    if path is not None and state.nonfinite_in_a_row == 0:  # the run completed finitely
+        ckpt.mark_good(path)
     eval_loss = log_eval(cfg, runner, data, objective, state, sink)
     summary: dict[str, Any] = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
     if rank() == 0:

@@ -1,4 +1,4 @@
-"""tests/reliability: attacks and accidents, each a test that failed on the code before its fix."""
+"""tests/reliability: attacks on checkpoints, data and processes; each test names the defect it pins."""
 
 import sys
 from pathlib import Path
