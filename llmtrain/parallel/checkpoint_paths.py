@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmtrain.errors import CheckpointError
+
 LATEST = "latest"
 GOOD = "good"
 
@@ -39,11 +41,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             target = root / (root / LATEST).read_text().strip()
             if (target / "trainer_state.json").is_file():
                 return target
-            raise ValueError(f"{root / LATEST} names {target.name}, which is missing or incomplete; "
+            raise CheckpointError(f"{root / LATEST} names {target.name}, which is missing or incomplete; "
                              f"point train.resume at an older complete checkpoint under {root}")
     if not path.exists():
-        raise ValueError(f"checkpoint path {path} does not exist; pass a checkpoint or run directory")
-    raise ValueError(f"{path} holds no complete checkpoint (no trainer_state.json, no 'latest' pointer); "
+        raise CheckpointError(f"checkpoint path {path} does not exist; pass a checkpoint or run directory")
+    raise CheckpointError(f"{path} holds no complete checkpoint (no trainer_state.json, no 'latest' pointer); "
                      f"pass a run directory, its checkpoints/ folder or one step_* folder inside it")
 
 

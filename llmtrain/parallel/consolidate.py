@@ -60,7 +60,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     try:
         ckpt_cfg, weights = iter_model_weights(path)
     except ValueError as exc:
-        raise ValueError(f"model.init_from: {exc}") from None
+        raise CheckpointError(f"model.init_from: {exc}") from None
     params = dict(model.named_parameters())
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
@@ -72,7 +72,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
             if name not in params and head:
                 continue
             if name not in params:
-                raise ValueError(f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
+                raise CheckpointError(f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
                                  f"model does not; set the model.* keys to the checkpoint's shape")
             target = params[name]
             if (target.shape != tensor.shape and ckpt_vocab < vocab and tensor.shape[:1] == (ckpt_vocab,)
@@ -80,7 +80,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
                 target[:ckpt_vocab].copy_(tensor)  # a vocabulary table, padded: the rest keeps its init
                 padded.append(name)
             elif target.shape != tensor.shape:
-                raise ValueError(f"model.init_from={path}: parameter '{name}' has shape {tuple(tensor.shape)} "
+                raise CheckpointError(f"model.init_from={path}: parameter '{name}' has shape {tuple(tensor.shape)} "
                                  f"in the checkpoint but {tuple(target.shape)} in this model; set the "
                                  f"model.* keys to the checkpoint's shape")
             else:
@@ -88,7 +88,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
             seen.add(name)
     missing = [n for n in params if n not in seen and not n.startswith(head)]
     if missing:
-        raise ValueError(f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
+        raise CheckpointError(f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
                          f"parameters missing); set the model.* keys to the checkpoint's shape")
     return padded
 
@@ -147,7 +147,7 @@ def _open(path: str | Path) -> tuple[ModelConfig, Path]:
     verify_dir(ckpt, only=[f"{FOLDER}/", CONFIG], fix=f"use an older checkpoint under {ckpt.parent} or restore "
                                                       f"{ckpt.name} from a copy")
     if not (ckpt / FOLDER / "meta.json").is_file():
-        raise ValueError(f"{ckpt} has no {FOLDER}/meta.json: it was written before layout-independent "
+        raise CheckpointError(f"{ckpt} has no {FOLDER}/meta.json: it was written before layout-independent "
                          f"checkpoints or is incomplete; resume it with the same layout and save again")
     return _model_config(ckpt / CONFIG), ckpt / FOLDER
 
@@ -161,7 +161,7 @@ def _model_config(config_file: Path) -> ModelConfig:
         raise CheckpointError(f"{config_file} is missing: cannot tell the model's shape; the checkpoint is incomplete")
     model = (yaml.safe_load(config_file.read_text()) or {}).get("model")
     if not isinstance(model, dict):
-        raise ValueError(f"{config_file} has no 'model' section; the checkpoint is incomplete")
+        raise CheckpointError(f"{config_file} has no 'model' section; the checkpoint is incomplete")
     return model_config_from_dict(model, str(config_file))
 
 
@@ -192,7 +192,7 @@ def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
     for name, shape in _plain_names(cfg).items():
         file = source / f"{name}.safetensors"
         if not file.is_file():
-            raise ValueError(f"{file} is missing: the checkpoint under {source.parent} is incomplete")
+            raise CheckpointError(f"{file} is missing: the checkpoint under {source.parent} is incomplete")
         with safe_open(str(file), framework="pt") as f:
             tensor = f.get_tensor("fp32")
         assert tuple(tensor.shape) == shape, (name, tensor.shape, shape)
@@ -207,7 +207,7 @@ def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if first[id(p)] not in weights:
-            raise ValueError(f"the checkpoint has no weight for '{first[id(p)]}'; it is incomplete")
+            raise CheckpointError(f"the checkpoint has no weight for '{first[id(p)]}'; it is incomplete")
         out[name] = weights[first[id(p)]]
     return out
 

@@ -25,3 +25,12 @@ def test_user_errors_are_one_line_and_other_value_errors_keep_their_traceback(tm
     monkeypatch.setattr(llmtrain.config, "load_config", lambda *a: (_ for _ in ()).throw(DataError("d.bin: bad")))
     assert main(["config", "x.yaml"]) == 2
     assert capsys.readouterr().err == "error: d.bin: bad\n"
+
+
+def test_missing_or_empty_checkpoint_paths_stay_one_line(tmp_path, capsys):
+    """Checkpoint paths the user types (eval, generate, consolidate, init_from) raise CheckpointError."""
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: checkpoint path {tmp_path / 'nothing'} does not exist")
+    assert main(["consolidate", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} holds no complete checkpoint") and err.count("\n") == 1
