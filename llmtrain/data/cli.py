@@ -54,7 +54,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_prepare_data)
 
-    p = sub.add_parser("verify", help="check a prepared dataset, checkpoint, run or model directory against its checksums",
+    p = sub.add_parser("verify",
+                       help="check a prepared dataset, checkpoint, run or model directory against its checksums",
                        description="Check every byte of a directory against the checksums written with it. A prepared "
                                    "dataset (manifest.json): every block of every shard, every token id below the "
                                    "vocabulary, every document index. A checkpoint, run, consolidated, pruned or "
@@ -124,8 +125,9 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
                       "seconds": round(secs, 2), "tokens_per_s": round(m.pop("new_tokens") / max(secs, 1e-9)),
                       "input": stats.as_dict()}))
     if stats.missing:
-        eprint(f"notice: {stats.missing} of {stats.records} records had no '{args.text_field}' field (or a null one) "
-               f"and were skipped (the first: {stats.first_missing}); pass --on-missing-text error to refuse such input")
+        eprint(f"notice: {stats.missing} of {stats.records} records had no '{args.text_field}' field (or a null "
+               f"one) and were skipped (the first: {stats.first_missing}); pass --on-missing-text error to refuse "
+               "such input")
     _val_notice(args, m)
     return 0
 

@@ -51,10 +51,11 @@ class TokenStream:
         vocabulary: a corrupt shard must not reach the model as an out-of-range embedding index."""
         if self.vocab_size is None or not tokens.size or int(tokens.max()) < self.vocab_size:
             return tokens
-        row, col = (int(x) for x in np.argwhere(tokens.reshape(len(starts), -1) >= self.vocab_size)[0])
+        rows = tokens.reshape(len(starts), -1)
+        row, col = (int(x) for x in np.argwhere(rows >= self.vocab_size)[0])
         pos = int(starts[row]) + col
         k = int(np.searchsorted(self.starts, pos, side="right")) - 1
-        raise DataError(f"{self.shards[k].path.with_suffix('.bin')}: token id {int(tokens.reshape(len(starts), -1)[row, col])} "
+        raise DataError(f"{self.shards[k].path.with_suffix('.bin')}: token id {int(rows[row, col])} "
                         f"at token {pos - int(self.starts[k])} is outside the tokenizer's {self.vocab_size}-token "
                         f"vocabulary: the shard is corrupt or was made with another tokenizer; check it with "
                         f"`llmtrain verify {self.dataset_dir}`, then {REPREPARE}")

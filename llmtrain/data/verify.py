@@ -60,7 +60,8 @@ class Report:
 
 def shard_files(manifest: dict[str, Any]) -> list[str]:
     """Every shard file of the dataset, `.bin` then `.idx` of each shard, in split and shard order."""
-    return [f"{stem}{ext}" for split in manifest["splits"].values() for stem in split["shards"] for ext in (".bin", ".idx")]
+    return [f"{stem}{ext}" for split in manifest["splits"].values() for stem in split["shards"]
+            for ext in (".bin", ".idx")]
 
 
 def sample_blocks(name: str, n_blocks: int) -> list[int]:

@@ -190,3 +190,11 @@ def test_verify_checks_checkpoint_run_and_model_directories_against_their_checks
     (tmp_path / "empty").mkdir()
     rc, _, err = verify(capsys, str(tmp_path / "empty"))
     assert rc == 2 and "neither a prepared dataset" in err
+
+
+def test_verify_has_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        llmtrain_main(["verify", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: llmtrain verify") and "--add-checksums" in out
+    assert "Exit status 0 when all is intact, 2" in " ".join(out.split())
