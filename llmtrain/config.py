@@ -191,10 +191,41 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
+    user_model_keys = set(raw.get("model") or {}) if isinstance(raw.get("model") or {}, dict) else set()
     raw = apply_model_preset(raw, ConfigError)
+    _adopt_init_from_shape(raw["model"], user_model_keys)
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+# Keys of a model.init_from checkpoint's config that are not its architecture (or that a run may change).
+_NOT_ADOPTED = {"name", "arch", "init_from", "dropout", "init_std", "block_size", "vocab_size", "num_labels",
+                "rope_scaling"}
+
+
+def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:
+    """A model.init_from checkpoint of the same family (e.g. a pruned one) gives the model its shape: its
+    architecture keys replace the named size's, except those the recipe or the command set (a conflict
+    there fails when the weights load, naming the parameter). Printed, so the run says what it adopted."""
+    path = model.get("init_from")
+    if not path:
+        return
+    from llmtrain.parallel.consolidate import iter_model_weights
+    from llmtrain.utils import print0
+
+    try:
+        saved, _ = iter_model_weights(path)
+    except (ValueError, OSError):
+        return  # training names the problem when it loads the weights
+    if family_of(saved).name != family_of(model.get("arch", ModelConfig.arch), ConfigError).name:
+        return
+    adopted = {k: v for k, v in dataclasses.asdict(saved).items()
+               if k not in _NOT_ADOPTED and k not in user_keys and model.get(k) != v}
+    if adopted:
+        model.update(adopted)
+        print0(f"model.init_from={path}: adopted the checkpoint's shape "
+               + " ".join(f"model.{k}={v}" for k, v in adopted.items()))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

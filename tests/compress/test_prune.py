@@ -145,3 +145,32 @@ def test_prune_command_writes_a_checkpoint_that_loads(tmp_path, capsys):
     assert (new.n_head, new.n_embd, new.intermediate_size, new.init_from) == (1, 32, 64, None)
     assert sum(w.numel() for n, w in weights.items() if n != "lm_head.weight") == figures["params_after"]
     assert load_config(out / "config.yaml").out_dir != "runs/src"  # never the source run
+
+
+def test_init_from_a_pruned_checkpoint_adopts_its_shape(tmp_path, capsys):
+    """model.init_from a pruned model needs no restated shape: the checkpoint's architecture keys replace
+    the named size's (printed), while keys the command sets win."""
+    from helpers import ROOT, TINY
+    from llmtrain.compress.cli import write_model
+    from llmtrain.config import load_config
+    from llmtrain.parallel.consolidate import init_model_from
+
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*TINY, "out_dir=runs/src"])
+    torch.manual_seed(0)
+    source = build_model(cfg.model)
+    source.init_weights()
+    new, state = prune(source, cfg.model, PruneConfig(n_layer=1, n_head=1, n_embd=32, intermediate_size=64),
+                       magnitude_importance(source, cfg.model))
+    small = build_model(new)
+    small.load_state_dict(state)
+    write_model(tmp_path / "pruned", dataclasses.replace(cfg, model=new), small, {})
+    capsys.readouterr()
+    rest = [o for o in TINY if not o.startswith("model.")]  # the command restates no model key
+    run = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*rest, f"model.init_from={tmp_path / 'pruned'}"])
+    printed = capsys.readouterr().out
+    assert (run.model.n_layer, run.model.n_head, run.model.n_embd, run.model.intermediate_size) == (1, 1, 32, 64)
+    assert "adopted the checkpoint's shape" in printed and "model.n_layer=1" in printed
+    init_model_from(build_model(run.model), tmp_path / "pruned")  # the weights fit
+    kept = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*rest, f"model.init_from={tmp_path / 'pruned'}",
+                                                              "model.n_layer=2"])
+    assert (kept.model.n_layer, kept.model.n_embd) == (2, 32)  # the command's key wins, the rest is adopted
