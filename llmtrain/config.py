@@ -24,7 +24,7 @@ from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import UserError
 from llmtrain.models.config import ModelConfig, apply_model_preset, config_class_for
-from llmtrain.models.registry import family_of
+from llmtrain.models.registry import FAMILIES, family_of
 from llmtrain.parallel.layout import ParallelDims
 
 
@@ -345,7 +345,18 @@ def validate(cfg: Config) -> None:
     if cfg.data.doc_mask and p.pp > 1:
         raise ConfigError("data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
                           "document mask); set data.doc_mask=false or parallel.pp=1")
-    problems = family_of(cfg.model).check(cfg.model, cfg.data, p.pp)  # e.g. model.arch vs data.sample_kind
+    _check_model_family(cfg)
+
+
+def _check_model_family(cfg: Config) -> None:
+    """The data kind is one the model's family reads, and the family's own checks pass."""
+    family, kind = family_of(cfg.model), cfg.data.sample_kind
+    if kind not in family.sample_kinds:
+        readers = "/".join(f.name for f in FAMILIES.values() if kind in f.sample_kinds) or "no family"
+        raise ConfigError(f"data.sample_kind={kind} feeds model.arch={readers}, but model.name={cfg.model.name} is "
+                          f"model.arch={family.name}, which reads data.sample_kind={'/'.join(family.sample_kinds)}; "
+                          f"set data.sample_kind={family.sample_kinds[0]} or pick a {readers} size with model.name")
+    problems = family.check(cfg.model, cfg.data, cfg.parallel.pp)
     if problems:
         raise ConfigError(problems[0])
 

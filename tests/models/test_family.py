@@ -38,9 +38,9 @@ def test_a_family_config_refuses_the_other_familys_keys():
 
 
 def test_model_and_data_families_must_agree():
-    with pytest.raises(ConfigError, match=r"data\.sample_kind=bert does not feed a decoder.*set data\.sample_kind=causal"):
+    with pytest.raises(ConfigError, match=r"data\.sample_kind=bert feeds model\.arch=bert, but .*set data\.sample_kind=causal"):
         load_config(ROOT / "recipes/gpt_debug.yaml", ["data.sample_kind=bert"])
-    with pytest.raises(ConfigError, match=r"data\.sample_kind=causal does not feed an encoder"):
+    with pytest.raises(ConfigError, match=r"data\.sample_kind=causal feeds model\.arch=gpt, but .*model\.arch=bert"):
         load_config(ROOT / "recipes/bert_debug.yaml", ["data.sample_kind=causal"])
     with pytest.raises(ConfigError, match=r"model\.num_labels=0: class labels need the classifier"):
         load_config(ROOT / "recipes/bert_finetune_debug.yaml", ["model.num_labels=0"])
@@ -60,9 +60,11 @@ def test_a_config_yaml_of_one_shared_model_config_still_loads():
     assert type(build_model(bert)).__name__ == "Bert"
 
 
-def test_the_command_exits_2_with_one_line_naming_the_key():
-    out = subprocess.run([sys.executable, "-m", "llmtrain.cli", "train", str(ROOT / "recipes/bert_debug.yaml"),
-                          "model.pos=rope", "out_dir=/nonexistent/never"], capture_output=True, text=True, cwd=ROOT)
+@pytest.mark.parametrize("recipe, override, key", [("bert_debug", "model.pos=rope", "model.pos"),
+                                                     ("gpt_debug", "data.sample_kind=bert", "data.sample_kind")])
+def test_the_launcher_exits_2_with_one_line_naming_the_key(recipe, override, key):
+    out = subprocess.run([sys.executable, str(ROOT / "launchers/train.py"), str(ROOT / f"recipes/{recipe}.yaml"),
+                          override, "out_dir=/nonexistent/never"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "model.pos" in lines[0], out.stderr
+    assert len(lines) == 1 and key in lines[0], out.stderr

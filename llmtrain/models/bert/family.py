@@ -19,12 +19,8 @@ def build(cfg: BertConfig) -> nn.Module:
 
 
 def _check(m: BertConfig, data: Any, pp: int) -> list[str]:
-    kind, problems = data.sample_kind, []
-    if kind not in ("bert", "source_class"):
-        problems.append(f"data.sample_kind={kind} does not feed an encoder: model.arch=bert (model.name={m.name}) "
-                        f"trains on data.sample_kind=bert (pre-training) or source_class (classifier); set one of "
-                        f"those or pick a model of that data's family with model.name")
-    elif (kind == "source_class") != (m.num_labels > 0):
+    kind, problems = data.sample_kind, []  # one of sample_kinds (config.validate checks that first)
+    if (kind == "source_class") != (m.num_labels > 0):
         problems.append(f"data.sample_kind={kind} with model.num_labels={m.num_labels}: class labels need the "
                         f"classifier (model.num_labels >= 2) and pre-training batches need model.num_labels=0; "
                         f"set model.num_labels to match the data")
