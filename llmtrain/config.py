@@ -211,12 +211,15 @@ def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:
     path = model.get("init_from")
     if not path:
         return
-    from llmtrain.parallel.consolidate import iter_model_weights
+    from llmtrain.models.config import model_config_from_dict
+    from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
     from llmtrain.utils import print0
 
-    try:
-        saved, _ = iter_model_weights(path)
-    except (ValueError, OSError):
+    try:  # only the saved config.yaml: the weights are read (and verified) when they load
+        where = Path(path) if (Path(path) / "model.safetensors").is_file() else resolve_checkpoint(path)
+        saved = model_config_from_dict(yaml.safe_load((where / "config.yaml").read_text())["model"],
+                                       str(where / "config.yaml"))
+    except (ValueError, OSError, KeyError, TypeError, yaml.YAMLError):
         return  # training names the problem when it loads the weights
     if family_of(saved).name != family_of(model.get("arch", ModelConfig.arch), ConfigError).name:
         return
