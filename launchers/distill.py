@@ -12,6 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
+from llmtrain.train.orphan import watch_launcher  # noqa: E402
+
+watch_launcher()  # first, before torch loads: a rank never outlives (nor waits for) a dead launcher
+
 from llmtrain.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -6,32 +6,23 @@ flag; at each step boundary the ranks agree (one all-reduce of a flag, MAX) so t
 checkpoint at the same step and exit 0 together; a rank that got no signal still stops. A second Ctrl-C
 interrupts at once.
 
-A rank started by a launcher (torchrun, deepspeed, accelerate) watches it: when the launcher process
-(or, under the deepspeed runner, either of its two launcher processes) dies, the rank sends itself
-SIGTERM: during start-up that ends it at once (no 19-minute wait in the c10d store); during training it
-writes the stop checkpoint; if it is still alive ORPHAN_GRACE_S later, it exits hard. The direct parent
-is also covered by the kernel (PR_SET_PDEATHSIG), which fires even while Python is blocked in C++.
+A rank also stops when its launcher dies (llmtrain/train/orphan.py): it sends itself SIGTERM, which
+during training is the stop above.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from llmtrain.train.orphan import watch_launcher  # noqa: F401  (the trainer starts it with the stop handling)
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-ORPHAN_GRACE_S = 60.0  # time an orphaned rank has to finish its stop checkpoint before it exits hard
-# argv entries (basenames) that mark a launcher process; our own entry scripts are not among them
-LAUNCHERS = {"torchrun", "torch.distributed.run", "torch.distributed.launch", "deepspeed",
-             "deepspeed.launcher.launch", "deepspeed.launcher.runner", "accelerate", "torchrun.py"}
-PR_SET_PDEATHSIG = 1
 
 
 class StopRequest:
@@ -65,68 +56,3 @@ class StopRequest:
             (Path(folder) / f"rank{os.environ['RANK']}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def launcher_chain(pid: int | None = None) -> list[tuple[int, str | None]]:
-    """(pid, start time) of the launcher processes above this one: the consecutive ancestors whose
-    command line starts a launcher (torchrun; deepspeed's runner and its launch.py; accelerate)."""
-    from llmtrain.train.runlock import process_start
-
-    chain, pid = [], _ppid(pid or os.getpid())
-    while pid > 1:
-        argv = [Path(a).name for a in _cmdline(pid)[:5]]
-        if not LAUNCHERS.intersection(argv):
-            break
-        chain.append((pid, process_start(pid)))
-        pid = _ppid(pid)
-    return chain
-
-
-def watch_launcher(poll_s: float = 1.0) -> list[tuple[int, str | None]]:
-    """Stop this rank when its launcher dies (see the module docstring). Returns the watched chain."""
-    chain = launcher_chain() if sys.platform == "linux" else []
-    if not chain:
-        return chain  # plain python or srun: nothing of ours to outlive (srun's step kills its tasks)
-    if threading.current_thread() is threading.main_thread():
-        # a launcher that ignores SIGTERM itself (node.sh's torchrun) must not hand that on to the ranks
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # the watchdog thread below still covers it
-    threading.Thread(target=_watch, args=(chain, poll_s), name="llmtrain-launcher-watch", daemon=True).start()
-    return chain
-
-
-def _running(pid: int, start: str | None) -> bool:
-    """The process with this pid and start time exists and is not a zombie (dead, not yet reaped)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and fields[19] == start
-
-
-def _watch(chain: list[tuple[int, str | None]], poll_s: float) -> None:
-    while True:
-        gone = [pid for pid, start in chain if not _running(pid, start)]
-        if gone or os.getppid() != chain[0][0]:
-            break
-        time.sleep(poll_s)
-    print(f"llmtrain: launcher process {(gone or [chain[0][0]])[0]} is gone; rank {os.environ.get('RANK')} "
-          f"stops (stop checkpoint if training, else exit)", file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(ORPHAN_GRACE_S)
-    os._exit(1)

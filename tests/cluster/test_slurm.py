@@ -113,6 +113,30 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     assert sorted(train) == list(range(1, max_steps + 1)) and all(map(math.isfinite, train.values()))
 
 
+def test_sigterm_to_the_job_steps_checkpoints_and_completes(slurm_cluster, tmp_path):
+    """`scancel --signal=TERM JOB` (what a preemption or an admin sends the job steps): every rank writes
+    the stop checkpoint and exits 0, each node's torchrun (through launchers/torchrun.py, which plain
+    torchrun's exit 1 after a signal made fail) exits 0, so srun and the job end COMPLETED 0:0."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "train.max_steps=100000"]
+    resolve_sources(load_config(ROOT / RECIPE, overrides).data)
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides,
+                     f"out_dir={run_dir}")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (metrics.exists() and any(r.get("step", 0) >= 2 for r in read_metrics(metrics))):
+        assert slurm_cluster.job(job_id).state in ("PENDING", "RUNNING"), _logs(tmp_path, run_dir)
+        assert time.monotonic() < deadline, f"no step 2 after {JOB_TIMEOUT_S} s\n{_logs(tmp_path, run_dir)}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=TERM", job_id)
+    job = _wait_completed(slurm_cluster, job_id, tmp_path, run_dir)
+    assert job.fields.get("Restarts") == "0"
+    for node_rank in range(2):
+        assert "torchrun exited 0" in (run_dir / "logs" / f"node{node_rank}.log").read_text()
+    assert "stop requested by signal" in (run_dir / "logs" / "rank0.log").read_text()
+    assert (run_dir / "checkpoints" / "latest").is_file() and not (run_dir / "run.lock").exists()
+
+
 def test_two_node_distill_sbatch_job(slurm_cluster, tmp_path):
     """launchers/slurm/distill.sbatch: the same node logic with launchers/distill.py as the entry. A tiny
     teacher is trained here first (one process), then a 2-node job distils a student from it."""

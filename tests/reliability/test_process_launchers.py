@@ -106,3 +106,26 @@ def test_sigterm_to_the_torchrun_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tm
     assert "stop requested by signal" in output and "Traceback" not in output, output[-3000:]
     assert "all 2 ranks of this node wrote their stop checkpoint" in output
     assert (out / "checkpoints" / "latest").is_file() and not (out / "run.lock").exists()
+
+
+def test_ranks_orphaned_during_start_up_exit_at_once(tmp_path):
+    """torchrun killed right after it spawned its ranks: they used to wait for its c10d store until the
+    collective timeout (19+ minutes); now they are gone within seconds and nothing is written."""
+    out = tmp_path / "early"
+    proc = _start("torchrun", out)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_descendants(proc.pid)) < 2:
+            time.sleep(0.01)
+        tree = _descendants(proc.pid)
+        proc.kill()
+        killed = time.time()
+        while _alive(tree) and time.time() - killed < 30:
+            time.sleep(0.1)
+        gone_after = time.time() - killed
+        proc.communicate(timeout=30)
+    finally:
+        for pid in _alive(_descendants(proc.pid) + tree):
+            os.kill(pid, signal.SIGKILL)
+    assert len(tree) >= 2 and gone_after < 30, (tree, gone_after)
+    assert not (out / "metrics.jsonl").exists()
