@@ -48,7 +48,7 @@ class TrainConfig:
     resume: str = "auto"
     # Run a held-out evaluation every N steps (0 disables periodic eval; a final eval always runs).
     eval_interval: int = 100
-    # Micro-batches per evaluation on each rank.
+    # Held-out micro-batches per evaluation over all ranks (the same sequences on any world size).
     eval_batches: int = 16
     # Clip the global gradient norm to this value (0 disables clipping).
     grad_clip: float = 1.0
