@@ -136,6 +136,9 @@ def _open(path: str | Path) -> tuple[ModelConfig, Path]:
     from llmtrain.integrity import verify_dir
 
     path = Path(path)
+    if (path / "config.json").is_file() and not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path} is a Hugging Face transformers model directory (config.json, no "
+                              f"config.yaml); convert it first: `llmtrain import-hf {path} OUT`, then pass OUT")
     if (path / CONSOLIDATED).is_file():
         verify_dir(path, only=[CONSOLIDATED, CONFIG], fix=f"write {path} again (llmtrain consolidate, prune or "
                                                           f"import-hf) or restore it from a copy")
@@ -153,10 +156,6 @@ def _open(path: str | Path) -> tuple[ModelConfig, Path]:
 
 
 def _model_config(config_file: Path) -> ModelConfig:
-    if not config_file.is_file() and (config_file.parent / "config.json").is_file():
-        d = config_file.parent
-        raise CheckpointError(f"{d} is a Hugging Face transformers model directory (config.json, no config.yaml); "
-                              f"convert it first: `llmtrain import-hf {d} OUT`, then pass OUT")
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: cannot tell the model's shape; the checkpoint is incomplete")
     model = (yaml.safe_load(config_file.read_text()) or {}).get("model")

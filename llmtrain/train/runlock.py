@@ -104,8 +104,16 @@ def stale_reason(path: Path, holder: dict[str, Any], now: float | None = None) -
 def acquire(out_dir: str | Path) -> RunLock:
     """Take `<out_dir>/run.lock` or raise RunDirLocked naming the live holder (host, pid, since when)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _acquire(out, path)
+    except OSError as exc:  # read-only, not a directory, no space: the user's out_dir, not a bug
+        raise UserError(f"out_dir={out}: cannot create {path} ({exc.strerror or exc}); choose a writable "
+                        f"out_dir") from None
+
+
+def _acquire(out: Path, path: Path) -> RunLock:
     for _ in range(5):
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -165,12 +173,12 @@ def lock_run_dir(out_dir: str | Path) -> RunLock | None:
     if rank() == 0:
         try:
             lock = acquire(out_dir)
-        except RunDirLocked as exc:
+        except UserError as exc:  # every rank must raise it, or the others wait in the broadcast
             error = str(exc)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise RunDirLocked(error)
+        raise (RunDirLocked if "in use by another job" in error else UserError)(error)
     return lock

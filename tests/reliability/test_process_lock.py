@@ -12,6 +12,7 @@ import time
 import pytest
 
 from helpers import ROOT, TINY, env, launch_cmd, train
+from llmtrain.errors import UserError
 from llmtrain.train import runlock
 from llmtrain.train.runlock import LOCK_NAME, RunDirLocked, acquire, process_start
 
@@ -43,6 +44,10 @@ def test_a_live_holder_is_named_and_a_dead_one_is_freed(tmp_path, capsys):
     path = _plant(tmp_path / "b", host="elsewhere", pid=4242)
     with pytest.raises(RunDirLocked, match="host elsewhere, pid 4242"):
         acquire(tmp_path / "b")
+    (tmp_path / "file").write_text("")  # an out_dir that cannot be created: one line, not a traceback
+    with pytest.raises(UserError, match=r"cannot create .*run.lock \(Not a directory\); choose a writable out_dir"):
+        acquire(tmp_path / "file" / "run")
+
     old = time.time() - runlock.STALE_S - 5
     os.utime(path, (old, old))
     acquire(tmp_path / "b").release()
