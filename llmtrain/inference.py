@@ -122,6 +122,11 @@ def perplexity_on(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 def cmd_eval(args: argparse.Namespace) -> int:
     from llmtrain.data import build_data
 
+    if args.tasks:
+        from llmtrain.evaluation.run import cmd_eval_tasks
+
+        return cmd_eval_tasks(args)
+
     device = _device(args.device)
     cfg, model = load_decoder(args.checkpoint, device)
     data_cfg = _eval_data_config(args)
@@ -186,4 +191,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=50, help="at most this many validation batches")
     p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks instead of perplexity: comma-separated "
+                   "task names (llmtrain_cloze, llmtrain_next_verse offline) or paths to task YAMLs "
+                   "(needs `pip install -e .[eval]`)")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
+    p.add_argument("--bootstrap-iters", type=int, default=1000, help="--tasks: bootstrap samples for stderrs")
+    p.add_argument("--output", default="eval_results.json", help="--tasks: where the results JSON goes")
     p.set_defaults(fn=cmd_eval)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -27,15 +29,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             stop: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Append `max_new_tokens` tokens to input_ids (B, T). The model sees at most the last `block_size`
     tokens. With a model that offers a KV cache (`new_cache()`, `model(ids, cache)`) and use_cache, each
-    step runs only the new token; otherwise (or for a plain logits function) it recomputes the window."""
+    step runs only the new token; otherwise (or for a plain logits function) it recomputes the window.
+    `stop(ids)` (B, T + new) -> True ends generation early (stop strings of an evaluation task)."""
     if not (use_cache and hasattr(model, "new_cache")):
         idx = input_ids
         for _ in range(max_new_tokens):
             logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
             idx = torch.cat([idx, sample_next(logits, temperature, top_k, top_p, generator)], dim=1)
+            if stop is not None and stop(idx):
+                break
         return idx
     idx, cache, fresh = input_ids, None, input_ids[:, -block_size:]
     for _ in range(max_new_tokens):
@@ -46,4 +52,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, block_size: in
         logits = model(fresh, cache)[:, -1, :]  # (B, V)
         fresh = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat([idx, fresh], dim=1)
+        if stop is not None and stop(idx):
+            break
     return idx

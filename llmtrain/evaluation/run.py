@@ -1,0 +1,146 @@
+"""Running lm-evaluation-harness tasks on an llmtrain decoder: `llmtrain eval MODEL --tasks` and
+`train.eval_tasks`. TASKS are lm-eval task (or group) names, the offline tasks shipped in `tasks/`
+(always available), or paths to task YAML files or folders of them."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import random
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmtrain.errors import UserError
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+INSTALL_HINT = "pip install -e .[eval]"
+
+
+def require_lm_eval() -> None:
+    """UserError (one line, exit 2) saying how to install lm-evaluation-harness when it is missing."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"task evaluation needs lm-evaluation-harness, which is not installed ({exc.msg}); "
+                        f"install it with `{INSTALL_HINT}`") from None
+
+
+def split_tasks(spec: str | list[str]) -> tuple[list[str], list[str]]:
+    """(task names, include paths) of a comma-separated TASKS string or list: existing files/folders are
+    task YAML paths (a YAML file names its task)."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    names, paths = [], []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.suffix in (".yaml", ".yml") and p.is_file():
+            paths.append(str(p.parent.resolve()))
+            names.append(yaml_task(p) or p.stem)
+        elif p.is_dir():
+            paths.append(str(p.resolve()))
+            names.extend(t for t in map(yaml_task, sorted(p.glob("*.yaml"))) if t)
+        else:
+            names.append(item)
+    return names, paths
+
+
+def yaml_task(path: Path) -> str | None:
+    """The `task:` name a task YAML defines (None for a file that only holds shared settings)."""
+    import yaml
+
+    class Lenient(yaml.SafeLoader):  # lm-eval YAMLs use `!function module.name` tags: ignore them here
+        pass
+
+    Lenient.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        doc = yaml.load(path.read_text(), Loader=Lenient)
+    except yaml.YAMLError:
+        return None
+    task = doc.get("task") if isinstance(doc, dict) else None
+    return task if isinstance(task, str) else None
+
+
+def task_manager(spec: str | list[str]) -> tuple[Any, list[str]]:
+    """(lm-eval TaskManager that knows the offline tasks and the given paths, task names), or UserError
+    naming every unknown task, the nearest known names and where the list is."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    names, paths = split_tasks(spec)
+    if not names:
+        raise UserError("--tasks is empty: give lm-eval task names (comma-separated) or a path to task YAMLs")
+    tm = TaskManager(include_path=[str(TASKS_DIR), *paths])
+    known = set(tm.all_tasks)
+    unknown = [n for n in names if n not in known and not tm.match_tasks([n])]
+    if unknown:
+        near = sorted({m for n in unknown for m in difflib.get_close_matches(n, known, n=3)})
+        raise UserError(f"unknown task(s) {', '.join(unknown)}" + (f" (did you mean {', '.join(near)}?)" if near else "")
+                        + "; `lm_eval ls tasks` lists lm-eval's tasks, the offline ones are "
+                        + ", ".join(sorted(t for t in (yaml_task(y) for y in TASKS_DIR.glob('*.yaml')) if t)))
+    return tm, names
+
+
+@contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Leave Python's, numpy's and torch's global random state as it was (training continues after)."""
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
+def evaluate_tasks(lm: Any, spec: str | list[str], limit: int | None = None, num_fewshot: int | None = None,
+                   bootstrap_iters: int = 0) -> dict[str, Any]:
+    """lm-eval's results dict (`results`, `versions`, `n-shot`, `config`, ...) of `lm` on the tasks."""
+    from lm_eval import evaluator
+
+    tm, names = task_manager(spec)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom loaders, git, ...
+    with _rng_kept():
+        return evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                         num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                                         log_samples=False, random_seed=0, numpy_random_seed=1234,
+                                         torch_random_seed=1234, fewshot_random_seed=1234)
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """{'<task>_<metric>': value} of every numeric metric (stderr left out), e.g. llmtrain_cloze_acc."""
+    flat = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():  # "acc,none": metric,filter ("alias", "sample_len" are not metrics)
+            metric = key.split(",")[0]
+            if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+                flat[f"{task}_{metric}"] = float(value)
+    return flat
+
+
+def write_results(results: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return out
+
+
+def cmd_eval_tasks(args: Any) -> int:
+    """`llmtrain eval MODEL --tasks TASKS`: a results table on stdout and the full results as JSON."""
+    from llmtrain.inference import _device
+
+    task_manager(args.tasks)  # unknown names fail before the model loads
+    from lm_eval.utils import make_table
+
+    from llmtrain.evaluation.harness import LlmtrainLM
+
+    lm = LlmtrainLM.from_checkpoint(args.checkpoint, _device(args.device), args.batch_size)
+    results = evaluate_tasks(lm, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                             bootstrap_iters=args.bootstrap_iters)
+    print(make_table(results))
+    out = write_results(results, args.output)
+    print(f"results: {out}")
+    return 0

@@ -1,0 +1,54 @@
+"""`llmtrain eval MODEL --tasks`: a table and a JSON file; unknown tasks and a missing lm-eval are one line,
+exit 2; the offline tasks are current and hold only passages the bundled training split never has."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import need_lm_eval
+from llmtrain.cli import main
+
+
+def test_eval_tasks_prints_a_table_and_writes_json(model_dir, local_tasks, tmp_path, capsys):
+    need_lm_eval()
+    out = tmp_path / "r.json"
+    assert main(["eval", str(model_dir), "--tasks", f"llmtrain_next_verse,{local_tasks / 'local_cloze.yaml'}",
+                 "--limit", "3", "--device", "cpu", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "llmtrain_next_verse" in printed and "local_cloze" in printed and "acc_norm" in printed
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"llmtrain_next_verse", "local_cloze"}
+    assert 0 <= results["llmtrain_next_verse"]["acc,none"] <= 1
+
+
+def test_unknown_task_is_one_line_exit_2(model_dir, capsys):
+    need_lm_eval()
+    assert main(["eval", str(model_dir), "--tasks", "llmtrain_clozee,hellaswag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: unknown task(s) llmtrain_clozee")
+    assert "did you mean llmtrain_cloze" in err and "hellaswag" not in err.split(";")[0].split("(")[0]
+
+
+def test_without_lm_eval_the_command_says_how_to_install_it(model_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    assert main(["eval", str(model_dir), "--tasks", "llmtrain_cloze"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install -e .[eval]" in err
+
+
+def test_offline_tasks_are_current_and_held_out():
+    """The committed JSONL equal a fresh build from the bundled corpus, and no passage of them (the cloze
+    verse, the real next verse) occurs in any document of the bundled training split."""
+    from llmtrain.data import DataConfig
+    from llmtrain.data.bundled import _train_texts, cache_root
+    from llmtrain.evaluation import offline
+
+    assert offline.main(["--check"]) == 0
+    cloze = [json.loads(line) for line in (offline.TASKS_DIR / "cloze.jsonl").read_text().splitlines()]
+    choice = [json.loads(line) for line in (offline.TASKS_DIR / "next_verse.jsonl").read_text().splitlines()]
+    assert len(cloze) == len(choice) == 144
+    passages = [d["context"].split("\n")[-1] + " " + d["target"] for d in cloze] + [d["choices"][d["gold"]] for d in choice]
+    train = "\n".join(_train_texts(DataConfig(), cache_root()))
+    assert len(train) > 4_000_000
+    assert [p for p in passages if p in train] == []
