@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,6 +39,7 @@ REQUIRED: tuple[tuple[str, str, str, str], ...] = (
     (*_Z3, "fp16_groups", "set"),
     (*_ENGINE, "clip_fp32_gradients", "attr"),
     (*_ENGINE, "global_steps", "set"),
+    (*_ENGINE, "checkpoint_engine", "set"),
     ("deepspeed.utils.mixed_precision_linkage", "", "_hp_mapping", "set"),
     ("deepspeed.utils.tensor_fragment", "tensor_fragment", "optim_fragment", "attr"),
     ("deepspeed.runtime.zero.partition_parameters", "", "ds_id", "set"),
@@ -200,3 +202,27 @@ def zero3_numel(param: torch.nn.Parameter) -> tuple[int, int]:
 
 def zero3_partition_dtype(param: torch.nn.Parameter) -> torch.dtype:
     return param.ds_tensor.dtype
+
+
+@contextmanager
+def deferred_write_errors(engine: Any, errors: list[BaseException]) -> Iterator[None]:
+    """Inside: a file write of engine.save_checkpoint that fails (a full disk, a read-only directory) is
+    appended to `errors` instead of raised, and later writes are skipped, so this rank still joins the
+    collectives that follow inside save_checkpoint (raising there leaves its peers waiting in them until
+    the collective timeout). The caller raises errors[0] once every rank is past them."""
+    writer = _require(engine, "checkpoint_engine", "DeepSpeedEngine")
+    original = writer.save
+
+    def save(state_dict: Any, path: str) -> None:
+        if errors:
+            return
+        try:
+            original(state_dict, path)
+        except (OSError, RuntimeError) as exc:
+            errors.append(exc)
+
+    writer.save = save  # an instance attribute: every save of this engine (the pipeline's layers too)
+    try:
+        yield
+    finally:
+        del writer.save

@@ -138,10 +138,18 @@ class EngineRunner:
 
 
 def save_engine(engine: Any, universal: Any, directory: Path) -> None:
-    """DeepSpeed's own state (exact resume on this layout) and the layout-independent copy beside it."""
-    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+    """DeepSpeed's own state (for DeepSpeed's tools; never read back) and the layout-independent copy
+    beside it (what every resume reads). A failed write raises only after the collectives of both saves,
+    so no peer is left waiting in one."""
+    from llmtrain.parallel.ds_compat import deferred_write_errors
+
+    errors: list[BaseException] = []
+    with deferred_write_errors(engine, errors):
+        engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
     if universal is not None:
         universal.save(engine, directory)
+    if errors:
+        raise errors[0]
 
 
 def load_engine(engine: Any, universal: Any, directory: Path, load_optimizer: bool) -> None:

@@ -60,20 +60,27 @@ def save_universal(engine: Any, names: dict[int, str], directory: Path, layout: 
                    tp_group: Any, writer: bool, step_state: dict[str, Any]) -> None:
     """Collective. `names` maps id(parameter) -> plain-model name; `writer` is this rank's duty to write
     the parameters of its stage (first data-parallel replica, tensor-parallel rank 0)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from llmtrain.parallel.engine import get_full_state, link_optimizer_state
 
     (directory / FOLDER).mkdir(parents=True, exist_ok=True)
     link_optimizer_state(engine)
+    failed: OSError | None = None
     for param in _local_params(engine, names):
         state = get_full_state(engine, param)
         if hasattr(param, "llmtrain_tp_shard"):
             state = {k: _gather_tp(v, param, tp_group) for k, v in state.items()}
-        if writer and not is_pipe_replicated(param):
-            save_file({k: v.detach().cpu().float().contiguous() for k, v in state.items()},
-                      str(_file(directory, names[id(param)])))
+        if writer and not is_pipe_replicated(param) and failed is None:
+            path = _file(directory, names[id(param)])
+            try:
+                save_file({k: v.detach().cpu().float().contiguous() for k, v in state.items()}, str(path))
+            except (OSError, SafetensorError) as exc:  # raised after the loop: peers still gather the rest
+                failed = OSError(getattr(exc, "errno", None), getattr(exc, "strerror", None) or str(exc), str(path))
         del state
+    if failed is not None:
+        raise failed
     if dist.get_rank() == 0:
         meta = {"layout": layout, **step_state}
         (directory / FOLDER / "meta.json").write_text(json.dumps(meta, indent=1, default=_jsonable))

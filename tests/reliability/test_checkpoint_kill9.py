@@ -57,6 +57,7 @@ def _kill_once(cmd: list[str], out: Path, trigger: str, delay: float) -> str:
     return f"finished before {trigger} (rc {proc.returncode})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout, kills", [(1, [], 3), (2, ["parallel.zero_stage=2"], 2)])
 def test_kill_9_at_seeded_moments_resumes_exactly(tmp_path, nproc, layout, kills):
     launcher = "python" if nproc == 1 else "torchrun"
