@@ -50,6 +50,10 @@ class TrainConfig:
     eval_interval: int = 100
     # Held-out micro-batches per evaluation over all ranks (the same sequences on any world size).
     eval_batches: int = 16
+    # lm-eval tasks (names or task YAML paths) scored at every evaluation, e.g. [llmtrain_cloze]; needs .[eval].
+    eval_tasks: list[str] = field(default_factory=list)
+    # Documents per task in those evaluations (0 = all).
+    eval_tasks_limit: int = 0
     # Clip the global gradient norm to this value (0 disables clipping).
     grad_clip: float = 1.0
     # Tokens generated from `sample_prompt` at the end of training (0 disables the sample).
@@ -378,6 +382,7 @@ def _check_numbers(cfg: Config) -> None:
     at_least_0 = {"optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps or 0,
                   "optim.weight_decay": o.weight_decay, "train.grad_clip": t.grad_clip,
                   "train.eval_interval": t.eval_interval, "train.sample_tokens": t.sample_tokens,
+                  "train.eval_tasks_limit": t.eval_tasks_limit,
                   "checkpoint.interval": cfg.checkpoint.interval}
     for key, value in at_least_0.items():
         if not value >= 0:  # also NaN

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
+from llmtrain.evaluation.training import check_eval_tasks, eval_task_metrics
 from llmtrain.parallel.compile import attention_backend
 from llmtrain.parallel.launch_env import check_launcher_settings
 from llmtrain.parallel.runner import Runner
@@ -87,6 +88,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     data = build_data_for(cfg, derived)
     data.check_eval(cfg.train.eval_batches)  # an empty or too small validation split fails now, not after training
+    check_eval_tasks(cfg.train, cfg.model)  # unknown train.eval_tasks too
     model = build_model_for(cfg, data.vocab_size)
     if cfg.model.init_from and resume_from is None:  # a resume restores the weights anyway
         from llmtrain.parallel.consolidate import init_model_from
@@ -338,6 +340,7 @@ def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state
              sink: MetricsSink) -> float:
     loss = evaluate(runner, objective, held_out_batches(cfg, data))
     extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
+    extra.update(eval_task_metrics(cfg.train, cfg.model.block_size, runner, data.tokenizer))  # train.eval_tasks
     sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
              console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
              + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items()))

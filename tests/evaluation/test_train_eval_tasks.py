@@ -1,0 +1,29 @@
+"""`train.eval_tasks`: the tasks' metrics land in every eval record of metrics.jsonl; an unknown task name
+stops the run before step 1 with one line, exit 2."""
+
+from __future__ import annotations
+
+from conftest import need_lm_eval
+from helpers import read_metrics, train
+
+
+def test_eval_tasks_appear_in_eval_records(local_tasks, tmp_path):
+    need_lm_eval()
+    out = tmp_path / "run"
+    train(out, "train.max_steps=2", "train.eval_interval=1", "train.eval_tasks_limit=3",
+          f"train.eval_tasks=[llmtrain_next_verse,{local_tasks / 'local_cloze.yaml'}]")
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]  # step 1 by eval_interval, step 2 the final eval
+    for r in evals:
+        assert 0 <= r["eval_llmtrain_next_verse_acc"] <= 1 and 0 <= r["eval_local_cloze_acc"] <= 1
+        assert r["eval_llmtrain_next_verse_acc_norm"] >= 0 and r["eval_local_cloze_perplexity"] > 0
+
+
+def test_unknown_eval_task_fails_before_training(tmp_path):
+    need_lm_eval()
+    out = tmp_path / "run"
+    proc = train(out, "train.max_steps=2", "train.eval_tasks=[llmtrain_clozee]", check=False)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(err) == 1 and "train.eval_tasks: unknown task(s) llmtrain_clozee" in err[0]
+    assert not (out / "metrics.jsonl").exists() or read_metrics(out / "metrics.jsonl") == []
