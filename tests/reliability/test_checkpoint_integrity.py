@@ -52,3 +52,16 @@ def test_any_damage_is_one_error_naming_the_file_and_the_fix(model_dir, damage, 
         verify_dir(model_dir, fix="consolidate it again")
     msg = str(err.value)
     assert "\n" not in msg and str(model_dir) in msg and msg.endswith("consolidate it again")
+
+
+def test_checksums_can_be_recorded_for_an_older_directory(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(CheckpointError, match="python -m llmtrain.integrity"):
+        verify_dir(d)
+    subprocess.run([sys.executable, "-m", "llmtrain.integrity", str(d)], check=True, capture_output=True)
+    assert verify_dir(d) == ["model.safetensors"]
