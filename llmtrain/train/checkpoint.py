@@ -339,7 +339,10 @@ def resume_changes(cfg: Config, path: Path) -> list[str]:
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise CheckpointError(f"{file} has no model section; {fix}")
     old, new = _flatten(saved), _flatten(to_dict(cfg))
-    differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "out_dir")
+    # A key the checkpoint's llmtrain did not have yet counts as its default; one this version dropped is moot.
+    defaults = _flatten(to_dict(Config()))
+    old.update({k: defaults.get(k) for k in new.keys() - old.keys()})
+    differing = sorted(k for k in new if old.get(k) != new[k] and k != "out_dir")
     refused = [(k, r) for k in differing if (r := _reason(k))]
     if refused:
         reasons: dict[str, list[str]] = {}

@@ -167,3 +167,14 @@ def test_changed_keys_are_applied_or_refused_with_the_reason(cfg, tmp_path):
     for key in ("model.n_layer=1", "train.seed=7", "data.tokenizer='gpt2'"):
         assert key in msg
     assert "optim.lr" not in msg and "parallel" not in msg and "architecture" in msg and "\n" not in msg
+
+
+def test_a_key_newer_than_the_checkpoint_counts_as_its_default(cfg):
+    """A checkpoint written before a config field existed still resumes (the field at its default)."""
+    path = _save(cfg, 2)
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    del saved["model"]["rope_theta"], saved["train"]["prefetch"]
+    saved["train"]["a_key_this_version_dropped"] = 3
+    (path / "config.yaml").write_text(yaml.safe_dump(saved))
+    write_checksums(path)
+    assert ckpt.resume_changes(cfg, path) == []
