@@ -75,7 +75,7 @@ class ModelFamily:
     build: Callable[[Any], nn.Module]
     # () -> the objective it trains with (a loss over one of its batches).
     objective: Callable[[], Objective]
-    # The data.sample_kind values its models read.
+    # The data.sample_kind values its models read (config validation refuses any other).
     sample_kinds: tuple[str, ...]
     # True for decoders: logits are next-token predictions (generation, eval perplexity, text samples).
     generative: bool
@@ -85,7 +85,7 @@ class ModelFamily:
     tp_heads: Callable[[Any], dict[str, int]]
     # model -> its pipeline split; None when the model (e.g. a classifier) has none (the message says why).
     pipeline_split: Callable[[nn.Module], PipelineSplit]
-    # model.* + data.* + parallel.pp problems this family has, as messages (empty: none).
+    # (model cfg, data cfg, parallel.pp) -> the family's finer problems, as messages (empty: none).
     check: Callable[[Any, Any, int], list[str]]
     # (model, batch) -> the model's outputs on a batch's inputs, without labels (pruning calibration).
     forward_inputs: Callable[[nn.Module, dict[str, torch.Tensor]], Any]
