@@ -57,7 +57,9 @@ def launcher_chain(pid: int | None = None) -> list[tuple[int, str | None]]:
     while pid > 1:
         argv = [Path(a).name for a in _cmdline(pid)[:5]]
         fields = _stat(pid)
-        if not LAUNCHERS.intersection(argv) or not fields:
+        # an empty command line is a process caught while it exits (its memory is gone, its children not
+        # yet handed to init): watch it too, it is about to be gone
+        if not fields or (argv != [""] and not LAUNCHERS.intersection(argv)):
             break
         chain.append((pid, fields[19]))
         pid = int(fields[1])
