@@ -19,7 +19,7 @@ EPILOG = ("Overrides are dotted config keys after the recipe, e.g. train.max_ste
           "parallel.zero_stage=2 out_dir=runs/x. `llmtrain config RECIPE` prints every key with its value.")
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/gpt_debug.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (CLI > YAML > defaults)")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
@@ -33,11 +33,12 @@ def sentence(help_text: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from llmtrain.config import load_config
+    from llmtrain.parallel.engine import shutdown_distributed
     from llmtrain.train.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
     train(cfg)
-    _shutdown()
+    shutdown_distributed()
     return 0
 
 
@@ -51,14 +52,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train a model from a recipe (what launchers/train.py runs)"),
     "config": (cmd_config, "print the resolved config of a recipe with overrides, and validate it"),
@@ -70,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=sentence(help_text), epilog=EPILOG)
-        _add_recipe_args(p)
+        add_recipe_args(p)
         p.set_defaults(fn=fn)
     for register in _plugin_registrars():
         register(sub)

@@ -148,9 +148,9 @@ def _tokenizer(meta: Any, path: str | Path) -> Any:
     return hf
 
 
-def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
+def import_gguf(path: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
     """Write a GGUF Llama as an llmtrain model directory (weights, config.yaml, tokenizer/)."""
-    from llmtrain.interop.cli import write_model_dir
+    from llmtrain.interop.hf import write_model_dir
     from llmtrain.interop.llama import from_hf
 
     hf_cfg, hf_sd, tok = read_gguf_llama(path)
@@ -158,4 +158,4 @@ def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
     del hf_sd
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(str(Path(tmp) / "tokenizer.json"))
-        return write_model_dir(cfg, sd, out_dir, Path(tmp) / "tokenizer.json")
+        return write_model_dir(cfg, sd, out_dir, Path(tmp) / "tokenizer.json", replace)

@@ -13,7 +13,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from llmtrain.parallel.consolidate import consolidate
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out = consolidate(args.checkpoint, args.out, dtype=dtype)
+    out = consolidate(args.checkpoint, args.out, dtype=dtype, replace=args.replace)
     print(f"wrote {out} and {out.with_name('config.yaml')}")
     return 0
 
@@ -23,5 +23,6 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.splitlines()[0] + " Reads one parameter at a time.")
     p.add_argument("checkpoint", help="run directory (its latest checkpoint), checkpoints/ folder or step_* folder")
     p.add_argument("out", help="output directory: gets model.safetensors and config.yaml")
+    p.add_argument("--replace", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written weights (default fp32)")
     p.set_defaults(fn=cmd_consolidate)

@@ -7,7 +7,7 @@ reads those files with the checkpoint's `config.yaml`:
     cfg, weights = load_model_weights("runs/x")      # run dir, checkpoints/ dir, step dir or consolidated dir
     model = build_model(cfg); model.load_state_dict(weights)
 
-`consolidate` writes them into one `model.safetensors` (+ `config.yaml`), streaming: the header is built
+`consolidate` writes them as a model directory (llmtrain/model_dir.py), streaming: the header is built
 from the shapes alone, then each parameter is read, written and dropped, so at most one parameter is in
 memory. A consolidated directory is itself accepted by `load_model_weights` and `model.init_from`.
 """
@@ -15,22 +15,20 @@ memory. A consolidated directory is itself accepted by `load_model_weights` and 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import yaml
 
 from llmtrain.errors import CheckpointError
+from llmtrain.model_dir import (CONFIG, WEIGHTS, check_output, model_config_yaml, stream_weights, write_config_text,
+                                writing)
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.models.config import model_config_from_dict
 
-CONSOLIDATED = "model.safetensors"
-CONFIG = "config.yaml"
-_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+CONSOLIDATED, CONFIG = WEIGHTS, CONFIG  # the model directory's file names
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def load_model_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -93,39 +91,23 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     return padded
 
 
-def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `out_dir/model.safetensors` (every parameter once, plain names) and `out_dir/config.yaml`;
-    returns the safetensors path. Holds one parameter in memory at a time."""
+def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+                replace: bool = False) -> Path:
+    """Write the model directory `out_dir` (llmtrain/model_dir.py: model.safetensors with every parameter
+    once by plain name, config.yaml, checksums.json); returns the safetensors path. Holds one parameter in
+    memory at a time. A non-empty `out_dir` is refused unless `replace`."""
     from tqdm import tqdm
-
-    from llmtrain.integrity import write_checksums
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(str(d) for d in _DTYPES)}; got {dtype}")
+    check_output(out_dir, replace)
     cfg, source = _open(path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     shapes = _shapes(source, cfg)
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = dtype.itemsize * _numel(shape)
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt", "source": str(source)}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    final, tmp = out_dir / CONSOLIDATED, out_dir / f".{CONSOLIDATED}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, tensor in tqdm(_tensors(source, cfg), total=len(shapes), unit="param", desc="consolidate",
-                                 disable=None):
-            f.write(tensor.to(dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _write_config(cfg, source, out_dir / CONFIG)
-    write_checksums(out_dir)  # last: readers verify every file against it
-    return final
+    tensors = tqdm(_tensors(source, cfg), total=len(shapes), unit="param", desc="consolidate", disable=None)
+    with writing(out_dir, replace) as tmp:
+        stream_weights(tmp, shapes, tensors, dtype, metadata={"source": str(source)})
+        write_config_text(tmp, _config_text(cfg, source))
+    return Path(out_dir) / CONSOLIDATED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,17 +193,7 @@ def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict
     return out
 
 
-def _numel(shape: Any) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _write_config(cfg: ModelConfig, source: Path, path: Path) -> None:
+def _config_text(cfg: ModelConfig, source: Path) -> str:
     """The source checkpoint's whole config when there is one (so a consolidated dir reads like a run)."""
     src = source.parent / CONFIG
-    text = src.read_text() if src.is_file() else yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return src.read_text() if src.is_file() else model_config_yaml(cfg)

@@ -65,6 +65,15 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
+def shutdown_distributed() -> None:
+    """Collective: wait for every rank, then leave the process group (a no-op when none was started)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def preflight(info: DistInfo) -> dict[str, Any]:
     """Every rank reports its host; one all-reduce is timed; versions are recorded. Collective."""
     import socket

@@ -27,7 +27,7 @@ def load_teacher(path: str, precision: str, device: torch.device, zero_stage: in
     try:
         with tempfile.TemporaryDirectory(prefix="llmtrain-teacher-") as tmp:
             if (Path(path) / "config.json").is_file() or Path(path).suffix == ".gguf":
-                from llmtrain.interop.cli import import_hf
+                from llmtrain.interop.hf import import_hf
 
                 path = import_hf(path, Path(tmp) / "teacher")
             if zero_stage == 3:
