@@ -205,7 +205,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # Keys of a model.init_from checkpoint's config that are not its architecture (or that a run may change).
 _NOT_ADOPTED = {"name", "arch", "init_from", "dropout", "init_std", "block_size", "vocab_size", "num_labels",
-                "rope_scaling"}
+                "rope_scaling", "converters"}  # converters: this run's choice, applied after init_from
 
 
 def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:

@@ -25,7 +25,7 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
     """(ModelConfig, eval-mode decoder with the checkpoint's weights) of the checkpoint at `path`."""
     import torch
 
-    from llmtrain.models import build_model
+    from llmtrain.models.converters import build_converted_model
     from llmtrain.models.registry import FAMILIES, family_of
     from llmtrain.parallel.consolidate import load_model_weights
 
@@ -35,7 +35,7 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
         raise ValueError(f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
                          f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)})")
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_converted_model(cfg)  # the checkpoint's converters too: their parameters are in weights
     model.load_state_dict(weights, assign=True)
     if cfg.tie_embeddings:  # assign=True replaces the shared Parameter object per name: tie again
         model.lm_head.weight = model.wte.weight

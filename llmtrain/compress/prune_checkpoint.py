@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from llmtrain.compress.config import PruneConfig
+from llmtrain.errors import UserError
 
 
 def load_prune_recipe(path: str | None, overrides: list[str]) -> PruneConfig:
@@ -66,6 +67,9 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path, replace: bo
 
     check_output(out, replace)
     model_cfg, weights = load_model_weights(checkpoint)
+    if model_cfg.converters:
+        raise UserError(f"{checkpoint}: pruning reads plain models, and this one was converted (model.converters="
+                        f"{model_cfg.converters}); prune its unconverted source")
     model_cfg = dataclasses.replace(model_cfg, init_from=None)
     cfg = source_config(checkpoint, model_cfg)
     model = build_model(model_cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
@@ -77,6 +77,8 @@ class ModelConfig(metaclass=_ByArch):
     init_std: float = 0.02
     # Checkpoint or run directory whose weights initialise the model (fresh optimizer and step 0).
     init_from: str | None = None
+    # Model converters applied in this order to the plain model after init_from (llmtrain/models/converters.py).
+    converters: list[str] = field(default_factory=list)
     # Epsilon of the normalisation layers (BERT uses 1e-12; 1e-5 is torch's LayerNorm default).
     norm_eps: float = 1e-5
     # Feed-forward hidden width; None means 4 * n_embd.

@@ -14,7 +14,6 @@ memory. A consolidated directory is itself accepted by `load_model_weights` and 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Iterator
 
@@ -24,8 +23,9 @@ import yaml
 from llmtrain.errors import CheckpointError
 from llmtrain.model_dir import (CONFIG, WEIGHTS, check_output, model_config_yaml, stream_weights, write_config_text,
                                 writing)
-from llmtrain.models import ModelConfig, build_model
+from llmtrain.models import ModelConfig
 from llmtrain.models.config import model_config_from_dict
+from llmtrain.models.converters import build_converted_model
 
 CONSOLIDATED, CONFIG = WEIGHTS, CONFIG  # the model directory's file names
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,6 +59,10 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
         ckpt_cfg, weights = iter_model_weights(path)
     except ValueError as exc:
         raise CheckpointError(f"model.init_from: {exc}") from None
+    if ckpt_cfg.converters:  # init_from runs before the converters (llmtrain/models/converters.py)
+        raise CheckpointError(f"model.init_from={path}: that model was converted (model.converters="
+                              f"{ckpt_cfg.converters}) and init_from loads a plain model's weights before this run's "
+                              f"converters are applied; initialise from its unconverted source, or resume the run")
     params = dict(model.named_parameters())
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
@@ -149,7 +153,7 @@ def _model_config(config_file: Path) -> ModelConfig:
 def _plain_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Each parameter's first name and shape, in the model's order (built on the meta device: no memory)."""
     with torch.device("meta"):
-        model = build_model(dataclasses.replace(cfg, init_from=None))
+        model = build_converted_model(cfg)  # converters' parameters are the checkpoint's too
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
@@ -183,7 +187,7 @@ def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
 def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add the second name of each tied parameter (e.g. lm_head.weight) pointing at the same tensor."""
     with torch.device("meta"):
-        model = build_model(dataclasses.replace(cfg, init_from=None))
+        model = build_converted_model(cfg)
     first = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -97,6 +97,10 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         padded = init_model_from(model, cfg.model.init_from)
         print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0"
                + (f"; vocabulary padded to {cfg.model.vocab_size} rows in {', '.join(padded)}" if padded else ""))
+    if cfg.model.converters:  # after init_from, before any parallelism (llmtrain/models/converters.py)
+        from llmtrain.models.converters import apply_converters
+
+        print0(f"model converters applied: {', '.join(apply_converters(model, cfg.model))}")
     if hasattr(objective, "attach"):  # an objective's own trainable modules (distillation's projections)
         objective.attach(model)  # join the model: the engine trains, checkpoints and resumes them too
     throughput = build_throughput(cfg, model, info.device, info.world_size)

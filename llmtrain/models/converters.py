@@ -1,0 +1,99 @@
+"""Model converters: named transformations of the plain model, listed in `model.converters`.
+
+A converter swaps or adds modules of the plain single-device model (quantised linears, LoRA adapters,
+MoE layers) before any parallelism is applied. The order is fixed, everywhere a model is built:
+
+    build_model -> init_weights -> model.init_from -> converters (in list order)
+      -> tensor parallel -> activation checkpointing -> compile -> engine (ZeRO / pipeline)
+
+so a converter sees a plain, initialised model with its pre-trained weights (LoRA on a base), and every
+parallel layout sees the converted one. Parameters a converter adds are ordinary parameters of the plain
+model: they get plain names (`blocks.0.attn.qkv.lora_a`), train, go into the layout-independent
+checkpoint and come back through `load_model_weights`, because every reader rebuilds the model from the
+checkpoint's config.yaml, which lists the same converters (`build_converted_model`).
+
+Register a converter under a name; `model.converters: [name, ...]` picks it:
+
+    def factory(model_cfg) -> Callable[[nn.Module], None]:   # reads its settings from the model config
+        def convert(model): ...                               # in place, on the plain model
+        return convert
+    register_converter("my_lora", factory)
+
+A name `package.module:factory` needs no registration: it is imported and registered on first use (so
+launcher processes find it without importing it themselves).
+
+What a converter must do:
+- Work in place and on the meta device too (readers build the model on "meta" to learn its names and
+  shapes): create new tensors on the device and dtype of the ones they sit beside, and initialise them
+  from `torch`'s global RNG (the trainer seeds it), so every rank and layout gets the same values.
+- Keep the names of what it replaces: a quantised linear that subclasses `nn.Linear` keeps `.weight`, so
+  `model.init_from`, the tensor-parallel plans (which match module names and accept `nn.Linear`
+  subclasses) and pruning still find it.
+- Freeze with `requires_grad_(False)`: the optimizer leaves frozen parameters out. (The layout-independent
+  checkpoint stores trainable parameters only today; a converter that freezes base weights, such as
+  LoRA, must extend `universal.py` to store them as weights without optimizer state.)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from torch import nn
+
+from llmtrain.errors import UserError
+
+Convert = Callable[[nn.Module], None]
+ConverterFactory = Callable[[Any], Convert]  # model config -> convert(model), in place
+
+_REGISTRY: dict[str, ConverterFactory] = {}
+
+
+def register_converter(name: str, factory: ConverterFactory) -> None:
+    """Make `factory` available as `model.converters: [name]`. Registering another factory under a
+    taken name is an error (two plugins must not silently replace each other)."""
+    if _REGISTRY.get(name, factory) is not factory:
+        raise ValueError(f"a model converter named {name!r} is already registered ({_REGISTRY[name]!r})")
+    _REGISTRY[name] = factory
+
+
+def registered_converters() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def converter(name: str) -> ConverterFactory:
+    """The factory registered as `name` (a `module:attr` name is imported and registered first)."""
+    if name not in _REGISTRY and ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"model.converters: cannot import {name!r} ({exc}); give 'package.module:factory' "
+                            f"of an importable module") from None
+        register_converter(name, factory)
+    if name not in _REGISTRY:
+        known = ", ".join(registered_converters()) or "none registered"
+        raise UserError(f"model.converters: unknown converter {name!r} (known: {known}); register it with "
+                        f"llmtrain.models.converters.register_converter before the model is built, or name it "
+                        f"as 'package.module:factory'")
+    return _REGISTRY[name]
+
+
+def apply_converters(model: nn.Module, model_cfg: Any) -> list[str]:
+    """Apply `model_cfg.converters` to the plain `model` in list order; returns the names applied."""
+    names = list(getattr(model_cfg, "converters", None) or [])
+    for name in names:
+        converter(name)(model_cfg)(model)
+    return names
+
+
+def build_converted_model(model_cfg: Any) -> nn.Module:
+    """The plain model of `model_cfg` with its converters applied, not initialised: what a checkpoint of
+    that config holds (readers load its weights into it). Works under `torch.device("meta")`."""
+    import dataclasses
+
+    from llmtrain.models import build_model
+
+    model = build_model(dataclasses.replace(model_cfg, init_from=None))
+    apply_converters(model, model_cfg)
+    return model
