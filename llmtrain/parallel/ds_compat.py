@@ -47,6 +47,10 @@ REQUIRED: tuple[tuple[str, str, str, str], ...] = (
     ("deepspeed.runtime.zero.partition_parameters", "", "ds_numel", "set"),
     ("deepspeed.runtime.zero.partition_parameters", "", "ds_tensor", "set"),
     ("deepspeed.runtime.pipe.module", "", "ds_pipe_replicated", "set"),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "forward_funcs", "set"),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "parts", "set"),
+    ("deepspeed.runtime.pipe.engine", "PipelineEngine", "grid", "set"),
+    ("deepspeed.runtime.pipe.engine", "PipelineEngine", "num_stages", "set"),
 )
 
 
@@ -183,6 +187,16 @@ def replace_fp32_clipping(engine: Any, clip: Callable[[], None]) -> None:
     """Make the engine's ZeRO-0 fp32 gradient clipping call `clip` instead of its own."""
     _require(engine, "clip_fp32_gradients", "DeepSpeedEngine")
     engine.clip_fp32_gradients = clip
+
+
+def stage_layers(module: Any) -> list[Any]:
+    """The callables of this rank's pipeline stage, in order (PipelineModule's `forward_funcs`)."""
+    return _require(module, "forward_funcs", "PipelineModule")
+
+
+def stage_boundaries(module: Any) -> list[int]:
+    """Layer index where each stage starts, plus the end (PipelineModule's `parts`)."""
+    return _require(module, "parts", "PipelineModule")
 
 
 def is_pipe_replicated(param: torch.nn.Parameter) -> bool:

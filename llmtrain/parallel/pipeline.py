@@ -27,7 +27,7 @@ from torch import nn
 from llmtrain.models.objective import Objective, local_loss, pop_metrics as objective_metrics
 from llmtrain.models.registry import family_of
 from llmtrain.models.spec import PipelineSplit
-from llmtrain.parallel.ds_compat import replace_fp32_clipping
+from llmtrain.parallel.ds_compat import replace_fp32_clipping, stage_boundaries, stage_layers
 from llmtrain.parallel.layout import ParallelDims, model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
@@ -54,7 +54,8 @@ def build_pipeline_module(split: PipelineSplit, dims: ParallelDims, partition: s
         raise ValueError(f"pipeline partition must be one of {', '.join(PARTITIONS)}; got {partition!r}")
     layers = split.layers
     module = pipeline_module(layers, dims.ds_topology(), loss_fn=loss_fn, partition_method=PARTITIONS[partition])
-    stages = "; ".join(f"stage {i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(zip(module.parts, module.parts[1:])))
+    parts = stage_boundaries(module)
+    stages = "; ".join(f"stage {i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(zip(parts, parts[1:])))
     print0(f"pipeline partition by {partition} of {len(layers)} layers ({split.legend}): {stages}")
     return module
 
@@ -156,7 +157,7 @@ class PipelineRunner:
             if self.stage > 0:
                 x = torch.empty(B, T, self._width, device=self.device, dtype=_act_dtype(engine))
                 dist.recv(x, src=grid.stage_to_global(stage_id=self.stage - 1, data=self.dp_rank, **_model_kw(grid)))
-            for layer in module.forward_funcs:
+            for layer in stage_layers(module):
                 x = layer(x)
             x = full_logits(x) if self.stage == self.num_stages - 1 else x
             if self.stage < self.num_stages - 1:
