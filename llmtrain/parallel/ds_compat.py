@@ -209,6 +209,11 @@ def zero3_full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
     return tuple(param.ds_shape)
 
 
+def full_numel(param: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 has partitioned it (its `numel()` is then 0)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def zero3_numel(param: torch.nn.Parameter) -> tuple[int, int]:
     """(elements of this rank's partition, elements of the whole parameter)."""
     return param.ds_tensor.numel(), param.ds_numel

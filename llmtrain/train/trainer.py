@@ -197,7 +197,9 @@ def build_model_for(cfg: Config, vocab_size: int) -> torch.nn.Module:
 
 
 def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Module) -> None:
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves numel() 0
+    from llmtrain.parallel.ds_compat import full_numel
+
+    n = sum(full_numel(p) for p in model.parameters())  # ZeRO-3 leaves numel() 0
     print0(
         f"llmtrain | model {cfg.model.name} {n / 1e6:.2f}M params | world {derived.world_size} "
         f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}) on {info.device.type}/{info.backend} | "

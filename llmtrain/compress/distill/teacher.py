@@ -20,7 +20,7 @@ def load_teacher(path: str, precision: str, device: torch.device, zero_stage: in
     (collective: every rank calls it) returns a ZeRO-3 inference engine around it instead of a whole module."""
     import tempfile
 
-    from llmtrain.models import build_model
+    from llmtrain.models.converters import build_converted_model
     from llmtrain.parallel.consolidate import iter_model_weights, load_model_weights
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -36,7 +36,7 @@ def load_teacher(path: str, precision: str, device: torch.device, zero_stage: in
             cfg, state = load_model_weights(path)
     except ValueError as exc:
         raise ValueError(f"distill.teacher: {exc}") from None
-    teacher = build_model(cfg)
+    teacher = build_converted_model(cfg)  # with the checkpoint's converters: their weights are in `state`
     teacher.load_state_dict(state)
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg
 
@@ -47,9 +47,9 @@ def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tenso
     built partitioned (each rank allocates only its part of every parameter), the checkpoint copied in one
     parameter at a time (gathered, written by rank 0, re-partitioned); its hooks gather each module's
     parameters for its forward. `overrides` are parallel.deepspeed_overrides."""
-    import dataclasses
 
-    from llmtrain.models import build_model
+    from llmtrain.models.converters import build_converted_model
+    from llmtrain.parallel.ds_compat import zero3_full_shape, zero3_numel, zero3_partition_dtype
     from llmtrain.parallel.engine import zero3_inference_engine
     from llmtrain.utils import rank
 
@@ -59,7 +59,7 @@ def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tenso
         with torch.no_grad():
             for name, tensor in weights:
                 p = params.get(name)
-                if p is None or tuple(p.ds_shape) != tuple(tensor.shape):
+                if p is None or zero3_full_shape(p) != tuple(tensor.shape):
                     raise CheckpointError(f"{path}: parameter '{name}' {tuple(tensor.shape)} does not fit the "
                                           f"teacher built from its own config; the checkpoint is inconsistent")
                 with gathered([p]):
@@ -70,12 +70,10 @@ def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tenso
         if missing:
             raise CheckpointError(f"{path} has no weight for '{missing[0]}'; it is incomplete")
 
-    engine = zero3_inference_engine(lambda: build_model(dataclasses.replace(cfg, init_from=None)), fill, dtype,
-                                    overrides)
+    engine = zero3_inference_engine(lambda: build_converted_model(cfg), fill, dtype, overrides)
     teacher = engine.module
-    local = sum(p.ds_tensor.numel() for p in teacher.parameters())
-    total = sum(p.ds_numel for p in teacher.parameters())
-    kind = next(teacher.parameters()).ds_tensor.dtype
+    local, total = (sum(n) for n in zip(*(zero3_numel(p) for p in teacher.parameters())))
+    kind = zero3_partition_dtype(next(teacher.parameters()))
     print(f"teacher ZeRO-3: rank {rank()} holds {local} of {total} teacher parameter elements ({kind})", flush=True)
     return engine
 
