@@ -51,6 +51,12 @@ REQUIRED: tuple[tuple[str, str, str, str], ...] = (
     ("deepspeed.runtime.pipe.module", "PipelineModule", "parts", "set"),
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "grid", "set"),
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "num_stages", "set"),
+    (*_Z12, "loss_scaler", "set"),
+    ("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer", "loss_scale_config", "set"),
+    ("deepspeed.runtime.fp16.loss_scaler", "", "cur_scale", "set"),
+    ("deepspeed.runtime.fp16.loss_scaler", "", "cur_iter", "set"),
+    ("deepspeed.runtime.fp16.loss_scaler", "", "last_overflow_iter", "set"),
+    ("deepspeed.runtime.fp16.loss_scaler", "", "cur_hysteresis", "set"),
 )
 
 
@@ -177,6 +183,16 @@ def global_steps(engine: Any) -> int:
 def set_global_steps(engine: Any, step: int) -> None:
     _require(engine, "global_steps", "DeepSpeedEngine")
     engine.global_steps = step
+
+
+# The fp16 dynamic loss scaler's position: what the layout-independent checkpoint records of it
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler(engine: Any) -> Any:
+    """The engine's fp16 loss scaler (ZeRO optimizers: `loss_scaler`; the fp16 optimizer: `loss_scale_config`)."""
+    opt = engine.optimizer
+    return getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
 
 
 # ---------------------------------------------------------------------------------------------

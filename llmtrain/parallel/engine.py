@@ -430,27 +430,19 @@ def adam_step(engine: Any) -> int:
     return 0
 
 
-_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-
-
-def _loss_scaler(engine: Any) -> Any:
-    opt = engine.optimizer
-    return getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
-
-
 def get_loss_scaler(engine: Any) -> dict[str, Any] | None:
     """The fp16 dynamic loss scaler's position (None without fp16), for meta.json."""
-    scaler = _loss_scaler(engine) if engine.fp16_enabled() else None
+    scaler = ds_compat.loss_scaler(engine) if engine.fp16_enabled() else None
     if scaler is None:
         return None
     return {k: (v.item() if isinstance(v, torch.Tensor) else v)
-            for k in _SCALER_FIELDS if isinstance(v := getattr(scaler, k, None), (int, float, torch.Tensor))}
+            for k in ds_compat.LOSS_SCALER_FIELDS if isinstance(v := getattr(scaler, k, None), (int, float, torch.Tensor))}
 
 
 def set_loss_scaler(engine: Any, saved: dict[str, Any] | None) -> None:
-    scaler = _loss_scaler(engine) if saved and engine.fp16_enabled() else None
+    scaler = ds_compat.loss_scaler(engine) if saved and engine.fp16_enabled() else None
     for k, v in (saved or {}).items():
-        if scaler is not None and k in _SCALER_FIELDS:
+        if scaler is not None and k in ds_compat.LOSS_SCALER_FIELDS:
             setattr(scaler, k, v)
 
 
