@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -22,21 +23,41 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 class LlmtrainLM(TemplateLM):
     """lm-eval backend over a decoder `model` (ids -> logits) with window `block_size` and an llmtrain
-    tokenizer (`encode`, `decode`, `eos_id`). Requests run `batch_size` at a time, longest first."""
+    tokenizer (`encode`, `decode`, `eos_id`). Requests run `batch_size` at a time, longest first.
+
+    With `shard` and torch.distributed up, each rank holds a whole model and lm-eval gives it every
+    world_size-th document; the per-document metrics are gathered on rank 0 (the only rank with results).
+    Without it (a training runner's collective forward) every rank runs every request."""
 
     def __init__(self, model: Callable[..., torch.Tensor], tokenizer: Any, block_size: int, device: str | torch.device,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, shard: bool = False) -> None:
         super().__init__()
         self.model, self.tokenizer, self.block_size = model, tokenizer, block_size
         self._device, self.batch_size = torch.device(device), batch_size
+        if shard and dist.is_available() and dist.is_initialized():
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", batch_size: int = 8) -> "LlmtrainLM":
+    def from_checkpoint(cls, path: str, device: str = "cpu", batch_size: int = 8, shard: bool = True) -> "LlmtrainLM":
         """Any model `llmtrain eval` reads: run, checkpoint, consolidated, pruned or imported directory."""
         from llmtrain.inference import checkpoint_tokenizer, load_decoder
 
         cfg, model = load_decoder(path, device)
-        return cls(model, checkpoint_tokenizer(path), cfg.block_size, device, batch_size)
+        return cls(model, checkpoint_tokenizer(path), cfg.block_size, device, batch_size, shard)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world_size, ...) of every rank's `tensor` (lm-eval pads ranks with fewer requests by it)."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
 
     @property
     def eot_token_id(self) -> int:

@@ -129,18 +129,45 @@ def write_results(results: dict[str, Any], out: str | Path) -> Path:
 
 
 def cmd_eval_tasks(args: Any) -> int:
-    """`llmtrain eval MODEL --tasks TASKS`: a results table on stdout and the full results as JSON."""
-    from llmtrain.inference import _device
-
+    """`llmtrain eval MODEL --tasks TASKS`: a results table on stdout and the full results as JSON. Under
+    torchrun (WORLD_SIZE > 1) each rank loads the model and scores its share of the documents."""
     task_manager(args.tasks)  # unknown names fail before the model loads
     from lm_eval.utils import make_table
 
     from llmtrain.evaluation.harness import LlmtrainLM
 
-    lm = LlmtrainLM.from_checkpoint(args.checkpoint, _device(args.device), args.batch_size)
-    results = evaluate_tasks(lm, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                             bootstrap_iters=args.bootstrap_iters)
+    with _ranks(args.device) as device:
+        lm = LlmtrainLM.from_checkpoint(args.checkpoint, device, args.batch_size)
+        results = evaluate_tasks(lm, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                 bootstrap_iters=args.bootstrap_iters)
+    if results is None:  # not rank 0: it sent its metrics there
+        return 0
     print(make_table(results))
     out = write_results(results, args.output)
     print(f"results: {out}")
     return 0
+
+
+@contextmanager
+def _ranks(device: str) -> Iterator[str]:
+    """This rank's device, with a process group for the duration when launched with WORLD_SIZE > 1."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from llmtrain.inference import _device
+
+    device = _device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield device
+        return
+    on_gpu = device.startswith("cuda")
+    if on_gpu and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()

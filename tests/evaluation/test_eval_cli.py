@@ -4,9 +4,13 @@ exit 2; the offline tasks are current and hold only passages the bundled trainin
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
+import pytest
+
 from conftest import need_lm_eval
+from helpers import BIN, ROOT, env, free_port
 from llmtrain.cli import main
 
 
@@ -20,6 +24,24 @@ def test_eval_tasks_prints_a_table_and_writes_json(model_dir, local_tasks, tmp_p
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"llmtrain_next_verse", "local_cloze"}
     assert 0 <= results["llmtrain_next_verse"]["acc,none"] <= 1
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_rank_results(model_dir, local_tasks, tmp_path, capsys):
+    """torchrun with 2 ranks: each scores every other document, rank 0 gathers and writes the same metrics."""
+    need_lm_eval()
+    from llmtrain.evaluation.run import flat_metrics
+
+    args = ["eval", str(model_dir), "--tasks", str(local_tasks), "--device", "cpu", "--batch-size", "2"]
+    assert main([*args, "--output", str(tmp_path / "one.json")]) == 0
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "llmtrain.cli",
+           *args, "--output", str(tmp_path / "two.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1  # rank 0 alone prints and writes
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["results"]["local_choice"]["sample_len"] == 5
+    assert flat_metrics(two) == pytest.approx(flat_metrics(one), rel=1e-9)
 
 
 def test_unknown_task_is_one_line_exit_2(model_dir, capsys):
