@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory, tokenizer):
     """A tiny random GPT-2-flavour decoder with the bundled tokenizer, as an llmtrain model directory."""
     import torch
 
-    from llmtrain.interop.cli import write_model_dir
+    from llmtrain.interop.hf import write_model_dir
     from llmtrain.models import ModelConfig, build_model
 
     cfg = ModelConfig(name="gpt_debug", n_layer=2, n_head=2, n_embd=32, vocab_size=tokenizer.vocab_size, block_size=32)

@@ -104,7 +104,7 @@ def test_same_accuracies_as_lm_evals_hf_backend(lm, model_dir, local_tasks, tmp_
     from lm_eval.models.huggingface import HFLM
 
     from llmtrain.evaluation.run import evaluate_tasks, flat_metrics
-    from llmtrain.interop.cli import export_hf
+    from llmtrain.interop.hf import export_hf
 
     hf = HFLM(pretrained=str(export_hf(model_dir, tmp_path / "hf")), device="cpu", batch_size=3, dtype="float32")
     reqs = _instances("loglikelihood", PAIRS[:3])
