@@ -88,7 +88,8 @@ def _rng_kept() -> Iterator[None]:
     import torch
 
     states = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):  # lm-eval seeds torch (all devices) for few-shot sampling
         try:
             yield
         finally:

@@ -115,3 +115,24 @@ def test_same_accuracies_as_lm_evals_hf_backend(lm, model_dir, local_tasks, tmp_
     assert set(ours) >= {"local_choice_acc", "local_choice_acc_norm", "local_cloze_acc", "local_cloze_perplexity"}
     for key in ours:
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+
+
+def test_evaluate_tasks_leaves_the_global_rng_alone(lm, local_tasks):
+    """lm-eval seeds Python, numpy and torch; a run that scores train.eval_tasks must continue its own streams."""
+    import random
+
+    import numpy as np
+
+    from llmtrain.evaluation.run import evaluate_tasks
+
+    def draw() -> tuple[float, float, float]:
+        return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+    def seed() -> None:
+        torch.manual_seed(5), random.seed(5), np.random.seed(5)
+
+    seed()
+    evaluate_tasks(lm, str(local_tasks / "local_cloze.yaml"), limit=2)
+    after = draw()
+    seed()
+    assert after == draw()
