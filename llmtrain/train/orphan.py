@@ -23,7 +23,7 @@ from pathlib import Path
 ORPHAN_GRACE_S = 60.0  # time an orphaned rank has to finish its stop checkpoint before it exits hard
 # argv entries (basenames) that mark a launcher process; our own entry scripts are not among them
 LAUNCHERS = {"torchrun", "torch.distributed.run", "torch.distributed.launch", "deepspeed",
-             "deepspeed.launcher.launch", "deepspeed.launcher.runner", "accelerate", "torchrun.py"}
+             "deepspeed.launcher.launch", "deepspeed.launcher.runner", "accelerate", "torchrun.py", "deepspeed_run.py"}
 # set in a rank's environment by torchrun/accelerate (the elastic agent) and by deepspeed's launch.py
 LAUNCHED_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE")
 PR_SET_PDEATHSIG = 1
