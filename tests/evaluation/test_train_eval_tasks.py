@@ -3,20 +3,32 @@ stops the run before step 1 with one line, exit 2."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from conftest import need_lm_eval
 from helpers import read_metrics, train
+from llmtrain.cli import main
 
 
-def test_eval_tasks_appear_in_eval_records(local_tasks, tmp_path):
+def test_eval_tasks_appear_in_eval_records(local_tasks, tmp_path, capsys):
+    """... and the final record equals `llmtrain eval RUN --tasks` on the checkpoint saved right after it."""
     need_lm_eval()
-    out = tmp_path / "run"
-    train(out, "train.max_steps=2", "train.eval_interval=1", "train.eval_tasks_limit=3",
-          f"train.eval_tasks=[llmtrain_next_verse,{local_tasks / 'local_cloze.yaml'}]")
+    from llmtrain.evaluation.run import flat_metrics
+
+    out, tasks = tmp_path / "run", f"llmtrain_next_verse,{local_tasks / 'local_cloze.yaml'}"
+    train(out, "train.max_steps=2", "train.eval_interval=1", "train.eval_tasks_limit=3", f"train.eval_tasks=[{tasks}]")
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [1, 2]  # step 1 by eval_interval, step 2 the final eval
     for r in evals:
         assert 0 <= r["eval_llmtrain_next_verse_acc"] <= 1 and 0 <= r["eval_local_cloze_acc"] <= 1
         assert r["eval_llmtrain_next_verse_acc_norm"] >= 0 and r["eval_local_cloze_perplexity"] > 0
+    assert main(["eval", str(out), "--tasks", tasks, "--limit", "3", "--device", "cpu",
+                 "--output", str(tmp_path / "r.json")]) == 0
+    standalone = flat_metrics(json.loads((tmp_path / "r.json").read_text()))
+    assert {f"eval_{k}": v for k, v in standalone.items()} == pytest.approx(
+        {k: v for k, v in evals[-1].items() if k.startswith(("eval_llmtrain", "eval_local"))}, rel=1e-4)
 
 
 def test_unknown_eval_task_fails_before_training(tmp_path):
