@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import random
@@ -34,7 +35,9 @@ def split_tasks(spec: str | list[str]) -> tuple[list[str], list[str]]:
     names, paths = [], []
     for item in items:
         p = Path(item).expanduser()
-        if p.suffix in (".yaml", ".yml") and p.is_file():
+        if p.suffix in (".yaml", ".yml") and not p.is_file():
+            raise UserError(f"--tasks {item}: no such task YAML file")
+        if p.suffix in (".yaml", ".yml"):
             paths.append(str(p.parent.resolve()))
             names.append(yaml_task(p) or p.stem)
         elif p.is_dir():
@@ -65,20 +68,28 @@ def task_manager(spec: str | list[str]) -> tuple[Any, list[str]]:
     """(lm-eval TaskManager that knows the offline tasks and the given paths, task names), or UserError
     naming every unknown task, the nearest known names and where the list is."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     names, paths = split_tasks(spec)
     if not names:
         raise UserError("--tasks is empty: give lm-eval task names (comma-separated) or a path to task YAMLs")
-    tm = TaskManager(include_path=[str(TASKS_DIR), *paths])
+    tm = _manager(tuple(paths), defaults=False)  # indexing lm-eval's own ~15k task YAMLs takes seconds
+    if not all(n in tm.all_tasks for n in names):
+        tm = _manager(tuple(paths), defaults=True)
     known = set(tm.all_tasks)
     unknown = [n for n in names if n not in known and not tm.match_tasks([n])]
     if unknown:
         near = sorted({m for n in unknown for m in difflib.get_close_matches(n, known, n=3)})
         raise UserError(f"unknown task(s) {', '.join(unknown)}" + (f" (did you mean {', '.join(near)}?)" if near else "")
-                        + "; `lm_eval ls tasks` lists lm-eval's tasks, the offline ones are "
+                        + "; `lm-eval ls tasks` lists lm-eval's tasks, the offline ones are "
                         + ", ".join(sorted(t for t in (yaml_task(y) for y in TASKS_DIR.glob('*.yaml')) if t)))
     return tm, names
+
+
+@functools.lru_cache(maxsize=8)
+def _manager(paths: tuple[str, ...], defaults: bool) -> Any:
+    """One TaskManager per set of paths for the process (a run scores its tasks at every evaluation)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(TASKS_DIR), *paths], include_defaults=defaults)
 
 
 @contextmanager
