@@ -111,10 +111,11 @@ class LlmtrainLM(TemplateLM):
             ids = torch.zeros(len(chunk), max(len(w) - 1 for w in wholes), dtype=torch.long)
             for row, whole in enumerate(wholes):
                 ids[row, :len(whole) - 1] = torch.tensor(whole[:-1])
-            logp = F.log_softmax(self.model(ids.to(self.device)).float(), dim=-1)  # (B, T, V)
+            logits = self.model(ids.to(self.device))  # (B, T, V)
             for row, i in enumerate(chunk):
                 cont, end = pieces[i][1], len(wholes[row]) - 1
-                lp = logp[row, end - len(cont):end]  # (n, V): the positions that predict the continuation
+                # (n, V): only the positions that predict the continuation (a full (B, T, V) in fp32 is big)
+                lp = F.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)
                 target = torch.tensor(cont, device=lp.device)
                 out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return out
