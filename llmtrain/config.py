@@ -366,6 +366,21 @@ def _check_model_family(cfg: Config) -> None:
     problems = family.check(cfg.model, cfg.data, cfg.parallel.pp)
     if problems:
         raise ConfigError(problems[0])
+    _check_model_shape(cfg)
+
+
+def _check_model_shape(cfg: Config) -> None:
+    """Build the model on the meta device (no memory, no weights): a shape its modules refuse (model.n_head
+    not dividing model.n_embd, an odd rotary head size, ...) is a config error here, before anything runs."""
+    import torch
+
+    from llmtrain.errors import UserError
+
+    try:
+        with torch.device("meta"):
+            family_of(cfg.model).build(cfg.model)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive(value: int, key: str) -> None:

@@ -32,7 +32,7 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
     cfg, weights = load_model_weights(path)
     family = family_of(cfg)
     if not family.generative:
-        raise ValueError(f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
+        raise UserError(f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
                          f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)})")
     with torch.device("meta"):
         model = build_converted_model(cfg)  # the checkpoint's converters too: their parameters are in weights
@@ -72,7 +72,7 @@ def _saved_config(ckpt: Path) -> Any:
     from llmtrain.config import load_config
 
     if not (ckpt / "config.yaml").is_file():
-        raise ValueError(f"{ckpt} has no config.yaml; pass a checkpoint written by llmtrain")
+        raise UserError(f"{ckpt} has no config.yaml; pass a checkpoint written by llmtrain")
     return load_config(ckpt / "config.yaml")
 
 
@@ -93,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else checkpoint_tokenizer(args.checkpoint)
     ids = tok.encode(args.prompt)
     if not ids:
-        raise ValueError("--prompt encodes to no tokens; give at least one character")
+        raise UserError("--prompt encodes to no tokens; give at least one character")
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, prompt, args.max_new_tokens, cfg.block_size, temperature=args.temperature,
@@ -136,14 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(data_cfg, seq_len=seq_len, seed=0, micro_batch_size=args.batch_size, grad_accum=1,
                       dp_rank=0, dp_size=1)
     if data.vocab_size > cfg.vocab_size:
-        raise ValueError(f"--data {args.data}: its tokenizer has {data.vocab_size} tokens but the model only "
+        raise UserError(f"--data {args.data}: its tokenizer has {data.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
     try:
         expected = checkpoint_tokenizer(args.checkpoint).hash
     except ValueError:
         expected = None  # no recorded tokenizer: trust the caller
     if expected is not None and data.tokenizer.hash != expected:
-        raise ValueError(f"--data {args.data} was tokenized with a different tokenizer (hash {data.tokenizer.hash}) "
+        raise UserError(f"--data {args.data} was tokenized with a different tokenizer (hash {data.tokenizer.hash}) "
                          f"than the checkpoint's ({expected}); prepare it with the checkpoint's tokenizer")
     loss, n = perplexity_on(model, data.val_batches(args.batches), device)
     print(f"eval {args.checkpoint} on {args.data}: {n:,} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.2f}")

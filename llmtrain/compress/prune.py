@@ -26,6 +26,7 @@ from torch import nn
 from llmtrain.compress.config import PruneConfig
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.models.registry import family_of
+from llmtrain.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,9 +59,9 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
                               ("n_kv_head", new_nkv, nkv), ("n_embd", new["n_embd"], cfg.n_embd),
                               ("intermediate_size", new["intermediate_size"], ffn_width(cfg))):
         if not 1 <= value <= limit:
-            raise ValueError(f"prune recipe: {key}={value} must be between 1 and the model's {limit}")
+            raise UserError(f"prune recipe: {key}={value} must be between 1 and the model's {limit}")
     if new_nh != new_nkv * group:
-        raise ValueError(f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
+        raise UserError(f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
                          f"{group} query heads per kv head; pick n_head as a multiple of {group} "
                          f"(kv groups are pruned whole)")
     family_of(cfg).prune_target(cfg, new, p)  # a family may fix a width its config leaves implicit
@@ -70,7 +71,7 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
         new["n_kv_head"] = new_nkv
     if new_nh * hs != new["n_embd"] or getattr(cfg, "head_dim", None):
         if not hasattr(cfg, "head_dim"):
-            raise ValueError(f"prune recipe: {new_nh} heads of {hs} != n_embd={new['n_embd']}, and this model "
+            raise UserError(f"prune recipe: {new_nh} heads of {hs} != n_embd={new['n_embd']}, and this model "
                              f"has no model.head_dim to decouple them; prune n_head and n_embd by the same factor")
         new["head_dim"] = hs
     return dataclasses.replace(cfg, **new)
@@ -161,7 +162,7 @@ def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[
             h.remove()
         model.train(was_training)
     if tokens[0] == 0:
-        raise ValueError("activation importance needs at least one calibration batch (prune recipe: calib_batches)")
+        raise UserError("activation importance needs at least one calibration batch (prune recipe: calib_batches)")
     for t in (imp.layers, imp.heads, imp.channels, imp.hidden):
         t /= tokens[0]
     return imp
@@ -227,7 +228,7 @@ def _axes(name: str, cfg: ModelConfig) -> tuple[str, tuple[str | None, ...]]:
     family = family_of(cfg)
     table = family.prune_block_axes if m else family.prune_top_axes
     if suffix not in table:
-        raise ValueError(f"pruning does not know the parameter {name!r} of model.arch={family.name}; add it to "
+        raise UserError(f"pruning does not know the parameter {name!r} of model.arch={family.name}; add it to "
                          f"the family's prune axes (llmtrain/models/{family.name}/family.py)")
     return suffix, table[suffix]
 
@@ -267,7 +268,7 @@ def prune(model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, imp: Importan
         raise AssertionError(f"pruned state_dict mismatch: {sorted(set(state) ^ set(shapes))}")
     for name, tensor in state.items():
         if tensor.shape != shapes[name]:  # a family that derives a width instead of reading the config
-            raise ValueError(f"a {family_of(new).name} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
+            raise UserError(f"a {family_of(new).name} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
                              f"{tuple(tensor.shape)}: this family does not take that target from its config; "
                              f"leave that prune key unset (e.g. intermediate_size for BERT, whose MLP is 4 * n_embd)")
     return new, state

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import Any
+from llmtrain.errors import UserError
 
 def _modules(adapters: tuple[str, ...] | None = None) -> list[ModuleType]:
     """The adapter modules of every model family (its spec's `hf_adapters`), or of the ones given."""
@@ -46,7 +47,7 @@ def family_for_config(model_cfg: Any) -> ModuleType:
     for mod in _modules(family.hf_adapters):
         if mod.exports(model_cfg):
             return mod
-    raise ValueError(
+    raise UserError(
         f"model.arch={family.name} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
         f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned or "
         f"sinusoidal positions, layernorm, gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT")
@@ -59,7 +60,7 @@ def family_for_hf(model_type: str) -> ModuleType:
         if model_type in mod.HF_MODEL_TYPES:
             return mod
     known = sorted(t for m in mods for t in m.HF_MODEL_TYPES)
-    raise ValueError(f"Hugging Face model_type '{model_type}' cannot be imported; known: {', '.join(known)}")
+    raise UserError(f"Hugging Face model_type '{model_type}' cannot be imported; known: {', '.join(known)}")
 
 
 def size_name(model_cfg: Any, default: str) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig
+from llmtrain.errors import UserError
 
 HF_MODEL_TYPES = ("bert",)
 # An export's tokenizer adds [CLS] A [SEP] (B [SEP]) and returns token_type_ids, as BERT's tokenizers do.
@@ -56,7 +57,7 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     from transformers import BertConfig
 
     if c.num_labels:
-        raise ValueError(f"model.num_labels={c.num_labels}: export-hf writes BertForPreTraining; export the "
+        raise UserError(f"model.num_labels={c.num_labels}: export-hf writes BertForPreTraining; export the "
                          "pre-trained model (num_labels=0), a classifier head has no place in it")
     cfg = BertConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
                      num_attention_heads=c.n_head, intermediate_size=c.intermediate_size or 4 * c.n_embd,
@@ -80,9 +81,9 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
 
 def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if cfg.hidden_act != "gelu":
-        raise ValueError(f"BERT import: activation '{cfg.hidden_act}' is not the exact (erf) GELU llmtrain uses")
+        raise UserError(f"BERT import: activation '{cfg.hidden_act}' is not the exact (erf) GELU llmtrain uses")
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"BERT import: position_embedding_type '{cfg.position_embedding_type}' is not supported; "
+        raise UserError(f"BERT import: position_embedding_type '{cfg.position_embedding_type}' is not supported; "
                          "llmtrain's BERT has absolute learned positions")
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     dropout = float(cfg.hidden_dropout_prob)

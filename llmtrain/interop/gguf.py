@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from llmtrain.errors import UserError
 
 # llama.cpp tensor name -> transformers Llama name ({i} = layer)
 _NAMES = {
@@ -69,14 +70,14 @@ def _rope_scaling(meta: Any, path: str | Path) -> dict[str, Any] | None:
     factor = _f32(factor) if factor else 1.0
     if kind not in ("none", "linear"):
         orig = meta("llama.rope.scaling.original_context_length")
-        raise ValueError(f"{path}: {key} = '{kind}' (llama.rope.scaling.factor = {factor}"
+        raise UserError(f"{path}: {key} = '{kind}' (llama.rope.scaling.factor = {factor}"
                          + (f", llama.rope.scaling.original_context_length = {orig}" if orig is not None else "")
                          + f") is not supported: GGUF import maps the types 'none' and 'linear' only, and llmtrain "
                          f"implements no rotary scaling but linear and llama3 (a Hugging Face checkpoint with those "
                          f"imports through llmtrain import-hf HF_DIR OUT_DIR)")
     attn = meta("llama.rope.scaling.attn_factor", 1.0)
     if _f32(attn) != 1.0:  # llama.cpp multiplies the rotated q and k by it; transformers' linear / plain do not
-        raise ValueError(f"{path}: llama.rope.scaling.attn_factor = {_f32(attn)} is not supported (1 only): "
+        raise UserError(f"{path}: llama.rope.scaling.attn_factor = {_f32(attn)} is not supported (1 only): "
                          f"llmtrain's rotary has no such factor")
     if kind == "none" or factor == 1.0:  # llama.cpp never scales with type none, whatever the factor
         return None
@@ -97,9 +98,9 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
         return default if field is None else field.contents()
 
     if meta("general.architecture") != "llama":
-        raise ValueError(f"{path}: GGUF architecture '{meta('general.architecture')}' is not llama")
+        raise UserError(f"{path}: GGUF architecture '{meta('general.architecture')}' is not llama")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(f"{path}: tensor 'rope_freqs.weight' holds llama3 rope frequency factors (llama.cpp's form "
+        raise UserError(f"{path}: tensor 'rope_freqs.weight' holds llama3 rope frequency factors (llama.cpp's form "
                          f"of rope_scaling type llama3), which cannot be mapped back to rope_scaling's factor, "
                          f"low/high_freq_factor and original_max_position_embeddings; import the model's Hugging "
                          f"Face checkpoint instead: llmtrain import-hf HF_DIR OUT_DIR")
@@ -109,7 +110,7 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
     for t in tqdm(reader.tensors, desc="dequantise", unit="tensor", disable=None):
         hf = _hf_name(t.name)
         if hf is None:
-            raise ValueError(f"{path}: unexpected tensor '{t.name}' for a llama model")
+            raise UserError(f"{path}: unexpected tensor '{t.name}' for a llama model")
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists the fastest dim first
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
         if hf.endswith("q_proj.weight"):
@@ -134,7 +135,7 @@ def _tokenizer(meta: Any, path: str | Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     if meta("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{path}: tokenizer model '{meta('tokenizer.ggml.model')}' is not supported (byte-level "
+        raise UserError(f"{path}: tokenizer model '{meta('tokenizer.ggml.model')}' is not supported (byte-level "
                          f"BPE 'gpt2' only)")
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]

@@ -17,6 +17,7 @@ import torch
 from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig
 from llmtrain.models.gpt import SinusoidalPositions
+from llmtrain.errors import UserError
 
 HF_MODEL_TYPES = ("gpt2",)
 HF_ARCHITECTURE = "GPT2LMHeadModel"
@@ -43,10 +44,10 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     from transformers import GPT2Config
 
     if not exports(c):
-        raise ValueError("GPT-2 export needs model.pos=learned or sinusoidal, norm=layernorm, mlp=gelu, "
+        raise UserError("GPT-2 export needs model.pos=learned or sinusoidal, norm=layernorm, mlp=gelu, "
                          "n_kv_head=n_head and head_dim=n_embd/n_head")
     if not c.bias:
-        raise ValueError("GPT-2 has biases everywhere; export a model trained with model.bias=true")
+        raise UserError("GPT-2 has biases everywhere; export a model trained with model.bias=true")
     cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                      n_head=c.n_head, n_inner=c.intermediate_size, activation_function="gelu_new",
                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
@@ -67,9 +68,9 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
 
 def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"GPT-2 import: activation '{cfg.activation_function}' is not the tanh GELU llmtrain uses")
+        raise UserError(f"GPT-2 import: activation '{cfg.activation_function}' is not the tanh GELU llmtrain uses")
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):
-        raise ValueError("GPT-2 import: only the standard 1/sqrt(head size) attention scaling is supported")
+        raise UserError("GPT-2 import: only the standard 1/sqrt(head size) attention scaling is supported")
     sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
     tied = bool(getattr(cfg, "tie_word_embeddings", True))
     c = ModelConfig(name="gpt_debug", arch="gpt", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,

@@ -14,6 +14,7 @@ import torch
 
 from llmtrain.interop import size_name
 from llmtrain.models.config import ModelConfig, RopeScaling
+from llmtrain.errors import UserError
 
 HF_MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -35,7 +36,7 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     from transformers import LlamaConfig
 
     if not exports(c):
-        raise ValueError("Llama export needs model.pos=rope, norm=rmsnorm and mlp=swiglu")
+        raise UserError("Llama export needs model.pos=rope, norm=rmsnorm and mlp=swiglu")
     n_kv, hs = c.n_kv_head or c.n_head, c.head_dim or c.n_embd // c.n_head
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size or 4 * c.n_embd,
                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=n_kv,
@@ -75,10 +76,10 @@ def rope_of(cfg: Any) -> tuple[float, RopeScaling | None]:
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary, "
+        raise UserError(f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary, "
                          "linear and llama3 scaling only)")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("Llama import: partial_rotary_factor other than 1 is not implemented (llmtrain rotates "
+        raise UserError("Llama import: partial_rotary_factor other than 1 is not implemented (llmtrain rotates "
                          "every dimension of a head)")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     theta = float(theta if theta is not None else 10000.0)
@@ -95,11 +96,11 @@ def rope_of(cfg: Any) -> tuple[float, RopeScaling | None]:
 
 def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if cfg.hidden_act != "silu":
-        raise ValueError(f"Llama import: activation '{cfg.hidden_act}' is not the SiLU of SwiGLU")
+        raise UserError(f"Llama import: activation '{cfg.hidden_act}' is not the SiLU of SwiGLU")
     hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     bias = bool(getattr(cfg, "attention_bias", False))
     if bool(getattr(cfg, "mlp_bias", False)) != bias:
-        raise ValueError("Llama import: attention_bias and mlp_bias differ; llmtrain has one model.bias switch")
+        raise UserError("Llama import: attention_bias and mlp_bias differ; llmtrain has one model.bias switch")
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
     theta, scaling = rope_of(cfg)

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from llmtrain.errors import UserError
 
 
 @dataclass
@@ -30,12 +31,12 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ("linear", "llama3"):
-            raise ValueError(f"model.rope_scaling.rope_type must be 'linear' or 'llama3', got {self.rope_type!r}")
+            raise UserError(f"model.rope_scaling.rope_type must be 'linear' or 'llama3', got {self.rope_type!r}")
         if not self.factor > 0:
-            raise ValueError(f"model.rope_scaling.factor must be > 0, got {self.factor}")
+            raise UserError(f"model.rope_scaling.factor must be > 0, got {self.factor}")
         if self.rope_type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
                                                and self.original_max_position_embeddings > 0):
-            raise ValueError("model.rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
+            raise UserError("model.rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
                              f"original_max_position_embeddings > 0, got {self}")
 
 
@@ -120,7 +121,7 @@ def model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(keys) - known)
     if unknown:
-        raise ValueError(f"{where}: model keys {unknown} are unknown to this version of llmtrain")
+        raise UserError(f"{where}: model keys {unknown} are unknown to this version of llmtrain")
     return cls(**keys)
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from llmtrain.errors import UserError
 
 MODES = ("none", "full", "selective", "every_n")
 
@@ -32,11 +33,11 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_n: i
     attention module `attn` with an `attend(q, k, v)` method (the attention core).
     """
     if mode not in MODES:
-        raise ValueError(f"parallel.activation_checkpointing must be one of {', '.join(MODES)}; got {mode!r}")
+        raise UserError(f"parallel.activation_checkpointing must be one of {', '.join(MODES)}; got {mode!r}")
     if mode == "none":
         return []
     if mode == "every_n" and every_n < 1:
-        raise ValueError(f"parallel.checkpoint_every_n must be >= 1; got {every_n}")
+        raise UserError(f"parallel.checkpoint_every_n must be >= 1; got {every_n}")
     blocks = _blocks(model)
     wrapped = []
     for i, block in enumerate(blocks):
@@ -46,7 +47,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_n: i
         elif mode == "selective":
             attn = getattr(block, "attn", None)
             if attn is None or not hasattr(attn, "attend"):
-                raise ValueError(f"selective activation checkpointing needs blocks.{i}.attn.attend "
+                raise UserError(f"selective activation checkpointing needs blocks.{i}.attn.attend "
                                  f"(the attention core); {type(block).__name__} has none: use full")
             _checkpoint_method(attn, "attend")
             wrapped.append(f"blocks.{i}.attn.attend")
@@ -56,7 +57,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_n: i
 def _blocks(model: torch.nn.Module) -> Iterable[torch.nn.Module]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList; activation checkpointing "
+        raise UserError(f"{type(model).__name__} has no `blocks` ModuleList; activation checkpointing "
                          f"wraps transformer blocks")
     return blocks
 

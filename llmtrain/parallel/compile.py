@@ -17,13 +17,14 @@ import contextlib
 from typing import Iterator
 
 import torch
+from llmtrain.errors import UserError
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
     """Compile every module of `model.blocks` in place; returns how many were compiled."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList):
-        raise ValueError(f"train.compile compiles transformer blocks, but {type(model).__name__} has no "
+        raise UserError(f"train.compile compiles transformer blocks, but {type(model).__name__} has no "
                          f"`blocks` ModuleList; set train.compile=false")
     for block in blocks:
         block.compile()
@@ -37,12 +38,12 @@ BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 def attention_backend(name: str, device: torch.device) -> Iterator[None]:
     """Within the block, scaled_dot_product_attention uses only the named kernel (`auto`: torch picks)."""
     if name not in BACKENDS:
-        raise ValueError(f"train.attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+        raise UserError(f"train.attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "auto":
         yield
         return
     if device.type != "cuda" and name in ("efficient", "cudnn"):
-        raise ValueError(f"train.attention_backend={name} needs a CUDA GPU; on {device.type} use auto, "
+        raise UserError(f"train.attention_backend={name} needs a CUDA GPU; on {device.type} use auto, "
                          f"flash or math")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -48,6 +48,7 @@ from torch import nn
 # The plans live in the families' folders (models/<family>/tp.py); kept importable here.
 from llmtrain.models.bert.tp import BERT_PRETRAIN_TP_PLAN, BERT_TP_PLAN  # noqa: E402
 from llmtrain.models.gpt.tp import GPT_TP_PLAN, LLAMA_TP_PLAN  # noqa: E402
+from llmtrain.errors import UserError
 
 __all__ = ["GPT_TP_PLAN", "LLAMA_TP_PLAN", "BERT_TP_PLAN", "BERT_PRETRAIN_TP_PLAN", "plan_for", "apply_tensor_parallel",
            "full_logits", "loss_context", "vocab_parallel_log_softmax"]
@@ -132,7 +133,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         blocks = blocks or [linear.out_features]
         if sum(blocks) != linear.out_features or any(b % size for b in blocks):
-            raise ValueError(f"output blocks {blocks} of {linear.out_features} features cannot each be split "
+            raise UserError(f"output blocks {blocks} of {linear.out_features} features cannot each be split "
                              f"over {size} ranks")
         # rows of each stacked block (q, k, v) that belong to this rank
         starts = [sum(blocks[:i]) for i in range(len(blocks))]

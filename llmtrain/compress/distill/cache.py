@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from llmtrain.errors import UserError
 
 
 def row_keys(input_ids: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ class TeacherCache:
         try:
             rows = torch.tensor([self.row[k] for k in row_keys(input_ids).tolist()])
         except KeyError:
-            raise ValueError(f"a training sample is not in the teacher cache {self.dir} (built for "
+            raise UserError(f"a training sample is not in the teacher cache {self.dir} (built for "
                              f"{self.meta['describe']}); delete the directory to rebuild it for this run, or "
                              f"point distill.cache_dir at a new one") from None
         dev = input_ids.device

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from llmtrain.errors import UserError
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -99,7 +100,7 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, causal
     def relations(x: torch.Tensor) -> torch.Tensor:
         B, T, W = x.shape
         if W % heads:
-            raise ValueError(f"distill.relation_heads={heads} must divide the attention width {W}")
+            raise UserError(f"distill.relation_heads={heads} must divide the attention width {W}")
         x = x.float().view(B, T, heads, W // heads).transpose(1, 2)  # (B, r, T, W/r)
         scores = x @ x.transpose(-1, -2) / math.sqrt(W // heads)  # (B, r, T, T)
         if causal:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from llmtrain.config import ConfigError
-from llmtrain.errors import CheckpointError
+from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.registry import family_of
 
 
@@ -34,8 +34,8 @@ def load_teacher(path: str, precision: str, device: torch.device, zero_stage: in
                 cfg, weights = iter_model_weights(path)
                 return _zero3_teacher(path, cfg, weights, dtype, overrides), cfg
             cfg, state = load_model_weights(path)
-    except ValueError as exc:
-        raise ValueError(f"distill.teacher: {exc}") from None
+    except UserError as exc:
+        raise CheckpointError(f"distill.teacher: {exc}") from None
     teacher = build_converted_model(cfg)  # with the checkpoint's converters: their weights are in `state`
     teacher.load_state_dict(state)
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg

@@ -12,6 +12,7 @@ from llmtrain.models.bert.objective import BertObjective
 from llmtrain.models.bert.pipeline import bert_split
 from llmtrain.models.bert.tp import tp_plan
 from llmtrain.models.spec import ModelFamily, NamedParams
+from llmtrain.errors import UserError
 
 
 def build(cfg: BertConfig) -> nn.Module:
@@ -57,7 +58,7 @@ def _forward_inputs(model: nn.Module, batch: dict) -> Any:
 def _prune_target(cfg: BertConfig, new: dict[str, Any], recipe: Any) -> None:
     """BERT's pruned MLP is 4 * n_embd wide (the width a saved BERT config leaves implicit)."""
     if recipe.intermediate_size and recipe.intermediate_size != 4 * new["n_embd"]:
-        raise ValueError(f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "
+        raise UserError(f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "
                          f"intermediate_size unset (got {recipe.intermediate_size})")
     new["intermediate_size"] = None
 

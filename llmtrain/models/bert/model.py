@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.models.bert.config import BertConfig
+from llmtrain.errors import UserError
 
 
 class SelfAttention(nn.Module):
@@ -30,7 +31,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+            raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
         self.n_head, self.head_size, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -167,7 +168,7 @@ class BertForSequenceClassification(BertTrunk):
     def __init__(self, cfg: BertConfig):
         super().__init__(cfg)
         if cfg.num_labels < 2:
-            raise ValueError(f"model.num_labels={cfg.num_labels}: a classifier needs at least 2 classes")
+            raise UserError(f"model.num_labels={cfg.num_labels}: a classifier needs at least 2 classes")
         self.classifier = nn.Linear(cfg.n_embd, cfg.num_labels)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,

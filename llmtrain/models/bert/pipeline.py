@@ -33,6 +33,7 @@ from torch import nn
 from llmtrain.models.bert.model import Bert
 
 from llmtrain.models.spec import PipelineSplit, TiedLayer
+from llmtrain.errors import UserError
 
 Hidden = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden (B, T, C), attention_mask, mlm_positions
 
@@ -100,7 +101,7 @@ def _tie_only(_tied: WordEmbedding, outputs: Any) -> Any:
 def bert_pipeline_layers(model: nn.Module) -> list[Any]:
     """The plain `Bert` as a flat list of pipeline layers (modules and tied specs), outermost first."""
     if not isinstance(model, Bert):
-        raise ValueError(f"pipeline parallel supports BERT pre-training (MLM + NSP), not "
+        raise UserError(f"pipeline parallel supports BERT pre-training (MLM + NSP), not "
                          f"{type(model).__name__}; set parallel.pp=1")
     if model.cfg.tie_embeddings:
         first = TiedLayer("word", WordEmbedding, (model.wte,), weight_attr="wte.weight")

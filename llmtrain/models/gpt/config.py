@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from llmtrain.models.config import ModelConfig, RopeScaling
+from llmtrain.errors import UserError
 
 
 @dataclass
@@ -32,6 +33,6 @@ class GPTConfig(ModelConfig):
         if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
             known = {f.name for f in dataclasses.fields(RopeScaling)}
             if set(self.rope_scaling) - known:
-                raise ValueError(f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
+                raise UserError(f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
                                  f"valid: {', '.join(sorted(known))}")
             self.rope_scaling = RopeScaling(**self.rope_scaling)

@@ -24,6 +24,7 @@ from torch import nn
 
 from llmtrain.models.config import RopeScaling
 from llmtrain.models.gpt.config import GPTConfig
+from llmtrain.errors import UserError
 
 
 class LayerKV:
@@ -93,7 +94,7 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, n_embd: int):
         super().__init__()
         if n_embd % 2:
-            raise ValueError(f"model.pos=sinusoidal needs an even model.n_embd, got {n_embd}")
+            raise UserError(f"model.pos=sinusoidal needs an even model.n_embd, got {n_embd}")
         self.n_embd = n_embd
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
@@ -116,17 +117,17 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         n_kv = cfg.n_kv_head or cfg.n_head
         if cfg.head_dim is None and cfg.n_embd % cfg.n_head:
-            raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head} "
+            raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head} "
                              f"(or set model.head_dim)")
         if cfg.n_head % n_kv:
-            raise ValueError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={n_kv}")
+            raise UserError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={n_kv}")
         # Head counts are attributes, not derived from shapes, so tensor parallel can set local ones.
         self.n_head, self.n_kv_head, self.head_size = cfg.n_head, n_kv, cfg.head_dim or cfg.n_embd // cfg.n_head
         self.rope_theta = cfg.rope_theta if cfg.pos == "rope" else None
         if self.rope_theta is not None and self.head_size % 2:
-            raise ValueError(f"model.pos=rope needs an even head size, got {self.head_size}")
+            raise UserError(f"model.pos=rope needs an even head size, got {self.head_size}")
         if cfg.rope_scaling is not None and cfg.pos != "rope":
-            raise ValueError(f"model.rope_scaling scales rotary frequencies: it needs model.pos=rope (got "
+            raise UserError(f"model.rope_scaling scales rotary frequencies: it needs model.pos=rope (got "
                              f"pos={cfg.pos}); remove model.rope_scaling or set model.pos=rope")
         self.rope_scaling = cfg.rope_scaling
         self.dropout = cfg.dropout
