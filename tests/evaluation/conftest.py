@@ -72,5 +72,5 @@ def local_tasks(tmp_path_factory):
         "doc_to_choice: choices\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     (root / "local_cloze.yaml").write_text(
         "task: local_cloze\n" + data + "output_type: loglikelihood\ndoc_to_text: '{{context}}'\n"
-        "doc_to_target: '{{target}}'\nmetric_list:\n  - metric: acc\n  - metric: perplexity\n")
+        "doc_to_target: \"{{' ' + target}}\"\nmetric_list:\n  - metric: acc\n  - metric: perplexity\n")
     return root

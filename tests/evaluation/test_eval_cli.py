@@ -76,3 +76,28 @@ def test_offline_tasks_are_current_and_held_out():
     train = "\n".join(_train_texts(DataConfig(), cache_root()))
     assert len(train) > 4_000_000
     assert [p for p in passages if p in train] == []
+
+
+def test_offline_task_requests():
+    """The requests lm-eval builds from the offline YAMLs: the cloze word after a space (loglikelihood tasks
+    get no target_delimiter), the four candidate verses each on a new line after the context."""
+    need_lm_eval()
+    from lm_eval.tasks import get_task_dict
+
+    from llmtrain.evaluation.run import task_manager
+
+    tm, names = task_manager("llmtrain_cloze,llmtrain_next_verse")
+    tasks = get_task_dict(names, tm)
+    cloze, choice = tasks["llmtrain_cloze"], tasks["llmtrain_next_verse"]
+    for task in (cloze, choice):
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+    assert [i.args for i in cloze.instances] == [(
+        "And it came to pass, when men began to multiply on the face of the earth, and daughters were born unto "
+        "them, That the sons of God saw the daughters of men that they were fair; and they took them wives of all "
+        "which they chose.\nAnd the LORD said, My spirit shall not always strive with man, for that he also is "
+        "flesh: yet his days shall be an hundred and twenty years.\nThere were giants in the earth in those days; "
+        "and also after that, when the sons of God came in unto the daughters of men, and they bare children to "
+        "them, the same became mighty men which were of old, men of", " renown")]
+    args = [i.args for i in choice.instances]
+    assert len(args) == 4 and all(ctx == args[0][0] and cont.startswith("\n") for ctx, cont in args)
+    assert args[0][0].startswith("And it came to pass, when men began to multiply")
