@@ -41,7 +41,7 @@ def main() -> int:
 
     from llmtrain.config import derive, load_config
     from llmtrain.parallel.engine import init_distributed, param_groups
-    from llmtrain.parallel.runner import build_runner
+    from llmtrain.parallel.parallelize import build_runner
     from llmtrain.train.metrics import MetricsSink
     from llmtrain.train.objectives import CausalLM
     from llmtrain.train.preemption import StopRequest

@@ -22,14 +22,12 @@ import yaml
 
 from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
-from llmtrain.errors import UserError
+from llmtrain.errors import ConfigError, UserError  # ConfigError: importable from here too
 from llmtrain.models.config import ModelConfig, apply_model_preset, config_class_for
 from llmtrain.models.registry import FAMILIES, family_of
 from llmtrain.parallel.layout import ParallelDims
 
 
-class ConfigError(UserError):
-    """A user-facing configuration error: the message says which key is wrong and what to change."""
 
 
 @dataclass
@@ -373,8 +371,6 @@ def _check_model_shape(cfg: Config) -> None:
     """Build the model on the meta device (no memory, no weights): a shape its modules refuse (model.n_head
     not dividing model.n_embd, an odd rotary head size, ...) is a config error here, before anything runs."""
     import torch
-
-    from llmtrain.errors import UserError
 
     try:
         with torch.device("meta"):

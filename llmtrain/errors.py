@@ -18,3 +18,8 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A corpus, prepared dataset or shard that is missing, corrupt or does not fit the run."""
+
+
+class ConfigError(UserError):
+    """A user-facing configuration error: the message says which key is wrong and what to change
+    (importable from llmtrain.config too)."""

@@ -139,3 +139,21 @@ def write_model(out: str | Path, cfg: Any, model: torch.nn.Module, records: dict
         for name, record in (records or {}).items():
             (tmp / name).write_text(json.dumps(record, indent=1))
     return Path(out)
+
+
+def write_model_dir(cfg: Any, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+                    tokenizer_json: Path | None = None, replace: bool = False) -> Path:
+    """An llmtrain model directory of a plain state dict (an import): each parameter once, plain names."""
+    import torch
+
+    from llmtrain.models import build_model
+
+    with torch.device("meta"):
+        names = [n for n, _ in build_model(cfg).named_parameters()]  # first names: tied copies once
+    with writing(out_dir, replace) as tmp:
+        write_weights(tmp, {n: state_dict[n].float() for n in names})
+        write_config_text(tmp, model_config_yaml(cfg))
+        if tokenizer_json is not None:
+            (tmp / "tokenizer").mkdir()
+            shutil.copyfile(tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
+    return Path(out_dir)

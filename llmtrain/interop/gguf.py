@@ -72,9 +72,9 @@ def _rope_scaling(meta: Any, path: str | Path) -> dict[str, Any] | None:
         orig = meta("llama.rope.scaling.original_context_length")
         raise UserError(f"{path}: {key} = '{kind}' (llama.rope.scaling.factor = {factor}"
                          + (f", llama.rope.scaling.original_context_length = {orig}" if orig is not None else "")
-                         + f") is not supported: GGUF import maps the types 'none' and 'linear' only, and llmtrain "
-                         f"implements no rotary scaling but linear and llama3 (a Hugging Face checkpoint with those "
-                         f"imports through llmtrain import-hf HF_DIR OUT_DIR)")
+                         + ") is not supported: GGUF import maps the types 'none' and 'linear' only, and llmtrain "
+                         "implements no rotary scaling but linear and llama3 (a Hugging Face checkpoint with those "
+                         "imports through llmtrain import-hf HF_DIR OUT_DIR)")
     attn = meta("llama.rope.scaling.attn_factor", 1.0)
     if _f32(attn) != 1.0:  # llama.cpp multiplies the rotated q and k by it; transformers' linear / plain do not
         raise UserError(f"{path}: llama.rope.scaling.attn_factor = {_f32(attn)} is not supported (1 only): "
@@ -151,7 +151,7 @@ def _tokenizer(meta: Any, path: str | Path) -> Any:
 
 def import_gguf(path: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
     """Write a GGUF Llama as an llmtrain model directory (weights, config.yaml, tokenizer/)."""
-    from llmtrain.interop.hf import write_model_dir
+    from llmtrain.model_dir import write_model_dir
     from llmtrain.interop.llama import from_hf
 
     hf_cfg, hf_sd, tok = read_gguf_llama(path)

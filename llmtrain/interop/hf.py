@@ -11,12 +11,11 @@ import_hf reads a transformers directory (safetensors or pytorch_model.bin, shar
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtrain.errors import UserError
-from llmtrain.model_dir import check_output, model_config_yaml, write_config_text, write_weights, writing
+from llmtrain.model_dir import check_output, write_model_dir, writing  # write_model_dir: re-exported
 
 if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
     import torch
@@ -79,24 +78,6 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if bins:
         return {k: v for f in bins for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
     raise UserError(f"{hf_dir} holds no *.safetensors or pytorch_model*.bin weights; pass a transformers model directory")
-
-
-def write_model_dir(cfg: Any, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
-                    tokenizer_json: Path | None = None, replace: bool = False) -> Path:
-    """An llmtrain model directory (llmtrain/model_dir.py) of a plain state dict: each parameter once."""
-    import torch
-
-    from llmtrain.models import build_model
-
-    with torch.device("meta"):
-        names = [n for n, _ in build_model(cfg).named_parameters()]  # first names: tied copies once
-    with writing(out_dir, replace) as tmp:
-        write_weights(tmp, {n: state_dict[n].float() for n in names})
-        write_config_text(tmp, model_config_yaml(cfg))
-        if tokenizer_json is not None:
-            (tmp / "tokenizer").mkdir()
-            shutil.copyfile(tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
-    return Path(out_dir)
 
 
 def import_hf(source: str | Path, out_dir: str | Path, replace: bool = False) -> Path:

@@ -60,7 +60,7 @@ class ParallelDims:
     def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1) -> ParallelDims:
         """The layout for `world_size` ranks: data parallel takes what the model-parallel axes leave.
         Raises ConfigError naming the `parallel.*` keys to change."""
-        from llmtrain.config import ConfigError
+        from llmtrain.errors import ConfigError
 
         for key, size in (("parallel.cp", cp), ("parallel.ep", ep)):
             if size != 1:

@@ -1,17 +1,17 @@
 """Runners: how one optimizer step, one eval forward and one checkpoint happen on a given layout.
 
 The trainer talks only to a Runner, so data parallel + ZeRO, pipeline and tensor parallel are
-different runners, not `if` branches in the loop. `build_runner` picks one from the config.
+different runners, not `if` branches in the loop. `llmtrain.parallel.parallelize.build_runner` picks one
+from the config.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from llmtrain.config import Config, Derived
 from llmtrain.models.objective import Objective, local_loss, pop_metrics
 
 ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
@@ -162,42 +162,3 @@ def load_engine(engine: Any, universal: Any, directory: Path, load_optimizer: bo
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: torch.device,
-                 lr_lambda: Callable[[int], float]) -> Runner:
-    """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
-    -> engine) and return the runner for that layout."""
-    from llmtrain.parallel.checkpointing import apply_activation_checkpointing
-    from llmtrain.parallel.engine import build_engine, deepspeed_config, param_groups, skippable_adamw
-    from llmtrain.parallel.universal import UniversalCheckpoint, layout_of
-    from llmtrain.utils import print0, rank
-
-    p, dims = cfg.parallel, derived.dims
-    tp_group = dims.tp_group(device.type)
-    if dims.tp > 1:
-        from llmtrain.parallel.tensor_parallel import apply_tensor_parallel, plan_for
-
-        apply_tensor_parallel(model, plan_for(model), *tp_group)
-    where = dims.coords(rank())
-    universal = UniversalCheckpoint(model, layout_of(dims, p.zero_stage, cfg.precision),
-                                    tp_group[0], writer=where.dp == 0 and where.tp == 0)
-    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
-    if cfg.train.compile:
-        from llmtrain.parallel.compile import compile_blocks
-
-        print0(f"train.compile: compiled {compile_blocks(model)} blocks (inductor)")
-    if p.pp > 1:
-        from llmtrain.models.registry import family_of
-        from llmtrain.parallel.pipeline import build_pipeline_runner
-
-        return build_pipeline_runner(
-            model, deepspeed_config(cfg, derived),
-            lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay,
-                                                             family_of(model.cfg).no_decay)),
-            lr_lambda, dims, partition=p.pipeline_partition, device=device, universal=universal)
-    mpu = dims.ds_grid() if dims.tp > 1 else None
-    engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
-    return EngineRunner(engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu,
-                        universal=universal)
-

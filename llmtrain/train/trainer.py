@@ -75,7 +75,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     derived = derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail on a bad layout before any init
     check_launcher_settings(cfg, derived)
     from llmtrain.parallel.engine import init_distributed, preflight
-    from llmtrain.parallel.runner import build_runner
+    from llmtrain.parallel.parallelize import build_runner
 
     watch_launcher()  # a rank never outlives its launcher (nor waits for it in the c10d store)
     info = init_distributed(cfg.parallel.collective_timeout_s)

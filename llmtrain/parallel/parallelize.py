@@ -1,0 +1,55 @@
+"""Apply the configured parallelism to a plain model and return the runner for that layout.
+
+The order is fixed (HOUSE_STYLE 2): tensor parallel -> activation checkpointing -> compile -> pipeline
+split or ZeRO engine. Model converters (llmtrain/models/converters.py) have already run on the plain
+model before this (the trainer calls them right after `model.init_from`), so their modules are sharded,
+checkpointed and compiled like the model's own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from llmtrain.config import Config, Derived
+from llmtrain.parallel.runner import EngineRunner, Runner
+
+
+def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: torch.device,
+                 lr_lambda: Callable[[int], float]) -> Runner:
+    """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
+    -> engine) and return the runner for that layout."""
+    from llmtrain.parallel.checkpointing import apply_activation_checkpointing
+    from llmtrain.parallel.engine import build_engine, deepspeed_config, param_groups, skippable_adamw
+    from llmtrain.parallel.universal import UniversalCheckpoint, layout_of
+    from llmtrain.utils import print0, rank
+
+    p, dims = cfg.parallel, derived.dims
+    tp_group = dims.tp_group(device.type)
+    if dims.tp > 1:
+        from llmtrain.parallel.tensor_parallel import apply_tensor_parallel, plan_for
+
+        apply_tensor_parallel(model, plan_for(model), *tp_group)
+    where = dims.coords(rank())
+    universal = UniversalCheckpoint(model, layout_of(dims, p.zero_stage, cfg.precision),
+                                    tp_group[0], writer=where.dp == 0 and where.tp == 0)
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
+    if cfg.train.compile:
+        from llmtrain.parallel.compile import compile_blocks
+
+        print0(f"train.compile: compiled {compile_blocks(model)} blocks (inductor)")
+    if p.pp > 1:
+        from llmtrain.models.registry import family_of
+        from llmtrain.parallel.pipeline import build_pipeline_runner
+
+        return build_pipeline_runner(
+            model, deepspeed_config(cfg, derived),
+            lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay,
+                                                             family_of(model.cfg).no_decay)),
+            lr_lambda, dims, partition=p.pipeline_partition, device=device, universal=universal)
+    mpu = dims.ds_grid() if dims.tp > 1 else None
+    engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
+    return EngineRunner(engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu,
+                        universal=universal)
+
