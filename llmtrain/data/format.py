@@ -103,7 +103,7 @@ class ShardWriter:
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
 
-    def close(self) -> dict[str, int]:
+    def close(self) -> dict[str, Any]:
         self._bin.seek(0)
         self._bin.write(HEADER.pack(BIN_MAGIC, VERSION, self.dtype.itemsize, self.tokens, 0))
         self._bin.flush()

@@ -116,7 +116,7 @@ class _Chunk:
 
 def finished_chunks(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Chunks an earlier run finished, in order; refuses to mix runs with different settings."""
-    done = []
+    done: list[dict[str, Any]] = []
     while (f := out / f"chunk_{len(done):05d}.json").exists():
         info = json.loads(f.read_text())
         diff = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}

@@ -11,7 +11,7 @@ import glob
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from llmtrain.errors import DataError
 
@@ -155,7 +155,7 @@ def _count_missing(spec: str, text_field: str, stats: InputStats, missing: bool,
     stats.first_missing = stats.first_missing or f"{spec} record {stats.records - 1}"
 
 
-def _unicode_error(exc: BaseException) -> UnicodeDecodeError | None:
+def _unicode_error(exc: BaseException | None) -> UnicodeDecodeError | None:
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, UnicodeDecodeError):
@@ -202,7 +202,8 @@ def _open_maybe_compressed(path: str) -> Any:
     import gzip
     import lzma
 
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix, open)
+    openers: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    opener = openers.get(Path(path).suffix, open)
     return opener(path, "rb")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 
@@ -133,7 +133,8 @@ class StreamingData:
     def val_batches(self, n: int) -> list[dict[str, Any]]:
         if self._val is None:
             stream = PackedStream(self._docs(0, self.cfg.stream_val_docs), self.seq_len, 0, 0)
-            windows = list(itertools.takewhile(lambda w: w is not None, (stream.take() for _ in range(10**9))))
+            windows = cast("list[np.ndarray]", list(itertools.takewhile(lambda w: w is not None,
+                                                                        (stream.take() for _ in range(10**9)))))
             per_batch = self.B * self.dp_size
             if len(windows) < per_batch:
                 raise DataError(f"{self.cfg.stream}: its first data.stream_val_docs={self.cfg.stream_val_docs} "

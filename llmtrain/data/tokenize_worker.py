@@ -31,6 +31,7 @@ def init(tokenizer_json: str, eos_id: int, typecode: str) -> None:
 
 def encode(texts: list[str]) -> tuple[array, array]:
     """`encode_texts` with this worker's tokenizer."""
+    assert _WORKER is not None, "encode() runs in a pool started with initializer=init"
     return encode_texts(*_WORKER, texts)
 
 

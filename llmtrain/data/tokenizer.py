@@ -96,7 +96,7 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["bpe", "wordpiece"], voc
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         # The full byte alphabet up front: any input text stays encodable, never an unknown token.
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        trainer: trainers.Trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     elif kind == "wordpiece":
         specials = special_tokens or BERT_SPECIALS

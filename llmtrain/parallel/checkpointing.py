@@ -80,7 +80,7 @@ def _checkpoint_method(module: torch.nn.Module, name: str) -> None:
             listener([a for a in args if isinstance(a, torch.Tensor)])
         return checkpoint(original, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
-    checkpointed._llmtrain_checkpointed = True
+    setattr(checkpointed, "_llmtrain_checkpointed", True)
     setattr(module, name, checkpointed)
 
 

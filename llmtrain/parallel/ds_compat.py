@@ -111,7 +111,7 @@ def skip_shm_comm_build() -> None:
     builder by a no-op. (`import deepspeed.comm.torch as m` would bind the real `torch` package.)"""
     comm_torch = importlib.import_module("deepspeed.comm.torch")
     _require(comm_torch, "build_shm_op", "deepspeed.comm.torch")
-    comm_torch.build_shm_op = lambda: None
+    setattr(comm_torch, "build_shm_op", lambda: None)
 
 
 def allow_zero_optimizer(cls: type) -> None:
@@ -222,7 +222,7 @@ def is_pipe_replicated(param: torch.nn.Parameter) -> bool:
 
 def zero3_full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
     """The whole shape of a ZeRO-3 partitioned parameter (its `.shape` is empty)."""
-    return tuple(param.ds_shape)
+    return tuple(getattr(param, "ds_shape"))  # attributes ZeRO-3 adds to its parameters
 
 
 def full_numel(param: torch.nn.Parameter) -> int:
@@ -232,11 +232,11 @@ def full_numel(param: torch.nn.Parameter) -> int:
 
 def zero3_numel(param: torch.nn.Parameter) -> tuple[int, int]:
     """(elements of this rank's partition, elements of the whole parameter)."""
-    return param.ds_tensor.numel(), param.ds_numel
+    return getattr(param, "ds_tensor").numel(), getattr(param, "ds_numel")
 
 
 def zero3_partition_dtype(param: torch.nn.Parameter) -> torch.dtype:
-    return param.ds_tensor.dtype
+    return getattr(param, "ds_tensor").dtype
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -173,7 +173,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
         from llmtrain.models.registry import family_of
 
         skip_decay = family_of(model.cfg).no_decay
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -184,8 +185,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     ]
 
 
-class _SkipMixin:
-    """Lets the trainer skip one update: set `skip_next = True` before the step."""
+if TYPE_CHECKING:
+    _OptimizerBase = torch.optim.Optimizer
+else:
+    _OptimizerBase = object
+
+
+class _SkipMixin(_OptimizerBase):
+    """Lets the trainer skip one update: set `skip_next = True` before the step (mixed into an optimizer)."""
 
     skip_next = False
 
@@ -399,6 +406,7 @@ def zero3_inference_engine(build: Callable[[], torch.nn.Module],
     # memory-efficient linear: zero.Init would swap torch.nn.functional.linear for the whole process (the
     # student's layers too) to save activations for a backward the teacher never runs.
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False}
+    ds: dict[str, Any]
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
           "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if overrides:

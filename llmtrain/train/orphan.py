@@ -53,7 +53,8 @@ def _ppid(pid: int) -> int:
 def launcher_chain(pid: int | None = None) -> list[tuple[int, str | None]]:
     """(pid, start time) of the launcher processes above this one: the consecutive ancestors whose
     command line starts a launcher (torchrun; deepspeed's runner and its launch.py; accelerate)."""
-    chain, pid = [], _ppid(pid or os.getpid())
+    chain: list[tuple[int, str | None]] = []
+    pid = _ppid(pid or os.getpid())
     while pid > 1:
         argv = [Path(a).name for a in _cmdline(pid)[:5]]
         fields = _stat(pid)
@@ -95,7 +96,9 @@ def watch_launcher(poll_s: float = 1.0) -> list[tuple[int, str | None]]:
 def _running(pid: int, start: str | None) -> bool:
     """The process with this pid and start time exists and is not a zombie (dead, not yet reaped)."""
     fields = _stat(pid)
-    return bool(fields) and fields[0] != "Z" and fields[19] == start
+    if not fields:
+        return False
+    return fields[0] != "Z" and fields[19] == start
 
 
 def _watch(chain: list[tuple[int, str | None]], poll_s: float) -> None:
