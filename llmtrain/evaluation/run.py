@@ -36,7 +36,7 @@ def split_tasks(spec: str | list[str]) -> tuple[list[str], list[str]]:
     for item in items:
         p = Path(item).expanduser()
         if p.suffix in (".yaml", ".yml") and not p.is_file():
-            raise UserError(f"--tasks {item}: no such task YAML file")
+            raise UserError(f"{item}: no such task YAML file")
         if p.suffix in (".yaml", ".yml"):
             paths.append(str(p.parent.resolve()))
             names.append(yaml_task(p) or p.stem)

@@ -51,7 +51,7 @@ def test_unknown_task_is_one_line_exit_2(model_dir, capsys):
     assert "\n" not in err and err.startswith("error: unknown task(s) llmtrain_clozee")
     assert "did you mean llmtrain_cloze" in err and "hellaswag" not in err.split(";")[0].split("(")[0]
     assert main(["eval", str(model_dir), "--tasks", "missing/tasks.yaml"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --tasks missing/tasks.yaml: no such task YAML file"
+    assert capsys.readouterr().err.strip() == "error: missing/tasks.yaml: no such task YAML file"
 
 
 def test_without_lm_eval_the_command_says_how_to_install_it(model_dir, monkeypatch, capsys):
