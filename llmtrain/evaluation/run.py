@@ -109,8 +109,9 @@ def _rng_kept() -> Iterator[None]:
 
 
 def evaluate_tasks(lm: Any, spec: str | list[str], limit: int | None = None, num_fewshot: int | None = None,
-                   bootstrap_iters: int = 0) -> dict[str, Any]:
-    """lm-eval's results dict (`results`, `versions`, `n-shot`, `config`, ...) of `lm` on the tasks."""
+                   bootstrap_iters: int = 0) -> dict[str, Any] | None:
+    """lm-eval's results dict (`results`, `versions`, `n-shot`, `config`, ...) of `lm` on the tasks; None on
+    ranks other than 0 when `lm` shards documents over ranks."""
     from lm_eval import evaluator
 
     tm, names = task_manager(spec)

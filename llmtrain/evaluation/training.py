@@ -37,4 +37,5 @@ def eval_task_metrics(train_cfg: Any, block_size: int, runner: Any, tokenizer: A
 
     lm = LlmtrainLM(runner.logits, tokenizer, block_size, runner.device, batch_size=train_cfg.micro_batch_size)
     results = evaluate_tasks(lm, train_cfg.eval_tasks, limit=train_cfg.eval_tasks_limit or None)
+    assert results is not None  # an unsharded LM: every rank has the results
     return {f"eval_{k}": v for k, v in flat_metrics(results).items()}
