@@ -47,7 +47,8 @@ class _ByArch(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is ModelConfig:
-            cls, kwargs = config_class_for(kwargs)
+            family_class, kwargs = config_class_for(kwargs)
+            return family_class(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
 

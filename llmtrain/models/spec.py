@@ -44,7 +44,7 @@ class TiedLayer:
     module_class: type[nn.Module]
     args: tuple[Any, ...]
     weight_attr: str
-    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    forward_fn: Callable[[Any, Any], Any] | None = None  # (the built module_class instance, inputs)
 
     def build(self) -> nn.Module:
         """The module one stage holds (what DeepSpeed builds from the spec)."""

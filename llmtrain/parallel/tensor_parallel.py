@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,9 @@ from torch import nn
 from llmtrain.models.bert.tp import BERT_PRETRAIN_TP_PLAN, BERT_TP_PLAN  # noqa: E402
 from llmtrain.models.gpt.tp import GPT_TP_PLAN, LLAMA_TP_PLAN  # noqa: E402
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
 
 __all__ = ["GPT_TP_PLAN", "LLAMA_TP_PLAN", "BERT_TP_PLAN", "BERT_PRETRAIN_TP_PLAN", "plan_for", "apply_tensor_parallel",
            "full_logits", "loss_context", "vocab_parallel_log_softmax"]
@@ -123,8 +126,8 @@ def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> n
     if isinstance(index, slice):
         index = torch.arange(index.start, index.stop)
     p = nn.Parameter(full.detach().index_select(dim, index.to(full.device)).clone())
-    p.tensor_model_parallel = True
-    p.llmtrain_tp_shard = (dim, index)  # which rows/columns of the whole tensor: for checkpoints
+    setattr(p, "tensor_model_parallel", True)
+    setattr(p, "llmtrain_tp_shard", (dim, index))  # which rows/columns of the whole tensor: for checkpoints
     return p
 
 
@@ -227,7 +230,8 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
     Returns the names of the modules that were replaced or adapted.
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    tied = hasattr(model, "lm_head") and hasattr(model, "wte") and model.lm_head.weight is model.wte.weight
+    tied = hasattr(model, "lm_head") and hasattr(model, "wte") and \
+        getattr(model.lm_head, "weight") is getattr(model.wte, "weight")
     done = []
     for pattern, style in plan.items():
         names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
@@ -249,24 +253,37 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
     return done
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _expect(module: nn.Module, cls: type[_M], style: str) -> _M:
+    """`module` as the layer type that tensor-parallel `style` replaces (a family's plan names the wrong
+    module otherwise)."""
+    if not isinstance(module, cls):
+        raise TypeError(f"tensor-parallel style {style!r} replaces an nn.{cls.__name__}, got {type(module).__name__}")
+    return module
+
+
 def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: Any, mesh: Any,
            rank: int, size: int) -> nn.Module:
     if style == "column":
-        return ColumnParallelLinear(module, group, rank, size)
+        return ColumnParallelLinear(_expect(module, nn.Linear, style), group, rank, size)
     if style == "column_qkv":
-        c = model.cfg
+        c: ModelConfig = getattr(model, "cfg")
         hs = getattr(c, "head_dim", None) or c.n_embd // c.n_head
         n_kv = getattr(c, "n_kv_head", None) or c.n_head
-        return ColumnParallelLinear(module, group, rank, size, blocks=[c.n_head * hs, n_kv * hs, n_kv * hs])
+        return ColumnParallelLinear(_expect(module, nn.Linear, style), group, rank, size,
+                                    blocks=[c.n_head * hs, n_kv * hs, n_kv * hs])
     if style == "row":
-        return RowParallelLinear(module, group, rank, size)
+        return RowParallelLinear(_expect(module, nn.Linear, style), group, rank, size)
     if style == "vocab_embed":
-        return VocabParallelEmbedding(module, group, rank, size)
+        return VocabParallelEmbedding(_expect(module, nn.Embedding, style), group, rank, size)
     if style == "vocab_head":
-        local = module.out_features // size
+        head = _expect(module, nn.Linear, style)
+        local = head.out_features // size
         rows = slice(rank * local, (rank + 1) * local)  # the rows of the vocab_embed shard on this rank
-        weight = model.wte.weight if tied else _shard_param(module.weight, rows, 0)
-        bias = _shard_param(module.bias, rows, 0) if module.bias is not None else None
+        weight = model.get_parameter("wte.weight") if tied else _shard_param(head.weight, rows, 0)
+        bias = _shard_param(head.bias, rows, 0) if head.bias is not None else None
         return VocabParallelHead(weight, group, mesh, bias)
     raise ValueError(f"unknown tensor-parallel style {style!r}; known: column, column_qkv, row, vocab_embed, "
                      f"vocab_head, heads")

@@ -42,7 +42,7 @@ def _file(directory: Path, name: str) -> Path:
 
 def _gather_tp(t: torch.Tensor, param: torch.nn.Parameter, tp_group: Any) -> torch.Tensor:
     """Reassemble a tensor-parallel shard into the whole tensor (every TP rank gets it)."""
-    dim, index = param.llmtrain_tp_shard
+    dim, index = getattr(param, "llmtrain_tp_shard")  # set by tensor_parallel._shard_param
     size = dist.get_world_size(tp_group)
     shards = [torch.empty_like(t) for _ in range(size)]
     indices = [torch.empty_like(index) for _ in range(size)]

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from llmtrain.train.preemption import StopRequest, watch_launcher
 from llmtrain.train.runlock import lock_run_dir
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
+
+if TYPE_CHECKING:
+    from llmtrain.models.spec import Transformer
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,8 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         from llmtrain.models.converters import apply_converters
 
         print0(f"model converters applied: {', '.join(apply_converters(model, cfg.model))}")
-    if hasattr(objective, "attach"):  # an objective's own trainable modules (distillation's projections)
-        objective.attach(model)  # join the model: the engine trains, checkpoints and resumes them too
+    if (attach := getattr(objective, "attach", None)) is not None:  # an objective's own trainable modules
+        attach(model)  # (distillation's projections) join the model: the engine trains, checkpoints, resumes them
     throughput = build_throughput(cfg, model, info.device, info.world_size)
     runner = build_runner(model, cfg, derived, info.device, lr_multiplier(cfg.optim, cfg.train.max_steps))
     state = TrainerState()
@@ -192,7 +195,7 @@ def build_model_for(cfg: Config, vocab_size: int) -> torch.nn.Module:
         )
     model = build_model(cfg.model)
     torch.manual_seed(cfg.train.seed)  # the same weights on every rank and every layout
-    model.init_weights()
+    cast("Transformer", model).init_weights()
     return model
 
 

@@ -76,7 +76,9 @@ def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files, buf, n_rows = [], {"keys": [], "values": [], "indices": []}, 0
+    files: list[str] = []
+    buf: dict[str, list[torch.Tensor]] = {"keys": [], "values": [], "indices": []}
+    n_rows = 0
 
     def flush() -> None:
         if buf["keys"]:

@@ -116,12 +116,13 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, causal
 def capture(model: nn.Module, blocks: bool, qkv: bool) -> Iterator[dict[str, Any]]:
     feats: dict[str, Any] = {"blocks": []}
     handles = []
-    layers = list(model.blocks)
+    layers: list[nn.Module] = list(getattr(model, "blocks"))  # a family's Transformer
     if blocks:
         for b in layers:
             handles.append(b.register_forward_hook(lambda _m, _a, out: feats["blocks"].append(out)))
     if qkv:
-        handles.append(layers[-1].attn.qkv.register_forward_hook(lambda _m, _a, out: feats.__setitem__("qkv", out)))
+        qkv_layer = layers[-1].get_submodule("attn.qkv")
+        handles.append(qkv_layer.register_forward_hook(lambda _m, _a, out: feats.__setitem__("qkv", out)))
     try:
         yield feats
     finally:

@@ -7,7 +7,7 @@ Shape legend:  B batch  T sequence  V vocabulary  N scored positions  k cached l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,17 @@ from llmtrain.compress.distill.losses import (_vocab_shard, capture, kd_kl, laye
 from llmtrain.models.objective import MetricSums
 from llmtrain.config import ConfigError
 from llmtrain.models.registry import family_of
+
+
+class ScoringObjective(Protocol):
+    """A family's objective as distillation uses it: the scored positions' logits, labels and own loss."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def scored(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]: ...
+
+    def positions(self, batch: dict[str, torch.Tensor]) -> slice | torch.Tensor: ...
 
 
 class Distill:
@@ -35,8 +46,10 @@ class Distill:
                               "distill.cache_dir=''")
         self.cfg, self.student_cfg, self.teacher, self.teacher_cfg, self.cache = cfg, student_cfg, teacher, teacher_cfg, cache
         family = family_of(student_cfg)
-        self.base = family.objective()  # the student's own objective: its forward and its loss
-        self.teacher_base = family_of(teacher_cfg).objective() if teacher_cfg is not None else self.base
+        # the student's own objective: its forward and its loss (every family's objective scores positions)
+        self.base = cast(ScoringObjective, family.objective())
+        self.teacher_base = cast(ScoringObjective, family_of(teacher_cfg).objective()) if teacher_cfg is not None \
+            else self.base
         self.generative = family.generative  # a decoder: causal attention relations, text samples make sense
         self.sums = MetricSums()
 
@@ -48,7 +61,8 @@ class Distill:
         proj = nn.ModuleList(nn.Linear(self.student_cfg.n_embd, self.teacher_cfg.n_embd, bias=False)
                              for _ in range(self.student_cfg.n_layer))
         for p in proj:
-            nn.init.eye_(p.weight)  # a pruned student's kept channels come first in the teacher's order
+            # a pruned student's kept channels come first in the teacher's order
+            nn.init.eye_(cast(nn.Linear, p).weight)
         model.distill_proj = proj.to(next(model.parameters()).device)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -70,6 +84,7 @@ class Distill:
                 kd = topk_kd_kl(logits[keep], logprobs[keep], indices[keep], c.temperature)
             t_feats: dict[str, Any] = {}
         else:
+            assert self.teacher is not None  # __init__: a teacher or a cache
             t_plain = getattr(self.teacher, "module", self.teacher)  # a ZeRO-3 teacher is an inference engine
             with torch.no_grad(), capture(t_plain, c.hidden_weight > 0, c.attention_weight > 0) as t_feats:
                 t_logits = self.teacher_base.scored(self.teacher, batch)[0]
@@ -90,16 +105,18 @@ class Distill:
 
     def _hidden(self, plain: nn.Module, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         proj = getattr(plain, "distill_proj", None)
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for i, j in enumerate(layer_map(len(student), len(teacher))):
             h = proj[i](student[i]) if proj is not None else student[i]
             total = total + F.mse_loss(h.float(), teacher[j].float())
+        assert isinstance(total, torch.Tensor)  # a model has at least one block
         return total / len(student)
 
     def _relations(self, student_qkv: torch.Tensor, teacher_qkv: torch.Tensor) -> torch.Tensor:
         s = split_qkv(student_qkv, self.student_cfg)
         t = split_qkv(teacher_qkv, self.teacher_cfg)
-        return sum(relation_kl(a, b, self.cfg.relation_heads, causal=self.generative) for a, b in zip(s, t)) / 3
+        q, k, v = (relation_kl(a, b, self.cfg.relation_heads, causal=self.generative) for a, b in zip(s, t))
+        return (q + k + v) / 3
 
     def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
         return self.sums.pop(training)

@@ -13,7 +13,7 @@ from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.registry import family_of
 
 
-def load_teacher(path: str, precision: str, device: torch.device, zero_stage: int = 0,
+def load_teacher(path: str | Path, precision: str, device: torch.device, zero_stage: int = 0,
                  overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
     """A frozen, eval-mode module of the teacher: an llmtrain checkpoint, run or consolidated directory, or a
     Hugging Face directory / GGUF file, imported on the fly through llmtrain's HF interop. zero_stage=3

@@ -109,8 +109,8 @@ class BertTrunk(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            if isinstance(bias := getattr(module, "bias", None), torch.Tensor):
+                nn.init.zeros_(bias)
 
     def _is_tied(self, module: nn.Module) -> bool:
         return False

@@ -24,7 +24,7 @@ this rank's vocabulary shard, and the bias is split on the same rows (tensor_par
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,7 @@ def bert_pipeline_layers(model: nn.Module) -> list[Any]:
     if not isinstance(model, Bert):
         raise UserError(f"pipeline parallel supports BERT pre-training (MLM + NSP), not "
                          f"{type(model).__name__}; set parallel.pp=1")
+    first: TiedLayer | nn.Module
     if model.cfg.tie_embeddings:
         first = TiedLayer("word", WordEmbedding, (model.wte,), weight_attr="wte.weight")
         tie = [TiedLayer("word", WordEmbedding, (model.wte,), weight_attr="wte.weight", forward_fn=_tie_only)]
@@ -124,8 +125,10 @@ def _as_batch(labels: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
 
 
 def bert_split(model: nn.Module) -> PipelineSplit:
+    layers = bert_pipeline_layers(model)  # checks that model is a Bert
+    model = cast(Bert, model)
     tie = ", tied word embedding" if model.cfg.tie_embeddings else ""
-    return PipelineSplit(bert_pipeline_layers(model),
+    return PipelineSplit(layers,
                          f"word embedding, embeddings, {len(model.blocks)} blocks, pre-training heads{tie}",
                          inputs=_inputs, labels=lambda mb: (mb["mlm_labels"], mb["nsp_labels"]),
                          as_batch=_as_batch, decoder=False)

@@ -17,6 +17,7 @@ weights as one built directly, whatever the parallel layout.
 from __future__ import annotations
 
 import math
+from typing import Iterable, cast
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         # Absolute positions added to the embeddings; rotary positions live in the attention instead.
+        self.wpe: nn.Module | None
         if cfg.pos == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         elif cfg.pos == "sinusoidal":
@@ -264,11 +266,11 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            if isinstance(bias := getattr(module, "bias", None), torch.Tensor):
+                nn.init.zeros_(bias)
         # Each block adds two residual branches; scale their output projections so the residual
         # stream's variance does not grow with depth (GPT-2 paper, section 2.3).
-        for block in self.blocks:
+        for block in cast("Iterable[Block]", self.blocks):
             for proj in (block.attn.proj, block.mlp.down):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
 

@@ -7,12 +7,15 @@ them as one `TiedLayer`, which llmtrain/parallel/pipeline.py builds on the first
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import nn
 
 from llmtrain.models.spec import PipelineSplit, TiedLayer
+
+if TYPE_CHECKING:
+    from llmtrain.models.gpt.model import GPT
 
 
 def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +65,10 @@ def _head(tied: TiedEmbedding, x: torch.Tensor) -> torch.Tensor:
     return tied.head(x)  # (B, T, V), or its vocabulary shard with tensor parallel
 
 
-def gpt_pipeline_layers(model: nn.Module) -> list[Any]:
+def gpt_pipeline_layers(model: GPT) -> list[Any]:
     """The plain GPT as a flat list of pipeline layers (modules and tied layers), outermost first."""
+    embed: TiedLayer | nn.Module
+    head: TiedLayer | nn.Module
     if model.cfg.tie_embeddings:
         embed = TiedLayer("embed", TiedEmbedding, (model.wte, model.lm_head), weight_attr="embed.weight")
         head = TiedLayer("embed", TiedEmbedding, (model.wte, model.lm_head), weight_attr="embed.weight",
@@ -75,6 +80,7 @@ def gpt_pipeline_layers(model: nn.Module) -> list[Any]:
 
 
 def gpt_split(model: nn.Module) -> PipelineSplit:
+    model = cast("GPT", model)  # the family's plain model (ModelFamily.pipeline_split)
     return PipelineSplit(gpt_pipeline_layers(model), f"embed, positions, {len(model.blocks)} blocks, final norm, head",
                          inputs=lambda mb: mb["input_ids"], labels=lambda mb: mb["labels"],
                          as_batch=lambda labels: {"input_ids": None, "labels": labels}, decoder=True)

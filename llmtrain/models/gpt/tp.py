@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from torch import nn
+
+if TYPE_CHECKING:
+    from llmtrain.models.gpt.model import GPT
 
 # Order matters: the embedding is sharded before the tied head.
 GPT_TP_PLAN: dict[str, str] = {
@@ -19,4 +24,4 @@ LLAMA_TP_PLAN: dict[str, str] = {**GPT_TP_PLAN, "blocks.*.mlp.gate": "column"}
 
 
 def tp_plan(model: nn.Module) -> dict[str, str]:
-    return LLAMA_TP_PLAN if model.cfg.mlp == "swiglu" else GPT_TP_PLAN
+    return LLAMA_TP_PLAN if cast("GPT", model).cfg.mlp == "swiglu" else GPT_TP_PLAN
