@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Components that own sub-commands; each module exposes add_subcommands(subparsers).
 COMPONENT_CLIS: tuple[str, ...] = ("llmtrain.plan", "llmtrain.parallel.cli", "llmtrain.data.cli", "llmtrain.compress.cli",
-                                   "llmtrain.inference", "llmtrain.interop.cli")
+                                   "llmtrain.evaluation.cli", "llmtrain.interop.cli")
 
 
 def _plugin_registrars() -> list[Callable]:

@@ -1,4 +1,5 @@
-"""`llmtrain generate` and `llmtrain eval`: text from, and perplexity of, a trained or imported decoder.
+"""Text from, and perplexity of, a trained or imported decoder: the library behind `llmtrain generate` and
+`llmtrain eval` (their command line lives in llmtrain/evaluation/cli.py).
 
 CHECKPOINT is a run directory (its latest checkpoint), a `checkpoints/` folder, one `step_*` folder, a
 consolidated folder or an `llmtrain import-hf` folder. The weights are read one parameter at a time
@@ -8,8 +9,6 @@ tensor or pipeline layout wrote it, so only one copy of the model is ever in mem
 
 from __future__ import annotations
 
-import argparse
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,8 @@ from llmtrain.errors import UserError
 
 if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
     import torch
+
+    from llmtrain.data import DataConfig
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -76,30 +77,33 @@ def _saved_config(ckpt: Path) -> Any:
     return load_config(ckpt / "config.yaml")
 
 
-def _device(name: str) -> str:
+def default_device(name: str = "") -> str:
+    """`name`, or cuda when a GPU is present, else cpu."""
     import torch
 
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, tokenizer: str = "",
+                  device: str = "", use_cache: bool = True) -> str:
+    """The prompt and its continuation by the decoder at `checkpoint` (its own tokenizer unless one is given)."""
     import torch
 
     from llmtrain.data import load_tokenizer
     from llmtrain.models.generation import generate
 
-    device = _device(args.device)
-    cfg, model = load_decoder(args.checkpoint, device)
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else checkpoint_tokenizer(args.checkpoint)
-    ids = tok.encode(args.prompt)
+    device = default_device(device)
+    cfg, model = load_decoder(checkpoint, device)
+    tok = load_tokenizer(tokenizer) if tokenizer else checkpoint_tokenizer(checkpoint)
+    ids = tok.encode(prompt)
     if not ids:
         raise UserError("--prompt encodes to no tokens; give at least one character")
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, prompt, args.max_new_tokens, cfg.block_size, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, generator=gen, use_cache=not args.no_cache)
-    print(tok.decode(out[0].tolist()))
-    return 0
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, prompt_ids, max_new_tokens, cfg.block_size, temperature=temperature,
+                   top_k=top_k, top_p=top_p, generator=gen, use_cache=use_cache)
+    return tok.decode(out[0].tolist())
 
 
 def perplexity_on(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: str) -> tuple[float, int]:
@@ -119,83 +123,40 @@ def perplexity_on(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
     return total / max(count, 1), count
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def eval_perplexity(checkpoint: str | Path, data: str = "bundled", seq_len: int = 0, batch_size: int = 8,
+                    batches: int = 50, device: str = "") -> tuple[float, int]:
+    """(mean next-token loss, tokens) of the decoder at `checkpoint` on the validation split of `data` (a
+    prepared dataset or 'bundled'), which must be tokenized with the checkpoint's tokenizer."""
     from llmtrain.data import build_data
 
-    if args.tasks:
-        from llmtrain.evaluation.run import cmd_eval_tasks
-
-        return cmd_eval_tasks(args)
-
-    device = _device(args.device)
-    cfg, model = load_decoder(args.checkpoint, device)
-    data_cfg = _eval_data_config(args)
-    seq_len = args.seq_len or cfg.block_size
+    device = default_device(device)
+    cfg, model = load_decoder(checkpoint, device)
+    seq_len = seq_len or cfg.block_size
     if seq_len > cfg.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's block_size {cfg.block_size}")
-    data = build_data(data_cfg, seq_len=seq_len, seed=0, micro_batch_size=args.batch_size, grad_accum=1,
-                      dp_rank=0, dp_size=1)
-    if data.vocab_size > cfg.vocab_size:
-        raise UserError(f"--data {args.data}: its tokenizer has {data.vocab_size} tokens but the model only "
-                         f"{cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
+    run_data = build_data(eval_data_config(checkpoint, data), seq_len=seq_len, seed=0, micro_batch_size=batch_size,
+                          grad_accum=1, dp_rank=0, dp_size=1)
+    if run_data.vocab_size > cfg.vocab_size:
+        raise UserError(f"--data {data}: its tokenizer has {run_data.vocab_size} tokens but the model only "
+                        f"{cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
     try:
-        expected = checkpoint_tokenizer(args.checkpoint).hash
-    except ValueError:
+        expected = checkpoint_tokenizer(checkpoint).hash
+    except UserError:
         expected = None  # no recorded tokenizer: trust the caller
-    if expected is not None and data.tokenizer.hash != expected:
-        raise UserError(f"--data {args.data} was tokenized with a different tokenizer (hash {data.tokenizer.hash}) "
-                         f"than the checkpoint's ({expected}); prepare it with the checkpoint's tokenizer")
-    loss, n = perplexity_on(model, data.val_batches(args.batches), device)
-    print(f"eval {args.checkpoint} on {args.data}: {n:,} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
-    return 0
+    if expected is not None and run_data.tokenizer.hash != expected:
+        raise UserError(f"--data {data} was tokenized with a different tokenizer (hash {run_data.tokenizer.hash}) "
+                        f"than the checkpoint's ({expected}); prepare it with the checkpoint's tokenizer")
+    return perplexity_on(model, run_data.val_batches(batches), device)
 
 
-def _eval_data_config(args: argparse.Namespace) -> Any:
-    """The data section to evaluate on: the checkpoint's own (for its tokenizer settings) with --data as path."""
+def eval_data_config(checkpoint: str | Path, data: str) -> DataConfig:
+    """The data section to evaluate on: the checkpoint's own (for its tokenizer settings) with `data` as path."""
     import dataclasses
 
     from llmtrain.data import DataConfig
 
     try:
-        base = _saved_config(_checkpoint_dir(args.checkpoint)).data
-    except ValueError:
+        base = _saved_config(_checkpoint_dir(checkpoint)).data
+    except UserError:
         base = DataConfig()
-    return dataclasses.replace(base, path=args.data, sources=[], stream="")
-
-
-def _doc_paragraph(i: int) -> str:
-    """Paragraph i of this module's docstring as one line (a --help description, whole sentences)."""
-    return " ".join(__doc__.split("\n\n")[i].split())
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)",
-                       description="Continue a prompt with a trained or imported decoder. " + _doc_paragraph(1))
-    p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default="", help="tokenizer directory or tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (no KV cache)")
-    p.set_defaults(fn=cmd_generate)
-
-    p = sub.add_parser("eval", help="perplexity of a checkpoint on the validation split of prepared data",
-                       description="Perplexity of a decoder checkpoint on prepared data. " + _doc_paragraph(1))
-    p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
-    p.add_argument("--data", default="bundled", help="prepared dataset directory (llmtrain prepare-data) or 'bundled'")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the model's block_size)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=50, help="at most this many validation batches")
-    p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks instead of perplexity: comma-separated "
-                   "task names (llmtrain_cloze, llmtrain_next_verse offline) or paths to task YAMLs "
-                   "(needs `pip install -e .[eval]`)")
-    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
-    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
-    p.add_argument("--bootstrap-iters", type=int, default=1000, help="--tasks: bootstrap samples for stderrs")
-    p.add_argument("--output", default="eval_results.json", help="--tasks: where the results JSON goes")
-    p.set_defaults(fn=cmd_eval)
+    return dataclasses.replace(base, path=data, sources=[], stream="")

@@ -141,24 +141,17 @@ def write_results(results: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
-def cmd_eval_tasks(args: Any) -> int:
-    """`llmtrain eval MODEL --tasks TASKS`: a results table on stdout and the full results as JSON. Under
-    torchrun (WORLD_SIZE > 1) each rank loads the model and scores its share of the documents."""
-    task_manager(args.tasks)  # unknown names fail before the model loads
-    from lm_eval.utils import make_table
-
+def run_tasks(checkpoint: str | Path, tasks: str | list[str], device: str = "", batch_size: int = 8,
+              limit: int | None = None, num_fewshot: int | None = None,
+              bootstrap_iters: int = 1000) -> dict[str, Any] | None:
+    """lm-eval results of the decoder at `checkpoint` on `tasks`. Under torchrun (WORLD_SIZE > 1) each rank
+    loads the model and scores its share of the documents; rank 0 returns the results, the others None."""
+    task_manager(tasks)  # unknown names fail before the model loads
     from llmtrain.evaluation.harness import LlmtrainLM
 
-    with _ranks(args.device) as device:
-        lm = LlmtrainLM.from_checkpoint(args.checkpoint, device, args.batch_size)
-        results = evaluate_tasks(lm, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                                 bootstrap_iters=args.bootstrap_iters)
-    if results is None:  # not rank 0: it sent its metrics there
-        return 0
-    print(make_table(results))
-    out = write_results(results, args.output)
-    print(f"results: {out}")
-    return 0
+    with _ranks(device) as dev:
+        lm = LlmtrainLM.from_checkpoint(checkpoint, dev, batch_size)
+        return evaluate_tasks(lm, tasks, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters)
 
 
 @contextmanager
@@ -169,9 +162,9 @@ def _ranks(device: str) -> Iterator[str]:
     import torch
     import torch.distributed as dist
 
-    from llmtrain.inference import _device
+    from llmtrain.inference import default_device
 
-    device = _device(device)
+    device = default_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield device
         return

@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `from helpers import ...` as in tests/
-
-
-def need_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        pytest.fail("lm-evaluation-harness is not installed: `pip install -e .[eval]` (the dev extra has it)")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from evalhelpers import ...` (not from conftest:
+# another directory's conftest module can shadow this one when the whole suite runs)
 
 
 @pytest.fixture(scope="session")

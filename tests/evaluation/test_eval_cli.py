@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import need_lm_eval
+from evalhelpers import need_lm_eval
 from helpers import BIN, ROOT, env, free_port
 from llmtrain.cli import main
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import need_lm_eval
+from evalhelpers import need_lm_eval
 from helpers import read_metrics, train
 from llmtrain.cli import main
 

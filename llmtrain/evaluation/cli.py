@@ -1,0 +1,86 @@
+"""`llmtrain generate` and `llmtrain eval`: the command line of llmtrain/inference.py (text and perplexity)
+and llmtrain/evaluation/run.py (lm-evaluation-harness tasks). It parses and calls.
+
+CHECKPOINT is a run directory (its latest checkpoint), a `checkpoints/` folder, one `step_*` folder, a
+consolidated folder or an `llmtrain import-hf` folder. The weights are read one parameter at a time
+from the layout-independent copy every checkpoint holds (`load_model_weights`), whatever ZeRO stage,
+tensor or pipeline layout wrote it, so only one copy of the model is ever in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmtrain.inference import generate_text
+
+    print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, tokenizer=args.tokenizer,
+                        device=args.device, use_cache=not args.no_cache))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return cmd_eval_tasks(args)
+    from llmtrain.inference import eval_perplexity
+
+    loss, n = eval_perplexity(args.checkpoint, args.data, args.seq_len, args.batch_size, args.batches, args.device)
+    print(f"eval {args.checkpoint} on {args.data}: {n:,} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """`llmtrain eval MODEL --tasks TASKS`: a results table on stdout and the full results as JSON. Under
+    torchrun (WORLD_SIZE > 1) each rank loads the model and scores its share of the documents."""
+    from llmtrain.evaluation.run import run_tasks, write_results
+
+    results = run_tasks(args.checkpoint, args.tasks, device=args.device, batch_size=args.batch_size,
+                        limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
+    if results is None:  # not rank 0: it sent its metrics there
+        return 0
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    print(f"results: {write_results(results, args.output)}")
+    return 0
+
+
+def _doc_paragraph(i: int) -> str:
+    """Paragraph i of this module's docstring as one line (a --help description, whole sentences)."""
+    return " ".join(__doc__.split("\n\n")[i].split())
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)",
+                       description="Continue a prompt with a trained or imported decoder. " + _doc_paragraph(1))
+    p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="", help="tokenizer directory or tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (no KV cache)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on the validation split of prepared data",
+                       description="Perplexity of a decoder checkpoint on prepared data. " + _doc_paragraph(1))
+    p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
+    p.add_argument("--data", default="bundled", help="prepared dataset directory (llmtrain prepare-data) or 'bundled'")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the model's block_size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=50, help="at most this many validation batches")
+    p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks instead of perplexity: comma-separated "
+                   "task names (llmtrain_cloze, llmtrain_next_verse offline) or paths to task YAMLs "
+                   "(needs `pip install -e .[eval]`)")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
+    p.add_argument("--bootstrap-iters", type=int, default=1000, help="--tasks: bootstrap samples for stderrs")
+    p.add_argument("--output", default="eval_results.json", help="--tasks: where the results JSON goes")
+    p.set_defaults(fn=cmd_eval)
