@@ -10,7 +10,7 @@ tensor or pipeline layout wrote it, so only one copy of the model is ever in mem
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from llmtrain.errors import UserError
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
     import torch
 
     from llmtrain.data import DataConfig
+    from llmtrain.models.gpt.model import GPT
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -39,7 +40,8 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
         model = build_converted_model(cfg)  # the checkpoint's converters too: their parameters are in weights
     model.load_state_dict(weights, assign=True)
     if cfg.tie_embeddings:  # assign=True replaces the shared Parameter object per name: tie again
-        model.lm_head.weight = model.wte.weight
+        decoder = cast("GPT", model)  # generative: the decoder family
+        decoder.lm_head.weight = decoder.wte.weight
     return cfg, model.to(device).eval()
 
 

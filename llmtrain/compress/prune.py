@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ def ffn_width(cfg: ModelConfig) -> int:
 def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
     """The pruned model's config; ValueError naming the recipe key when a target is impossible."""
     nh, nkv = cfg.n_head, kv_heads(cfg)
-    new = {
+    new: dict[str, Any] = {
         "n_layer": p.n_layer or cfg.n_layer, "n_embd": p.n_embd or cfg.n_embd,
         "intermediate_size": p.intermediate_size or ffn_width(cfg),
     }
@@ -97,7 +97,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _attn_out(block: nn.Module) -> nn.Linear:
-    return block.attn.proj
+    return cast(nn.Linear, block.get_submodule("attn.proj"))
 
 
 def _mlp(block: nn.Module) -> nn.Module:
@@ -106,7 +106,11 @@ def _mlp(block: nn.Module) -> nn.Module:
 
 
 def _mlp_down(block: nn.Module) -> nn.Linear:
-    return _mlp(block).down
+    return cast(nn.Linear, _mlp(block).get_submodule("down"))
+
+
+def _mlp_up(block: nn.Module) -> nn.Linear:
+    return cast(nn.Linear, _mlp(block).get_submodule("up"))
 
 
 def _call(model: nn.Module, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> Any:
@@ -175,11 +179,11 @@ def magnitude_importance(model: nn.Module, cfg: ModelConfig) -> Importance:
     blocks, hs = _blocks(model), head_size(cfg)
     heads = torch.stack([_attn_out(b).weight.float().unflatten(1, (cfg.n_head, hs)).norm(dim=(0, 2))
                          for b in blocks]).cpu()
-    channels = torch.stack([_mlp_down(b).weight.float().norm(dim=0) * _mlp(b).up.weight.float().norm(dim=1)
+    channels = torch.stack([_mlp_down(b).weight.float().norm(dim=0) * _mlp_up(b).weight.float().norm(dim=1)
                             for b in blocks]).cpu()
     layers = torch.stack([_attn_out(b).weight.float().norm() + _mlp_down(b).weight.float().norm()
                           for b in blocks]).cpu()
-    hidden = model.wte.weight.float().norm(dim=0).cpu()
+    hidden = model.get_parameter("wte.weight").float().norm(dim=0).cpu()
     return Importance(layers, heads, channels, hidden)
 
 
@@ -243,8 +247,8 @@ def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, keep: Kee
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
         if m and int(m.group(1)) not in old_to_new:
             continue
-        j = old_to_new[int(m.group(1))] if m else None
         if m:
+            j = old_to_new[int(m.group(1))]
             q, kv = _rows(keep.q_heads[j], hs), _rows(keep.kv_heads[j], hs)
             index = {"C": keep.hidden, "Q": q, "KV": kv, "F": keep.channels[j],
                      "QKV": torch.cat([q, nh * hs + kv, (nh + nkv) * hs + kv])}

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtrain.data.config import DataConfig, SourceConfig
@@ -24,7 +25,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: in
                   dp_rank=dp_rank, dp_size=dp_size)
 
 
-def load_tokenizer(path: str) -> "Tokenizer":
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer directory, HF tokenizer.json, or GPT-2 encoder.json + vocab.bpe directory."""
     from llmtrain.data.tokenizer import load_tokenizer as _load
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmtrain.interop import size_name
-from llmtrain.models.config import ModelConfig
+from llmtrain.models.bert.config import BertConfig as BertModelConfig
 from llmtrain.errors import UserError
 
 HF_MODEL_TYPES = ("bert",)
@@ -49,11 +49,11 @@ _HEADS = {  # ours -> full transformers name
 }
 
 
-def exports(c: Any) -> bool:
+def exports(c: BertModelConfig) -> bool:
     return True  # every BERT config of the family (listed in its spec) has a twin
 
 
-def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+def to_hf(c: BertModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import BertConfig
 
     if c.num_labels:
@@ -79,7 +79,7 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     return cfg, out
 
 
-def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[BertModelConfig, dict[str, torch.Tensor]]:
     if cfg.hidden_act != "gelu":
         raise UserError(f"BERT import: activation '{cfg.hidden_act}' is not the exact (erf) GELU llmtrain uses")
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
@@ -87,11 +87,12 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
                          "llmtrain's BERT has absolute learned positions")
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     dropout = float(cfg.hidden_dropout_prob)
-    c = ModelConfig(name="bert_debug", arch="bert", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
-                    n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
-                    dropout=dropout, bias=True, tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
-                    init_std=cfg.initializer_range, type_vocab_size=cfg.type_vocab_size, norm_eps=cfg.layer_norm_eps,
-                    intermediate_size=None if cfg.intermediate_size == 4 * cfg.hidden_size else cfg.intermediate_size)
+    ffn = None if cfg.intermediate_size == 4 * cfg.hidden_size else cfg.intermediate_size
+    c = BertModelConfig(name="bert_debug", arch="bert", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
+                        n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
+                        dropout=dropout, tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
+                        init_std=cfg.initializer_range, type_vocab_size=cfg.type_vocab_size,
+                        norm_eps=cfg.layer_norm_eps, intermediate_size=ffn)
     out = {ours: sd[hf].float() for ours, hf in _TRUNK.items()}
     for i in range(c.n_layer):
         pre = f"encoder.layer.{i}."
@@ -104,7 +105,7 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
     return dataclasses.replace(c, name=size_name(c, "bert_debug")), out
 
 
-def _heads(c: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _heads(c: BertModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The MLM and NSP heads: the checkpoint's, or a fresh seeded init when it has none (a BertModel)."""
     if all(hf in sd for hf in _HEADS.values()):
         out = {ours: sd[hf].float() for ours, hf in _HEADS.items()}

@@ -119,7 +119,8 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
             w = _unpermute(w, n_kv)
         sd[hf] = w
     tied = "lm_head.weight" not in sd
-    cfg = LlamaConfig(
+    # transformers' LlamaConfig signature lacks rope_theta / rope_scaling, which its __init__ takes (**kwargs)
+    cfg = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=sd["model.embed_tokens.weight"].shape[0], hidden_size=int(meta("llama.embedding_length")),
         intermediate_size=int(meta("llama.feed_forward_length")), num_hidden_layers=int(meta("llama.block_count")),
         num_attention_heads=n_head, num_key_value_heads=n_kv, max_position_embeddings=int(meta("llama.context_length")),

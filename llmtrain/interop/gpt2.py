@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmtrain.interop import size_name
-from llmtrain.models.config import ModelConfig
+from llmtrain.models.gpt.config import GPTConfig
 from llmtrain.models.gpt import SinusoidalPositions
 from llmtrain.errors import UserError
 
@@ -35,12 +35,12 @@ _TOP = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.w
         "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
 
 
-def exports(c: Any) -> bool:
+def exports(c: GPTConfig) -> bool:
     return (c.pos in ("learned", "sinusoidal") and c.norm == "layernorm" and c.mlp == "gelu"
             and (c.n_kv_head or c.n_head) == c.n_head and c.head_dim in (None, c.n_embd // c.n_head))
 
 
-def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import GPT2Config
 
     if not exports(c):
@@ -66,16 +66,16 @@ def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, t
     return cfg, out
 
 
-def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"GPT-2 import: activation '{cfg.activation_function}' is not the tanh GELU llmtrain uses")
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):
         raise UserError("GPT-2 import: only the standard 1/sqrt(head size) attention scaling is supported")
     sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
     tied = bool(getattr(cfg, "tie_word_embeddings", True))
-    c = ModelConfig(name="gpt_debug", arch="gpt", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                    vocab_size=cfg.vocab_size, block_size=cfg.n_positions, dropout=0.0, bias=True,
-                    tie_embeddings=tied, norm_eps=cfg.layer_norm_epsilon, intermediate_size=cfg.n_inner)
+    c = GPTConfig(name="gpt_debug", arch="gpt", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                  vocab_size=cfg.vocab_size, block_size=cfg.n_positions, dropout=0.0, bias=True,
+                  tie_embeddings=tied, norm_eps=cfg.layer_norm_epsilon, intermediate_size=cfg.n_inner)
     out = {ours: sd[hf.removeprefix("transformer.")].float() for ours, hf in _TOP.items()}
     for i in range(c.n_layer):
         for ours, (hf, conv) in _BLOCK.items():

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from llmtrain.interop import size_name
-from llmtrain.models.config import ModelConfig, RopeScaling
+from llmtrain.models.config import RopeScaling
+from llmtrain.models.gpt.config import GPTConfig
 from llmtrain.errors import UserError
 
 HF_MODEL_TYPES = ("llama",)
@@ -28,17 +29,19 @@ _BLOCK_BIAS = {"attn.proj.bias": "self_attn.o_proj.bias", "mlp.gate.bias": "mlp.
 _TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
 
 
-def exports(c: Any) -> bool:
+def exports(c: GPTConfig) -> bool:
     return c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
 
 
-def to_hf(c: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig
 
     if not exports(c):
         raise UserError("Llama export needs model.pos=rope, norm=rmsnorm and mlp=swiglu")
     n_kv, hs = c.n_kv_head or c.n_head, c.head_dim or c.n_embd // c.n_head
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size or 4 * c.n_embd,
+    # transformers' LlamaConfig signature lacks rope_theta / rope_scaling, which its __init__ takes (**kwargs)
+    cfg = LlamaConfig(  # type: ignore[call-arg]
+                      vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size or 4 * c.n_embd,
                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=n_kv,
                       head_dim=hs, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                       rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias,
@@ -94,7 +97,7 @@ def rope_of(cfg: Any) -> tuple[float, RopeScaling | None]:
                                                                    or cfg.max_position_embeddings))
 
 
-def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     if cfg.hidden_act != "silu":
         raise UserError(f"Llama import: activation '{cfg.hidden_act}' is not the SiLU of SwiGLU")
     hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -104,12 +107,12 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[st
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
     theta, scaling = rope_of(cfg)
-    c = ModelConfig(name="llama_debug", arch="gpt", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
-                    n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
-                    dropout=0.0, bias=bias, tie_embeddings=tied, norm_eps=cfg.rms_norm_eps, pos="rope",
-                    norm="rmsnorm", mlp="swiglu", intermediate_size=cfg.intermediate_size, n_kv_head=n_kv,
-                    rope_theta=theta, rope_scaling=scaling,
-                    head_dim=None if hs * cfg.num_attention_heads == cfg.hidden_size else hs)
+    c = GPTConfig(name="llama_debug", arch="gpt", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
+                  n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
+                  dropout=0.0, bias=bias, tie_embeddings=tied, norm_eps=cfg.rms_norm_eps, pos="rope",
+                  norm="rmsnorm", mlp="swiglu", intermediate_size=cfg.intermediate_size, n_kv_head=n_kv,
+                  rope_theta=theta, rope_scaling=scaling,
+                  head_dim=None if hs * cfg.num_attention_heads == cfg.hidden_size else hs)
     out = {ours: sd[hf].float() for ours, hf in _TOP.items()}
     names = {**_BLOCK, **(_BLOCK_BIAS if bias else {})}
     for i in range(c.n_layer):

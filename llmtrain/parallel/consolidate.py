@@ -67,7 +67,8 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
     head = tuple(getattr(model, "task_head_prefixes", ()))
-    vocab, ckpt_vocab = model.cfg.vocab_size, ckpt_cfg.vocab_size
+    model_cfg: ModelConfig = getattr(model, "cfg")
+    vocab, ckpt_vocab = model_cfg.vocab_size, ckpt_cfg.vocab_size
     seen, padded = set(), []
     with torch.no_grad():
         for name, tensor in weights:

@@ -18,7 +18,7 @@ flight. DeepSpeed refuses ZeRO-2/3 with pipelines (gradients must stay whole acr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,9 @@ from llmtrain.parallel.layout import ParallelDims, model_parallel_grad_norm
 from llmtrain.parallel.runner import StepResult, load_engine, save_engine
 from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.utils import print0
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
 
 __all__ = ["PARTITIONS", "PipelineSplit", "pipeline_split", "build_pipeline_module", "ObjectiveLoss",
            "PipelineRunner", "build_pipeline_runner"]
@@ -72,7 +75,8 @@ class ObjectiveLoss:
         self.objective, self.as_batch = objective, as_batch
 
     def __call__(self, outputs: Any, labels: Any) -> torch.Tensor:
-        loss = self.objective(lambda *_args: outputs, self.as_batch(labels))
+        model = cast(nn.Module, lambda *_args: outputs)  # what the objective calls: the pipeline's outputs
+        loss = self.objective(model, self.as_batch(labels))
         return local_loss(loss)  # DeepSpeed sums and all-reduces plain tensors
 
 
@@ -198,5 +202,6 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
     module = build_pipeline_module(split, dims, partition, loss_fn=None)
     optimizer = optimizer_fn(module)
     engine = initialize_pipeline(module, optimizer, LambdaLR(optimizer, lr_lambda), ds_config)
-    return PipelineRunner(engine, split, device, width=model.cfg.n_embd, vocab=model.cfg.vocab_size,
+    model_cfg: ModelConfig = getattr(model, "cfg")
+    return PipelineRunner(engine, split, device, width=model_cfg.n_embd, vocab=model_cfg.vocab_size,
                           universal=universal)

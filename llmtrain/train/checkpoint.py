@@ -196,7 +196,8 @@ def confirm_good(out_dir: str | Path, step: int, finite_steps: int, window: int)
         return
     root = checkpoint_root(out_dir)
     good = good_checkpoint(out_dir)
-    floor = step_of(good.name) if good is not None else -1
+    good_step = step_of(good.name) if good is not None else None
+    floor = good_step if good_step is not None else -1
     ready = [s for p in root.glob("step_*") if (s := step_of(p.name)) is not None
              and floor < s <= step - window and step - s <= finite_steps and (p / "trainer_state.json").is_file()]
     if ready:

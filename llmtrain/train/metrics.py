@@ -93,7 +93,8 @@ def _repair(path: Path, resume_step: int) -> None:
         from llmtrain.utils import eprint
 
         eprint(f"{path}: dropped a torn last line (a crash while it was written): {lines.pop()[:60]!r}")
-    keep, later = [], []
+    keep: list[str] = []
+    later: list[str] = []
     for line in lines:
         try:
             step = json.loads(line).get("step", 0) if line.strip() else None
