@@ -30,6 +30,9 @@ from llmtrain.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from llmtrain.config import Config
+    from llmtrain.models.config import ModelConfig
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 
@@ -112,7 +115,7 @@ def write_config_text(directory: Path, text: str) -> None:
     (directory / CONFIG).write_text(text)
 
 
-def model_config_yaml(model_cfg: Any) -> str:
+def model_config_yaml(model_cfg: ModelConfig) -> str:
     import dataclasses
 
     import yaml
@@ -127,7 +130,7 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def write_model(out: str | Path, cfg: Any, model: torch.nn.Module, records: dict[str, Any] | None = None,
+def write_model(out: str | Path, cfg: Config, model: torch.nn.Module, records: dict[str, Any] | None = None,
                 replace: bool = False) -> Path:
     """A model directory of a plain model: its parameters (tied ones once) in fp32, the whole run config
     `cfg` as config.yaml and each of `records` ({file name: JSON-able}) as a JSON file beside them."""
@@ -141,7 +144,7 @@ def write_model(out: str | Path, cfg: Any, model: torch.nn.Module, records: dict
     return Path(out)
 
 
-def write_model_dir(cfg: Any, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+def write_model_dir(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                     tokenizer_json: Path | None = None, replace: bool = False) -> Path:
     """An llmtrain model directory of a plain state dict (an import): each parameter once, plain names."""
     import torch

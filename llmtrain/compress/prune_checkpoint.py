@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmtrain.compress.config import PruneConfig
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.config import Config
+    from llmtrain.models.config import ModelConfig
+    from llmtrain.models.objective import Objective
 
 
 def load_prune_recipe(path: str | None, overrides: list[str]) -> PruneConfig:
@@ -25,7 +30,7 @@ def load_prune_recipe(path: str | None, overrides: list[str]) -> PruneConfig:
     return load_config(path, overrides).prune
 
 
-def source_config(checkpoint: str | Path, model_cfg: Any) -> Any:
+def source_config(checkpoint: str | Path, model_cfg: ModelConfig) -> Config:
     """The root Config the checkpoint was trained with (its data, seq_len), with its model config."""
     from llmtrain.config import Config, load_config
     from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
@@ -38,14 +43,14 @@ def source_config(checkpoint: str | Path, model_cfg: Any) -> Any:
     return dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, init_from=None))
 
 
-def held_out_loss(model: torch.nn.Module, objective: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+def held_out_loss(model: torch.nn.Module, objective: Objective, batches: list[dict[str, torch.Tensor]]) -> float:
     model.eval()
     with torch.no_grad():
         losses = [objective(model, b).item() for b in batches]
     return sum(losses) / max(1, len(losses))
 
 
-def write_model(out: str | Path, cfg: Any, model: torch.nn.Module, extra: dict[str, Any],
+def write_model(out: str | Path, cfg: Config, model: torch.nn.Module, extra: dict[str, Any],
                 replace: bool = False) -> Path:
     """The model directory `out` (llmtrain/model_dir.py) of `model`, with `cfg` and `extra` as prune.json."""
     from llmtrain.model_dir import write_model as write_model_dir

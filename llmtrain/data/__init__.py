@@ -6,18 +6,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmtrain.data.config import DataConfig, SourceConfig
 
 if TYPE_CHECKING:
+    from llmtrain.data.contract import RunData
     from llmtrain.data.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "SourceConfig", "build_data", "check_same_tokenizer", "load_tokenizer", "resolve_sources"]
 
 
 def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
-               dp_rank: int, dp_size: int) -> Any:
+               dp_rank: int, dp_size: int) -> RunData:
     """The data of a run (DEVELOPERS.md, "Data contract"); prepares the bundled corpus on first use."""
     from llmtrain.data.build import build_data as _build
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import DataError
+
+if TYPE_CHECKING:
+    from llmtrain.data.contract import RunData
 
 
 def resolve_sources(cfg: DataConfig) -> list[tuple[Path, float]]:
@@ -31,7 +34,7 @@ def _check_layout(seq_len: int, micro_batch_size: int, grad_accum: int, dp_rank:
 
 
 def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
-               dp_rank: int, dp_size: int) -> Any:
+               dp_rank: int, dp_size: int) -> RunData:
     from llmtrain.data.loader import CausalData, PreparedSource
 
     _check_layout(seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)

@@ -7,10 +7,16 @@ need gathering. The tasks' names are checked before step 1, so a typo never cost
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmtrain.config import TrainConfig
+    from llmtrain.data.tokenizer import Tokenizer
+    from llmtrain.models.config import ModelConfig
+    from llmtrain.parallel.runner import Runner
 
 
-def check_eval_tasks(train_cfg: Any, model_cfg: Any) -> None:
+def check_eval_tasks(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """UserError before training when train.eval_tasks names an unknown task, lm-eval is missing or the
     model is not a decoder."""
     if not train_cfg.eval_tasks:
@@ -28,7 +34,7 @@ def check_eval_tasks(train_cfg: Any, model_cfg: Any) -> None:
         raise UserError(f"train.eval_tasks: {exc}") from None
 
 
-def eval_task_metrics(train_cfg: Any, block_size: int, runner: Any, tokenizer: Any) -> dict[str, float]:
+def eval_task_metrics(train_cfg: TrainConfig, block_size: int, runner: Runner, tokenizer: Tokenizer) -> dict[str, float]:
     """{'eval_<task>_<metric>': value} of train.eval_tasks on the model being trained ({} when none)."""
     if not train_cfg.eval_tasks:
         return {}

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
 
 def _modules(adapters: tuple[str, ...] | None = None) -> list[ModuleType]:
     """The adapter modules of every model family (its spec's `hf_adapters`), or of the ones given."""
@@ -39,7 +42,7 @@ def _modules(adapters: tuple[str, ...] | None = None) -> list[ModuleType]:
     return mods
 
 
-def family_for_config(model_cfg: Any) -> ModuleType:
+def family_for_config(model_cfg: ModelConfig) -> ModuleType:
     """The adapter module of `model_cfg`'s family that exports it; ValueError when none does."""
     from llmtrain.models.registry import family_of
 
@@ -63,7 +66,7 @@ def family_for_hf(model_type: str) -> ModuleType:
     raise UserError(f"Hugging Face model_type '{model_type}' cannot be imported; known: {', '.join(known)}")
 
 
-def size_name(model_cfg: Any, default: str) -> str:
+def size_name(model_cfg: ModelConfig, default: str) -> str:
     """The named size (MODEL_SIZES) whose fields all equal `model_cfg`'s, else `default`: an imported
     SmolLM2-135M reads as llama_135m in logs and configs."""
     from llmtrain.models.config import MODEL_SIZES

@@ -18,7 +18,12 @@ from llmtrain.errors import UserError
 from llmtrain.model_dir import check_output, write_model_dir, writing  # write_model_dir: re-exported
 
 if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
+    from types import ModuleType
+
     import torch
+
+    from llmtrain.data.tokenizer import Tokenizer
+    from llmtrain.models.config import ModelConfig
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
@@ -42,7 +47,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, replace: bool = False
     return Path(out_dir)
 
 
-def _write_hf(tmp: Path, cfg: Any, family: Any, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], tok: Any) -> None:
+def _write_hf(tmp: Path, cfg: ModelConfig, family: ModuleType, hf_cfg: Any, hf_sd: dict[str, torch.Tensor],
+              tok: Tokenizer | None) -> None:
     from safetensors.torch import save_file
 
     hf_cfg.architectures = [family.HF_ARCHITECTURE]

@@ -37,11 +37,14 @@ What a converter must do:
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
 
 Convert = Callable[[nn.Module], None]
 ConverterFactory = Callable[[Any], Convert]  # model config -> convert(model), in place
@@ -79,7 +82,7 @@ def converter(name: str) -> ConverterFactory:
     return _REGISTRY[name]
 
 
-def apply_converters(model: nn.Module, model_cfg: Any) -> list[str]:
+def apply_converters(model: nn.Module, model_cfg: ModelConfig) -> list[str]:
     """Apply `model_cfg.converters` to the plain `model` in list order; returns the names applied."""
     names = list(getattr(model_cfg, "converters", None) or [])
     for name in names:
@@ -87,7 +90,7 @@ def apply_converters(model: nn.Module, model_cfg: Any) -> list[str]:
     return names
 
 
-def build_converted_model(model_cfg: Any) -> nn.Module:
+def build_converted_model(model_cfg: ModelConfig) -> nn.Module:
     """The plain model of `model_cfg` with its converters applied, not initialised: what a checkpoint of
     that config holds (readers load its weights into it). Works under `torch.device("meta")`."""
     import dataclasses

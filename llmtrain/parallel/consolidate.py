@@ -15,7 +15,7 @@ memory. A consolidated directory is itself accepted by `load_model_weights` and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
 import torch
 import yaml
@@ -67,7 +67,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
     head = tuple(getattr(model, "task_head_prefixes", ()))
-    model_cfg: ModelConfig = getattr(model, "cfg")
+    model_cfg = cast(ModelConfig, model.cfg)
     vocab, ckpt_vocab = model_cfg.vocab_size, ckpt_cfg.vocab_size
     seen, padded = set(), []
     with torch.no_grad():

@@ -202,6 +202,6 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
     module = build_pipeline_module(split, dims, partition, loss_fn=None)
     optimizer = optimizer_fn(module)
     engine = initialize_pipeline(module, optimizer, LambdaLR(optimizer, lr_lambda), ds_config)
-    model_cfg: ModelConfig = getattr(model, "cfg")
+    model_cfg = cast("ModelConfig", model.cfg)
     return PipelineRunner(engine, split, device, width=model_cfg.n_embd, vocab=model_cfg.vocab_size,
                           universal=universal)

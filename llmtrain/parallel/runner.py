@@ -34,6 +34,7 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
 
 
 class Runner(Protocol):
+    engine: Any  # the DeepSpeed engine (checkpoints check its optimizer state)
     device: torch.device
     dp_rank: int
     dp_size: int

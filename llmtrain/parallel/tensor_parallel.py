@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -122,12 +122,20 @@ def vocab_parallel_log_softmax(local: torch.Tensor, group: Any) -> torch.Tensor:
     return _VocabParallelLogSoftmax.apply(local.contiguous(), group)
 
 
+class TPShard(Protocol):
+    """The attributes a tensor-parallel shard's Parameter carries (DeepSpeed reads the first)."""
+
+    tensor_model_parallel: bool
+    llmtrain_tp_shard: tuple[int, torch.Tensor]  # (dim, the indices of the whole tensor along it)
+
+
 def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> nn.Parameter:
     if isinstance(index, slice):
         index = torch.arange(index.start, index.stop)
     p = nn.Parameter(full.detach().index_select(dim, index.to(full.device)).clone())
-    setattr(p, "tensor_model_parallel", True)
-    setattr(p, "llmtrain_tp_shard", (dim, index))  # which rows/columns of the whole tensor: for checkpoints
+    shard = cast(TPShard, p)
+    shard.tensor_model_parallel = True
+    shard.llmtrain_tp_shard = (dim, index)  # which rows/columns of the whole tensor: for checkpoints
     return p
 
 
@@ -231,7 +239,7 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     tied = hasattr(model, "lm_head") and hasattr(model, "wte") and \
-        getattr(model.lm_head, "weight") is getattr(model.wte, "weight")
+        model.get_submodule("lm_head").weight is model.get_submodule("wte").weight
     done = []
     for pattern, style in plan.items():
         names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
@@ -269,7 +277,7 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
     if style == "column":
         return ColumnParallelLinear(_expect(module, nn.Linear, style), group, rank, size)
     if style == "column_qkv":
-        c: ModelConfig = getattr(model, "cfg")
+        c = cast("ModelConfig", model.cfg)
         hs = getattr(c, "head_dim", None) or c.n_embd // c.n_head
         n_kv = getattr(c, "n_kv_head", None) or c.n_head
         return ColumnParallelLinear(_expect(module, nn.Linear, style), group, rank, size,

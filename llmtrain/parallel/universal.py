@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,9 @@ import torch.distributed as dist
 from llmtrain.errors import CheckpointError
 from llmtrain.parallel.ds_compat import global_steps, is_pipe_replicated
 from llmtrain.parallel.layout import ParallelDims
+
+if TYPE_CHECKING:
+    from llmtrain.parallel.tensor_parallel import TPShard
 
 FOLDER = "universal"
 
@@ -42,7 +45,7 @@ def _file(directory: Path, name: str) -> Path:
 
 def _gather_tp(t: torch.Tensor, param: torch.nn.Parameter, tp_group: Any) -> torch.Tensor:
     """Reassemble a tensor-parallel shard into the whole tensor (every TP rank gets it)."""
-    dim, index = getattr(param, "llmtrain_tp_shard")  # set by tensor_parallel._shard_param
+    dim, index = cast("TPShard", param).llmtrain_tp_shard
     size = dist.get_world_size(tp_group)
     shards = [torch.empty_like(t) for _ in range(size)]
     indices = [torch.empty_like(index) for _ in range(size)]

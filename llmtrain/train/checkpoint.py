@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,8 +40,11 @@ from llmtrain.parallel.checkpoint_paths import (GOOD, LATEST, checkpoint_root, g
                                                 latest_checkpoint, resolve_checkpoint, step_name, step_of)
 from llmtrain.utils import barrier, print0, rank, world_size
 
+if TYPE_CHECKING:
+    from llmtrain.parallel.runner import Runner
 
-def save_checkpoint(runner: Any, cfg: Config, step: int, trainer_state: dict[str, Any]) -> Path | None:
+
+def save_checkpoint(runner: Runner, cfg: Config, step: int, trainer_state: dict[str, Any]) -> Path | None:
     """Collective: every rank calls this. Returns the final checkpoint directory, or None when the model
     or optimizer state is not finite (nothing is written, `latest` unchanged)."""
     from llmtrain.parallel.engine import optimizer_state_finite
@@ -243,7 +246,7 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(first)
 
 
-def load_checkpoint(runner: Any, path: Path, load_optimizer: bool = True) -> dict[str, Any]:
+def load_checkpoint(runner: Runner, path: Path, load_optimizer: bool = True) -> dict[str, Any]:
     """Collective: restore the runner's state and this rank's RNG; return the trainer state."""
     verify_checkpoint(path)
     trainer_state = read_json(path / "trainer_state.json")

@@ -9,7 +9,12 @@ FLOP rate by the device's dense BF16 peak. HFU also counts work redone by activa
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from llmtrain.data.config import DataConfig
 
 # Dense BF16 peak per device, FLOP/s, matched against torch.cuda.get_device_name(). Vendor datasheets.
 PEAK_BF16: tuple[tuple[str, float], ...] = (
@@ -57,7 +62,7 @@ def recompute_flops_per_token(mode: str, n_block_params: int, n_layer: int, d_mo
     return 0.0
 
 
-def flops_per_token(model: Any, n_layer: int, d_model: int, seq_len: int, data: Any = None,
+def flops_per_token(model: nn.Module, n_layer: int, d_model: int, seq_len: int, data: DataConfig | None = None,
                     checkpointing: str = "none", every_n: int = 2) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per token of a training step of `model` (an nn.Module, meta is fine) on
     `data` (its DataConfig: which batches, e.g. BERT's masked-LM fraction). The matmul parameters per token

@@ -4,7 +4,8 @@ and each model family's objective in its folder; this module keeps the names imp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from llmtrain.models.bert.objective import BertObjective, MaskedLMWithNSP, SequenceClassification
 from llmtrain.models.gpt.objective import CausalLM

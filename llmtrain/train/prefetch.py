@@ -8,13 +8,16 @@ changes nothing about what step+1 sees.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from llmtrain.data.contract import RunData
+
 
 class Prefetcher:
-    def __init__(self, data: Any, pin_memory: bool, enabled: bool = True):
+    def __init__(self, data: RunData, pin_memory: bool, enabled: bool = True):
         self.data, self.pin = data, pin_memory
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtrain-prefetch") if enabled else None
         self.pending: tuple[int, Future] | None = None

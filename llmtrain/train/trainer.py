@@ -29,7 +29,10 @@ from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
 
 if TYPE_CHECKING:
+    from llmtrain.data.contract import RunData
+    from llmtrain.data.tokenizer import Tokenizer
     from llmtrain.models.spec import Transformer
+    from llmtrain.parallel.engine import DistInfo
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def build_model_for(cfg: Config, vocab_size: int) -> torch.nn.Module:
     return model
 
 
-def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Module) -> None:
+def print_layout(cfg: Config, derived: Derived, info: DistInfo, model: torch.nn.Module) -> None:
     from llmtrain.parallel.ds_compat import full_numel
 
     n = sum(full_numel(p) for p in model.parameters())  # ZeRO-3 leaves numel() 0
@@ -214,7 +217,7 @@ def print_layout(cfg: Config, derived: Derived, info: Any, model: torch.nn.Modul
         print0(f"layout: {derived.dims.describe()}")
 
 
-def run_loop(cfg: Config, derived: Derived, runner: Runner, data: Any, objective: Objective,
+def run_loop(cfg: Config, derived: Derived, runner: Runner, data: RunData, objective: Objective,
              state: TrainerState, sink: MetricsSink, stop: StopRequest, throughput: Throughput) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
     t = cfg.train
@@ -308,7 +311,7 @@ def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float |
             "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, **rates}
 
 
-def held_out_batches(cfg: Config, data: Any) -> list[tuple[dict[str, torch.Tensor], bool]]:
+def held_out_batches(cfg: Config, data: RunData) -> list[tuple[dict[str, torch.Tensor], bool]]:
     """This rank's share of the first train.eval_batches global micro-batches of the validation split
     (micro_batch_size sequences each): the same sequences whatever the world size. Rank r's b-th batch is
     global batch b * dp + r; every rank runs the same number of forwards (ZeRO-3 and pipeline stages
@@ -333,7 +336,7 @@ def evaluate(runner: Runner, objective: Objective, batches: list[tuple[dict[str,
     return v if math.isfinite(v) else float("nan")
 
 
-def check_init_from_tokenizer(init_from: str, tokenizer: Any) -> None:
+def check_init_from_tokenizer(init_from: str, tokenizer: Tokenizer) -> None:
     """model.init_from a checkpoint trained with another tokenizer: its embedding rows mean other tokens."""
     from llmtrain.data import check_same_tokenizer
     from llmtrain.inference import checkpoint_tokenizer
@@ -345,7 +348,7 @@ def check_init_from_tokenizer(init_from: str, tokenizer: Any) -> None:
     check_same_tokenizer(tokenizer, other, f"model.init_from={init_from}")
 
 
-def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
+def log_eval(cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState,
              sink: MetricsSink) -> float:
     loss = evaluate(runner, objective, held_out_batches(cfg, data))
     extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
@@ -356,7 +359,7 @@ def log_eval(cfg: Config, runner: Runner, data: Any, objective: Objective, state
     return loss
 
 
-def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path | None:
+def save(runner: Runner, cfg: Config, state: TrainerState, data: RunData) -> Path | None:
     trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
                      "data": data.state_dict()}
     path = ckpt.save_checkpoint(runner, cfg, state.step, trainer_state)  # None: not finite, not written
@@ -365,7 +368,7 @@ def save(runner: Runner, cfg: Config, state: TrainerState, data: Any) -> Path | 
     return path
 
 
-def finish(cfg: Config, runner: Runner, data: Any, objective: Objective, state: TrainerState,
+def finish(cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState,
            sink: MetricsSink) -> dict[str, Any]:
     """Final checkpoint (first: a failing eval must not cost the run), final eval, loss plot, a sample."""
     path = save(runner, cfg, state, data)
@@ -385,7 +388,7 @@ def finish(cfg: Config, runner: Runner, data: Any, objective: Objective, state: 
 
 
 @torch.no_grad()
-def sample_text(cfg: Config, runner: Runner, data: Any) -> str:
+def sample_text(cfg: Config, runner: Runner, data: RunData) -> str:
     """All ranks generate the same tokens in lockstep (ZeRO-3 gathers parameters in every forward)."""
     from llmtrain.models.generation import generate
 

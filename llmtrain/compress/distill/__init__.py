@@ -37,14 +37,14 @@ from llmtrain.compress.distill.losses import (capture, distill_loss, kd_kl, laye
                                               sharded_topk_kd_kl, split_qkv, topk_kd_kl)
 from llmtrain.compress.distill.objective import Distill
 from llmtrain.compress.distill.teacher import check_pair, load_teacher
-from llmtrain.config import ConfigError
+from llmtrain.config import Config, ConfigError
 
 __all__ = ["Distill", "TeacherCache", "build_cache", "capture", "check_pair", "distill_loss", "ensure_cache", "kd_kl",
            "layer_map", "load_teacher", "relation_kl", "row_keys", "run_distill", "sharded_kd_kl",
            "sharded_topk_kd_kl", "split_qkv", "topk_kd_kl", "validate_distill"]
 
 
-def validate_distill(cfg: Any) -> None:
+def validate_distill(cfg: Config) -> None:
     """The distill.* keys and the layouts distillation supports; ConfigError naming the key and the fix."""
     d = cfg.distill
     if not d.teacher and not d.cache_dir:
@@ -73,7 +73,7 @@ def validate_distill(cfg: Any) -> None:
                           "distill.teacher_zero_stage=0 (the teacher whole on every rank) or parallel.tp=1")
 
 
-def run_distill(cfg: Any) -> dict[str, Any]:
+def run_distill(cfg: Config) -> dict[str, Any]:
     """Every rank calls this: load the teacher (and its cache), then train the student with the Distill objective."""
     import os
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.config import Config, Derived
 
 
 def row_keys(input_ids: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,7 @@ def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dic
     tmp.replace(directory / TeacherCache.META)
 
 
-def ensure_cache(cfg: Any, teacher: nn.Module | None, device: torch.device, derived: Any) -> TeacherCache:
+def ensure_cache(cfg: Config, teacher: nn.Module | None, device: torch.device, derived: Derived) -> TeacherCache:
     """Build distill.cache_dir on rank 0 when it is not complete (every training sample of the run), then
     every rank loads it. `derived` (config.Derived) gives the micro-batches per step of all replicas."""
     from llmtrain.config import ConfigError

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
+    from llmtrain.models.spec import Transformer
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -116,7 +120,7 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, causal
 def capture(model: nn.Module, blocks: bool, qkv: bool) -> Iterator[dict[str, Any]]:
     feats: dict[str, Any] = {"blocks": []}
     handles = []
-    layers: list[nn.Module] = list(getattr(model, "blocks"))  # a family's Transformer
+    layers = list(cast("Transformer", model).blocks)
     if blocks:
         for b in layers:
             handles.append(b.register_forward_hook(lambda _m, _a, out: feats["blocks"].append(out)))
@@ -130,7 +134,7 @@ def capture(model: nn.Module, blocks: bool, qkv: bool) -> Iterator[dict[str, Any
             h.remove()
 
 
-def split_qkv(qkv: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, ...]:
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
     """The fused projection's rows are [q (nh*hs); k (nkv*hs); v (nkv*hs)] in every llmtrain model."""
     hs = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
     nkv = getattr(cfg, "n_kv_head", None) or cfg.n_head

@@ -7,7 +7,7 @@ Shape legend:  B batch  T sequence  V vocabulary  N scored positions  k cached l
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from llmtrain.compress.distill.losses import (_vocab_shard, capture, kd_kl, laye
 from llmtrain.models.objective import MetricSums
 from llmtrain.config import ConfigError
 from llmtrain.models.registry import family_of
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
 
 
 class ScoringObjective(Protocol):
@@ -36,15 +39,19 @@ class ScoringObjective(Protocol):
 class Distill:
     """Student loss against a frozen teacher (or its cached top-k logits); see the module docstring."""
 
-    def __init__(self, cfg: DistillConfig, student_cfg: Any, teacher: nn.Module | None = None,
-                 teacher_cfg: Any = None, cache: TeacherCache | None = None):
+    def __init__(self, cfg: DistillConfig, student_cfg: ModelConfig, teacher: nn.Module | None = None,
+                 teacher_cfg: ModelConfig | None = None, cache: TeacherCache | None = None):
         if teacher is None and cache is None:
             raise ConfigError("distillation needs a teacher (distill.teacher) or a teacher cache (distill.cache_dir)")
         if cache is not None and (cfg.hidden_weight or cfg.attention_weight):
             raise ConfigError("distill.cache_dir holds logits only; hidden-state and attention transfer need the "
                               "teacher's forward: set distill.hidden_weight=0 and distill.attention_weight=0, or "
                               "distill.cache_dir=''")
-        self.cfg, self.student_cfg, self.teacher, self.teacher_cfg, self.cache = cfg, student_cfg, teacher, teacher_cfg, cache
+        if teacher is not None and teacher_cfg is None:
+            raise TypeError("Distill: a teacher needs its model config (teacher_cfg)")
+        self.cfg, self.student_cfg, self.teacher, self.cache = cfg, student_cfg, teacher, cache
+        # a cache alone needs no teacher shape (its logits only: no hidden-state or attention transfer)
+        self.teacher_cfg: ModelConfig = teacher_cfg if teacher_cfg is not None else student_cfg
         family = family_of(student_cfg)
         # the student's own objective: its forward and its loss (every family's objective scores positions)
         self.base = cast(ScoringObjective, family.objective())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -11,6 +11,9 @@ from torch import nn
 from llmtrain.config import ConfigError
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.registry import family_of
+
+if TYPE_CHECKING:
+    from llmtrain.models.config import ModelConfig
 
 
 def load_teacher(path: str | Path, precision: str, device: torch.device, zero_stage: int = 0,
@@ -41,7 +44,7 @@ def load_teacher(path: str | Path, precision: str, device: torch.device, zero_st
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg
 
 
-def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
+def _zero3_teacher(path: str | Path, cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
                    overrides: dict[str, Any] | None = None) -> nn.Module:
     """The teacher in an optimizer-less ZeRO-3 engine from the DeepSpeed door (`engine.zero3_inference_engine`):
     built partitioned (each rank allocates only its part of every parameter), the checkpoint copied in one
@@ -78,7 +81,7 @@ def _zero3_teacher(path: Any, cfg: Any, weights: Iterator[tuple[str, torch.Tenso
     return engine
 
 
-def check_pair(student: Any, teacher: Any) -> None:
+def check_pair(student: ModelConfig, teacher: ModelConfig) -> None:
     """Student and teacher model configs share the family and the vocabulary."""
     s_family, t_family = family_of(student).name, family_of(teacher).name
     if student.vocab_size != teacher.vocab_size or s_family != t_family:

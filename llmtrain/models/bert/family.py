@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -14,12 +14,16 @@ from llmtrain.models.bert.tp import tp_plan
 from llmtrain.models.spec import ModelFamily, NamedParams
 from llmtrain.errors import UserError
 
+if TYPE_CHECKING:
+    from llmtrain.compress.config import PruneConfig
+    from llmtrain.data.config import DataConfig
+
 
 def build(cfg: BertConfig) -> nn.Module:
     return BertForSequenceClassification(cfg) if cfg.num_labels else Bert(cfg)
 
 
-def _check(m: BertConfig, data: Any, pp: int) -> list[str]:
+def _check(m: BertConfig, data: DataConfig, pp: int) -> list[str]:
     kind, problems = data.sample_kind, []  # one of sample_kinds (config.validate checks that first)
     if (kind == "source_class") != (m.num_labels > 0):
         problems.append(f"data.sample_kind={kind} with model.num_labels={m.num_labels}: class labels need the "
@@ -31,7 +35,7 @@ def _check(m: BertConfig, data: Any, pp: int) -> list[str]:
     return problems
 
 
-def _matmul_params_per_token(named: NamedParams, seq_len: int, data: Any) -> float:
+def _matmul_params_per_token(named: NamedParams, seq_len: int, data: DataConfig | None) -> float:
     """Matmul parameters per token: lookups (position and segment tables, an untied `wte`) are left out;
     the masked-LM head (transform + decoder) runs only on the masked positions (~data.mlm_prob of them)
     in pre-training; the pooler / NSP / classifier heads once per sequence (1/seq_len of the tokens)."""
@@ -55,7 +59,7 @@ def _forward_inputs(model: nn.Module, batch: dict) -> Any:
     return model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
 
 
-def _prune_target(cfg: BertConfig, new: dict[str, Any], recipe: Any) -> None:
+def _prune_target(cfg: BertConfig, new: dict[str, Any], recipe: PruneConfig) -> None:
     """BERT's pruned MLP is 4 * n_embd wide (the width a saved BERT config leaves implicit)."""
     if recipe.intermediate_size and recipe.intermediate_size != 4 * new["n_embd"]:
         raise UserError(f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -13,8 +13,11 @@ from llmtrain.models.gpt.pipeline import gpt_split
 from llmtrain.models.gpt.tp import tp_plan
 from llmtrain.models.spec import ModelFamily, NamedParams
 
+if TYPE_CHECKING:
+    from llmtrain.data.config import DataConfig
 
-def _check(m: GPTConfig, data: Any, pp: int) -> list[str]:
+
+def _check(m: GPTConfig, data: DataConfig, pp: int) -> list[str]:
     return []  # every decoder shape trains on causal batches, on every layout
 
 
@@ -25,7 +28,7 @@ def _tp_heads(m: GPTConfig) -> dict[str, int]:
     return heads
 
 
-def _matmul_params_per_token(named: NamedParams, seq_len: int, data: Any) -> float:
+def _matmul_params_per_token(named: NamedParams, seq_len: int, data: DataConfig | None) -> float:
     """Every parameter but the lookups: a position table, and a token embedding that is not also the
     output head (untied `wte`: only `lm_head` multiplies). A tied head is listed once, as wte.weight."""
     sizes = {name: p.numel() for name, p in named}

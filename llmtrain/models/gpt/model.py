@@ -17,7 +17,8 @@ weights as one built directly, whatever the parallel layout.
 from __future__ import annotations
 
 import math
-from typing import Iterable, cast
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
