@@ -9,7 +9,7 @@ context/continuation splitting and rolling windows are lm-eval's own (`TemplateL
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from llmtrain.data.tokenizer import Tokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -29,7 +32,7 @@ class LlmtrainLM(TemplateLM):
     world_size-th document; the per-document metrics are gathered on rank 0 (the only rank with results).
     Without it (a training runner's collective forward) every rank runs every request."""
 
-    def __init__(self, model: Callable[..., torch.Tensor], tokenizer: Any, block_size: int, device: str | torch.device,
+    def __init__(self, model: Callable[..., torch.Tensor], tokenizer: Tokenizer, block_size: int, device: str | torch.device,
                  batch_size: int = 8, shard: bool = False) -> None:
         super().__init__()
         self.model, self.tokenizer, self.block_size = model, tokenizer, block_size

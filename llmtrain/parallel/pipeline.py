@@ -34,6 +34,7 @@ from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.utils import print0
 
 if TYPE_CHECKING:
+    from llmtrain.parallel.universal import UniversalCheckpoint
     from llmtrain.models.config import ModelConfig
 
 __all__ = ["PARTITIONS", "PipelineSplit", "pipeline_split", "build_pipeline_module", "ObjectiveLoss",
@@ -84,7 +85,7 @@ class PipelineRunner:
     """Pipeline (x data) parallel with ZeRO 0/1: DeepSpeed's PipelineEngine runs 1F1B per optimizer step."""
 
     def __init__(self, engine: Any, split: PipelineSplit, device: torch.device, width: int, vocab: int,
-                 universal: Any = None):
+                 universal: UniversalCheckpoint | None = None):
         self.engine, self.split, self.device, self.universal = engine, split, device, universal
         self._width, self._vocab = width, vocab  # shapes of the activations and logits sent between stages
         grid = engine.grid
@@ -191,7 +192,7 @@ def _act_dtype(engine: Any) -> torch.dtype:
 
 def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer_fn: Callable,
                           lr_lambda: Callable[[int], float], dims: ParallelDims, partition: str,
-                          device: torch.device, universal: Any = None) -> PipelineRunner:
+                          device: torch.device, universal: UniversalCheckpoint | None = None) -> PipelineRunner:
     """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
     from torch.optim.lr_scheduler import LambdaLR
 

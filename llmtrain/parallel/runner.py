@@ -8,11 +8,14 @@ from the config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
 from llmtrain.models.objective import Objective, local_loss, pop_metrics
+
+if TYPE_CHECKING:
+    from llmtrain.parallel.universal import UniversalCheckpoint
 
 ENGINE_TAG = "state"  # DeepSpeed's tag directory inside one of our checkpoint directories
 
@@ -71,7 +74,7 @@ class EngineRunner:
     """Data parallel with ZeRO 0-3: one DeepSpeed engine over the whole model."""
 
     def __init__(self, engine: Any, optimizer: Any, device: torch.device, dp_rank: int, dp_size: int,
-                 tp: int = 1, mpu: Any = None, universal: Any = None):
+                 tp: int = 1, mpu: Any = None, universal: UniversalCheckpoint | None = None):
         self.engine, self.optimizer = engine, optimizer
         self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
         self.tp, self.mpu = tp, mpu  # with tp > 1: the grid whose model-parallel group holds the shards
@@ -138,7 +141,7 @@ class EngineRunner:
         load_engine(self.engine, self.universal, directory, load_optimizer)
 
 
-def save_engine(engine: Any, universal: Any, directory: Path) -> None:
+def save_engine(engine: Any, universal: UniversalCheckpoint | None, directory: Path) -> None:
     """DeepSpeed's own state (for DeepSpeed's tools; never read back) and the layout-independent copy
     beside it (what every resume reads). A failed write raises only after the collectives of both saves,
     so no peer is left waiting in one."""
@@ -153,11 +156,13 @@ def save_engine(engine: Any, universal: Any, directory: Path) -> None:
         raise errors[0]
 
 
-def load_engine(engine: Any, universal: Any, directory: Path, load_optimizer: bool) -> None:
+def load_engine(engine: Any, universal: UniversalCheckpoint | None, directory: Path, load_optimizer: bool) -> None:
     """Restore from the checkpoint's universal/ (safetensors + JSON) on every layout, the saved one too.
 
     DeepSpeed's state/*.pt files are pickles that engine.load_checkpoint reads with weights_only=False, so
     a payload planted in one would run: they are written (DeepSpeed's tools read them) but never read."""
+    if universal is None:
+        raise RuntimeError("this runner has no UniversalCheckpoint to resume from (parallelize.build_runner gives one)")
     universal.load(engine, directory, load_optimizer)
 
 

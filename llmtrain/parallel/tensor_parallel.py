@@ -304,7 +304,7 @@ def plan_for(model: nn.Module) -> dict[str, str]:
     return family_of(model.cfg).tp_plan(model)
 
 
-def full_logits(logits: Any) -> torch.Tensor:
+def full_logits(logits: torch.Tensor) -> torch.Tensor:
     """Gather vocabulary-sharded logits (for generation); plain tensors pass through."""
     from torch.distributed.tensor import DTensor
 

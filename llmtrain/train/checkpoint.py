@@ -26,6 +26,7 @@ import base64
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ def save_checkpoint(runner: Runner, cfg: Config, step: int, trainer_state: dict[
     return final
 
 
-def _collectively(action: Any, tmp: Path) -> None:
+def _collectively(action: Callable[[], None] | None, tmp: Path) -> None:
     """Run `action` (None: nothing on this rank) and agree on the outcome: an OSError on any rank (disk
     full, read-only or missing out_dir, a permission) removes the partial checkpoint and raises the same
     one-line CheckpointError on every rank, so no rank waits for a peer that gave up."""
