@@ -9,6 +9,7 @@ context/continuation splitting and rolling windows are lm-eval's own (`TemplateL
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -41,7 +42,7 @@ class LlmtrainLM(TemplateLM):
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", batch_size: int = 8, shard: bool = True) -> "LlmtrainLM":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 8, shard: bool = True) -> "LlmtrainLM":
         """Any model `llmtrain eval` reads: run, checkpoint, consolidated, pruned or imported directory."""
         from llmtrain.inference import checkpoint_tokenizer, load_decoder
 
