@@ -47,7 +47,12 @@ TAU = 1.0  # KD temperature of every distilled run (the caches are built at it)
 LR_GRID = "1e-3,2e-3,3e-3,5e-3"  # 3e-4 and 6e-4 lost for all three in the wider sweep
 PRUNED_ALPHA = 0.5  # KD weight of the pruned student (the rest is CE on the data: the teacher is undertrained)
 RANDOM_INIT_LR = 1e-3  # the recipe's, for the random-init comparison of step 3
-SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.intermediate_size=512"]  # prune_gpt_debug.yaml's target
+SHAPE = [
+    "model.n_layer=4",
+    "model.n_head=4",
+    "model.n_embd=128",
+    "model.intermediate_size=512",
+]  # prune_gpt_debug.yaml's target
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -61,8 +66,11 @@ def run(cmd: list[str], log: Path) -> None:
 def done(out: Path, steps: int) -> bool:
     """A finished run of `steps` steps is reused (the teacher and the prune are deterministic)."""
     m = out / "metrics.jsonl"
-    return m.is_file() and any(json.loads(x).get("step") == steps and "eval_loss" in json.loads(x)
-                               for x in m.read_text().splitlines() if x.strip())
+    return m.is_file() and any(
+        json.loads(x).get("step") == steps and "eval_loss" in json.loads(x)
+        for x in m.read_text().splitlines()
+        if x.strip()
+    )
 
 
 def final_eval(out: Path) -> float:
@@ -87,14 +95,25 @@ def val_slice_loss(out: Path, n: int) -> float:
     model = build_model(model_cfg)
     model.load_state_dict(weights)
     model.eval()
-    data = build_data(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
-                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, dp_rank=0, dp_size=1)
+    data = build_data(
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        seed=cfg.train.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=1,
+        dp_rank=0,
+        dp_size=1,
+    )
     batches = data.val_batches(2 * n)[n:]
     if len(batches) < n:
         raise SystemExit(f"the validation split has {n + len(batches)} micro-batches; the LR choice needs {2 * n}")
     with torch.no_grad():
-        losses = [F.cross_entropy(model(b["input_ids"]).flatten(0, 1).float(), b["labels"].flatten(),
-                                  ignore_index=-100).item() for b in batches]
+        losses = [
+            F.cross_entropy(
+                model(b["input_ids"]).flatten(0, 1).float(), b["labels"].flatten(), ignore_index=-100
+            ).item()
+            for b in batches
+        ]
     return sum(losses) / len(losses)
 
 
@@ -111,9 +130,17 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="llmtrain-compress-"))
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    common = ["train.seq_len=64", "train.micro_batch_size=16", "train.global_batch_size=16", "train.eval_interval=0",
-              "train.eval_batches=16", "train.sample_tokens=0", "checkpoint.interval=0", "log.interval=25",
-              "log.progress=false"]
+    common = [
+        "train.seq_len=64",
+        "train.micro_batch_size=16",
+        "train.global_batch_size=16",
+        "train.eval_interval=0",
+        "train.eval_batches=16",
+        "train.sample_tokens=0",
+        "checkpoint.interval=0",
+        "log.interval=25",
+        "log.progress=false",
+    ]
     student = [*common, f"train.max_steps={args.steps}", "optim.warmup_steps=10", *SHAPE]
     eval_batches = 16
     sys.path.insert(0, str(ROOT))
@@ -121,22 +148,63 @@ def main() -> int:
     start = time.time()
 
     teacher = work / "teacher"
-    reused = [name for name, ok in (("teacher", done(teacher, args.teacher_steps)),
-                                    ("pruned", (work / "pruned" / "prune.json").is_file())) if ok]
+    reused = [
+        name
+        for name, ok in (
+            ("teacher", done(teacher, args.teacher_steps)),
+            ("pruned", (work / "pruned" / "prune.json").is_file()),
+        )
+        if ok
+    ]
     if not done(teacher, args.teacher_steps):
-        run([py, "launchers/train.py", "recipes/gpt_debug.yaml", *common, f"train.max_steps={args.teacher_steps}",
-             f"out_dir={teacher}"], work / "teacher.log")
+        run(
+            [
+                py,
+                "launchers/train.py",
+                "recipes/gpt_debug.yaml",
+                *common,
+                f"train.max_steps={args.teacher_steps}",
+                f"out_dir={teacher}",
+            ],
+            work / "teacher.log",
+        )
     pruned = work / "pruned"
     if not (pruned / "prune.json").is_file():
-        run([py, "-m", "llmtrain.cli", "prune", str(teacher), "--recipe", "recipes/prune_gpt_debug.yaml", "--out",
-             str(pruned), "prune.seq_len=64", "prune.micro_batch_size=16"], work / "prune.log")
+        run(
+            [
+                py,
+                "-m",
+                "llmtrain.cli",
+                "prune",
+                str(teacher),
+                "--recipe",
+                "recipes/prune_gpt_debug.yaml",
+                "--out",
+                str(pruned),
+                "prune.seq_len=64",
+                "prune.micro_batch_size=16",
+            ],
+            work / "prune.log",
+        )
     prune_figs = json.loads((pruned / "prune.json").read_text())
 
     def distill(out: str, seed: int, *extra: str) -> float:
         d = work / out
         shutil.rmtree(d, ignore_errors=True)  # student runs always start fresh
-        run([py, "launchers/distill.py", "recipes/distill_gpt_debug.yaml", *student, f"train.seed={seed}",
-             f"distill.teacher={teacher}", f"distill.temperature={TAU}", f"out_dir={d}", *extra], work / f"{out}.log")
+        run(
+            [
+                py,
+                "launchers/distill.py",
+                "recipes/distill_gpt_debug.yaml",
+                *student,
+                f"train.seed={seed}",
+                f"distill.teacher={teacher}",
+                f"distill.temperature={TAU}",
+                f"out_dir={d}",
+                *extra,
+            ],
+            work / f"{out}.log",
+        )
         return final_eval(d)
 
     def cached(seed: int) -> list[str]:
@@ -145,8 +213,18 @@ def main() -> int:
     def scratch(out: str, seed: int, *extra: str) -> float:
         d = work / out
         shutil.rmtree(d, ignore_errors=True)
-        run([py, "launchers/train.py", "recipes/gpt_debug.yaml", *student, f"train.seed={seed}", f"out_dir={d}",
-             *extra], work / f"{out}.log")
+        run(
+            [
+                py,
+                "launchers/train.py",
+                "recipes/gpt_debug.yaml",
+                *student,
+                f"train.seed={seed}",
+                f"out_dir={d}",
+                *extra,
+            ],
+            work / f"{out}.log",
+        )
         return final_eval(d)
 
     def sweep(name: str, fn, *extra: str) -> dict:
@@ -157,23 +235,30 @@ def main() -> int:
             held = fn(out, seed0, f"optim.lr={lr}", *extra)
             runs.append({"lr": lr, "val_slice_loss": val_slice_loss(work / out, eval_batches), "heldout_loss": held})
         best = min(runs, key=lambda r: r["val_slice_loss"])
-        seeds = [best["heldout_loss"]] + [fn(f"{name}_seed{i}", seed0 + i, f"optim.lr={best['lr']}", *extra)
-                                          for i in range(1, args.seeds)]
-        return {"chosen_lr": best["lr"], "heldout_loss_per_seed": seeds, "heldout_loss": statistics.mean(seeds),
-                "sweep_seed0": runs}
+        seeds = [best["heldout_loss"]] + [
+            fn(f"{name}_seed{i}", seed0 + i, f"optim.lr={best['lr']}", *extra) for i in range(1, args.seeds)
+        ]
+        return {
+            "chosen_lr": best["lr"],
+            "heldout_loss_per_seed": seeds,
+            "heldout_loss": statistics.mean(seeds),
+            "sweep_seed0": runs,
+        }
 
     teacher_loss = final_eval(teacher)
     seed0 = 1234
     # The pruned weights are already good and the teacher is undertrained (200 steps): half KD from its full
     # logits, half CE on the data. Each variant at its own best LR of the same grid, then over the seeds.
-    pd = sweep("pruned_distilled", distill, f"model.init_from={pruned}", f"distill.alpha={PRUNED_ALPHA}",
-               "distill.cache_dir=")
+    pd = sweep(
+        "pruned_distilled", distill, f"model.init_from={pruned}", f"distill.alpha={PRUNED_ALPHA}", "distill.cache_dir="
+    )
     pf = sweep("pruned_finetuned", scratch, f"model.init_from={pruned}")
     sc = sweep("scratch", scratch)
     kd, ce = [], []
     for i in range(args.seeds):
-        kd.append(distill(f"kd_seed{i}", seed0 + i, *cached(seed0 + i), "distill.alpha=0.5",
-                          f"optim.lr={RANDOM_INIT_LR}"))
+        kd.append(
+            distill(f"kd_seed{i}", seed0 + i, *cached(seed0 + i), "distill.alpha=0.5", f"optim.lr={RANDOM_INIT_LR}")
+        )
         ce.append(scratch(f"scratch_seed{i}", seed0 + i, f"optim.lr={RANDOM_INIT_LR}"))
 
     def ppl_stats(losses: list[float]) -> dict[str, float]:
@@ -182,33 +267,51 @@ def main() -> int:
 
     def closed(variant: dict) -> list[float]:
         """Fraction of the scratch-to-teacher gap closed, per seed (same seed = same tokens)."""
-        return [(s - v) / (s - teacher_loss)
-                for s, v in zip(sc["heldout_loss_per_seed"], variant["heldout_loss_per_seed"])]
+        return [
+            (s - v) / (s - teacher_loss) for s, v in zip(sc["heldout_loss_per_seed"], variant["heldout_loss_per_seed"])
+        ]
 
     result = {
         "command": "python benchmarks/compression.py " + " ".join(sys.argv[1:]),
-        "setup": {"teacher": "gpt_debug 4x192 (6 heads), seq 64, batch 16", "teacher_steps": args.teacher_steps,
-                  "student_shape": "4 layers x 128 wide, 4 heads, MLP 512", "student_steps": args.steps,
-                  "tokens_per_student_run": args.steps * 16 * 64,
-                  "pruned_distilled": {"teacher_logits": "full (live teacher)", "alpha": PRUNED_ALPHA,
-                                       "temperature": TAU},
-                  "random_init_kd": {"teacher_logits": f"cached top-{args.top_k}", "alpha": 0.5, "temperature": TAU,
-                                     "lr": RANDOM_INIT_LR},
-                  "lr_grid": grid, "warmup_steps": 10, "schedule": "cosine to 0.1 x peak",
-                  "lr_chosen_on": f"validation micro-batches {eval_batches}..{2 * eval_batches - 1} (held-out figures: "
-                                  f"0..{eval_batches - 1})",
-                  "params_teacher": prune_figs["params_before"], "params_student": prune_figs["params_after"],
-                  "threads": os.environ.get("OMP_NUM_THREADS", "1")},
+        "setup": {
+            "teacher": "gpt_debug 4x192 (6 heads), seq 64, batch 16",
+            "teacher_steps": args.teacher_steps,
+            "student_shape": "4 layers x 128 wide, 4 heads, MLP 512",
+            "student_steps": args.steps,
+            "tokens_per_student_run": args.steps * 16 * 64,
+            "pruned_distilled": {"teacher_logits": "full (live teacher)", "alpha": PRUNED_ALPHA, "temperature": TAU},
+            "random_init_kd": {
+                "teacher_logits": f"cached top-{args.top_k}",
+                "alpha": 0.5,
+                "temperature": TAU,
+                "lr": RANDOM_INIT_LR,
+            },
+            "lr_grid": grid,
+            "warmup_steps": 10,
+            "schedule": "cosine to 0.1 x peak",
+            "lr_chosen_on": f"validation micro-batches {eval_batches}..{2 * eval_batches - 1} (held-out figures: "
+            f"0..{eval_batches - 1})",
+            "params_teacher": prune_figs["params_before"],
+            "params_student": prune_figs["params_after"],
+            "threads": os.environ.get("OMP_NUM_THREADS", "1"),
+        },
         # students: the mean over the seeds
-        "heldout_loss": {"teacher": teacher_loss, "pruned_before_training": prune_figs["loss_after"],
-                         "pruned_distilled": pd["heldout_loss"], "pruned_finetuned_ce": pf["heldout_loss"],
-                         "scratch": sc["heldout_loss"]},
+        "heldout_loss": {
+            "teacher": teacher_loss,
+            "pruned_before_training": prune_figs["loss_after"],
+            "pruned_distilled": pd["heldout_loss"],
+            "pruned_finetuned_ce": pf["heldout_loss"],
+            "scratch": sc["heldout_loss"],
+        },
         "gap_closed_pruned_distilled": statistics.mean(closed(pd)),
         "gap_closed_pruned_finetuned_ce": statistics.mean(closed(pf)),
         "gap_closed_per_seed": {"pruned_distilled": closed(pd), "pruned_finetuned_ce": closed(pf)},
         "variants": {"pruned_distilled": pd, "pruned_finetuned_ce": pf, "scratch": sc},
-        "equal_compute_random_init": {"distilled_cached_ppl": ppl_stats(kd), "no_distillation_ppl": ppl_stats(ce),
-                                      "seeds": [seed0 + i for i in range(args.seeds)]},
+        "equal_compute_random_init": {
+            "distilled_cached_ppl": ppl_stats(kd),
+            "no_distillation_ppl": ppl_stats(ce),
+            "seeds": [seed0 + i for i in range(args.seeds)],
+        },
         "wall_s": time.time() - start,
         "cpu_s_of_runs": resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime,
         "reused_from_work_dir": reused,

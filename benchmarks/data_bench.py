@@ -55,33 +55,50 @@ def paragraphs() -> list[str]:
 
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (prepare's workers)."""
-    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    return sum(
+        r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
 
 
-def bench_prepare(texts: list[str], tok_dir: Path, workers: int, tmp: Path, rounds: int = 7,
-                  batch_docs: int = 512) -> dict:
+def bench_prepare(
+    texts: list[str], tok_dir: Path, workers: int, tmp: Path, rounds: int = 7, batch_docs: int = 512
+) -> dict:
     """Raw tokenizing vs `write_dataset`, interleaved (see the module docstring); medians over `rounds`."""
     from llmtrain.data.prepare import write_dataset
     from llmtrain.data.tokenize_worker import encoder
     from llmtrain.data.tokenizer import load_tokenizer
 
     def raw(encode) -> int:
-        return sum(len(e.ids) for i in range(0, len(texts), batch_docs)
-                   for e in encode(texts[i:i + batch_docs], add_special_tokens=False))
+        return sum(
+            len(e.ids)
+            for i in range(0, len(texts), batch_docs)
+            for e in encode(texts[i : i + batch_docs], add_special_tokens=False)
+        )
 
     def prepare(tok) -> int:
-        m = write_dataset(iter(texts), tok, tmp / "prep", source={"bench": "paragraphs"}, workers=workers,
-                          progress=False, batch_docs=batch_docs, shard_tokens=10**9)
+        m = write_dataset(
+            iter(texts),
+            tok,
+            tmp / "prep",
+            source={"bench": "paragraphs"},
+            workers=workers,
+            progress=False,
+            batch_docs=batch_docs,
+            shard_tokens=10**9,
+        )
         shutil.rmtree(tmp / "prep")
         return m["splits"]["train"]["tokens"] - m["splits"]["train"]["docs"]  # without the EOS tokens
 
-    sides = {"raw": lambda tok: raw(encoder(tok.hf)), "raw_encode_batch": lambda tok: raw(tok.hf.encode_batch),
-             "prepare": prepare}
+    sides = {
+        "raw": lambda tok: raw(encoder(tok.hf)),
+        "raw_encode_batch": lambda tok: raw(tok.hf.encode_batch),
+        "prepare": prepare,
+    }
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     tokens = set()
     for r in range(rounds):
-        for k in list(sides)[r % 3:] + list(sides)[:r % 3]:
+        for k in list(sides)[r % 3 :] + list(sides)[: r % 3]:
             tok = load_tokenizer(tok_dir)  # fresh for each run, not timed
             t, c = time.perf_counter(), _cpu_seconds()
             tokens.add(sides[k](tok))
@@ -94,13 +111,22 @@ def bench_prepare(texts: list[str], tok_dir: Path, workers: int, tmp: Path, roun
     def ratio(base: str) -> float:
         return round(statistics.median(b / p for b, p in zip(seconds[base], seconds["prepare"])), 3)
 
-    return {"docs": len(texts), "tokens": n, "workers": workers, "batch_docs": batch_docs, "rounds": rounds,
-            "raw_call": encoder(load_tokenizer(tok_dir).hf).__name__,
-            "raw_tokens_per_s": round(n / med["raw"]), "raw_encode_batch_tokens_per_s": round(n / med["raw_encode_batch"]),
-            "prepare_tokens_per_s": round(n / med["prepare"]), "ratio": ratio("raw"), "target": ">= 0.9",
-            "ratio_vs_encode_batch": ratio("raw_encode_batch"),
-            **{f"{k}_seconds": [round(x, 3) for x in v] for k, v in seconds.items()},
-            "cpu_seconds_median": {k: round(statistics.median(v), 3) for k, v in cpu.items()}}
+    return {
+        "docs": len(texts),
+        "tokens": n,
+        "workers": workers,
+        "batch_docs": batch_docs,
+        "rounds": rounds,
+        "raw_call": encoder(load_tokenizer(tok_dir).hf).__name__,
+        "raw_tokens_per_s": round(n / med["raw"]),
+        "raw_encode_batch_tokens_per_s": round(n / med["raw_encode_batch"]),
+        "prepare_tokens_per_s": round(n / med["prepare"]),
+        "ratio": ratio("raw"),
+        "target": ">= 0.9",
+        "ratio_vs_encode_batch": ratio("raw_encode_batch"),
+        **{f"{k}_seconds": [round(x, 3) for x in v] for k, v in seconds.items()},
+        "cpu_seconds_median": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+    }
 
 
 def bench_loader(B: int, T: int, steps: int = 300) -> dict:
@@ -132,10 +158,18 @@ def bench_loader(B: int, T: int, steps: int = 300) -> dict:
         best["ours"] = min(best["ours"], time.perf_counter() - t)
     raw, ours = steps / best["raw"], steps / best["ours"]
     need = step_need_tokens_per_s(T)
-    return {"B": B, "T": T, "raw_memmap_batches_per_s": round(raw, 1), "loader_batches_per_s": round(ours, 1),
-            "ratio": round(ours / raw, 3), "target": ">= 0.5", "loader_tokens_per_s": round(ours * B * T),
-            "one_gpu_needs_tokens_per_s": round(need["tokens_per_s"]), "need_basis": need["basis"],
-            "headroom": round(ours * B * T / need["tokens_per_s"], 1)}
+    return {
+        "B": B,
+        "T": T,
+        "raw_memmap_batches_per_s": round(raw, 1),
+        "loader_batches_per_s": round(ours, 1),
+        "ratio": round(ours / raw, 3),
+        "target": ">= 0.5",
+        "loader_tokens_per_s": round(ours * B * T),
+        "one_gpu_needs_tokens_per_s": round(need["tokens_per_s"]),
+        "need_basis": need["basis"],
+        "headroom": round(ours * B * T / need["tokens_per_s"], 1),
+    }
 
 
 def step_need_tokens_per_s(T: int, mfu: float = 0.5) -> dict:
@@ -147,8 +181,10 @@ def step_need_tokens_per_s(T: int, mfu: float = 0.5) -> dict:
     m = MODEL_SIZES["gpt_125m"]
     matmul = 12 * m["n_layer"] * m["n_embd"] ** 2 + m["vocab_size"] * m["n_embd"]  # blocks + tied head
     peak = dict(PEAK_BF16)["H100"]
-    return {"tokens_per_s": mfu * peak / model_flops_per_token(matmul, m["n_layer"], m["n_embd"], T),
-            "basis": f"gpt_125m at seq {T}, {mfu:.0%} MFU of an H100's {peak / 1e12:.0f} TFLOP/s bf16"}
+    return {
+        "tokens_per_s": mfu * peak / model_flops_per_token(matmul, m["n_layer"], m["n_embd"], T),
+        "basis": f"gpt_125m at seq {T}, {mfu:.0%} MFU of an H100's {peak / 1e12:.0f} TFLOP/s bf16",
+    }
 
 
 def bench_resume(B: int, T: int) -> dict:
@@ -161,9 +197,14 @@ def bench_resume(B: int, T: int) -> dict:
     t_built = time.perf_counter()
     d.train_batches(10**8 // gb)
     t_first = time.perf_counter()
-    return {"resume_sample": 10**8, "build_seconds": round(t_built - t, 4),
-            "first_batch_seconds": round(t_first - t_built, 4), "total_seconds": round(t_first - t, 4),
-            "epochs_skipped": 10**8 // d.n_train[0], "target": "< 1 s"}
+    return {
+        "resume_sample": 10**8,
+        "build_seconds": round(t_built - t, 4),
+        "first_batch_seconds": round(t_first - t_built, 4),
+        "total_seconds": round(t_first - t, 4),
+        "epochs_skipped": 10**8 // d.n_train[0],
+        "target": "< 1 s",
+    }
 
 
 # Run inside the measured process: a thread that samples each child's VmHWM (its own peak RSS since exec)
@@ -197,18 +238,25 @@ def bench_memory(texts: list[str], tok_dir: Path, workers: int, tmp: Path, scale
             for _ in range(scale):
                 for t in texts:
                     f.write(json.dumps({"text": t}) + "\n")
-        code = (_WATCH_WORKERS + "import resource; from llmtrain.data.cli import main; "
-                f"rc = main(['prepare-data','--input',{str(corpus)!r},'--tokenizer',{str(tok_dir)!r},'--out',"
-                f"{str(tmp / f'ds{scale}')!r},'--workers','{workers}','--shard-tokens','500000','--no-progress']); "
-                "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, max(PEAKS.values(), default=0))")
+        code = (
+            _WATCH_WORKERS + "import resource; from llmtrain.data.cli import main; "
+            f"rc = main(['prepare-data','--input',{str(corpus)!r},'--tokenizer',{str(tok_dir)!r},'--out',"
+            f"{str(tmp / f'ds{scale}')!r},'--workers','{workers}','--shard-tokens','500000','--no-progress']); "
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, max(PEAKS.values(), default=0))"
+        )
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
         lines = proc.stdout.strip().splitlines()
         summary = json.loads(lines[0])
         _, main_kb, child_kb = lines[-1].split()
-        out[f"{scale}x"] = {"corpus_mb": round(corpus.stat().st_size / 2**20, 1), "tokens": summary["train"]["tokens"],
-                            "shards": summary["shards"], "peak_rss_main_mb": round(int(main_kb) / 1024, 1),
-                            "peak_rss_worker_mb": round(int(child_kb) / 1024, 1),
-                            "cli_seconds": summary["seconds"], "cli_tokens_per_s": summary["tokens_per_s"]}
+        out[f"{scale}x"] = {
+            "corpus_mb": round(corpus.stat().st_size / 2**20, 1),
+            "tokens": summary["train"]["tokens"],
+            "shards": summary["shards"],
+            "peak_rss_main_mb": round(int(main_kb) / 1024, 1),
+            "peak_rss_worker_mb": round(int(child_kb) / 1024, 1),
+            "cli_seconds": summary["seconds"],
+            "cli_tokens_per_s": summary["tokens_per_s"],
+        }
         shutil.rmtree(tmp / f"ds{scale}")
         corpus.unlink()
     return out
@@ -222,13 +270,18 @@ def main() -> None:
     ap.add_argument("--scales", default="1,4")
     ap.add_argument("--rounds", type=int, default=7, help="prepare: interleaved rounds (medians over them)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_bench.json"))
-    ap.add_argument("--parts", default="prepare,loader,resume,memory",
-                    help="which measurements to run; the others are kept from an existing --out file")
+    ap.add_argument(
+        "--parts",
+        default="prepare,loader,resume,memory",
+        help="which measurements to run; the others are kept from an existing --out file",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if parts - {"prepare", "loader", "resume", "memory"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'prepare', 'loader', 'resume', 'memory'})}; "
-                 f"choose from prepare,loader,resume,memory")
+        ap.error(
+            f"--parts: unknown {sorted(parts - {'prepare', 'loader', 'resume', 'memory'})}; "
+            f"choose from prepare,loader,resume,memory"
+        )
     # The raw baseline gets as many tokenizer threads as prepare gets processes; tokenizers reads this
     # once, when its thread pool starts, so it is set before anything tokenizes.
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)
@@ -239,13 +292,19 @@ def main() -> None:
     texts = paragraphs()
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() and parts != {"prepare", "loader", "resume", "memory"} else {}
-    result |= {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-               "corpus": "bundled KJV + Shakespeare, one document per paragraph"}
+    result |= {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "corpus": "bundled KJV + Shakespeare, one document per paragraph",
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"prepare": lambda: bench_prepare(texts, tok_dir, args.workers, Path(tmp), args.rounds),
-                "loader": lambda: bench_loader(args.B, args.T), "resume": lambda: bench_resume(args.B, args.T),
-                "memory": lambda: bench_memory(texts, tok_dir, args.workers, Path(tmp),
-                                               tuple(int(s) for s in args.scales.split(",")))}
+        runs = {
+            "prepare": lambda: bench_prepare(texts, tok_dir, args.workers, Path(tmp), args.rounds),
+            "loader": lambda: bench_loader(args.B, args.T),
+            "resume": lambda: bench_resume(args.B, args.T),
+            "memory": lambda: bench_memory(
+                texts, tok_dir, args.workers, Path(tmp), tuple(int(s) for s in args.scales.split(","))
+            ),
+        }
         for name, run in runs.items():
             if name in parts:
                 result[name] = run()

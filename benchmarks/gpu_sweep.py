@@ -33,15 +33,37 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # micro-batch per model at seq 2048 (what the recipes use); two micro-batches per optimizer step so that
 # gradient accumulation and the optimizer step are both in every measured step
-_MODELS = {"125m": ("recipes/gpt_125m.yaml", 16), "350m": ("recipes/gpt_350m.yaml", 8),
-           "1b": ("recipes/gpt_1b.yaml", 8)}
-_VARIANTS = {"base": [], "compile": ["train.compile=true"], "ac": ["parallel.activation_checkpointing=full"],
-             "ac-compile": ["parallel.activation_checkpointing=full", "train.compile=true"],
-             "zero0": ["parallel.zero_stage=0"], "zero2": ["parallel.zero_stage=2"],
-             "zero3": ["parallel.zero_stage=3"]}
-_ORDER = ["1b-base", "1b-compile", "1b-ac", "1b-ac-compile", "125m-base", "125m-compile", "350m-base",
-          "350m-compile", "1b-zero0", "1b-zero2", "1b-zero3", "125m-ac", "350m-ac", "125m-ac-compile",
-          "350m-ac-compile"]
+_MODELS = {
+    "125m": ("recipes/gpt_125m.yaml", 16),
+    "350m": ("recipes/gpt_350m.yaml", 8),
+    "1b": ("recipes/gpt_1b.yaml", 8),
+}
+_VARIANTS = {
+    "base": [],
+    "compile": ["train.compile=true"],
+    "ac": ["parallel.activation_checkpointing=full"],
+    "ac-compile": ["parallel.activation_checkpointing=full", "train.compile=true"],
+    "zero0": ["parallel.zero_stage=0"],
+    "zero2": ["parallel.zero_stage=2"],
+    "zero3": ["parallel.zero_stage=3"],
+}
+_ORDER = [
+    "1b-base",
+    "1b-compile",
+    "1b-ac",
+    "1b-ac-compile",
+    "125m-base",
+    "125m-compile",
+    "350m-base",
+    "350m-compile",
+    "1b-zero0",
+    "1b-zero2",
+    "1b-zero3",
+    "125m-ac",
+    "350m-ac",
+    "125m-ac-compile",
+    "350m-ac-compile",
+]
 
 
 @dataclass
@@ -59,8 +81,12 @@ def plan(only: list[str], recipe: str | None, extra: list[str]) -> list[Case]:
             continue
         size, variant = name.split("-", 1)
         rec, mbs = _MODELS[size]
-        common = ["precision=bf16", "train.seq_len=2048", f"train.micro_batch_size={mbs}",
-                  f"train.global_batch_size={2 * mbs}"]
+        common = [
+            "precision=bf16",
+            "train.seq_len=2048",
+            f"train.micro_batch_size={mbs}",
+            f"train.global_batch_size={2 * mbs}",
+        ]
         cases.append(Case(name, recipe or rec, [*common, *_VARIANTS[variant], *extra]))
     if not cases:
         raise SystemExit(f"--only {','.join(only)} matches no case; the cases are: {', '.join(_ORDER)}")
@@ -69,8 +95,9 @@ def plan(only: list[str], recipe: str | None, extra: list[str]) -> list[Case]:
 
 def validate(cases: list[Case], steps: int) -> None:
     """Load every case's config as throughput.py will, so a bad key fails here and not minutes into a sweep."""
-    from llmtrain.config import load_config
     from throughput import bench_overrides
+
+    from llmtrain.config import load_config
 
     for c in cases:
         load_config(ROOT / c.recipe, [*c.overrides, *bench_overrides(steps, "/tmp/unused")])
@@ -80,11 +107,22 @@ def run_case(case: Case, steps: int, warmup: int, timeout_s: float) -> dict:
     """One case in its own process (own process group, killed whole on timeout)."""
     with tempfile.TemporaryDirectory(prefix="llmtrain-sweep-") as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, str(ROOT / "benchmarks/throughput.py"), case.recipe, *case.overrides,
-               "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks/throughput.py"),
+            case.recipe,
+            *case.overrides,
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--out",
+            str(out),
+        ]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             log, _ = proc.communicate(timeout=timeout_s)
             error = None if proc.returncode == 0 else f"exit {proc.returncode}"
@@ -93,10 +131,22 @@ def run_case(case: Case, steps: int, warmup: int, timeout_s: float) -> dict:
             log, _ = proc.communicate()
             error = f"timed out after {timeout_s:.0f} s (the sweep's budget)"
         rec = json.loads(out.read_text())[0] if error is None else {"error": error, "log_tail": log[-2000:]}
-    return {"case": case.name, "command": " ".join(["python benchmarks/throughput.py", case.recipe,
-                                                     *case.overrides, "--steps", str(steps), "--warmup",
-                                                     str(warmup)]),
-            "wall_s": round(time.perf_counter() - t0, 1), **rec}
+    return {
+        "case": case.name,
+        "command": " ".join(
+            [
+                "python benchmarks/throughput.py",
+                case.recipe,
+                *case.overrides,
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+            ]
+        ),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        **rec,
+    }
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -110,17 +160,19 @@ def _pct(v: float | None) -> str:
 def table(records: list[dict]) -> str:
     """Markdown: a row per case, plus the device and versions of the measured rows."""
     ok = [r for r in records if "error" not in r]
-    head = ("| case | tokens/s | TFLOP/s per GPU | MFU | HFU | peak GiB | case wall s |\n"
-            "|---|---|---|---|---|---|---|")
+    head = "| case | tokens/s | TFLOP/s per GPU | MFU | HFU | peak GiB | case wall s |\n|---|---|---|---|---|---|---|"
     rows = []
     for r in records:
         if "error" in r:
             rows.append(f"| {r['case']} | failed: {r['error']} | | | | | |")
             continue
-        rows.append(f"| {r['case']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['tflops_per_device'], '.1f')} | "
-                    f"{_pct(r['mfu'])} | {_pct(r['hfu'])} | {_fmt(r.get('peak_mem_gib'), '.1f')} | {r['wall_s']} |")
-    envs = sorted({f"{r['device']}, torch {r['torch']}, CUDA {r.get('cuda')}, deepspeed {r.get('deepspeed')}"
-                   for r in ok})
+        rows.append(
+            f"| {r['case']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['tflops_per_device'], '.1f')} | "
+            f"{_pct(r['mfu'])} | {_pct(r['hfu'])} | {_fmt(r.get('peak_mem_gib'), '.1f')} | {r['wall_s']} |"
+        )
+    envs = sorted(
+        {f"{r['device']}, torch {r['torch']}, CUDA {r.get('cuda')}, deepspeed {r.get('deepspeed')}" for r in ok}
+    )
     return "\n".join([head, *rows, "", *(f"Measured on: {e}" for e in envs)])
 
 
@@ -132,8 +184,14 @@ def main() -> int:
     ap.add_argument("--budget-min", type=float, default=30.0, help="stop starting cases after this (default 30)")
     ap.add_argument("--only", default="", help="comma-separated glob patterns over case names, e.g. '1b-*,125m-base'")
     ap.add_argument("--recipe", default=None, help="run every case on this recipe instead (e.g. to try the sweep)")
-    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override added to every case (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every case (repeatable)",
+    )
     ap.add_argument("--redo", action="store_true", help="measure cases already in --out again")
     ap.add_argument("--dry-run", action="store_true", help="print and validate the plan, run nothing")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results file and exit")
@@ -145,7 +203,9 @@ def main() -> int:
     validate(cases, args.steps)
     if args.dry_run:
         for c in cases:
-            print(f"{c.name}: python benchmarks/throughput.py {c.recipe} {' '.join(c.overrides)} --steps {args.steps} --warmup {args.warmup}")
+            print(
+                f"{c.name}: python benchmarks/throughput.py {c.recipe} {' '.join(c.overrides)} --steps {args.steps} --warmup {args.warmup}"
+            )
         return 0
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else []
@@ -170,8 +230,10 @@ def main() -> int:
         if "error" in rec:
             print(f"[{i}/{len(cases)}] {case.name}: FAILED ({rec['error']}); log tail:\n{rec['log_tail'][-800:]}")
         else:
-            print(f"[{i}/{len(cases)}] {case.name}: {rec['tokens_per_s']:,.0f} tokens/s, MFU {_pct(rec['mfu'])}, "
-                  f"{rec['wall_s']} s")
+            print(
+                f"[{i}/{len(cases)}] {case.name}: {rec['tokens_per_s']:,.0f} tokens/s, MFU {_pct(rec['mfu'])}, "
+                f"{rec['wall_s']} s"
+            )
     print(table(done))
     return 0
 

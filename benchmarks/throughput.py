@@ -27,9 +27,17 @@ from llmtrain.utils import rank  # noqa: E402
 
 def bench_overrides(steps: int, out_dir: str) -> list[str]:
     """What the benchmark sets on top of the recipe: K steps, a record per step, no eval/sample/checkpoint."""
-    return [f"train.max_steps={steps}", "log.interval=1", "train.eval_interval=0", "train.eval_batches=1",
-            "train.sample_tokens=0", "checkpoint.interval=0", "train.resume=none", f"out_dir={out_dir}",
-            "log.progress=false"]
+    return [
+        f"train.max_steps={steps}",
+        "log.interval=1",
+        "train.eval_interval=0",
+        "train.eval_batches=1",
+        "train.sample_tokens=0",
+        "checkpoint.interval=0",
+        "train.resume=none",
+        f"out_dir={out_dir}",
+        "log.progress=false",
+    ]
 
 
 def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -37,21 +45,35 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict:
         cfg = load_config(recipe, [*overrides, *bench_overrides(steps, f"{tmp}/run")])
         train(cfg)
         recs = [r for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl") if "loss" in r][warmup:]
-    med = lambda key: statistics.median(r[key] for r in recs) if recs and recs[0].get(key) is not None else None
+
+    def med(key):
+        return statistics.median(r[key] for r in recs) if recs and recs[0].get(key) is not None else None
+
     import deepspeed
     import torch
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {
-        "recipe": recipe, "overrides": overrides, "steps": steps, "warmup_excluded": warmup,
-        "tokens_per_s": med("tokens_per_s"), "tflops_per_device": med("tflops_per_device"), "mfu": med("mfu"),
-        "hfu": med("hfu"), "peak_mem_gib": max((r.get("peak_mem_gib") or 0) for r in recs) or None,
+        "recipe": recipe,
+        "overrides": overrides,
+        "steps": steps,
+        "warmup_excluded": warmup,
+        "tokens_per_s": med("tokens_per_s"),
+        "tflops_per_device": med("tflops_per_device"),
+        "mfu": med("mfu"),
+        "hfu": med("hfu"),
+        "peak_mem_gib": max((r.get("peak_mem_gib") or 0) for r in recs) or None,
         "final_loss": recs[-1]["loss"] if recs else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
-        "precision": cfg.precision, "zero_stage": cfg.parallel.zero_stage,
+        "world_size": world,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "deepspeed": deepspeed.__version__,
+        "precision": cfg.precision,
+        "zero_stage": cfg.parallel.zero_stage,
         "activation_checkpointing": cfg.parallel.activation_checkpointing,
     }
 

@@ -49,8 +49,18 @@ def main() -> int:
     from llmtrain.train.trainer import TrainerState, build_data_for, build_model_for, build_throughput, run_loop
 
     tmp = tempfile.mkdtemp(prefix="llmtrain-overhead-")
-    cfg = load_config(args.recipe, [*args.overrides, "parallel.zero_stage=0", "precision=fp32", "train.eval_interval=0",
-                                    "checkpoint.interval=0", "log.progress=false", f"out_dir={tmp}"])
+    cfg = load_config(
+        args.recipe,
+        [
+            *args.overrides,
+            "parallel.zero_stage=0",
+            "precision=fp32",
+            "train.eval_interval=0",
+            "checkpoint.interval=0",
+            "log.progress=false",
+            f"out_dir={tmp}",
+        ],
+    )
     info = init_distributed()
     derived = derive(cfg, 1)
     data = build_data_for(cfg, derived)
@@ -85,12 +95,20 @@ def main() -> int:
         theirs.append((time.perf_counter() - t0) / args.steps)
     result = {
         "what": "tokens/s of llmtrain's loop relative to a plain PyTorch loop (same model, data, optimizer)",
-        "recipe": args.recipe, "overrides": args.overrides, "rounds": args.rounds, "steps_per_block": args.steps,
-        "tokens_per_step": derived.tokens_per_step, "threads": torch.get_num_threads(),
-        "llmtrain_step_s_median": statistics.median(ours), "plain_step_s_median": statistics.median(theirs),
-        "llmtrain_step_s": ours, "plain_step_s": theirs,
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "rounds": args.rounds,
+        "steps_per_block": args.steps,
+        "tokens_per_step": derived.tokens_per_step,
+        "threads": torch.get_num_threads(),
+        "llmtrain_step_s_median": statistics.median(ours),
+        "plain_step_s_median": statistics.median(theirs),
+        "llmtrain_step_s": ours,
+        "plain_step_s": theirs,
         "ratio": statistics.median(theirs) / statistics.median(ours),
-        "target": 0.95, "torch": torch.__version__, "cpus": os.cpu_count(),
+        "target": 0.95,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

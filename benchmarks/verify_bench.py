@@ -46,10 +46,14 @@ def build(out: Path, gb: float) -> int:
         for _ in range(tokens // 10_000_000):
             w.add_docs(rng.integers(0, VOCAB, 10_000_000, dtype=np.uint16), np.full(10_000, 1000))
         files.update(w.close()["checksums"])  # hashed as prepare-data hashes them
-    manifest = {"format": FORMAT_NAME, "version": VERSION, "dtype": "uint16",
-                "tokenizer": {"hash": "bench", "vocab_size": VOCAB, "eos_id": VOCAB - 1, "kind": "bpe"},
-                "splits": {"train": {"shards": names[:-1]}, "val": {"shards": names[-1:]}},
-                "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files}}
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": VERSION,
+        "dtype": "uint16",
+        "tokenizer": {"hash": "bench", "vocab_size": VOCAB, "eos_id": VOCAB - 1, "kind": "bpe"},
+        "splits": {"train": {"shards": names[:-1]}, "val": {"shards": names[-1:]}},
+        "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files},
+    }
     write_manifest(out, manifest)
     return n_shards
 
@@ -61,7 +65,7 @@ def sha256_rate() -> float:
     buf = memoryview(os.urandom(256 << 20))
     t = time.perf_counter()
     for i in range(256):
-        hashlib.sha256(buf[i << 20:(i + 1) << 20]).digest()
+        hashlib.sha256(buf[i << 20 : (i + 1) << 20]).digest()
     return (256 << 20) / (time.perf_counter() - t) / 1e9
 
 
@@ -91,8 +95,14 @@ def timed(d: Path, mode: str, cold: bool) -> dict:
     t = time.perf_counter()
     r = check_dataset(d, mode=mode)
     secs = time.perf_counter() - t
-    return {"seconds": round(secs, 3), "bytes_hashed": r.bytes, "blocks": r.blocks, "files": r.files,
-            "GB_per_s": round(r.bytes / secs / 1e9, 3), "raw_sha256_GB_per_s_now": round(sha256_rate(), 3)}
+    return {
+        "seconds": round(secs, 3),
+        "bytes_hashed": r.bytes,
+        "blocks": r.blocks,
+        "files": r.files,
+        "GB_per_s": round(r.bytes / secs / 1e9, 3),
+        "raw_sha256_GB_per_s_now": round(sha256_rate(), 3),
+    }
 
 
 def main() -> None:
@@ -108,9 +118,13 @@ def main() -> None:
         build(d, args.gb)
     size = sum(f.stat().st_size for f in d.iterdir())
     hashing = prepare_hashing(d)
-    res = {"dataset_bytes": size, "shards": len(list(d.glob("train_*.bin"))),
-           "prepare_hashing_seconds": round(hashing, 2), "prepare_hashing_GB_per_s": round(size / hashing / 1e9, 3),
-           "raw_sha256_GB_per_s_now": round(sha256_rate(), 3)}
+    res = {
+        "dataset_bytes": size,
+        "shards": len(list(d.glob("train_*.bin"))),
+        "prepare_hashing_seconds": round(hashing, 2),
+        "prepare_hashing_GB_per_s": round(size / hashing / 1e9, 3),
+        "raw_sha256_GB_per_s_now": round(sha256_rate(), 3),
+    }
     for mode in ("auto", "full"):
         for cold in (True, False):
             res[f"{mode}_{'cold' if cold else 'warm'}"] = timed(d, mode, cold)

@@ -85,8 +85,9 @@ def _grads(opt: Any, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 def _optimizer_state(opt: Any) -> list[torch.Tensor]:
     masters = list(getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat)
-    moments = [v for state in opt.optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v) and v.dim() > 0]
+    moments = [
+        v for state in opt.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
+    ]
     return masters + moments
 
 
@@ -102,8 +103,12 @@ def measure_states(stage: int, n: int, accum: int) -> dict[str, Any]:
     from llmtrain.parallel.engine import build_engine
 
     overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        f"train.seq_len={SEQ}", f"train.micro_batch_size={MICRO}", f"train.global_batch_size={accum * MICRO * n}",
-        f"parallel.zero_stage={stage}", "precision=bf16"]
+        f"train.seq_len={SEQ}",
+        f"train.micro_batch_size={MICRO}",
+        f"train.global_batch_size={accum * MICRO * n}",
+        f"parallel.zero_stage={stage}",
+        "precision=bf16",
+    ]
     cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", overrides)
     # shard every parameter (DeepSpeed keeps those under 1e5 elements whole by default)
     cfg.parallel.deepspeed_overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
@@ -125,9 +130,18 @@ def measure_states(stage: int, n: int, accum: int) -> dict[str, Any]:
     held = [p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]
     weights, optimizer = _nbytes(held), _nbytes(_optimizer_state(opt))
     storages = _nbytes(held, storages=True) + grad_storages + _nbytes(_optimizer_state(opt), storages=True)
-    return {"stage": stage, "ranks": n, "accumulation_steps": accum, "psi": psi, "weights": weights, "grads": grads, "optimizer": optimizer,
-            "total": weights + grads + optimizer, "storage_bytes_held": storages,
-            "padding_elements": _padding(opt, psi, n)}
+    return {
+        "stage": stage,
+        "ranks": n,
+        "accumulation_steps": accum,
+        "psi": psi,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "total": weights + grads + optimizer,
+        "storage_bytes_held": storages,
+        "padding_elements": _padding(opt, psi, n),
+    }
 
 
 def worker(out: Path) -> None:
@@ -144,8 +158,13 @@ def worker(out: Path) -> None:
         rec = measure_states(stage, n, accum)
         everyone = [None] * n
         dist.all_gather_object(everyone, rec)
-        rows.append({**rec, "per_rank_total": [r["total"] for r in everyone],
-                     "per_rank_storage_bytes_held": [r["storage_bytes_held"] for r in everyone]})
+        rows.append(
+            {
+                **rec,
+                "per_rank_total": [r["total"] for r in everyone],
+                "per_rank_storage_bytes_held": [r["storage_bytes_held"] for r in everyone],
+            }
+        )
         gc.collect()
     if dist.get_rank() == 0:
         out.write_text(json.dumps(rows))
@@ -164,8 +183,10 @@ def _free_port() -> int:
 def deepspeed_expectation(psi: float, n: int, stage: int, accum: int) -> tuple[float, str]:
     """What DeepSpeed 0.19 keeps where it departs from the paper (seen in this benchmark's counts)."""
     if stage == 1 and accum == 1:
-        return 2 * psi + 14 * psi / n, ("ZeRO-1 without accumulation: DeepSpeed reduces gradients into this "
-                                        "rank's partition at the boundary as ZeRO-2 does, so 2Ψ/N gradients")
+        return 2 * psi + 14 * psi / n, (
+            "ZeRO-1 without accumulation: DeepSpeed reduces gradients into this "
+            "rank's partition at the boundary as ZeRO-2 does, so 2Ψ/N gradients"
+        )
     return model_state_bytes(psi, n, stage, mixed=True).total, "as the paper"
 
 
@@ -174,8 +195,14 @@ def run_states(ranks: list[int]) -> list[dict[str, Any]]:
     for n in ranks:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rows.json"
-            cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={n}", f"--master_port={_free_port()}",
-                   __file__, "--worker", str(out)]
+            cmd = [
+                str(Path(sys.executable).parent / "torchrun"),
+                f"--nproc_per_node={n}",
+                f"--master_port={_free_port()}",
+                __file__,
+                "--worker",
+                str(out),
+            ]
             env = dict(os.environ, OMP_NUM_THREADS="1")
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
@@ -183,15 +210,21 @@ def run_states(ranks: list[int]) -> list[dict[str, Any]]:
             rows += json.loads(out.read_text())
     for r in rows:
         expect = model_state_bytes(r["psi"], r["ranks"], r["stage"], mixed=True)
-        r["formula"] = {"weights": expect.params, "grads": expect.grads, "optimizer": expect.optimizer,
-                        "total": expect.total}
+        r["formula"] = {
+            "weights": expect.params,
+            "grads": expect.grads,
+            "optimizer": expect.optimizer,
+            "total": expect.total,
+        }
         r["padding_bytes"] = 16 * r["padding_elements"] / r["ranks"]  # this rank's share, all 16 bytes/param
         r["deviation"] = r["total"] / expect.total - 1
         r["within_1pct_plus_padding"] = abs(r["total"] - expect.total) <= 0.01 * expect.total + r["padding_bytes"]
-        r["deepspeed_formula"], r["deepspeed_note"] = deepspeed_expectation(r["psi"], r["ranks"], r["stage"],
-                                                                            r["accumulation_steps"])
-        r["within_1pct_of_deepspeed_formula"] = (abs(r["total"] - r["deepspeed_formula"])
-                                                 <= 0.01 * r["deepspeed_formula"] + r["padding_bytes"])
+        r["deepspeed_formula"], r["deepspeed_note"] = deepspeed_expectation(
+            r["psi"], r["ranks"], r["stage"], r["accumulation_steps"]
+        )
+        r["within_1pct_of_deepspeed_formula"] = (
+            abs(r["total"] - r["deepspeed_formula"]) <= 0.01 * r["deepspeed_formula"] + r["padding_bytes"]
+        )
     return rows
 
 
@@ -234,9 +267,20 @@ def run_activations(s: int = 256, b: int = 2) -> list[dict[str, Any]]:
         per_layer = (saved_bytes(4, mode, s, b) - saved_bytes(2, mode, s, b)) / 2
         formula = activation_bytes_per_layer(s, b, h, a, mode=mode, every_n=2)
         cpu = cpu_math_attention_bytes(s, b, h, a, mode)
-        rows.append({"mode": mode, "s": s, "b": b, "h": h, "a": a, "measured_bytes_per_layer": per_layer,
-                     "formula_bytes_per_layer": formula, "ratio": per_layer / formula,
-                     "formula_fp32_attention_core": cpu, "ratio_fp32_attention_core": per_layer / cpu})
+        rows.append(
+            {
+                "mode": mode,
+                "s": s,
+                "b": b,
+                "h": h,
+                "a": a,
+                "measured_bytes_per_layer": per_layer,
+                "formula_bytes_per_layer": formula,
+                "ratio": per_layer / formula,
+                "formula_fp32_attention_core": cpu,
+                "ratio_fp32_attention_core": per_layer / cpu,
+            }
+        )
     for r in rows:
         r["saved_vs_none"] = 1 - r["measured_bytes_per_layer"] / rows[0]["measured_bytes_per_layer"]
     return rows
@@ -253,26 +297,35 @@ def main() -> None:
         return
     states = run_states(args.ranks)
     acts = run_activations()
-    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "model": MODEL, "precision": "bf16 (fp32 master weights and Adam moments)",
-              "model_states": states, "activations": acts}
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "model": MODEL,
+        "precision": "bf16 (fp32 master weights and Adam moments)",
+        "model_states": states,
+        "activations": acts,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"model states per rank, Ψ = {states[0]['psi']:,} parameters (MB = 1e6 bytes):")
     for r in states:
         f = r["formula"]
-        print(f"  ZeRO-{r['stage']} N={r['ranks']} accum {r['accumulation_steps']}: weights {r['weights'] / 1e6:.3f} grads {r['grads'] / 1e6:.3f} "
-              f"optimizer {r['optimizer'] / 1e6:.3f} = {r['total'] / 1e6:.3f} MB | formula {f['total'] / 1e6:.3f} MB "
-              f"({100 * r['deviation']:+.3f}%, padding {r['padding_bytes'] / 1e3:.1f} kB) "
-              f"{'OK' if r['within_1pct_plus_padding'] else 'OFF'} | DeepSpeed's own "
-              f"{r['deepspeed_formula'] / 1e6:.3f} MB {'OK' if r['within_1pct_of_deepspeed_formula'] else 'OFF'} | "
-              f"storages held {max(r['per_rank_storage_bytes_held']) / 1e6:.3f} MB")
+        print(
+            f"  ZeRO-{r['stage']} N={r['ranks']} accum {r['accumulation_steps']}: weights {r['weights'] / 1e6:.3f} grads {r['grads'] / 1e6:.3f} "
+            f"optimizer {r['optimizer'] / 1e6:.3f} = {r['total'] / 1e6:.3f} MB | formula {f['total'] / 1e6:.3f} MB "
+            f"({100 * r['deviation']:+.3f}%, padding {r['padding_bytes'] / 1e3:.1f} kB) "
+            f"{'OK' if r['within_1pct_plus_padding'] else 'OFF'} | DeepSpeed's own "
+            f"{r['deepspeed_formula'] / 1e6:.3f} MB {'OK' if r['within_1pct_of_deepspeed_formula'] else 'OFF'} | "
+            f"storages held {max(r['per_rank_storage_bytes_held']) / 1e6:.3f} MB"
+        )
     print(f"activations per layer (s={acts[0]['s']}, b={acts[0]['b']}, h={acts[0]['h']}, a={acts[0]['a']}, bf16):")
     for r in acts:
-        print(f"  {r['mode']:>9}: {r['measured_bytes_per_layer'] / 1e6:7.3f} MB | formula "
-              f"{r['formula_bytes_per_layer'] / 1e6:7.3f} MB (x{r['ratio']:.3f}), with the fp32 attention core "
-              f"{r['formula_fp32_attention_core'] / 1e6:7.3f} MB (x{r['ratio_fp32_attention_core']:.3f}) | "
-              f"saves {100 * r['saved_vs_none']:.1f}%")
+        print(
+            f"  {r['mode']:>9}: {r['measured_bytes_per_layer'] / 1e6:7.3f} MB | formula "
+            f"{r['formula_bytes_per_layer'] / 1e6:7.3f} MB (x{r['ratio']:.3f}), with the fp32 attention core "
+            f"{r['formula_fp32_attention_core'] / 1e6:7.3f} MB (x{r['ratio_fp32_attention_core']:.3f}) | "
+            f"saves {100 * r['saved_vs_none']:.1f}%"
+        )
     print(f"wrote {args.out}")
 
 

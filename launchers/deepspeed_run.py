@@ -37,8 +37,12 @@ def _to_ranks(signum: int, frame) -> None:
                 os.kill(rank, signum)
             except ProcessLookupError:
                 pass
-    print(f"[launchers/deepspeed_run.py] {signal.Signals(signum).name}: passed to the ranks; they write a stop "
-          f"checkpoint and exit", file=sys.stderr, flush=True)
+    print(
+        f"[launchers/deepspeed_run.py] {signal.Signals(signum).name}: passed to the ranks; they write a stop "
+        f"checkpoint and exit",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> int:

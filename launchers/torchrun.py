@@ -42,8 +42,12 @@ def main(argv: list[str]) -> int:
             expected = {int(p.read_text() or 0) for p in stopped}
             if not stopped or expected != {len(stopped)}:
                 raise
-            print(f"[launchers/torchrun.py] {exc.sigval.name}: all {len(stopped)} ranks of this node wrote their "
-                  f"stop checkpoint and exited 0", file=sys.stderr, flush=True)
+            print(
+                f"[launchers/torchrun.py] {exc.sigval.name}: all {len(stopped)} ranks of this node wrote their "
+                f"stop checkpoint and exited 0",
+                file=sys.stderr,
+                flush=True,
+            )
     return 0
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from llmtrain.errors import UserError
 from llmtrain.utils import eprint, rank
 
-EPILOG = ("Overrides are dotted config keys after the recipe, e.g. train.max_steps=50 optim.lr=3e-4 "
-          "parallel.zero_stage=2 out_dir=runs/x. `llmtrain config RECIPE` prints every key with its value.")
+EPILOG = (
+    "Overrides are dotted config keys after the recipe, e.g. train.max_steps=50 optim.lr=3e-4 "
+    "parallel.zero_stage=2 out_dir=runs/x. `llmtrain config RECIPE` prints every key with its value."
+)
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -71,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Components that own sub-commands; each module exposes add_subcommands(subparsers).
-COMPONENT_CLIS: tuple[str, ...] = ("llmtrain.plan", "llmtrain.parallel.cli", "llmtrain.data.cli", "llmtrain.compress.cli",
-                                   "llmtrain.evaluation.cli", "llmtrain.interop.cli")
+COMPONENT_CLIS: tuple[str, ...] = (
+    "llmtrain.plan",
+    "llmtrain.parallel.cli",
+    "llmtrain.data.cli",
+    "llmtrain.compress.cli",
+    "llmtrain.evaluation.cli",
+    "llmtrain.interop.cli",
+)
 
 
 def _plugin_registrars() -> list[Callable]:

@@ -28,8 +28,6 @@ from llmtrain.models.registry import FAMILIES, family_of
 from llmtrain.parallel.layout import ParallelDims
 
 
-
-
 @dataclass
 class TrainConfig:
     # Number of optimizer steps to run in total (a resumed run continues up to this step).
@@ -202,8 +200,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 # Keys of a model.init_from checkpoint's config that are not its architecture (or that a run may change).
-_NOT_ADOPTED = {"name", "arch", "init_from", "dropout", "init_std", "block_size", "vocab_size", "num_labels",
-                "rope_scaling", "converters"}  # converters: this run's choice, applied after init_from
+_NOT_ADOPTED = {
+    "name",
+    "arch",
+    "init_from",
+    "dropout",
+    "init_std",
+    "block_size",
+    "vocab_size",
+    "num_labels",
+    "rope_scaling",
+    "converters",
+}  # converters: this run's choice, applied after init_from
 
 
 def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:
@@ -219,23 +227,31 @@ def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:
 
     try:  # only the saved config.yaml: the weights are read (and verified) when they load
         where = Path(path) if (Path(path) / "model.safetensors").is_file() else resolve_checkpoint(path)
-        saved = model_config_from_dict(yaml.safe_load((where / "config.yaml").read_text())["model"],
-                                       str(where / "config.yaml"))
+        saved = model_config_from_dict(
+            yaml.safe_load((where / "config.yaml").read_text())["model"], str(where / "config.yaml")
+        )
     except (ValueError, OSError, KeyError, TypeError, yaml.YAMLError):
         return  # training names the problem when it loads the weights
     if family_of(saved).name != family_of(model.get("arch", ModelConfig.arch), ConfigError).name:
         return
-    adopted = {k: v for k, v in dataclasses.asdict(saved).items()
-               if k not in _NOT_ADOPTED and k not in user_keys and model.get(k) != v}
+    adopted = {
+        k: v
+        for k, v in dataclasses.asdict(saved).items()
+        if k not in _NOT_ADOPTED and k not in user_keys and model.get(k) != v
+    }
     if adopted:
         model.update(adopted)
-        print0(f"model.init_from={path}: adopted the checkpoint's shape "
-               + " ".join(f"model.{k}={v}" for k, v in adopted.items()))
+        print0(
+            f"model.init_from={path}: adopted the checkpoint's shape "
+            + " ".join(f"model.{k}={v}" for k, v in adopted.items())
+        )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path} (pass a YAML file from recipes/, e.g. recipes/gpt_debug.yaml)")
+        raise ConfigError(
+            f"recipe file not found: {path} (pass a YAML file from recipes/, e.g. recipes/gpt_debug.yaml)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -348,8 +364,10 @@ def validate(cfg: Config) -> None:
     if cfg.log.interval < 1:
         raise ConfigError("log.interval must be >= 1")
     if cfg.data.doc_mask and p.pp > 1:
-        raise ConfigError("data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
-                          "document mask); set data.doc_mask=false or parallel.pp=1")
+        raise ConfigError(
+            "data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "
+            "document mask); set data.doc_mask=false or parallel.pp=1"
+        )
     _check_model_family(cfg)
 
 
@@ -358,9 +376,11 @@ def _check_model_family(cfg: Config) -> None:
     family, kind = family_of(cfg.model), cfg.data.sample_kind
     if kind not in family.sample_kinds:
         readers = "/".join(f.name for f in FAMILIES.values() if kind in f.sample_kinds) or "no family"
-        raise ConfigError(f"data.sample_kind={kind} feeds model.arch={readers}, but model.name={cfg.model.name} is "
-                          f"model.arch={family.name}, which reads data.sample_kind={'/'.join(family.sample_kinds)}; "
-                          f"set data.sample_kind={family.sample_kinds[0]} or pick a {readers} size with model.name")
+        raise ConfigError(
+            f"data.sample_kind={kind} feeds model.arch={readers}, but model.name={cfg.model.name} is "
+            f"model.arch={family.name}, which reads data.sample_kind={'/'.join(family.sample_kinds)}; "
+            f"set data.sample_kind={family.sample_kinds[0]} or pick a {readers} size with model.name"
+        )
     problems = family.check(cfg.model, cfg.data, cfg.parallel.pp)
     if problems:
         raise ConfigError(problems[0])
@@ -390,20 +410,31 @@ def _check_numbers(cfg: Config) -> None:
     t, o = cfg.train, cfg.optim
     _positive(t.eval_batches, "train.eval_batches")  # the final eval always runs: 0 batches is no eval loss
     _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
-    at_least_0 = {"optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps or 0,
-                  "optim.weight_decay": o.weight_decay, "train.grad_clip": t.grad_clip,
-                  "train.eval_interval": t.eval_interval, "train.sample_tokens": t.sample_tokens,
-                  "train.eval_tasks_limit": t.eval_tasks_limit,
-                  "checkpoint.interval": cfg.checkpoint.interval}
+    at_least_0 = {
+        "optim.warmup_steps": o.warmup_steps,
+        "optim.decay_steps": o.decay_steps or 0,
+        "optim.weight_decay": o.weight_decay,
+        "train.grad_clip": t.grad_clip,
+        "train.eval_interval": t.eval_interval,
+        "train.sample_tokens": t.sample_tokens,
+        "train.eval_tasks_limit": t.eval_tasks_limit,
+        "checkpoint.interval": cfg.checkpoint.interval,
+    }
     for key, value in at_least_0.items():
         if not value >= 0:  # also NaN
             raise ConfigError(f"{key} must be >= 0; got {value}" + (" (0 disables it)" if key in _ZERO_OFF else ""))
-    ranges = {"optim.lr": (o.lr, 0 <= o.lr < math.inf, ">= 0 and finite"), "optim.eps": (o.eps, o.eps > 0, "> 0"),
-              "optim.min_lr_ratio": (o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-              "optim.beta1": (o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
-              "optim.beta2": (o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
-              "parallel.collective_timeout_s": (cfg.parallel.collective_timeout_s,
-                                                cfg.parallel.collective_timeout_s > 0, "> 0")}
+    ranges = {
+        "optim.lr": (o.lr, 0 <= o.lr < math.inf, ">= 0 and finite"),
+        "optim.eps": (o.eps, o.eps > 0, "> 0"),
+        "optim.min_lr_ratio": (o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        "optim.beta1": (o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+        "optim.beta2": (o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+        "parallel.collective_timeout_s": (
+            cfg.parallel.collective_timeout_s,
+            cfg.parallel.collective_timeout_s > 0,
+            "> 0",
+        ),
+    }
     for key, (value, ok, allowed) in ranges.items():
         if not ok:
             raise ConfigError(f"{key} must be {allowed}; got {value}")
@@ -457,17 +488,23 @@ def _check_model_split(cfg: Config) -> None:
             f"parallel shards again); set parallel.zero_stage=2 or parallel.tp=1"
         )
     if p.pp > m.n_layer:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every stage needs a layer; "
-                          f"set parallel.pp <= {m.n_layer}")
+        raise ConfigError(
+            f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every stage needs a layer; "
+            f"set parallel.pp <= {m.n_layer}"
+        )
     for key, n in family_of(m).tp_heads(m).items():
         if n % p.tp:
-            raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}: each tensor-parallel rank "
-                              f"holds whole heads; choose a parallel.tp that divides {n}")
+            raise ConfigError(
+                f"{key}={n} is not divisible by parallel.tp={p.tp}: each tensor-parallel rank "
+                f"holds whole heads; choose a parallel.tp that divides {n}"
+            )
     if p.tp > 1 and m.vocab_size % p.tp:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (the "
-                          f"embedding is split by vocabulary rows); pad it: model.vocab_size="
-                          f"{-(-m.vocab_size // (64 * p.tp)) * 64 * p.tp} (model.init_from fills the extra rows of a "
-                          f"smaller checkpoint's vocabulary with fresh ones)")
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (the "
+            f"embedding is split by vocabulary rows); pad it: model.vocab_size="
+            f"{-(-m.vocab_size // (64 * p.tp)) * 64 * p.tp} (model.init_from fills the extra rows of a "
+            f"smaller checkpoint's vocabulary with fresh ones)"
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -34,8 +34,10 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
     cfg, weights = load_model_weights(path)
     family = family_of(cfg)
     if not family.generative:
-        raise UserError(f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
-                         f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)})")
+        raise UserError(
+            f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
+            f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)})"
+        )
     with torch.device("meta"):
         model = build_converted_model(cfg)  # the checkpoint's converters too: their parameters are in weights
     model.load_state_dict(weights, assign=True)
@@ -86,9 +88,18 @@ def default_device(name: str = "") -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, tokenizer: str = "",
-                  device: str = "", use_cache: bool = True) -> str:
+def generate_text(
+    checkpoint: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    tokenizer: str = "",
+    device: str = "",
+    use_cache: bool = True,
+) -> str:
     """The prompt and its continuation by the decoder at `checkpoint` (its own tokenizer unless one is given)."""
     import torch
 
@@ -103,8 +114,17 @@ def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 64,
         raise UserError("--prompt encodes to no tokens; give at least one character")
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, prompt_ids, max_new_tokens, cfg.block_size, temperature=temperature,
-                   top_k=top_k, top_p=top_p, generator=gen, use_cache=use_cache)
+    out = generate(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        cfg.block_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=gen,
+        use_cache=use_cache,
+    )
     return tok.decode(out[0].tolist())
 
 
@@ -119,14 +139,19 @@ def perplexity_on(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
         for batch in tqdm(batches, desc="eval", unit="batch", disable=None):
             logits = model(batch["input_ids"].to(device)).float()
             labels = batch["labels"].to(device)
-            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
+            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
             count += int((labels != -100).sum())
     return total / max(count, 1), count
 
 
-def eval_perplexity(checkpoint: str | Path, data: str = "bundled", seq_len: int = 0, batch_size: int = 8,
-                    batches: int = 50, device: str = "") -> tuple[float, int]:
+def eval_perplexity(
+    checkpoint: str | Path,
+    data: str = "bundled",
+    seq_len: int = 0,
+    batch_size: int = 8,
+    batches: int = 50,
+    device: str = "",
+) -> tuple[float, int]:
     """(mean next-token loss, tokens) of the decoder at `checkpoint` on the validation split of `data` (a
     prepared dataset or 'bundled'), which must be tokenized with the checkpoint's tokenizer."""
     from llmtrain.data import build_data
@@ -136,18 +161,29 @@ def eval_perplexity(checkpoint: str | Path, data: str = "bundled", seq_len: int 
     seq_len = seq_len or cfg.block_size
     if seq_len > cfg.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's block_size {cfg.block_size}")
-    run_data = build_data(eval_data_config(checkpoint, data), seq_len=seq_len, seed=0, micro_batch_size=batch_size,
-                          grad_accum=1, dp_rank=0, dp_size=1)
+    run_data = build_data(
+        eval_data_config(checkpoint, data),
+        seq_len=seq_len,
+        seed=0,
+        micro_batch_size=batch_size,
+        grad_accum=1,
+        dp_rank=0,
+        dp_size=1,
+    )
     if run_data.vocab_size > cfg.vocab_size:
-        raise UserError(f"--data {data}: its tokenizer has {run_data.vocab_size} tokens but the model only "
-                        f"{cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
+        raise UserError(
+            f"--data {data}: its tokenizer has {run_data.vocab_size} tokens but the model only "
+            f"{cfg.vocab_size}; evaluate on data prepared with the model's tokenizer"
+        )
     try:
         expected = checkpoint_tokenizer(checkpoint).hash
     except UserError:
         expected = None  # no recorded tokenizer: trust the caller
     if expected is not None and run_data.tokenizer.hash != expected:
-        raise UserError(f"--data {data} was tokenized with a different tokenizer (hash {run_data.tokenizer.hash}) "
-                        f"than the checkpoint's ({expected}); prepare it with the checkpoint's tokenizer")
+        raise UserError(
+            f"--data {data} was tokenized with a different tokenizer (hash {run_data.tokenizer.hash}) "
+            f"than the checkpoint's ({expected}); prepare it with the checkpoint's tokenizer"
+        )
     return perplexity_on(model, run_data.val_batches(batches), device)
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from llmtrain.errors import CheckpointError
 
@@ -108,26 +108,32 @@ def verify_files(directory: str | Path, names: Iterable[str], fix: str | None = 
             raise CheckpointError(f"{path} is missing (listed in {root / CHECKSUMS}); {fix}")
         size = path.stat().st_size
         if size != want["size"]:
-            raise CheckpointError(f"{path} has {size} bytes but {want['size']} were written (truncated or "
-                                  f"changed); {fix}")
+            raise CheckpointError(
+                f"{path} has {size} bytes but {want['size']} were written (truncated or changed); {fix}"
+            )
         if file_digest(path) != want["sha256"]:
-            raise CheckpointError(f"{path} does not match its sha256 in {root / CHECKSUMS} (corrupted or "
-                                  f"changed after it was written); {fix}")
+            raise CheckpointError(
+                f"{path} does not match its sha256 in {root / CHECKSUMS} (corrupted or "
+                f"changed after it was written); {fix}"
+            )
 
 
 def _read_checksums(root: Path, fix: str) -> dict[str, dict[str, int | str]]:
     path = root / CHECKSUMS
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the directory is incomplete or was written without "
-                              f"checksums (by an older llmtrain: if you trust it, record them with "
-                              f"`python -m llmtrain.integrity {root}`); {fix}")
+        raise CheckpointError(
+            f"{path} is missing: the directory is incomplete or was written without "
+            f"checksums (by an older llmtrain: if you trust it, record them with "
+            f"`python -m llmtrain.integrity {root}`); {fix}"
+        )
     try:
         body = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         body = None
     files = body.get("files") if isinstance(body, dict) and body.get("algorithm") == "sha256" else None
-    if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= set(v)
-                                              for v in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()
+    ):
         raise CheckpointError(f"{path} is not a valid checksum list (sha256 per file); {fix}")
     for name in files:
         if Path(name).is_absolute() or ".." in Path(name).parts:

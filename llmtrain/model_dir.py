@@ -21,9 +21,10 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.errors import UserError
 
@@ -61,8 +62,7 @@ def check_output(out: str | Path, replace: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another output path")
     if not replace and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new output directory or pass --replace "
-                        f"to replace it")
+        raise UserError(f"{out} exists and is not empty; choose a new output directory or pass --replace to replace it")
     return out
 
 
@@ -81,12 +81,20 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: d
     """`directory/model.safetensors` of whole tensors (fp32 unless already another float type)."""
     from safetensors.torch import save_file
 
-    save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(directory / WEIGHTS),
-              metadata={"format": "pt", **(metadata or {})})
+    save_file(
+        {n: t.detach().contiguous() for n, t in tensors.items()},
+        str(directory / WEIGHTS),
+        metadata={"format": "pt", **(metadata or {})},
+    )
 
 
-def stream_weights(directory: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, torch.Tensor]],
-                   dtype: torch.dtype, metadata: dict[str, str] | None = None) -> None:
+def stream_weights(
+    directory: Path,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """`directory/model.safetensors` written one tensor at a time: the header comes from `shapes` alone,
     then each tensor of `tensors` (in `shapes` order) is converted, written and dropped."""
     import torch
@@ -130,8 +138,9 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def write_model(out: str | Path, cfg: Config, model: torch.nn.Module, records: dict[str, Any] | None = None,
-                replace: bool = False) -> Path:
+def write_model(
+    out: str | Path, cfg: Config, model: torch.nn.Module, records: dict[str, Any] | None = None, replace: bool = False
+) -> Path:
     """A model directory of a plain model: its parameters (tied ones once) in fp32, the whole run config
     `cfg` as config.yaml and each of `records` ({file name: JSON-able}) as a JSON file beside them."""
     from llmtrain.config import save_config
@@ -144,8 +153,13 @@ def write_model(out: str | Path, cfg: Config, model: torch.nn.Module, records: d
     return Path(out)
 
 
-def write_model_dir(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
-                    tokenizer_json: Path | None = None, replace: bool = False) -> Path:
+def write_model_dir(
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    tokenizer_json: Path | None = None,
+    replace: bool = False,
+) -> Path:
     """An llmtrain model directory of a plain state dict (an import): each parameter once, plain names."""
     import torch
 

@@ -36,8 +36,9 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def model_state_bytes(psi: float, n_dp: int, stage: int, mixed: bool = True, offload_optimizer: bool = False,
-                      offload_params: bool = False) -> ModelStates:
+def model_state_bytes(
+    psi: float, n_dp: int, stage: int, mixed: bool = True, offload_optimizer: bool = False, offload_params: bool = False
+) -> ModelStates:
     """Per-rank bytes of weights, gradients and optimizer state on the accelerator (ZeRO paper)."""
     w, g = (2.0, 2.0) if mixed else (4.0, 4.0)
     k = 12.0 if (mixed or stage >= 1) else 8.0
@@ -51,8 +52,9 @@ def model_state_bytes(psi: float, n_dp: int, stage: int, mixed: bool = True, off
     return ModelStates(params, grads, optimizer)
 
 
-def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, mode: str = "none",
-                               every_n: int = 2, flash: bool = False) -> float:
+def activation_bytes_per_layer(
+    s: int, b: int, h: int, a: int, t: int = 1, mode: str = "none", every_n: int = 2, flash: bool = False
+) -> float:
     """Bytes kept for backward by one transformer layer (Korthikanti et al. 2022), 16-bit activations."""
     full = s * b * h * (34 + (0 if flash else 5 * a * s / h)) / t
     if mode == "full":
@@ -86,8 +88,16 @@ class Plan:
     peak_tflops: float
 
 
-def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memory_gb: float,
-              mfu: float = 0.4, peak_tflops: float = 989.0, flash: bool = True) -> Plan:
+def make_plan(
+    cfg: Config,
+    recipe: str,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory_gb: float,
+    mfu: float = 0.4,
+    peak_tflops: float = 989.0,
+    flash: bool = True,
+) -> Plan:
     import torch
 
     from llmtrain.config import derive
@@ -104,22 +114,39 @@ def make_plan(cfg: Config, recipe: str, nodes: int, gpus_per_node: int, gpu_memo
     layers_here = m.n_layer / p.pp
     # 1F1B keeps up to pp micro-batches in flight on the first stage.
     in_flight = min(p.pp, derived.grad_accum) if p.pp > 1 else 1
-    act = {mode: activation_bytes_per_layer(t.seq_len, t.micro_batch_size, m.n_embd, m.n_head, p.tp, mode,
-                                            p.checkpoint_every_n, flash) * layers_here * in_flight / GiB
-           for mode in ("none", "selective", "full")}
+    act = {
+        mode: activation_bytes_per_layer(
+            t.seq_len, t.micro_batch_size, m.n_embd, m.n_head, p.tp, mode, p.checkpoint_every_n, flash
+        )
+        * layers_here
+        * in_flight
+        / GiB
+        for mode in ("none", "selective", "full")
+    }
     logits = t.seq_len * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
     chosen = act[p.activation_checkpointing if p.activation_checkpointing in act else "none"] + logits
     total = states.total / GiB + chosen
     per_token, _ = flops.flops_per_token(model, m.n_layer, m.n_embd, t.seq_len, cfg.data)
     step_flops = per_token * derived.tokens_per_step
     return Plan(
-        recipe=recipe, gpus=gpus, dp=derived.dp_size, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,
-        params_total=n, params_per_gpu=psi,
+        recipe=recipe,
+        gpus=gpus,
+        dp=derived.dp_size,
+        tp=p.tp,
+        pp=p.pp,
+        zero_stage=p.zero_stage,
+        params_total=n,
+        params_per_gpu=psi,
         model_states_gib={k: v / GiB for k, v in asdict(states).items()} | {"total": states.total / GiB},
         activations_gib={**act, "logits": logits, "chosen": chosen, "mode": p.activation_checkpointing},
-        total_gib=total, gpu_memory_gib=gpu_memory_gb * 1e9 / GiB, fits=total <= 0.9 * gpu_memory_gb * 1e9 / GiB,
-        tokens_per_step=derived.tokens_per_step, flops_per_step=step_flops,
-        step_time_s=step_flops / (gpus * peak_tflops * 1e12 * mfu), mfu_assumed=mfu, peak_tflops=peak_tflops,
+        total_gib=total,
+        gpu_memory_gib=gpu_memory_gb * 1e9 / GiB,
+        fits=total <= 0.9 * gpu_memory_gb * 1e9 / GiB,
+        tokens_per_step=derived.tokens_per_step,
+        flops_per_step=step_flops,
+        step_time_s=step_flops / (gpus * peak_tflops * 1e12 * mfu),
+        mfu_assumed=mfu,
+        peak_tflops=peak_tflops,
     )
 
 
@@ -138,22 +165,35 @@ def format_plan(pl: Plan) -> str:
         f"{pl.step_time_s:.2f} s at {100 * pl.mfu_assumed:.0f}% MFU of {pl.peak_tflops:.0f} TFLOP/s per GPU",
     ]
     if not pl.fits:
-        lines.append("  hint: raise parallel.zero_stage, set parallel.activation_checkpointing=full, "
-                     "lower train.micro_batch_size, or add GPUs")
+        lines.append(
+            "  hint: raise parallel.zero_stage, set parallel.activation_checkpointing=full, "
+            "lower train.micro_batch_size, or add GPUs"
+        )
     return "\n".join(lines)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    pl = make_plan(cfg, args.recipe, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.mfu, args.peak_tflops,
-                   flash=not args.no_flash)
+    pl = make_plan(
+        cfg,
+        args.recipe,
+        args.nodes,
+        args.gpus_per_node,
+        args.gpu_memory_gb,
+        args.mfu,
+        args.peak_tflops,
+        flash=not args.no_flash,
+    )
     print(json.dumps(asdict(pl), indent=1) if args.json else format_plan(pl))
     return 0
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="memory per GPU and step time of a recipe on a cluster, before launching",
-                       description=__doc__.splitlines()[0])
+    p = sub.add_parser(
+        "plan",
+        help="memory per GPU and step time of a recipe on a cluster, before launching",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--nodes", type=int, default=1)
@@ -161,7 +201,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (1e9 bytes)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume for step time")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (H100 SXM: 989)")
-    p.add_argument("--no-flash", action="store_true",
-                   help="count the attention matrix in activations (no flash / memory-efficient attention)")
+    p.add_argument(
+        "--no-flash",
+        action="store_true",
+        help="count the attention matrix in activations (no flash / memory-efficient attention)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=cmd_plan)

@@ -17,9 +17,17 @@ BIN = Path(sys.executable).parent
 
 # A tiny GPT on the bundled text: seconds per run on 2 CPU cores.
 TINY = [
-    "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "train.seq_len=64",
-    "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_interval=0",
-    "train.eval_batches=2", "train.sample_tokens=0", "checkpoint.interval=0", "log.interval=1",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.eval_interval=0",
+    "train.eval_batches=2",
+    "train.sample_tokens=0",
+    "checkpoint.interval=0",
+    "log.interval=1",
     "optim.warmup_steps=2",
 ]
 
@@ -48,9 +56,15 @@ def launch_cmd(launcher: str, nproc: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def train(out_dir: Path, *overrides: str, launcher: str = "python", nproc: int = 1,
-          recipe: str = "recipes/gpt_debug.yaml", check: bool = True, timeout: int = 300,
-          ) -> subprocess.CompletedProcess:
+def train(
+    out_dir: Path,
+    *overrides: str,
+    launcher: str = "python",
+    nproc: int = 1,
+    recipe: str = "recipes/gpt_debug.yaml",
+    check: bool = True,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     cmd = [*launch_cmd(launcher, nproc), str(ROOT / recipe), *TINY, f"out_dir={out_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

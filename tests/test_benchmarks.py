@@ -19,8 +19,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_throughput_benchmark_appends_a_record(tmp_path):
     out = tmp_path / "thr.json"
     for _ in range(2):  # a second invocation appends to the list
-        _run("benchmarks/throughput.py", "recipes/gpt_debug.yaml", *TINY, "--steps", "3", "--warmup", "1",
-             "--out", str(out))
+        _run(
+            "benchmarks/throughput.py",
+            "recipes/gpt_debug.yaml",
+            *TINY,
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        )
     runs = json.loads(out.read_text())
     assert len(runs) == 2
     rec = runs[0]
@@ -44,17 +53,39 @@ def test_gpu_sweep_plan_validates_every_case_of_the_real_matrix():
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 15 and lines[0].startswith("1b-base: python benchmarks/throughput.py recipes/gpt_1b.yaml")
     assert all("precision=bf16" in ln and "train.seq_len=2048" in ln for ln in lines)
-    bad = subprocess.run([sys.executable, "benchmarks/gpu_sweep.py", "--dry-run", "--set", "train.compiled=true"],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/gpu_sweep.py", "--dry-run", "--set", "train.compiled=true"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "train.compiled" in bad.stderr  # a typo fails before any case runs
 
 
 def test_gpu_sweep_records_each_case_and_carries_on_where_it_stopped(tmp_path):
     out = tmp_path / "sweep.json"
-    tiny = [a for kv in TINY if not kv.startswith(("train.eval", "checkpoint", "log.", "train.sample"))
-            for a in ("--set", kv)]
-    args = ["benchmarks/gpu_sweep.py", "--recipe", "recipes/gpt_debug.yaml", *tiny, "--set", "precision=fp32",
-            "--steps", "2", "--warmup", "1", "--out", str(out)]
+    tiny = [
+        a
+        for kv in TINY
+        if not kv.startswith(("train.eval", "checkpoint", "log.", "train.sample"))
+        for a in ("--set", kv)
+    ]
+    args = [
+        "benchmarks/gpu_sweep.py",
+        "--recipe",
+        "recipes/gpt_debug.yaml",
+        *tiny,
+        "--set",
+        "precision=fp32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     _run(*args, "--only", "1b-base,1b-zero3")
     recs = json.loads(out.read_text())
     assert [r["case"] for r in recs] == ["1b-base", "1b-zero3"]
@@ -64,7 +95,9 @@ def test_gpu_sweep_records_each_case_and_carries_on_where_it_stopped(tmp_path):
     recs = json.loads(out.read_text())
     assert [r["case"] for r in recs[:2]] == ["1b-base", "1b-zero3"]  # measured cases kept, not re-run
     failed = recs[2]
-    assert failed["case"] == "1b-compile" and failed["error"].startswith("exit") and "/nonexistent" in failed["log_tail"]
+    assert (
+        failed["case"] == "1b-compile" and failed["error"].startswith("exit") and "/nonexistent" in failed["log_tail"]
+    )
     table = _run("benchmarks/gpu_sweep.py", "--table", str(out)).stdout
     assert "| 1b-zero3 |" in table and "| 1b-compile | failed: exit" in table
 

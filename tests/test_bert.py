@@ -6,14 +6,15 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import ROOT, train
 
 from llmtrain.models import MODEL_SIZES, ModelConfig, build_model
-from helpers import ROOT, train
 from llmtrain.train.metrics import read_metrics
 from llmtrain.train.objectives import SequenceClassification, objective_for, pop_metrics
 
-TINY = ModelConfig(name="bert_debug", arch="bert", n_layer=2, n_head=2, n_embd=64, vocab_size=101, block_size=32,
-                   norm_eps=1e-12)
+TINY = ModelConfig(
+    name="bert_debug", arch="bert", n_layer=2, n_head=2, n_embd=64, vocab_size=101, block_size=32, norm_eps=1e-12
+)
 
 
 def _model(cfg: ModelConfig = TINY, seed: int = 0) -> torch.nn.Module:
@@ -30,8 +31,13 @@ def _batch(B: int = 3, T: int = 16, V: int = 101, seed: int = 1) -> dict[str, to
     mask[1, 10:] = 0  # a padded row
     labels = torch.full((B, T), -100)
     labels[:, 2:5] = ids[:, 2:5]
-    return {"input_ids": ids, "token_type_ids": (torch.arange(T) >= T // 2).long().expand(B, T).clone(),
-            "attention_mask": mask, "mlm_labels": labels, "nsp_labels": torch.tensor([0, 1, 0])}
+    return {
+        "input_ids": ids,
+        "token_type_ids": (torch.arange(T) >= T // 2).long().expand(B, T).clone(),
+        "attention_mask": mask,
+        "mlm_labels": labels,
+        "nsp_labels": torch.tensor([0, 1, 0]),
+    }
 
 
 @pytest.mark.parametrize("name,nominal", [("bert_base", 110e6), ("bert_large", 340e6)])
@@ -115,8 +121,15 @@ def test_sequence_classification_head():
 def pretrained(tmp_path_factory):
     """bert_debug (tiny) pre-trained through the real launcher on the bundled text."""
     out = tmp_path_factory.mktemp("bert") / "pretrain"
-    proc = train(out, "train.max_steps=40", "optim.lr=3e-3", "log.interval=5", "train.eval_batches=4",
-                 "train.sample_tokens=8", recipe="recipes/bert_debug.yaml")
+    proc = train(
+        out,
+        "train.max_steps=40",
+        "optim.lr=3e-3",
+        "log.interval=5",
+        "train.eval_batches=4",
+        "train.sample_tokens=8",
+        recipe="recipes/bert_debug.yaml",
+    )
     return out, proc
 
 
@@ -139,9 +152,18 @@ def test_finetune_classifier_beats_chance(pretrained, tmp_path):
     """The pre-trained trunk fine-tuned on Old Testament / New Testament / Shakespeare passages of held-out
     chapters and works: balanced classes, so chance is 1/3."""
     out = tmp_path / "finetune"
-    proc = train(out, f"model.init_from={pretrained[0]}", "train.max_steps=80", "optim.lr=2e-3",
-                 "optim.warmup_steps=5", "train.micro_batch_size=8", "train.global_batch_size=16",
-                 "train.eval_batches=16", "log.interval=10", recipe="recipes/bert_finetune_debug.yaml")
+    proc = train(
+        out,
+        f"model.init_from={pretrained[0]}",
+        "train.max_steps=80",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=5",
+        "train.micro_batch_size=8",
+        "train.global_batch_size=16",
+        "train.eval_batches=16",
+        "log.interval=10",
+        recipe="recipes/bert_finetune_debug.yaml",
+    )
     assert "model weights initialised from" in proc.stdout
     final = [r for r in read_metrics(out / "metrics.jsonl") if "eval_accuracy" in r][-1]
     # 128 held-out passages: chance accuracy would be 0.33 +- 0.04; 0.5 is 4 standard deviations above.
@@ -159,7 +181,9 @@ def test_bert_layouts_tensor_and_pipeline_parallel():
     # what tensor parallel cannot split is refused before anything is built, saying what to change
     with pytest.raises(ConfigError, match="model.n_head=4 is not divisible by parallel.tp=3"):
         derive(load_config(recipe, ["parallel.tp=3"]), 3)
-    with pytest.raises(ConfigError, match="model.vocab_size=30522 is not divisible by parallel.tp=4.*model.vocab_size=30720"):
+    with pytest.raises(
+        ConfigError, match="model.vocab_size=30522 is not divisible by parallel.tp=4.*model.vocab_size=30720"
+    ):
         derive(load_config(recipe, ["model.name=bert_base", "parallel.tp=4"]), 4)  # 12 heads split, 30522 rows not
     with pytest.raises(ConfigError, match="not the sequence classifier.*set parallel.pp=1"):
         load_config(finetune, ["parallel.pp=2", "train.global_batch_size=64"])

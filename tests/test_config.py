@@ -79,9 +79,16 @@ def test_every_recipe_loads_and_validates(recipe):
 
 def test_cli_error_exit_code_2_one_line_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launchers" / "train.py"), str(ROOT / "recipes" / "gpt_debug.yaml"),
-         "train.max_stepz=5", f"out_dir={tmp_path}/run"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "launchers" / "train.py"),
+            str(ROOT / "recipes" / "gpt_debug.yaml"),
+            "train.max_stepz=5",
+            f"out_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'?" in proc.stderr

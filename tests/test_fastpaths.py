@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import losses, train
+
 from llmtrain.parallel.compile import attention_backend
 
 STEPS = 4

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 from helpers import ROOT, TINY, env, free_port, launch_cmd, losses
+
 from llmtrain.train.checkpoint import resolve_checkpoint
 
 
 def _popen(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: kill -9 takes all of it
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group: kill -9 takes all of it
 
 
 def test_kill_9_during_checkpoint_write_never_publishes_a_partial_checkpoint(tmp_path):
@@ -22,8 +24,15 @@ def test_kill_9_during_checkpoint_write_never_publishes_a_partial_checkpoint(tmp
     # gpt_debug's own width (~5M params, ~60 MB of optimizer state per save) makes a save take long
     # enough to be caught in the act; a checkpoint every step gives many chances.
     args = [a for a in TINY if not a.startswith(("model.", "checkpoint."))]
-    cmd = [*launch_cmd("python", 1), str(ROOT / "recipes/gpt_debug.yaml"), *args, f"out_dir={out}",
-           "train.max_steps=40", "checkpoint.interval=1", "checkpoint.keep_last=3"]
+    cmd = [
+        *launch_cmd("python", 1),
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *args,
+        f"out_dir={out}",
+        "train.max_steps=40",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=3",
+    ]
     proc = _popen(cmd)
     root, seen_partial, deadline = out / "checkpoints", False, time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -42,8 +51,9 @@ def test_kill_9_during_checkpoint_write_never_publishes_a_partial_checkpoint(tmp
     # Relaunch: the partial directory is cleaned up and the run continues from `latest` (a short
     # continuation keeps the test quick; the later max_steps override wins).
     resumed_at = int(latest.name.split("_")[1])
-    relaunch = subprocess.run([*cmd, f"train.max_steps={resumed_at + 2}"], cwd=ROOT, env=env(),
-                              capture_output=True, text=True, timeout=600)
+    relaunch = subprocess.run(
+        [*cmd, f"train.max_steps={resumed_at + 2}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert f"at step {resumed_at}" in relaunch.stdout
     assert not list(root.glob(".tmp-step_*"))
@@ -52,8 +62,14 @@ def test_kill_9_during_checkpoint_write_never_publishes_a_partial_checkpoint(tmp
 
 def test_one_rank_killed_ends_the_job_in_bounded_time_naming_the_rank(tmp_path):
     out = tmp_path / "run"
-    cmd = [*launch_cmd("torchrun", 2), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
-           "train.max_steps=100000", "parallel.zero_stage=2"]
+    cmd = [
+        *launch_cmd("torchrun", 2),
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={out}",
+        "train.max_steps=100000",
+        "parallel.zero_stage=2",
+    ]
     proc = _popen(cmd)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
@@ -75,12 +91,19 @@ def test_rank_that_cannot_reach_the_master_is_named(tmp_path):
     """Rank 1 of 2 with no rank 0 listening (its node never started): a bounded wait, then an error that
     names the rank, the world and the address, not a hang."""
     rank1 = dict(env(), RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cmd = [*launch_cmd("python", 1), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={tmp_path / 'run'}",
-           "parallel.collective_timeout_s=3"]
+    cmd = [
+        *launch_cmd("python", 1),
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={tmp_path / 'run'}",
+        "parallel.collective_timeout_s=3",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=rank1, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert f"rank 1 could not join the process group of 2 ranks at 127.0.0.1:{rank1['MASTER_PORT']} within 3 s" \
-        in proc.stderr, proc.stderr[-3000:]
+    assert (
+        f"rank 1 could not join the process group of 2 ranks at 127.0.0.1:{rank1['MASTER_PORT']} within 3 s"
+        in proc.stderr
+    ), proc.stderr[-3000:]
 
 
 def _worker_pid(launcher_pid: int, local_rank: int) -> int:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import ROOT
+
 from llmtrain.config import load_config
 from llmtrain.models import build_model
 from llmtrain.train.flops import peak_flops
@@ -31,8 +31,15 @@ def test_gpt_125m_flops_and_mfu_by_hand():
 def test_hfu_counts_the_recomputed_blocks_by_hand(mode, every_n, blocks_redone):
     """Recompute = one more forward of each checkpointed block (its matmuls + attention core); the
     embedding and the output head are not recomputed. every_n wraps blocks 0, n, 2n, ... (12 layers)."""
-    cfg = load_config(None, ["model.name=gpt_125m", "train.seq_len=2048", f"parallel.activation_checkpointing={mode}",
-                             f"parallel.checkpoint_every_n={every_n}"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=gpt_125m",
+            "train.seq_len=2048",
+            f"parallel.activation_checkpointing={mode}",
+            f"parallel.checkpoint_every_n={every_n}",
+        ],
+    )
     with torch.device("meta"):
         model = build_model(cfg.model)
     tp = build_throughput(cfg, model, torch.device("cpu"), 1)
@@ -40,8 +47,9 @@ def test_hfu_counts_the_recomputed_blocks_by_hand(mode, every_n, blocks_redone):
     block_fwd = 2 * (12 * d * d + 13 * d) + 4 * d * T
     assert tp.hw_flops_per_token - tp.model_flops_per_token == blocks_redone * block_fwd
     assert tp.record(1000.0)["hfu"] is None  # CPU: no peak, but the field is there
-    selective = load_config(None, ["model.name=gpt_125m", "train.seq_len=2048",
-                                   "parallel.activation_checkpointing=selective"])
+    selective = load_config(
+        None, ["model.name=gpt_125m", "train.seq_len=2048", "parallel.activation_checkpointing=selective"]
+    )
     tp = build_throughput(selective, model, torch.device("cpu"), 1)
     assert tp.hw_flops_per_token - tp.model_flops_per_token == 12 * 4 * d * T
 
@@ -79,4 +87,5 @@ def test_bert_masked_lm_head_counts_only_masked_positions():
     n_all = blocks + rest + head + dense_bias + V  # + the decoder bias
     per_seq = d * d + d + 2 * d + 2  # pooler + nsp head, on [CLS] only
     assert tp.model_flops_per_token == pytest.approx(
-        6 * (n_all - (1 - p) * head - (1 - 1 / T) * per_seq) + 12 * L * d * T, abs=6)
+        6 * (n_all - (1 - p) * head - (1 - 1 / T) * per_seq) + 12 * L * d * T, abs=6
+    )

@@ -39,7 +39,7 @@ def test_init_is_seeded_and_layout_free():
     b = b.to_empty(device="cpu")
     torch.manual_seed(0)
     b.init_weights()
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (_nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
     assert torch.equal(a.lm_head.weight, a.wte.weight)  # tied
     proj_std = a.blocks[0].attn.proj.weight.std().item()

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
+
 from llmtrain.config import load_config
 from llmtrain.plan import GiB, activation_bytes_per_layer, make_plan, model_state_bytes
 
@@ -30,8 +30,9 @@ def test_gpt_1b_on_one_node_by_hand():
     tokens = 512 * 2048
     flops_per_token = 6 * (PSI_1B - 2048 * 2048) + 12 * 24 * 2048 * 2048
     assert pl.step_time_s == pytest.approx(flops_per_token * tokens / (8 * 989e12 * 0.5))
-    full = make_plan(load_config(ROOT / "recipes" / "gpt_1b.yaml", ["parallel.activation_checkpointing=full"]),
-                     "gpt_1b", 1, 8, 80)
+    full = make_plan(
+        load_config(ROOT / "recipes" / "gpt_1b.yaml", ["parallel.activation_checkpointing=full"]), "gpt_1b", 1, 8, 80
+    )
     assert full.fits and full.total_gib < 20
     flash = make_plan(cfg, "gpt_1b", 1, 8, 80)  # flash attention stores no s x s attention matrix
     assert flash.activations_gib["none"] == pytest.approx(24 * s * b * h * 34 / GiB)
@@ -40,13 +41,29 @@ def test_gpt_1b_on_one_node_by_hand():
 
 def test_tensor_parallel_divides_activations():
     assert activation_bytes_per_layer(1024, 4, 1024, 16, t=2) == pytest.approx(
-        activation_bytes_per_layer(1024, 4, 1024, 16, t=1) / 2)
+        activation_bytes_per_layer(1024, 4, 1024, 16, t=1) / 2
+    )
 
 
 def test_plan_cli():
-    proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", "plan", str(ROOT / "recipes/gpt_1b.yaml"),
-                           "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory-gb", "80",
-                           "parallel.activation_checkpointing=full"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrain.cli",
+            "plan",
+            str(ROOT / "recipes/gpt_1b.yaml"),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--gpu-memory-gb",
+            "80",
+            "parallel.activation_checkpointing=full",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "on 16 GPUs" in proc.stdout and "fits" in proc.stdout and "ZeRO-1" in proc.stdout

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROOT, TINY, assert_norms_match, env, golden_grad_norms, grad_norms, launch_cmd, losses, train
 
-from helpers import (ROOT, TINY, assert_norms_match, env, golden_grad_norms, grad_norms, launch_cmd, losses,
-                     train)
 from llmtrain.plan import model_state_bytes
 from llmtrain.train.metrics import read_metrics
 
@@ -66,19 +65,23 @@ def test_one_rank_matches_golden(one_rank_losses, one_rank_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,launcher,comm", [
-    (1, "torchrun", ()),
-    # ZeRO-2 and -3 also with small communication buckets (many reduce / gather rounds) and overlap on
-    (2, "deepspeed", ("parallel.overlap_comm=true", "parallel.comm_bucket_size=20000")),
-    (3, "torchrun", ("parallel.comm_bucket_size=20000",)),
-])
+@pytest.mark.parametrize(
+    "stage,launcher,comm",
+    [
+        (1, "torchrun", ()),
+        # ZeRO-2 and -3 also with small communication buckets (many reduce / gather rounds) and overlap on
+        (2, "deepspeed", ("parallel.overlap_comm=true", "parallel.comm_bucket_size=20000")),
+        (3, "torchrun", ("parallel.comm_bucket_size=20000",)),
+    ],
+)
 def test_zero_parity_two_ranks(tmp_path, one_rank_losses, one_rank_run, stage, launcher, comm):
     """2 ranks x micro 4 (no accumulation) vs 1 rank x micro 4 x 2 accumulation: the same 8 sequences
     per step. Gradients are summed in a different order (all-reduce vs local accumulation), a ~1e-7
     relative difference per step in fp32; over 6 steps the losses agree to well within 1e-5."""
     out = tmp_path / "run"
-    proc = train(out, f"train.max_steps={PARITY_STEPS}", f"parallel.zero_stage={stage}", *comm,
-                 launcher=launcher, nproc=2)
+    proc = train(
+        out, f"train.max_steps={PARITY_STEPS}", f"parallel.zero_stage={stage}", *comm, launcher=launcher, nproc=2
+    )
     assert "world 2 (dp 2" in proc.stdout
     two = losses(out)
     assert sorted(two) == sorted(one_rank_losses)
@@ -166,8 +169,15 @@ def test_keep_last_and_no_partial_checkpoints(tmp_path):
 def test_divergence_skips_updates_then_stops_with_last_good_checkpoint(tmp_path):
     """A learning rate of 1e5 makes the loss overflow within a few steps: a real divergence."""
     out = tmp_path / "run"
-    proc = train(out, "train.max_steps=30", "optim.lr=1e5", "optim.warmup_steps=1", "checkpoint.interval=1",
-                 "train.max_nonfinite_steps=3", check=False)
+    proc = train(
+        out,
+        "train.max_steps=30",
+        "optim.lr=1e5",
+        "optim.warmup_steps=1",
+        "checkpoint.interval=1",
+        "train.max_nonfinite_steps=3",
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "not finite for 3 steps in a row" in proc.stderr and "last good checkpoint" in proc.stderr
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -186,6 +196,7 @@ def test_wandb_offline_and_console_script(tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs, proc.stdout[-2000:]  # no API key, no network: the run is kept locally for `wandb sync`
     assert (out / "wandb_id").read_text().strip() in runs[0].name
-    help_text = subprocess.run([str(Path(sys.executable).parent / "llmtrain"), "train", "--help"],
-                               capture_output=True, text=True, timeout=60)
+    help_text = subprocess.run(
+        [str(Path(sys.executable).parent / "llmtrain"), "train", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert help_text.returncode == 0 and "train.max_steps=50" in help_text.stdout

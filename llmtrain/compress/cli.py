@@ -11,17 +11,26 @@ from __future__ import annotations
 import argparse
 
 # Re-exported: these names were imported from here before the library moved to prune_checkpoint.py
-from llmtrain.compress.prune_checkpoint import (held_out_loss, load_prune_recipe, run_prune,  # noqa: F401
-                                                source_config, write_model)
+from llmtrain.compress.prune_checkpoint import (
+    held_out_loss,  # noqa: F401
+    load_prune_recipe,  # noqa: F401
+    run_prune,  # noqa: F401
+    source_config,  # noqa: F401
+    write_model,  # noqa: F401
+)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     recipe = load_prune_recipe(args.recipe, args.overrides)
     f = run_prune(args.checkpoint, recipe, args.out, replace=args.replace)
-    print(f"params: {f['params_before'] / 1e6:.3f}M -> {f['params_after'] / 1e6:.3f}M "
-          f"({f['params_after'] / f['params_before']:.1%})")
-    print(f"held-out perplexity: {f['ppl_before']:.2f} -> {f['ppl_after']:.2f} (loss {f['loss_before']:.4f} -> "
-          f"{f['loss_after']:.4f}), right after pruning, before any distillation")
+    print(
+        f"params: {f['params_before'] / 1e6:.3f}M -> {f['params_after'] / 1e6:.3f}M "
+        f"({f['params_after'] / f['params_before']:.1%})"
+    )
+    print(
+        f"held-out perplexity: {f['ppl_before']:.2f} -> {f['ppl_after']:.2f} (loss {f['loss_before']:.4f} -> "
+        f"{f['loss_after']:.4f}), right after pruning, before any distillation"
+    )
     print(f"wrote {args.out} (use it as model.init_from={args.out}, e.g. for launchers/distill.py)")
     return 0
 
@@ -43,10 +52,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("distill", help=help_text, description=sentence(help_text), epilog=EPILOG)
     add_recipe_args(d)
     d.set_defaults(fn=cmd_distill)
-    p = sub.add_parser("prune", help="structured pruning of a checkpoint (heads, MLP channels, width, layers)",
-                       description="Structured pruning: a smaller model out of a trained checkpoint (attention heads, "
-                                   "MLP channels, width, layers), written as a model directory that model.init_from, "
-                                   "eval and export accept; `llmtrain distill` then trains it against a teacher.")
+    p = sub.add_parser(
+        "prune",
+        help="structured pruning of a checkpoint (heads, MLP channels, width, layers)",
+        description="Structured pruning: a smaller model out of a trained checkpoint (attention heads, "
+        "MLP channels, width, layers), written as a model directory that model.init_from, "
+        "eval and export accept; `llmtrain distill` then trains it against a teacher.",
+    )
     p.add_argument("checkpoint", help="checkpoint, run or consolidated directory to prune")
     p.add_argument("--recipe", help="recipe YAML with a prune: section, e.g. recipes/prune_gpt_debug.yaml")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.yaml)")

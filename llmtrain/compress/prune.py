@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from llmtrain.compress.config import PruneConfig
+from llmtrain.errors import UserError
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.models.registry import family_of
-from llmtrain.errors import UserError
-
 
 # ---------------------------------------------------------------------------------------------
 # Shapes
@@ -49,21 +49,28 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
     """The pruned model's config; ValueError naming the recipe key when a target is impossible."""
     nh, nkv = cfg.n_head, kv_heads(cfg)
     new: dict[str, Any] = {
-        "n_layer": p.n_layer or cfg.n_layer, "n_embd": p.n_embd or cfg.n_embd,
+        "n_layer": p.n_layer or cfg.n_layer,
+        "n_embd": p.n_embd or cfg.n_embd,
         "intermediate_size": p.intermediate_size or ffn_width(cfg),
     }
     group = nh // nkv
     new_nh = p.n_head or (p.n_kv_head * group if p.n_kv_head else nh)
     new_nkv = p.n_kv_head or (new_nh // group)
-    for key, value, limit in (("n_layer", new["n_layer"], cfg.n_layer), ("n_head", new_nh, nh),
-                              ("n_kv_head", new_nkv, nkv), ("n_embd", new["n_embd"], cfg.n_embd),
-                              ("intermediate_size", new["intermediate_size"], ffn_width(cfg))):
+    for key, value, limit in (
+        ("n_layer", new["n_layer"], cfg.n_layer),
+        ("n_head", new_nh, nh),
+        ("n_kv_head", new_nkv, nkv),
+        ("n_embd", new["n_embd"], cfg.n_embd),
+        ("intermediate_size", new["intermediate_size"], ffn_width(cfg)),
+    ):
         if not 1 <= value <= limit:
             raise UserError(f"prune recipe: {key}={value} must be between 1 and the model's {limit}")
     if new_nh != new_nkv * group:
-        raise UserError(f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
-                         f"{group} query heads per kv head; pick n_head as a multiple of {group} "
-                         f"(kv groups are pruned whole)")
+        raise UserError(
+            f"prune recipe: n_head={new_nh} with n_kv_head={new_nkv} breaks the model's "
+            f"{group} query heads per kv head; pick n_head as a multiple of {group} "
+            f"(kv groups are pruned whole)"
+        )
     family_of(cfg).prune_target(cfg, new, p)  # a family may fix a width its config leaves implicit
     hs = head_size(cfg)
     new["n_head"] = new_nh
@@ -71,8 +78,10 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
         new["n_kv_head"] = new_nkv
     if new_nh * hs != new["n_embd"] or getattr(cfg, "head_dim", None):
         if not hasattr(cfg, "head_dim"):
-            raise UserError(f"prune recipe: {new_nh} heads of {hs} != n_embd={new['n_embd']}, and this model "
-                             f"has no model.head_dim to decouple them; prune n_head and n_embd by the same factor")
+            raise UserError(
+                f"prune recipe: {new_nh} heads of {hs} != n_embd={new['n_embd']}, and this model "
+                f"has no model.head_dim to decouple them; prune n_head and n_embd by the same factor"
+            )
         new["head_dim"] = hs
     return dataclasses.replace(cfg, **new)
 
@@ -134,11 +143,13 @@ def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[
         def hook(_m, args):
             x = args[0].float()  # (B, T, nh*hs)
             imp.heads[i] += x.unflatten(-1, (nh, hs)).norm(dim=-1).sum(dim=(0, 1)).cpu()
+
         return hook
 
     def on_mlp(i):
         def hook(_m, args):
             imp.channels[i] += args[0].float().abs().sum(dim=(0, 1)).cpu()  # (F,)
+
         return hook
 
     def on_norm(_m, _args, out):
@@ -148,12 +159,15 @@ def activation_importance(model: nn.Module, cfg: ModelConfig, batches: Iterable[
         def hook(_m, args, out):
             cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)  # (B, T)
             imp.layers[i] += (1 - cos).sum().cpu()
+
         return hook
 
     for i, block in enumerate(blocks):
-        handles += [_attn_out(block).register_forward_pre_hook(on_attn(i)),
-                    _mlp_down(block).register_forward_pre_hook(on_mlp(i)),
-                    block.register_forward_hook(on_block(i))]
+        handles += [
+            _attn_out(block).register_forward_pre_hook(on_attn(i)),
+            _mlp_down(block).register_forward_pre_hook(on_mlp(i)),
+            block.register_forward_hook(on_block(i)),
+        ]
     handles += [n.register_forward_hook(on_norm) for n in _norms(model)]
     was_training = model.training
     model.eval()
@@ -177,12 +191,15 @@ def magnitude_importance(model: nn.Module, cfg: ModelConfig) -> Importance:
     """Weight-norm ranking: a head's output-projection columns, a channel's up row x down column, a hidden
     channel's embedding column, a layer's output projections."""
     blocks, hs = _blocks(model), head_size(cfg)
-    heads = torch.stack([_attn_out(b).weight.float().unflatten(1, (cfg.n_head, hs)).norm(dim=(0, 2))
-                         for b in blocks]).cpu()
-    channels = torch.stack([_mlp_down(b).weight.float().norm(dim=0) * _mlp_up(b).weight.float().norm(dim=1)
-                            for b in blocks]).cpu()
-    layers = torch.stack([_attn_out(b).weight.float().norm() + _mlp_down(b).weight.float().norm()
-                          for b in blocks]).cpu()
+    heads = torch.stack(
+        [_attn_out(b).weight.float().unflatten(1, (cfg.n_head, hs)).norm(dim=(0, 2)) for b in blocks]
+    ).cpu()
+    channels = torch.stack(
+        [_mlp_down(b).weight.float().norm(dim=0) * _mlp_up(b).weight.float().norm(dim=1) for b in blocks]
+    ).cpu()
+    layers = torch.stack(
+        [_attn_out(b).weight.float().norm() + _mlp_down(b).weight.float().norm() for b in blocks]
+    ).cpu()
     hidden = model.get_parameter("wte.weight").float().norm(dim=0).cpu()
     return Importance(layers, heads, channels, hidden)
 
@@ -232,8 +249,10 @@ def _axes(name: str, cfg: ModelConfig) -> tuple[str, tuple[str | None, ...]]:
     family = family_of(cfg)
     table = family.prune_block_axes if m else family.prune_top_axes
     if suffix not in table:
-        raise UserError(f"pruning does not know the parameter {name!r} of model.arch={family.name}; add it to "
-                         f"the family's prune axes (llmtrain/models/{family.name}/family.py)")
+        raise UserError(
+            f"pruning does not know the parameter {name!r} of model.arch={family.name}; add it to "
+            f"the family's prune axes (llmtrain/models/{family.name}/family.py)"
+        )
     return suffix, table[suffix]
 
 
@@ -250,8 +269,13 @@ def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, keep: Kee
         if m:
             j = old_to_new[int(m.group(1))]
             q, kv = _rows(keep.q_heads[j], hs), _rows(keep.kv_heads[j], hs)
-            index = {"C": keep.hidden, "Q": q, "KV": kv, "F": keep.channels[j],
-                     "QKV": torch.cat([q, nh * hs + kv, (nh + nkv) * hs + kv])}
+            index = {
+                "C": keep.hidden,
+                "Q": q,
+                "KV": kv,
+                "F": keep.channels[j],
+                "QKV": torch.cat([q, nh * hs + kv, (nh + nkv) * hs + kv]),
+            }
         else:
             index = {"C": keep.hidden}
         for dim, kind in enumerate(kinds):
@@ -272,9 +296,11 @@ def prune(model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, imp: Importan
         raise AssertionError(f"pruned state_dict mismatch: {sorted(set(state) ^ set(shapes))}")
     for name, tensor in state.items():
         if tensor.shape != shapes[name]:  # a family that derives a width instead of reading the config
-            raise UserError(f"a {family_of(new).name} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
-                             f"{tuple(tensor.shape)}: this family does not take that target from its config; "
-                             f"leave that prune key unset (e.g. intermediate_size for BERT, whose MLP is 4 * n_embd)")
+            raise UserError(
+                f"a {family_of(new).name} model of the pruned shape has {name} of {tuple(shapes[name])}, not "
+                f"{tuple(tensor.shape)}: this family does not take that target from its config; "
+                f"leave that prune key unset (e.g. intermediate_size for BERT, whose MLP is 4 * n_embd)"
+            )
     return new, state
 
 

@@ -50,8 +50,9 @@ def held_out_loss(model: torch.nn.Module, objective: Objective, batches: list[di
     return sum(losses) / max(1, len(losses))
 
 
-def write_model(out: str | Path, cfg: Config, model: torch.nn.Module, extra: dict[str, Any],
-                replace: bool = False) -> Path:
+def write_model(
+    out: str | Path, cfg: Config, model: torch.nn.Module, extra: dict[str, Any], replace: bool = False
+) -> Path:
     """The model directory `out` (llmtrain/model_dir.py) of `model`, with `cfg` and `extra` as prune.json."""
     from llmtrain.model_dir import write_model as write_model_dir
 
@@ -73,21 +74,32 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path, replace: bo
     check_output(out, replace)
     model_cfg, weights = load_model_weights(checkpoint)
     if model_cfg.converters:
-        raise UserError(f"{checkpoint}: pruning reads plain models, and this one was converted (model.converters="
-                        f"{model_cfg.converters}); prune its unconverted source")
+        raise UserError(
+            f"{checkpoint}: pruning reads plain models, and this one was converted (model.converters="
+            f"{model_cfg.converters}); prune its unconverted source"
+        )
     model_cfg = dataclasses.replace(model_cfg, init_from=None)
     cfg = source_config(checkpoint, model_cfg)
     model = build_model(model_cfg)
     model.load_state_dict(weights)
     seq_len = recipe.seq_len or cfg.train.seq_len
-    data = build_data(cfg.data, seq_len=seq_len, seed=cfg.train.seed, micro_batch_size=recipe.micro_batch_size,
-                      grad_accum=1, dp_rank=0, dp_size=1)
+    data = build_data(
+        cfg.data,
+        seq_len=seq_len,
+        seed=cfg.train.seed,
+        micro_batch_size=recipe.micro_batch_size,
+        grad_accum=1,
+        dp_rank=0,
+        dp_size=1,
+    )
     val = data.val_batches(recipe.eval_batches)
     objective = objective_for(model_cfg)
     before = held_out_loss(model, objective, val)
     if recipe.method == "activation":
-        calib = (data.train_batches(s)[0] for s in tqdm(range(recipe.calib_batches), desc="calibration",
-                                                         unit="batch", disable=None))
+        calib = (
+            data.train_batches(s)[0]
+            for s in tqdm(range(recipe.calib_batches), desc="calibration", unit="batch", disable=None)
+        )
         imp = activation_importance(model, model_cfg, calib)
     else:
         imp = magnitude_importance(model, model_cfg)
@@ -96,11 +108,23 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path, replace: bo
     small.load_state_dict(state)
     after = held_out_loss(small, objective, val)
     n0, n1 = (sum(p.numel() for p in m.parameters()) for m in (model, small))
-    figures = {"source": str(checkpoint), "recipe": dataclasses.asdict(recipe), "params_before": n0,
-               "params_after": n1, "loss_before": before, "loss_after": after,
-               "ppl_before": math.exp(before), "ppl_after": math.exp(after)}
+    figures = {
+        "source": str(checkpoint),
+        "recipe": dataclasses.asdict(recipe),
+        "params_before": n0,
+        "params_after": n1,
+        "loss_before": before,
+        "loss_after": after,
+        "ppl_before": math.exp(before),
+        "ppl_after": math.exp(after),
+    }
     # out_dir: not the source run's, so a `train` of this config.yaml can never resume over the source
     out = Path(out)
-    write_model(out, dataclasses.replace(cfg, model=new_cfg, out_dir=str(out.with_name(out.name + "_train"))),
-                small, figures, replace)
+    write_model(
+        out,
+        dataclasses.replace(cfg, model=new_cfg, out_dir=str(out.with_name(out.name + "_train"))),
+        small,
+        figures,
+        replace,
+    )
     return figures

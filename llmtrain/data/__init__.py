@@ -17,13 +17,21 @@ if TYPE_CHECKING:
 __all__ = ["DataConfig", "SourceConfig", "build_data", "check_same_tokenizer", "load_tokenizer", "resolve_sources"]
 
 
-def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
-               dp_rank: int, dp_size: int) -> RunData:
+def build_data(
+    cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int
+) -> RunData:
     """The data of a run (DEVELOPERS.md, "Data contract"); prepares the bundled corpus on first use."""
     from llmtrain.data.build import build_data as _build
 
-    return _build(cfg, seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                  dp_rank=dp_rank, dp_size=dp_size)
+    return _build(
+        cfg,
+        seq_len=seq_len,
+        seed=seed,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -33,7 +41,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return _load(path)
 
 
-def check_same_tokenizer(data_tok: "Tokenizer", other: "Tokenizer", where: str) -> None:
+def check_same_tokenizer(data_tok: Tokenizer, other: Tokenizer, where: str) -> None:
     """DataError unless `other` (a checkpoint's tokenizer) is the data's; see llmtrain.data.tokenizer."""
     from llmtrain.data.tokenizer import check_same_tokenizer as _check
 

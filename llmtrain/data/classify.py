@@ -42,14 +42,18 @@ def _build(cfg: DataConfig, tok_dir: Path, tmp: Path) -> None:
     from llmtrain.data.tokenizer import load_tokenizer
 
     texts, labels = [], []
-    for i, (name, text) in enumerate(bundled_documents(cache_root(cfg.cache_dir) / "downloads")):
+    for i, (_name, text) in enumerate(bundled_documents(cache_root(cfg.cache_dir) / "downloads")):
         if i < _KJV_CHAPTERS:
             text = text.split("\n\n", 1)[1]  # the "Book N" heading would give the answer away
         texts.append(text)
         labels.append(0 if i < _OT_CHAPTERS else 1 if i < _KJV_CHAPTERS else 2)
     ids = load_tokenizer(tok_dir).encode_batch(texts)
-    np.savez(tmp / _TOKENS, tokens=np.concatenate([np.asarray(d, np.int32) for d in ids]),
-             lengths=np.array([len(d) for d in ids], np.int64), labels=np.array(labels, np.int64))
+    np.savez(
+        tmp / _TOKENS,
+        tokens=np.concatenate([np.asarray(d, np.int32) for d in ids]),
+        lengths=np.array([len(d) for d in ids], np.int64),
+        labels=np.array(labels, np.int64),
+    )
 
 
 class SourceClassData:
@@ -58,14 +62,25 @@ class SourceClassData:
 
     num_classes = len(CLASSES)
 
-    def __init__(self, cfg: DataConfig, *, seq_len: int, seed: int, micro_batch_size: int, grad_accum: int,
-                 dp_rank: int, dp_size: int) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        seq_len: int,
+        seed: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
         from llmtrain.data.bundled import bundled_tokenizer_dir
         from llmtrain.data.tokenizer import load_tokenizer
 
         if cfg.tokenizer != "wordpiece":
-            raise DataError(f"data.sample_kind=source_class needs data.tokenizer=wordpiece ([CLS]/[SEP]/[PAD]); "
-                             f"got '{cfg.tokenizer}'")
+            raise DataError(
+                f"data.sample_kind=source_class needs data.tokenizer=wordpiece ([CLS]/[SEP]/[PAD]); "
+                f"got '{cfg.tokenizer}'"
+            )
         if seq_len < 8:
             raise DataError(f"source_class samples need train.seq_len >= 8 (got {seq_len})")
         self.tokenizer = load_tokenizer(bundled_tokenizer_dir(cfg))
@@ -93,8 +108,10 @@ class SourceClassData:
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         if self.vocab_size > model_vocab_size:
-            raise DataError(f"the tokenizer has {self.vocab_size} tokens but model.vocab_size={model_vocab_size}; "
-                             f"set model.vocab_size >= {self.vocab_size}")
+            raise DataError(
+                f"the tokenizer has {self.vocab_size} tokens but model.vocab_size={model_vocab_size}; "
+                f"set model.vocab_size >= {self.vocab_size}"
+            )
 
     def train_batches(self, step: int) -> list[dict[str, Any]]:
         global_batch = self.B * self.G * self.dp_size
@@ -104,7 +121,7 @@ class SourceClassData:
             c = g % self.num_classes
             i = np.random.default_rng([self.seed, _TRAIN, g]).integers(len(self.train[c]))
             rows.append((self.train[c][i], c))
-        return [self._collate(rows[m * self.B:(m + 1) * self.B]) for m in range(self.G)]
+        return [self._collate(rows[m * self.B : (m + 1) * self.B]) for m in range(self.G)]
 
     def check_eval(self, n: int) -> None:
         """Before step 1: DataError when the held-out passages cannot fill one eval batch (see OrderedData)."""
@@ -113,9 +130,11 @@ class SourceClassData:
         require_eval_batches(n)
         per_batch = self.B * self.dp_size
         if min(len(v) for v in self.val) * self.num_classes < per_batch:
-            raise DataError(f"the source-class validation split has {min(len(v) for v in self.val)} passages per "
-                            f"class, fewer than one eval batch (train.micro_batch_size={self.B} x {self.dp_size} "
-                            f"data-parallel ranks = {per_batch}); lower train.micro_batch_size or train.seq_len")
+            raise DataError(
+                f"the source-class validation split has {min(len(v) for v in self.val)} passages per "
+                f"class, fewer than one eval batch (train.micro_batch_size={self.B} x {self.dp_size} "
+                f"data-parallel ranks = {per_batch}); lower train.micro_batch_size or train.seq_len"
+            )
 
     def val_batches(self, n: int) -> list[dict[str, Any]]:
         """Up to n micro-batches for this rank: the classes in turn, passages spread over each class."""
@@ -123,10 +142,12 @@ class SourceClassData:
         total = min(n * self.B * self.dp_size, per_class * self.num_classes)
         total -= total % (self.B * self.dp_size)
         k = total // self.num_classes + 1
-        rows = [(self.val[i % self.num_classes][(i // self.num_classes) * per_class // k], i % self.num_classes)
-                for i in range(total)]
-        mine = rows[self.dp_rank::self.dp_size]
-        return [self._collate(mine[m * self.B:(m + 1) * self.B]) for m in range(len(mine) // self.B)]
+        rows = [
+            (self.val[i % self.num_classes][(i // self.num_classes) * per_class // k], i % self.num_classes)
+            for i in range(total)
+        ]
+        mine = rows[self.dp_rank :: self.dp_size]
+        return [self._collate(mine[m * self.B : (m + 1) * self.B]) for m in range(len(mine) // self.B)]
 
     def _collate(self, rows: list[tuple[np.ndarray, int]]) -> dict[str, Any]:
         import torch
@@ -134,11 +155,14 @@ class SourceClassData:
         ids = np.full((len(rows), self.seq_len), self.pad, np.int64)
         mask = np.zeros((len(rows), self.seq_len), np.int64)
         for r, ((start, length), _) in enumerate(rows):
-            ids[r, :length + 2] = np.concatenate([[self.cls], self.tokens[start:start + length], [self.sep]])
-            mask[r, :length + 2] = 1
-        return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.zeros_like(torch.from_numpy(ids)),
-                "attention_mask": torch.from_numpy(mask),
-                "class_labels": torch.tensor([c for _, c in rows], dtype=torch.long)}
+            ids[r, : length + 2] = np.concatenate([[self.cls], self.tokens[start : start + length], [self.sep]])
+            mask[r, : length + 2] = 1
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "token_type_ids": torch.zeros_like(torch.from_numpy(ids)),
+            "attention_mask": torch.from_numpy(mask),
+            "class_labels": torch.tensor([c for _, c in rows], dtype=torch.long),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # batches are a pure function of (seed, step): nothing to save

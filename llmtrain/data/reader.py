@@ -9,31 +9,37 @@ from __future__ import annotations
 
 import glob
 import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from llmtrain.errors import DataError
 
 READ_BATCH = 256  # records per column batch read from `datasets` (memory: as many documents)
 
-_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
-             ".csv": "csv"}
+_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def _builder_for(files: list[str], spec: str) -> str:
     kinds = set()
     for f in files:
         suffixes = Path(f).suffixes
-        ext = suffixes[-2] if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst") and len(suffixes) > 1 else (
-            suffixes[-1] if suffixes else "")
+        ext = (
+            suffixes[-2]
+            if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst") and len(suffixes) > 1
+            else (suffixes[-1] if suffixes else "")
+        )
         if ext not in _BUILDERS:
-            raise DataError(f"{f}: unsupported file type '{ext}'; use .txt, .jsonl, .json, .parquet or .csv "
-                             f"(optionally compressed), or pass a `datasets` loader name")
+            raise DataError(
+                f"{f}: unsupported file type '{ext}'; use .txt, .jsonl, .json, .parquet or .csv "
+                f"(optionally compressed), or pass a `datasets` loader name"
+            )
         kinds.add(_BUILDERS[ext])
     if len(kinds) != 1:
-        raise DataError(f"{spec}: mixes file types {sorted(kinds)}; prepare each type separately and blend them "
-                         "with data.sources")
+        raise DataError(
+            f"{spec}: mixes file types {sorted(kinds)}; prepare each type separately and blend them with data.sources"
+        )
     return kinds.pop()
 
 
@@ -49,8 +55,9 @@ def local_files(spec: str) -> list[str] | None:
     return [m for m in matches if Path(m).is_file()] or None
 
 
-def open_stream(spec: str, *, text_field: str = "text", split: str = "train", name: str | None = None,
-                sample_by: str = "document") -> Any:
+def open_stream(
+    spec: str, *, text_field: str = "text", split: str = "train", name: str | None = None, sample_by: str = "document"
+) -> Any:
     """A streaming `datasets.IterableDataset` over the input `spec`."""
     import datasets
 
@@ -65,8 +72,10 @@ def open_stream(spec: str, *, text_field: str = "text", split: str = "train", na
     try:
         return datasets.load_dataset(spec, name, split=split, streaming=True)
     except FileNotFoundError as exc:
-        raise DataError(f"{spec}: neither a local file/directory/glob nor a `datasets` loader that can be "
-                         f"reached ({exc}); check the path") from None
+        raise DataError(
+            f"{spec}: neither a local file/directory/glob nor a `datasets` loader that can be "
+            f"reached ({exc}); check the path"
+        ) from None
 
 
 def _quiet_decode_errors(builder: str) -> None:
@@ -101,9 +110,17 @@ class InputStats:
         return {"records": self.records, "missing_text_field": self.missing, "empty_text": self.empty}
 
 
-def iter_texts(spec: str, *, text_field: str = "text", split: str = "train", name: str | None = None,
-               sample_by: str = "document", ds: Any = None, stats: InputStats | None = None,
-               missing_text: str = "skip") -> Iterator[str]:
+def iter_texts(
+    spec: str,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    name: str | None = None,
+    sample_by: str = "document",
+    ds: Any = None,
+    stats: InputStats | None = None,
+    missing_text: str = "skip",
+) -> Iterator[str]:
     """The `text_field` of every record ("" for a record without it, counted in `stats`; a DataError instead
     when `missing_text="error"`); a clear error when the field is absent from every record, not text, or the
     file is not UTF-8."""
@@ -112,9 +129,15 @@ def iter_texts(spec: str, *, text_field: str = "text", split: str = "train", nam
         return  # an empty corpus; datasets' json builder would crash inferring its features
     stats = stats if stats is not None else InputStats()
     try:
-        yield from _texts(spec, ds if ds is not None else open_stream(spec, text_field=text_field, split=split,
-                                                                    name=name, sample_by=sample_by),
-                          text_field, stats, missing_text)
+        yield from _texts(
+            spec,
+            ds
+            if ds is not None
+            else open_stream(spec, text_field=text_field, split=split, name=name, sample_by=sample_by),
+            text_field,
+            stats,
+            missing_text,
+        )
     except Exception as exc:  # datasets, pyarrow and pandas raise UnicodeDecodeError from deep inside
         cause = _unicode_error(exc)
         if cause is None:
@@ -140,8 +163,10 @@ def _texts(spec: str, stream: Any, text_field: str, stats: InputStats, missing_t
                 _count_missing(spec, text_field, stats, value is None, missing_text)
                 yield ""
             else:
-                raise DataError(f"{spec}: field '{text_field}' holds {type(value).__name__}, not text; pass "
-                                "--text-field naming a string field")
+                raise DataError(
+                    f"{spec}: field '{text_field}' holds {type(value).__name__}, not text; pass "
+                    "--text-field naming a string field"
+                )
 
 
 def _count_missing(spec: str, text_field: str, stats: InputStats, missing: bool, missing_text: str) -> None:
@@ -149,8 +174,10 @@ def _count_missing(spec: str, text_field: str, stats: InputStats, missing: bool,
         stats.empty += 1
         return
     if missing_text == "error":
-        raise DataError(f"{spec}: record {stats.records - 1} (0-based) has no '{text_field}' field (or it is null); "
-                        "fix or drop such records, or leave out --on-missing-text error to skip and count them")
+        raise DataError(
+            f"{spec}: record {stats.records - 1} (0-based) has no '{text_field}' field (or it is null); "
+            "fix or drop such records, or leave out --on-missing-text error to skip and count them"
+        )
     stats.missing += 1
     stats.first_missing = stats.first_missing or f"{spec} record {stats.records - 1}"
 
@@ -169,10 +196,14 @@ def _not_utf8(spec: str, files: list[str], cause: UnicodeDecodeError) -> str:
     for f in files:
         where = first_invalid_utf8(f)
         if where is not None:
-            return (f"{f}: not UTF-8 text (invalid byte at offset {where[0]}, line {where[1]}); convert it to UTF-8, "
-                    f"e.g. `iconv -f cp1252 -t utf-8 {f} > {f}.utf8` (or -f latin1), and pass that file to --input")
-    return (f"{spec}: not UTF-8 text ({cause.reason}); convert the input to UTF-8 (e.g. `iconv -f cp1252 -t utf-8`) "
-            "and run again")
+            return (
+                f"{f}: not UTF-8 text (invalid byte at offset {where[0]}, line {where[1]}); convert it to UTF-8, "
+                f"e.g. `iconv -f cp1252 -t utf-8 {f} > {f}.utf8` (or -f latin1), and pass that file to --input"
+            )
+    return (
+        f"{spec}: not UTF-8 text ({cause.reason}); convert the input to UTF-8 (e.g. `iconv -f cp1252 -t utf-8`) "
+        "and run again"
+    )
 
 
 def first_invalid_utf8(path: str) -> tuple[int, int] | None:
@@ -211,8 +242,9 @@ def _check_record(record: dict[str, Any], text_field: str, spec: str) -> None:
     """`record`: one record or a batch of them (field -> values); both have the fields as keys."""
     if text_field not in record:
         fields = ", ".join(sorted(record)) or "none"
-        raise DataError(f"{spec}: its records have no field '{text_field}' (fields: {fields}); pass "
-                         f"--text-field with one of them")
+        raise DataError(
+            f"{spec}: its records have no field '{text_field}' (fields: {fields}); pass --text-field with one of them"
+        )
 
 
 def iter_many(specs: Iterable[str], **kw: Any) -> Iterator[str]:

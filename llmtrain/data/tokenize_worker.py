@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _WORKER: tuple[Callable, int, str] | None = None  # (encode_batch, EOS id, array typecode) of this worker
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from llmtrain.data.tokenize_worker import encoder
 from llmtrain.errors import DataError
@@ -32,8 +33,10 @@ class Tokenizer:
         # GPT tokenizers separate documents with <|endoftext|>; BERT ones with [SEP].
         eos = EOS_GPT if EOS_GPT in vocab else ("[SEP]" if "[SEP]" in vocab else None)
         if eos is None:
-            raise DataError(f"{source}: the tokenizer has neither '{EOS_GPT}' nor '[SEP]'; add one of them as "
-                             "a special token (llmtrain train-tokenizer does) so documents can be separated")
+            raise DataError(
+                f"{source}: the tokenizer has neither '{EOS_GPT}' nor '[SEP]'; add one of them as "
+                "a special token (llmtrain train-tokenizer does) so documents can be separated"
+            )
         self.eos_token = eos
         self.eos_id: int = vocab[eos]
         self.kind: str = "wordpiece" if eos == "[SEP]" else "bpe"
@@ -61,22 +64,32 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     p = Path(path)
-    if p.is_dir() and (p / "encoder.json").exists() and (p / "vocab.bpe").exists() and not (p / TOKENIZER_FILE).exists():
+    if (
+        p.is_dir()
+        and (p / "encoder.json").exists()
+        and (p / "vocab.bpe").exists()
+        and not (p / TOKENIZER_FILE).exists()
+    ):
         return gpt2_from_files(p / "encoder.json", p / "vocab.bpe")
     f = p / TOKENIZER_FILE if p.is_dir() else p
     if not f.exists():
-        raise DataError(f"{p}: no tokenizer here; expected a directory with {TOKENIZER_FILE} (or encoder.json + "
-                         f"vocab.bpe), or a {TOKENIZER_FILE} file; create one with `llmtrain train-tokenizer`")
+        raise DataError(
+            f"{p}: no tokenizer here; expected a directory with {TOKENIZER_FILE} (or encoder.json + "
+            f"vocab.bpe), or a {TOKENIZER_FILE} file; create one with `llmtrain train-tokenizer`"
+        )
     try:
         hf = HFTokenizer.from_file(str(f))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise DataError(f"{f}: not a valid HF tokenizer.json ({exc}); re-create it with `llmtrain train-tokenizer`") from None
+        raise DataError(
+            f"{f}: not a valid HF tokenizer.json ({exc}); re-create it with `llmtrain train-tokenizer`"
+        ) from None
     return Tokenizer(hf, str(f))
 
 
 def gpt2_from_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
     """The original GPT-2 byte-level BPE (50257 tokens) from OpenAI's `encoder.json` and `vocab.bpe`."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
 
     hf = HFTokenizer(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -85,10 +98,12 @@ def gpt2_from_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
     return Tokenizer(hf, str(encoder_json))
 
 
-def train_tokenizer(texts: Iterable[str], kind: Literal["bpe", "wordpiece"], vocab_size: int,
-                    special_tokens: list[str] | None = None) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], kind: Literal["bpe", "wordpiece"], vocab_size: int, special_tokens: list[str] | None = None
+) -> Tokenizer:
     """Train byte-level BPE (EOS `<|endoftext|>`) or lower-cased WordPiece ([PAD] [UNK] [CLS] [SEP] [MASK])."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
     if kind == "bpe":
         specials = special_tokens or [EOS_GPT]
@@ -96,8 +111,12 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["bpe", "wordpiece"], voc
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         # The full byte alphabet up front: any input text stays encodable, never an unknown token.
-        trainer: trainers.Trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer: trainers.Trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     elif kind == "wordpiece":
         specials = special_tokens or BERT_SPECIALS
         hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -120,8 +139,9 @@ def with_bert_template(hf: Any) -> Any:
 
     if hf.post_processor is None:
         cls, sep = hf.token_to_id("[CLS]"), hf.token_to_id("[SEP]")
-        hf.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                          special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        hf.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
     return hf
 
 
@@ -140,16 +160,23 @@ def check_same_tokenizer(data_tok: Tokenizer, other: Tokenizer, where: str) -> N
         check_same_tokenizer(data.tokenizer, checkpoint_tokenizer(path), f"model.init_from={path}")
     """
     if other.hash != data_tok.hash:
-        raise DataError(f"{where}: the checkpoint was trained with tokenizer {other.hash} ({other.source}, "
-                        f"{other.vocab_size} tokens) but this run's data is tokenized with {data_tok.hash} "
-                        f"({data_tok.source}, {data_tok.vocab_size} tokens); prepare the data with the checkpoint's "
-                        "tokenizer (llmtrain prepare-data --tokenizer), or start from a checkpoint trained on this one")
+        raise DataError(
+            f"{where}: the checkpoint was trained with tokenizer {other.hash} ({other.source}, "
+            f"{other.vocab_size} tokens) but this run's data is tokenized with {data_tok.hash} "
+            f"({data_tok.source}, {data_tok.vocab_size} tokens); prepare the data with the checkpoint's "
+            "tokenizer (llmtrain prepare-data --tokenizer), or start from a checkpoint trained on this one"
+        )
 
 
 def tokenizer_meta(tok: Tokenizer) -> dict[str, Any]:
     """What a manifest records about the tokenizer its tokens came from."""
-    return {"hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "kind": tok.kind,
-            "file": TOKENIZER_FILE}
+    return {
+        "hash": tok.hash,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "kind": tok.kind,
+        "file": TOKENIZER_FILE,
+    }
 
 
 def set_tokenizer_threads() -> None:

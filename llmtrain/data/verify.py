@@ -23,15 +23,28 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from llmtrain.data.format import (BLOCK_SIZE, CHECKSUM_ALGORITHM, DIGEST_HEX, HEADER, IDX_MAGIC, MANIFEST,
-                                  REPREPARE, Shard, block_digest, read_header, read_manifest, write_manifest)
+from llmtrain.data.format import (
+    BLOCK_SIZE,
+    CHECKSUM_ALGORITHM,
+    DIGEST_HEX,
+    HEADER,
+    IDX_MAGIC,
+    MANIFEST,
+    REPREPARE,
+    Shard,
+    block_digest,
+    read_header,
+    read_manifest,
+    write_manifest,
+)
 from llmtrain.errors import DataError
 
 FULL_CHECK_BYTES = 256 << 20  # datasets up to this size are hashed whole at every start (~0.15 s of sha256)
@@ -57,8 +70,9 @@ class Report:
 
 def shard_files(manifest: dict[str, Any]) -> list[str]:
     """Every shard file of the dataset, `.bin` then `.idx` of each shard, in split and shard order."""
-    return [f"{stem}{ext}" for split in manifest["splits"].values() for stem in split["shards"]
-            for ext in (".bin", ".idx")]
+    return [
+        f"{stem}{ext}" for split in manifest["splits"].values() for stem in split["shards"] for ext in (".bin", ".idx")
+    ]
 
 
 def sample_blocks(name: str, n_blocks: int) -> list[int]:
@@ -69,8 +83,9 @@ def sample_blocks(name: str, n_blocks: int) -> list[int]:
     return sorted({(seed + i * 0x9E3779B97F4A7C15) % n_blocks for i in range(SAMPLE_BLOCKS)})
 
 
-def check_dataset(path: str | Path, manifest: dict[str, Any] | None = None, *, mode: str = "auto",
-                  progress: bool = False) -> Report:
+def check_dataset(
+    path: str | Path, manifest: dict[str, Any] | None = None, *, mode: str = "auto", progress: bool = False
+) -> Report:
     """Check the dataset at `path` (see the module docstring for `mode`); raises DataError naming the file."""
     if mode not in MODES:
         raise DataError(f"data.verify={mode!r}: use one of {', '.join(MODES)}")
@@ -103,8 +118,11 @@ def check_dataset(path: str | Path, manifest: dict[str, Any] | None = None, *, m
         try:
             for (name, size), job in zip(files, jobs):  # in file order: the first bad file is the one named
                 digests, tokens, nbytes = job.result()
-                report.blocks, report.bytes, report.tokens = report.blocks + len(digests), report.bytes + nbytes, \
-                    report.tokens + tokens
+                report.blocks, report.bytes, report.tokens = (
+                    report.blocks + len(digests),
+                    report.bytes + nbytes,
+                    report.tokens + tokens,
+                )
                 if full:
                     report.digests[name] = {"size": size, "blocks": "".join(digests)}
         finally:
@@ -114,8 +132,9 @@ def check_dataset(path: str | Path, manifest: dict[str, Any] | None = None, *, m
     return report
 
 
-def _check_blocks(file: Path, blocks: Iterable[int], block_size: int, want: str | None, checker: _ContentChecker,
-                  bar: Any) -> tuple[list[str], int, int]:
+def _check_blocks(
+    file: Path, blocks: Iterable[int], block_size: int, want: str | None, checker: _ContentChecker, bar: Any
+) -> tuple[list[str], int, int]:
     """Hash and content-check these blocks of `file` against the recorded digests `want`; returns their
     digests, the token ids checked and the bytes read."""
     digests, tokens, nbytes = [], 0, 0
@@ -124,10 +143,12 @@ def _check_blocks(file: Path, blocks: Iterable[int], block_size: int, want: str 
             f.seek(i * block_size)
             block = f.read(block_size)
             digests.append(block_digest(block))
-            if want is not None and digests[-1] != want[i * DIGEST_HEX:(i + 1) * DIGEST_HEX]:
-                raise DataError(f"{file}: block {i} (bytes {i * block_size}-{i * block_size + len(block)}) does not "
-                                f"match its checksum in {file.parent / MANIFEST}: the shard is corrupt (bad disk or "
-                                f"copy); copy the dataset again from a good source, or {REPREPARE}")
+            if want is not None and digests[-1] != want[i * DIGEST_HEX : (i + 1) * DIGEST_HEX]:
+                raise DataError(
+                    f"{file}: block {i} (bytes {i * block_size}-{i * block_size + len(block)}) does not "
+                    f"match its checksum in {file.parent / MANIFEST}: the shard is corrupt (bad disk or "
+                    f"copy); copy the dataset again from a good source, or {REPREPARE}"
+                )
             tokens += checker.check(file.name, i, block)
             nbytes += len(block)
             bar.update(len(block))
@@ -143,8 +164,10 @@ def _checked_size(path: Path, name: str, recorded: dict[str, Any] | None) -> int
         if want is None:
             raise DataError(f"{file}: not listed in the checksums of {path / MANIFEST}; {REPREPARE}")
         if want["size"] != size:
-            raise DataError(f"{file}: {size} bytes, but {want['size']} were written ({path / MANIFEST}): the "
-                            f"shard was replaced or changed; {REPREPARE}")
+            raise DataError(
+                f"{file}: {size} bytes, but {want['size']} were written ({path / MANIFEST}): the "
+                f"shard was replaced or changed; {REPREPARE}"
+            )
     return size
 
 
@@ -165,9 +188,11 @@ class _ContentChecker:
             if len(ids) and int(ids.max()) >= self.vocab:
                 k = int(np.argmax(ids >= self.vocab))
                 token = (i * self.block_size + skip - HEADER.size) // self.dtype.itemsize + k
-                raise DataError(f"{self.path / name}: token id {int(ids[k])} at token {token} is outside the "
-                                f"tokenizer's {self.vocab}-token vocabulary ({self.path / MANIFEST}): the shard is "
-                                f"corrupt or was made with another tokenizer; {REPREPARE}")
+                raise DataError(
+                    f"{self.path / name}: token id {int(ids[k])} at token {token} is outside the "
+                    f"tokenizer's {self.vocab}-token vocabulary ({self.path / MANIFEST}): the shard is "
+                    f"corrupt or was made with another tokenizer; {REPREPARE}"
+                )
             return len(ids)
         ends = np.frombuffer(block, dtype=np.uint64, offset=skip).astype(np.int64)
         if not len(ends):
@@ -177,8 +202,10 @@ class _ContentChecker:
         floor = last_end if i == last_i + 1 else (0 if i == 0 else int(ends[0]))
         tokens = self._idx_tokens(name)
         if int(ends[0]) < floor or (np.diff(ends) < 0).any() or int(ends[-1]) > tokens:
-            raise DataError(f"{self.path / name}: document ends in block {i} are out of order or beyond the shard's "
-                            f"{tokens} tokens: corrupt index; {REPREPARE}")
+            raise DataError(
+                f"{self.path / name}: document ends in block {i} are out of order or beyond the shard's "
+                f"{tokens} tokens: corrupt index; {REPREPARE}"
+            )
         self._last[name] = (i, int(ends[-1]))
         return 0
 
@@ -194,8 +221,9 @@ def add_checksums(path: str | Path, progress: bool = False) -> Report:
     (token ids, document ends). Trust on first use: they vouch for the files as they are now."""
     path = Path(path)
     manifest = read_manifest(path)
-    report = check_dataset(path, {k: v for k, v in manifest.items() if k != "checksums"}, mode="full",
-                           progress=progress)
+    report = check_dataset(
+        path, {k: v for k, v in manifest.items() if k != "checksums"}, mode="full", progress=progress
+    )
     if "checksums" not in manifest:
         manifest["checksums"] = {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": report.digests}
         write_manifest(path, manifest)
@@ -205,5 +233,11 @@ def add_checksums(path: str | Path, progress: bool = False) -> Report:
 def _progress(enabled: bool, total: int | None, path: Path) -> Any:
     from tqdm import tqdm
 
-    return tqdm(desc=f"verifying {path}", total=total, unit="B", unit_scale=True, disable=not enabled or total is None,
-                dynamic_ncols=True)
+    return tqdm(
+        desc=f"verifying {path}",
+        total=total,
+        unit="B",
+        unit_scale=True,
+        disable=not enabled or total is None,
+        dynamic_ncols=True,
+    )

@@ -16,9 +16,20 @@ import math
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmtrain.inference import generate_text
 
-    print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, tokenizer=args.tokenizer,
-                        device=args.device, use_cache=not args.no_cache))
+    print(
+        generate_text(
+            args.checkpoint,
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            use_cache=not args.no_cache,
+        )
+    )
     return 0
 
 
@@ -37,8 +48,15 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     torchrun (WORLD_SIZE > 1) each rank loads the model and scores its share of the documents."""
     from llmtrain.evaluation.run import run_tasks, write_results
 
-    results = run_tasks(args.checkpoint, args.tasks, device=args.device, batch_size=args.batch_size,
-                        limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
+    results = run_tasks(
+        args.checkpoint,
+        args.tasks,
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        bootstrap_iters=args.bootstrap_iters,
+    )
     if results is None:  # not rank 0: it sent its metrics there
         return 0
     from lm_eval.utils import make_table
@@ -54,8 +72,11 @@ def _doc_paragraph(i: int) -> str:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)",
-                       description="Continue a prompt with a trained or imported decoder. " + _doc_paragraph(1))
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)",
+        description="Continue a prompt with a trained or imported decoder. " + _doc_paragraph(1),
+    )
     p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -68,17 +89,24 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (no KV cache)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("eval", help="perplexity of a checkpoint on the validation split of prepared data",
-                       description="Perplexity of a decoder checkpoint on prepared data. " + _doc_paragraph(1))
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a checkpoint on the validation split of prepared data",
+        description="Perplexity of a decoder checkpoint on prepared data. " + _doc_paragraph(1),
+    )
     p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
     p.add_argument("--data", default="bundled", help="prepared dataset directory (llmtrain prepare-data) or 'bundled'")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the model's block_size)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=50, help="at most this many validation batches")
     p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks instead of perplexity: comma-separated "
-                   "task names (llmtrain_cloze, llmtrain_next_verse offline) or paths to task YAMLs "
-                   "(needs `pip install -e .[eval]`)")
+    p.add_argument(
+        "--tasks",
+        default="",
+        help="lm-evaluation-harness tasks instead of perplexity: comma-separated "
+        "task names (llmtrain_cloze, llmtrain_next_verse offline) or paths to task YAMLs "
+        "(needs `pip install -e .[eval]`)",
+    )
     p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
     p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="--tasks: bootstrap samples for stderrs")

@@ -9,8 +9,9 @@ context/continuation splitting and rolling windows are lm-eval's own (`TemplateL
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,15 @@ class LlmtrainLM(TemplateLM):
     world_size-th document; the per-document metrics are gathered on rank 0 (the only rank with results).
     Without it (a training runner's collective forward) every rank runs every request."""
 
-    def __init__(self, model: Callable[..., torch.Tensor], tokenizer: Tokenizer, block_size: int, device: str | torch.device,
-                 batch_size: int = 8, shard: bool = False) -> None:
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        tokenizer: Tokenizer,
+        block_size: int,
+        device: str | torch.device,
+        batch_size: int = 8,
+        shard: bool = False,
+    ) -> None:
         super().__init__()
         self.model, self.tokenizer, self.block_size = model, tokenizer, block_size
         self._device, self.batch_size = torch.device(device), batch_size
@@ -42,7 +50,9 @@ class LlmtrainLM(TemplateLM):
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 8, shard: bool = True) -> "LlmtrainLM":
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", batch_size: int = 8, shard: bool = True
+    ) -> LlmtrainLM:
         """Any model `llmtrain eval` reads: run, checkpoint, consolidated, pruned or imported directory."""
         from llmtrain.inference import checkpoint_tokenizer, load_decoder
 
@@ -81,8 +91,9 @@ class LlmtrainLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
-    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
-                              disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), continuation is the greedy choice) per request.
 
         Context is cut on the left to the window (as the `hf` backend does); a continuation longer than the
@@ -91,7 +102,7 @@ class LlmtrainLM(TemplateLM):
         for n, (_, ctx, cont) in enumerate(requests):
             whole = ctx + cont
             for a in range(len(ctx), len(whole), self.max_length):
-                pieces.append((whole[:a], whole[a:a + self.max_length]))
+                pieces.append((whole[:a], whole[a : a + self.max_length]))
                 owner.append(n)
         totals: list[list[Any]] = [[0.0, True] for _ in requests]
         for n, (ll, greedy) in zip(owner, self._score(pieces, disable_tqdm)):
@@ -110,16 +121,16 @@ class LlmtrainLM(TemplateLM):
         order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0]) - len(pieces[i][1]))
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pieces)
         for start in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", disable=disable_tqdm or None):
-            chunk = order[start:start + self.batch_size]
-            wholes = [(pieces[i][0] + pieces[i][1])[-(self.max_length + 1):] for i in chunk]
+            chunk = order[start : start + self.batch_size]
+            wholes = [(pieces[i][0] + pieces[i][1])[-(self.max_length + 1) :] for i in chunk]
             ids = torch.zeros(len(chunk), max(len(w) - 1 for w in wholes), dtype=torch.long)
             for row, whole in enumerate(wholes):
-                ids[row, :len(whole) - 1] = torch.tensor(whole[:-1])
+                ids[row, : len(whole) - 1] = torch.tensor(whole[:-1])
             logits = self.model(ids.to(self.device))  # (B, T, V)
             for row, i in enumerate(chunk):
                 cont, end = pieces[i][1], len(wholes[row]) - 1
                 # (n, V): only the positions that predict the continuation (a full (B, T, V) in fp32 is big)
-                lp = F.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)
+                lp = F.log_softmax(logits[row, end - len(cont) : end].float(), dim=-1)
                 target = torch.tensor(cont, device=lp.device)
                 out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return out
@@ -143,12 +154,12 @@ class LlmtrainLM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, per the task's gen_kwargs) continuations, cut at the task's stop strings.
         Requests with the same context length and settings run as one batch."""
-        encoded = [self.tok_encode(req.args[0])[-self.max_length:] or [self.prefix_token_id] for req in requests]
+        encoded = [self.tok_encode(req.args[0])[-self.max_length :] or [self.prefix_token_id] for req in requests]
         groups: dict[tuple[int, str], list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault((len(encoded[i]), repr(sorted(req.args[1].items()))), []).append(i)
         out: list[str] = [""] * len(requests)
-        batches = [ids[s:s + self.batch_size] for ids in groups.values() for s in range(0, len(ids), self.batch_size)]
+        batches = [ids[s : s + self.batch_size] for ids in groups.values() for s in range(0, len(ids), self.batch_size)]
         for chunk in tqdm(batches, desc="generate_until", disable=disable_tqdm or None):
             texts = self._generate([encoded[i] for i in chunk], dict(requests[chunk[0]].args[1]))
             for i, text in zip(chunk, texts):
@@ -168,16 +179,26 @@ class LlmtrainLM(TemplateLM):
         n = prompt.size(1)
 
         def done(idx: torch.Tensor) -> bool:
-            return all(self.eot_token_id in row or any(u in self.tok_decode(row) for u in until)
-                       for row in idx[:, n:].tolist())
+            return all(
+                self.eot_token_id in row or any(u in self.tok_decode(row) for u in until) for row in idx[:, n:].tolist()
+            )
 
         gen = torch.Generator(device=self.device).manual_seed(int(kwargs.pop("seed", 0)))
-        idx = generate(self.model, prompt, max_new, self.block_size, temperature=temperature,
-                       top_k=kwargs.pop("top_k", None), top_p=kwargs.pop("top_p", None), generator=gen, stop=done)
+        idx = generate(
+            self.model,
+            prompt,
+            max_new,
+            self.block_size,
+            temperature=temperature,
+            top_k=kwargs.pop("top_k", None),
+            top_p=kwargs.pop("top_p", None),
+            generator=gen,
+            stop=done,
+        )
         texts = []
         for row in idx[:, n:].tolist():
             if self.eot_token_id in row:
-                row = row[:row.index(self.eot_token_id)]
+                row = row[: row.index(self.eot_token_id)]
             text = self.tok_decode(row)
             for u in until:
                 text = text.split(u)[0]

@@ -58,8 +58,9 @@ def cloze_docs(chapters: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
         ok = [j for j in range(2, len(verses)) if len(verses[j].split()) >= 8 and _WORD.match(verses[j])]
         for j in _spread(ok, PER_CHAPTER):
             head, word, _ = _WORD.match(verses[j]).groups()  # type: ignore[union-attr]
-            docs.append({"source": f"{name}:{j + 1}", "context": "\n".join(verses[j - 2:j] + [head.rstrip()]),
-                         "target": word})
+            docs.append(
+                {"source": f"{name}:{j + 1}", "context": "\n".join(verses[j - 2 : j] + [head.rstrip()]), "target": word}
+            )
     return docs
 
 
@@ -73,8 +74,7 @@ def next_verse_docs(chapters: list[tuple[str, list[str]]]) -> list[dict[str, Any
             choices = [v for _, _, v in others[:3]]
             gold = _hash("gold", name, j) % 4
             choices.insert(gold, real)
-            docs.append({"source": f"{name}:{j + 1}", "context": verses[j - 1], "choices": choices,
-                         "gold": gold})
+            docs.append({"source": f"{name}:{j + 1}", "context": verses[j - 1], "choices": choices, "gold": gold})
     return docs
 
 
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text)
             print(f"{path}: {text.count(chr(10))} docs")
     if stale:
-        print(f"out of date: {', '.join(stale)}; regenerate with python -m llmtrain.evaluation.offline", file=sys.stderr)
+        print(
+            f"out of date: {', '.join(stale)}; regenerate with python -m llmtrain.evaluation.offline", file=sys.stderr
+        )
     return 1 if stale else 0
 
 

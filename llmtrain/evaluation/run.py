@@ -9,9 +9,10 @@ import functools
 import json
 import logging
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmtrain.errors import UserError
 
@@ -24,8 +25,10 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError as exc:
-        raise UserError(f"task evaluation needs lm-evaluation-harness, which is not installed ({exc.msg}); "
-                        f"install it with `{INSTALL_HINT}`") from None
+        raise UserError(
+            f"task evaluation needs lm-evaluation-harness, which is not installed ({exc.msg}); "
+            f"install it with `{INSTALL_HINT}`"
+        ) from None
 
 
 def split_tasks(spec: str | list[str]) -> tuple[list[str], list[str]]:
@@ -78,9 +81,12 @@ def task_manager(spec: str | list[str]) -> tuple[Any, list[str]]:
     unknown = [n for n in names if n not in known and not tm.match_tasks([n])]
     if unknown:
         near = sorted({m for n in unknown for m in difflib.get_close_matches(n, known, n=3)})
-        raise UserError(f"unknown task(s) {', '.join(unknown)}" + (f" (did you mean {', '.join(near)}?)" if near else "")
-                        + "; `lm-eval ls tasks` lists lm-eval's tasks, the offline ones are "
-                        + ", ".join(sorted(t for t in (yaml_task(y) for y in TASKS_DIR.glob('*.yaml')) if t)))
+        raise UserError(
+            f"unknown task(s) {', '.join(unknown)}"
+            + (f" (did you mean {', '.join(near)}?)" if near else "")
+            + "; `lm-eval ls tasks` lists lm-eval's tasks, the offline ones are "
+            + ", ".join(sorted(t for t in (yaml_task(y) for y in TASKS_DIR.glob("*.yaml")) if t))
+        )
     return tm, names
 
 
@@ -108,8 +114,9 @@ def _rng_kept() -> Iterator[None]:
             np.random.set_state(states[1])
 
 
-def evaluate_tasks(lm: Any, spec: str | list[str], limit: int | None = None, num_fewshot: int | None = None,
-                   bootstrap_iters: int = 0) -> dict[str, Any] | None:
+def evaluate_tasks(
+    lm: Any, spec: str | list[str], limit: int | None = None, num_fewshot: int | None = None, bootstrap_iters: int = 0
+) -> dict[str, Any] | None:
     """lm-eval's results dict (`results`, `versions`, `n-shot`, `config`, ...) of `lm` on the tasks; None on
     ranks other than 0 when `lm` shards documents over ranks."""
     from lm_eval import evaluator
@@ -117,10 +124,19 @@ def evaluate_tasks(lm: Any, spec: str | list[str], limit: int | None = None, num
     tm, names = task_manager(spec)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom loaders, git, ...
     with _rng_kept():
-        return evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
-                                         num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
-                                         log_samples=False, random_seed=0, numpy_random_seed=1234,
-                                         torch_random_seed=1234, fewshot_random_seed=1234)
+        return evaluator.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=tm,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            random_seed=0,
+            numpy_random_seed=1234,
+            torch_random_seed=1234,
+            fewshot_random_seed=1234,
+        )
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -129,7 +145,12 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():  # "acc,none": metric,filter ("alias", "sample_len" are not metrics)
             metric = key.split(",")[0]
-            if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+            if (
+                "," in key
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and "stderr" not in metric
+            ):
                 flat[f"{task}_{metric}"] = float(value)
     return flat
 
@@ -141,9 +162,15 @@ def write_results(results: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
-def run_tasks(checkpoint: str | Path, tasks: str | list[str], device: str = "", batch_size: int = 8,
-              limit: int | None = None, num_fewshot: int | None = None,
-              bootstrap_iters: int = 1000) -> dict[str, Any] | None:
+def run_tasks(
+    checkpoint: str | Path,
+    tasks: str | list[str],
+    device: str = "",
+    batch_size: int = 8,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    bootstrap_iters: int = 1000,
+) -> dict[str, Any] | None:
     """lm-eval results of the decoder at `checkpoint` on `tasks`. Under torchrun (WORLD_SIZE > 1) each rank
     loads the model and scores its share of the documents; rank 0 returns the results, the others None."""
     task_manager(tasks)  # unknown names fail before the model loads
@@ -175,5 +202,6 @@ def _ranks(device: str) -> Iterator[str]:
     dist.init_process_group("nccl" if on_gpu else "gloo")
     try:
         yield device
+        dist.barrier()  # every rank past its last collective before any tears the group down (gloo can abort)
     finally:
         dist.destroy_process_group()

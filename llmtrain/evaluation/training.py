@@ -26,15 +26,18 @@ def check_eval_tasks(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     from llmtrain.models.registry import family_of
 
     if not family_of(model_cfg).generative:
-        raise UserError(f"train.eval_tasks needs a decoder; model.arch={model_cfg.arch} is not one: set "
-                        "train.eval_tasks=[]")
+        raise UserError(
+            f"train.eval_tasks needs a decoder; model.arch={model_cfg.arch} is not one: set train.eval_tasks=[]"
+        )
     try:
         task_manager(train_cfg.eval_tasks)
     except UserError as exc:
         raise UserError(f"train.eval_tasks: {exc}") from None
 
 
-def eval_task_metrics(train_cfg: TrainConfig, block_size: int, runner: Runner, tokenizer: Tokenizer) -> dict[str, float]:
+def eval_task_metrics(
+    train_cfg: TrainConfig, block_size: int, runner: Runner, tokenizer: Tokenizer
+) -> dict[str, float]:
     """{'eval_<task>_<metric>': value} of train.eval_tasks on the model being trained ({} when none)."""
     if not train_cfg.eval_tasks:
         return {}

@@ -21,10 +21,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
+
 from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
     from llmtrain.models.config import ModelConfig
+
 
 def _modules(adapters: tuple[str, ...] | None = None) -> list[ModuleType]:
     """The adapter modules of every model family (its spec's `hf_adapters`), or of the ones given."""
@@ -53,7 +55,8 @@ def family_for_config(model_cfg: ModelConfig) -> ModuleType:
     raise UserError(
         f"model.arch={family.name} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
         f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned or "
-        f"sinusoidal positions, layernorm, gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT")
+        f"sinusoidal positions, layernorm, gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT"
+    )
 
 
 def family_for_hf(model_type: str) -> ModuleType:

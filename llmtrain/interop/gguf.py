@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from llmtrain.errors import UserError
 
 # llama.cpp tensor name -> transformers Llama name ({i} = layer)
 _NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
     "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
@@ -70,15 +72,19 @@ def _rope_scaling(meta: Any, path: str | Path) -> dict[str, Any] | None:
     factor = _f32(factor) if factor else 1.0
     if kind not in ("none", "linear"):
         orig = meta("llama.rope.scaling.original_context_length")
-        raise UserError(f"{path}: {key} = '{kind}' (llama.rope.scaling.factor = {factor}"
-                         + (f", llama.rope.scaling.original_context_length = {orig}" if orig is not None else "")
-                         + ") is not supported: GGUF import maps the types 'none' and 'linear' only, and llmtrain "
-                         "implements no rotary scaling but linear and llama3 (a Hugging Face checkpoint with those "
-                         "imports through llmtrain import-hf HF_DIR OUT_DIR)")
+        raise UserError(
+            f"{path}: {key} = '{kind}' (llama.rope.scaling.factor = {factor}"
+            + (f", llama.rope.scaling.original_context_length = {orig}" if orig is not None else "")
+            + ") is not supported: GGUF import maps the types 'none' and 'linear' only, and llmtrain "
+            "implements no rotary scaling but linear and llama3 (a Hugging Face checkpoint with those "
+            "imports through llmtrain import-hf HF_DIR OUT_DIR)"
+        )
     attn = meta("llama.rope.scaling.attn_factor", 1.0)
     if _f32(attn) != 1.0:  # llama.cpp multiplies the rotated q and k by it; transformers' linear / plain do not
-        raise UserError(f"{path}: llama.rope.scaling.attn_factor = {_f32(attn)} is not supported (1 only): "
-                         f"llmtrain's rotary has no such factor")
+        raise UserError(
+            f"{path}: llama.rope.scaling.attn_factor = {_f32(attn)} is not supported (1 only): "
+            f"llmtrain's rotary has no such factor"
+        )
     if kind == "none" or factor == 1.0:  # llama.cpp never scales with type none, whatever the factor
         return None
     return {"rope_type": "linear", "factor": factor}
@@ -100,10 +106,12 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
     if meta("general.architecture") != "llama":
         raise UserError(f"{path}: GGUF architecture '{meta('general.architecture')}' is not llama")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise UserError(f"{path}: tensor 'rope_freqs.weight' holds llama3 rope frequency factors (llama.cpp's form "
-                         f"of rope_scaling type llama3), which cannot be mapped back to rope_scaling's factor, "
-                         f"low/high_freq_factor and original_max_position_embeddings; import the model's Hugging "
-                         f"Face checkpoint instead: llmtrain import-hf HF_DIR OUT_DIR")
+        raise UserError(
+            f"{path}: tensor 'rope_freqs.weight' holds llama3 rope frequency factors (llama.cpp's form "
+            f"of rope_scaling type llama3), which cannot be mapped back to rope_scaling's factor, "
+            f"low/high_freq_factor and original_max_position_embeddings; import the model's Hugging "
+            f"Face checkpoint instead: llmtrain import-hf HF_DIR OUT_DIR"
+        )
     rope_scaling = _rope_scaling(meta, path)
     n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
     sd: dict[str, torch.Tensor] = {}
@@ -121,12 +129,20 @@ def read_gguf_llama(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Any
     tied = "lm_head.weight" not in sd
     # transformers' LlamaConfig signature lacks rope_theta / rope_scaling, which its __init__ takes (**kwargs)
     cfg = LlamaConfig(  # type: ignore[call-arg]
-        vocab_size=sd["model.embed_tokens.weight"].shape[0], hidden_size=int(meta("llama.embedding_length")),
-        intermediate_size=int(meta("llama.feed_forward_length")), num_hidden_layers=int(meta("llama.block_count")),
-        num_attention_heads=n_head, num_key_value_heads=n_kv, max_position_embeddings=int(meta("llama.context_length")),
+        vocab_size=sd["model.embed_tokens.weight"].shape[0],
+        hidden_size=int(meta("llama.embedding_length")),
+        intermediate_size=int(meta("llama.feed_forward_length")),
+        num_hidden_layers=int(meta("llama.block_count")),
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=int(meta("llama.context_length")),
         rms_norm_eps=_f32(meta("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=_f32(meta("llama.rope.freq_base", 10000.0)), rope_scaling=rope_scaling, tie_word_embeddings=tied,
-        bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
+        rope_theta=_f32(meta("llama.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=tied,
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta("tokenizer.ggml.eos_token_id"),
+    )
     if tied:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     return cfg, sd, _tokenizer(meta, path)
@@ -136,15 +152,19 @@ def _tokenizer(meta: Any, path: str | Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     if meta("tokenizer.ggml.model") != "gpt2":
-        raise UserError(f"{path}: tokenizer model '{meta('tokenizer.ggml.model')}' is not supported (byte-level "
-                         f"BPE 'gpt2' only)")
+        raise UserError(
+            f"{path}: tokenizer model '{meta('tokenizer.ggml.model')}' is not supported (byte-level BPE 'gpt2' only)"
+        )
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
     hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     pre = meta("tokenizer.ggml.pre", "default")
-    hf.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                        if pre in _DIGITS_FIRST else byte_level)
+    hf.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if pre in _DIGITS_FIRST
+        else byte_level
+    )
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([t for t, kind in zip(tokens, types) if kind == _CONTROL])
     return hf
@@ -152,8 +172,8 @@ def _tokenizer(meta: Any, path: str | Path) -> Any:
 
 def import_gguf(path: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
     """Write a GGUF Llama as an llmtrain model directory (weights, config.yaml, tokenizer/)."""
-    from llmtrain.model_dir import write_model_dir
     from llmtrain.interop.llama import from_hf
+    from llmtrain.model_dir import write_model_dir
 
     hf_cfg, hf_sd, tok = read_gguf_llama(path)
     cfg, sd = from_hf(hf_cfg, hf_sd)

@@ -47,8 +47,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, replace: bool = False
     return Path(out_dir)
 
 
-def _write_hf(tmp: Path, cfg: ModelConfig, family: ModuleType, hf_cfg: Any, hf_sd: dict[str, torch.Tensor],
-              tok: Tokenizer | None) -> None:
+def _write_hf(
+    tmp: Path, cfg: ModelConfig, family: ModuleType, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], tok: Tokenizer | None
+) -> None:
     from safetensors.torch import save_file
 
     hf_cfg.architectures = [family.HF_ARCHITECTURE]
@@ -62,8 +63,19 @@ def _write_hf(tmp: Path, cfg: ModelConfig, family: ModuleType, hf_cfg: Any, hf_s
         from llmtrain.data.tokenizer import with_bert_template
 
         specials: dict[str, Any] = {"eos_token": tok.eos_token}
-        specials.update({k: t for k, t in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
-                                            ("mask_token", "[MASK]"), ("unk_token", "[UNK]")) if t in tok.specials})
+        specials.update(
+            {
+                k: t
+                for k, t in (
+                    ("cls_token", "[CLS]"),
+                    ("sep_token", "[SEP]"),
+                    ("pad_token", "[PAD]"),
+                    ("mask_token", "[MASK]"),
+                    ("unk_token", "[UNK]"),
+                )
+                if t in tok.specials
+            }
+        )
         hf_tok = tok.hf
         if getattr(family, "PAIR_TEMPLATE", False) and {"[CLS]", "[SEP]"} <= set(tok.specials):
             # BERT's inputs: the tokenizer adds [CLS] A [SEP] (B [SEP]) and returns the segments, as BERT's do
@@ -83,7 +95,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     bins = sorted(hf_dir.glob("pytorch_model*.bin"))
     if bins:
         return {k: v for f in bins for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
-    raise UserError(f"{hf_dir} holds no *.safetensors or pytorch_model*.bin weights; pass a transformers model directory")
+    raise UserError(
+        f"{hf_dir} holds no *.safetensors or pytorch_model*.bin weights; pass a transformers model directory"
+    )
 
 
 def import_hf(source: str | Path, out_dir: str | Path, replace: bool = False) -> Path:

@@ -12,20 +12,29 @@ from typing import Any
 
 import torch
 
+from llmtrain.errors import UserError
 from llmtrain.interop import size_name
 from llmtrain.models.config import RopeScaling
 from llmtrain.models.gpt.config import GPTConfig
-from llmtrain.errors import UserError
 
 HF_MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
 
 # our block name -> HF layer name (weights are both nn.Linear (out, in))
-_BLOCK = {"ln_1.weight": "input_layernorm.weight", "attn.proj.weight": "self_attn.o_proj.weight",
-          "ln_2.weight": "post_attention_layernorm.weight", "mlp.gate.weight": "mlp.gate_proj.weight",
-          "mlp.up.weight": "mlp.up_proj.weight", "mlp.down.weight": "mlp.down_proj.weight"}
-_BLOCK_BIAS = {"attn.proj.bias": "self_attn.o_proj.bias", "mlp.gate.bias": "mlp.gate_proj.bias",
-               "mlp.up.bias": "mlp.up_proj.bias", "mlp.down.bias": "mlp.down_proj.bias"}
+_BLOCK = {
+    "ln_1.weight": "input_layernorm.weight",
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+_BLOCK_BIAS = {
+    "attn.proj.bias": "self_attn.o_proj.bias",
+    "mlp.gate.bias": "mlp.gate_proj.bias",
+    "mlp.up.bias": "mlp.up_proj.bias",
+    "mlp.down.bias": "mlp.down_proj.bias",
+}
 _TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
 
 
@@ -41,12 +50,26 @@ def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, tor
     n_kv, hs = c.n_kv_head or c.n_head, c.head_dim or c.n_embd // c.n_head
     # transformers' LlamaConfig signature lacks rope_theta / rope_scaling, which its __init__ takes (**kwargs)
     cfg = LlamaConfig(  # type: ignore[call-arg]
-                      vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size or 4 * c.n_embd,
-                      num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=n_kv,
-                      head_dim=hs, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
-                      rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias,
-                      mlp_bias=c.bias, hidden_act="silu", attention_dropout=c.dropout, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None, rope_scaling=_hf_rope_scaling(c.rope_scaling))
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size or 4 * c.n_embd,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=n_kv,
+        head_dim=hs,
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings,
+        attention_bias=c.bias,
+        mlp_bias=c.bias,
+        hidden_act="silu",
+        attention_dropout=c.dropout,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        rope_scaling=_hf_rope_scaling(c.rope_scaling),
+    )
     out = {hf: sd[ours] for ours, hf in _TOP.items()}
     names = {**_BLOCK, **(_BLOCK_BIAS if c.bias else {})}
     for i in range(c.n_layer):
@@ -69,9 +92,13 @@ def _hf_rope_scaling(r: RopeScaling | None) -> dict[str, Any] | None:
         return None
     if r.rope_type == "linear":
         return {"rope_type": "linear", "factor": r.factor}
-    return {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-            "high_freq_factor": r.high_freq_factor,
-            "original_max_position_embeddings": r.original_max_position_embeddings}
+    return {
+        "rope_type": "llama3",
+        "factor": r.factor,
+        "low_freq_factor": r.low_freq_factor,
+        "high_freq_factor": r.high_freq_factor,
+        "original_max_position_embeddings": r.original_max_position_embeddings,
+    }
 
 
 def rope_of(cfg: Any) -> tuple[float, RopeScaling | None]:
@@ -79,22 +106,30 @@ def rope_of(cfg: Any) -> tuple[float, RopeScaling | None]:
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
-        raise UserError(f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary, "
-                         "linear and llama3 scaling only)")
+        raise UserError(
+            f"Llama import: rope scaling '{kind}' is not implemented in llmtrain (plain rotary, "
+            "linear and llama3 scaling only)"
+        )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UserError("Llama import: partial_rotary_factor other than 1 is not implemented (llmtrain rotates "
-                         "every dimension of a head)")
+        raise UserError(
+            "Llama import: partial_rotary_factor other than 1 is not implemented (llmtrain rotates "
+            "every dimension of a head)"
+        )
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     theta = float(theta if theta is not None else 10000.0)
     if kind == "default":
         return theta, None
     if kind == "linear":
         return theta, RopeScaling(rope_type="linear", factor=float(params["factor"]))
-    return theta, RopeScaling(rope_type="llama3", factor=float(params["factor"]),
-                              low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]),
-                              original_max_position_embeddings=int(params.get("original_max_position_embeddings")
-                                                                   or cfg.max_position_embeddings))
+    return theta, RopeScaling(
+        rope_type="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        ),
+    )
 
 
 def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -107,12 +142,27 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str,
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
     theta, scaling = rope_of(cfg)
-    c = GPTConfig(name="llama_debug", arch="gpt", n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
-                  n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size, block_size=cfg.max_position_embeddings,
-                  dropout=0.0, bias=bias, tie_embeddings=tied, norm_eps=cfg.rms_norm_eps, pos="rope",
-                  norm="rmsnorm", mlp="swiglu", intermediate_size=cfg.intermediate_size, n_kv_head=n_kv,
-                  rope_theta=theta, rope_scaling=scaling,
-                  head_dim=None if hs * cfg.num_attention_heads == cfg.hidden_size else hs)
+    c = GPTConfig(
+        name="llama_debug",
+        arch="gpt",
+        n_layer=cfg.num_hidden_layers,
+        n_head=cfg.num_attention_heads,
+        n_embd=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        block_size=cfg.max_position_embeddings,
+        dropout=0.0,
+        bias=bias,
+        tie_embeddings=tied,
+        norm_eps=cfg.rms_norm_eps,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        intermediate_size=cfg.intermediate_size,
+        n_kv_head=n_kv,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        head_dim=None if hs * cfg.num_attention_heads == cfg.hidden_size else hs,
+    )
     out = {ours: sd[hf].float() for ours, hf in _TOP.items()}
     names = {**_BLOCK, **(_BLOCK_BIAS if bias else {})}
     for i in range(c.n_layer):
@@ -121,6 +171,7 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str,
             out[f"blocks.{i}.{ours}"] = sd[pre + hf].float()
         for kind in ("weight", "bias") if bias else ("weight",):
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
-                [sd[pre + f"self_attn.{p}_proj.{kind}"].float() for p in "qkv"])  # rows [q; k; v]
+                [sd[pre + f"self_attn.{p}_proj.{kind}"].float() for p in "qkv"]
+            )  # rows [q; k; v]
     out["lm_head.weight"] = out["wte.weight"] if tied else sd["lm_head.weight"].float()
     return dataclasses.replace(c, name=size_name(c, "llama_debug")), out

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
 from llmtrain.errors import UserError
 
 
@@ -34,10 +35,13 @@ class RopeScaling:
             raise UserError(f"model.rope_scaling.rope_type must be 'linear' or 'llama3', got {self.rope_type!r}")
         if not self.factor > 0:
             raise UserError(f"model.rope_scaling.factor must be > 0, got {self.factor}")
-        if self.rope_type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
-                                               and self.original_max_position_embeddings > 0):
-            raise UserError("model.rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
-                             f"original_max_position_embeddings > 0, got {self}")
+        if self.rope_type == "llama3" and not (
+            0 < self.low_freq_factor < self.high_freq_factor and self.original_max_position_embeddings > 0
+        ):
+            raise UserError(
+                "model.rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_position_embeddings > 0, got {self}"
+            )
 
 
 class _ByArch(type):
@@ -90,8 +94,16 @@ class ModelConfig(metaclass=_ByArch):
 # Keys that one ModelConfig held for every family until each family got its own class, with the value
 # they had when unused: a config.yaml written then lists them, and they load when they hold that value.
 LEGACY_DEFAULTS: dict[str, Any] = {
-    "bias": True, "pos": "learned", "norm": "layernorm", "mlp": "gelu", "n_kv_head": None, "head_dim": None,
-    "rope_theta": 10000.0, "rope_scaling": None, "type_vocab_size": 2, "num_labels": 0,
+    "bias": True,
+    "pos": "learned",
+    "norm": "layernorm",
+    "mlp": "gelu",
+    "n_kv_head": None,
+    "head_dim": None,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "type_vocab_size": 2,
+    "num_labels": 0,
 }
 
 
@@ -110,8 +122,10 @@ def config_class_for(raw: dict[str, Any], error: type[Exception] = ValueError) -
             continue
         users = [f.name for f in FAMILIES.values() if key in {g.name for g in dataclasses.fields(f.config_class)}]
         if users:
-            raise error(f"model.{key} is a key of model.arch={'/'.join(users)}; model.arch={family.name} does not "
-                        f"use it: remove model.{key} (or pick a {'/'.join(users)} size with model.name)")
+            raise error(
+                f"model.{key} is a key of model.arch={'/'.join(users)}; model.arch={family.name} does not "
+                f"use it: remove model.{key} (or pick a {'/'.join(users)} size with model.name)"
+            )
         out[key] = value  # unknown to every family: the strict loader names the nearest valid key
     return family.config_class, out
 
@@ -139,20 +153,61 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "gpt_1b": dict(arch="gpt", n_layer=24, n_head=16, n_embd=2048, vocab_size=50304, block_size=2048),
     # Llama-style decoders: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases.
     # llama_135m / llama_360m are SmolLM2's shapes (49,152-token vocabulary, tied); llama_1b is TinyLlama-1.1B's.
-    "llama_debug": dict(arch="gpt", **_LLAMA, n_layer=4, n_head=6, n_kv_head=2, n_embd=192, intermediate_size=512,
-                        vocab_size=8192, block_size=256),
-    "llama_135m": dict(arch="gpt", **_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
-                       vocab_size=49152, block_size=2048, rope_theta=100000.0),
-    "llama_360m": dict(arch="gpt", **_LLAMA, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
-                       vocab_size=49152, block_size=2048, rope_theta=100000.0),
-    "llama_1b": dict(arch="gpt", **_LLAMA, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, intermediate_size=5632,
-                     vocab_size=32000, block_size=2048, tie_embeddings=False),
+    "llama_debug": dict(
+        arch="gpt",
+        **_LLAMA,
+        n_layer=4,
+        n_head=6,
+        n_kv_head=2,
+        n_embd=192,
+        intermediate_size=512,
+        vocab_size=8192,
+        block_size=256,
+    ),
+    "llama_135m": dict(
+        arch="gpt",
+        **_LLAMA,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        n_embd=576,
+        intermediate_size=1536,
+        vocab_size=49152,
+        block_size=2048,
+        rope_theta=100000.0,
+    ),
+    "llama_360m": dict(
+        arch="gpt",
+        **_LLAMA,
+        n_layer=32,
+        n_head=15,
+        n_kv_head=5,
+        n_embd=960,
+        intermediate_size=2560,
+        vocab_size=49152,
+        block_size=2048,
+        rope_theta=100000.0,
+    ),
+    "llama_1b": dict(
+        arch="gpt",
+        **_LLAMA,
+        n_layer=22,
+        n_head=32,
+        n_kv_head=4,
+        n_embd=2048,
+        intermediate_size=5632,
+        vocab_size=32000,
+        block_size=2048,
+        tie_embeddings=False,
+    ),
     # BERT (Devlin et al. 2018): base ~110M and large ~340M with the 30,522-token uncased vocabulary.
     "bert_debug": dict(arch="bert", n_layer=4, n_head=4, n_embd=128, vocab_size=8192, block_size=128, norm_eps=1e-12),
-    "bert_base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, vocab_size=30522, block_size=512,
-                      norm_eps=1e-12, dropout=0.1),
-    "bert_large": dict(arch="bert", n_layer=24, n_head=16, n_embd=1024, vocab_size=30522, block_size=512,
-                       norm_eps=1e-12, dropout=0.1),
+    "bert_base": dict(
+        arch="bert", n_layer=12, n_head=12, n_embd=768, vocab_size=30522, block_size=512, norm_eps=1e-12, dropout=0.1
+    ),
+    "bert_large": dict(
+        arch="bert", n_layer=24, n_head=16, n_embd=1024, vocab_size=30522, block_size=512, norm_eps=1e-12, dropout=0.1
+    ),
 }
 
 

@@ -37,7 +37,8 @@ What a converter must do:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -71,14 +72,18 @@ def converter(name: str) -> ConverterFactory:
         try:
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
-            raise UserError(f"model.converters: cannot import {name!r} ({exc}); give 'package.module:factory' "
-                            f"of an importable module") from None
+            raise UserError(
+                f"model.converters: cannot import {name!r} ({exc}); give 'package.module:factory' "
+                f"of an importable module"
+            ) from None
         register_converter(name, factory)
     if name not in _REGISTRY:
         known = ", ".join(registered_converters()) or "none registered"
-        raise UserError(f"model.converters: unknown converter {name!r} (known: {known}); register it with "
-                        f"llmtrain.models.converters.register_converter before the model is built, or name it "
-                        f"as 'package.module:factory'")
+        raise UserError(
+            f"model.converters: unknown converter {name!r} (known: {known}); register it with "
+            f"llmtrain.models.converters.register_converter before the model is built, or name it "
+            f"as 'package.module:factory'"
+        )
     return _REGISTRY[name]
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick the next token from last-position logits (B, V) -> (B, 1). temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -27,10 +32,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True,
-             stop: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    block_size: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stop: Callable[[torch.Tensor], bool] | None = None,
+) -> torch.Tensor:
     """Append `max_new_tokens` tokens to input_ids (B, T). The model sees at most the last `block_size`
     tokens. With a model that offers a KV cache (`new_cache()`, `model(ids, cache)`) and use_cache, each
     step runs only the new token; otherwise (or for a plain logits function) it recomputes the window.

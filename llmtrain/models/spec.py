@@ -9,8 +9,9 @@ here without DeepSpeed (`TiedLayer`) and `llmtrain/parallel/pipeline.py` turns i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn

@@ -41,12 +41,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
             target = root / (root / LATEST).read_text().strip()
             if (target / "trainer_state.json").is_file():
                 return target
-            raise CheckpointError(f"{root / LATEST} names {target.name}, which is missing or incomplete; "
-                             f"point train.resume at an older complete checkpoint under {root}")
+            raise CheckpointError(
+                f"{root / LATEST} names {target.name}, which is missing or incomplete; "
+                f"point train.resume at an older complete checkpoint under {root}"
+            )
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a checkpoint or run directory")
-    raise CheckpointError(f"{path} holds no complete checkpoint (no trainer_state.json, no 'latest' pointer); "
-                     f"pass a run directory, its checkpoints/ folder or one step_* folder inside it")
+    raise CheckpointError(
+        f"{path} holds no complete checkpoint (no trainer_state.json, no 'latest' pointer); "
+        f"pass a run directory, its checkpoints/ folder or one step_* folder inside it"
+    )
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

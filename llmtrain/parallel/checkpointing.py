@@ -17,10 +17,11 @@ reentrant variant fails there with "element 0 of tensors does not require grad")
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
 from llmtrain.errors import UserError
 
 MODES = ("none", "full", "selective", "every_n")
@@ -47,8 +48,10 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_n: i
         elif mode == "selective":
             attn = getattr(block, "attn", None)
             if attn is None or not hasattr(attn, "attend"):
-                raise UserError(f"selective activation checkpointing needs blocks.{i}.attn.attend "
-                                 f"(the attention core); {type(block).__name__} has none: use full")
+                raise UserError(
+                    f"selective activation checkpointing needs blocks.{i}.attn.attend "
+                    f"(the attention core); {type(block).__name__} has none: use full"
+                )
             _checkpoint_method(attn, "attend")
             wrapped.append(f"blocks.{i}.attn.attend")
     return wrapped
@@ -57,8 +60,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_n: i
 def _blocks(model: torch.nn.Module) -> Iterable[torch.nn.Module]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList):
-        raise UserError(f"{type(model).__name__} has no `blocks` ModuleList; activation checkpointing "
-                         f"wraps transformer blocks")
+        raise UserError(
+            f"{type(model).__name__} has no `blocks` ModuleList; activation checkpointing wraps transformer blocks"
+        )
     return blocks
 
 
@@ -105,7 +109,7 @@ class SavedBytes:
             self.bytes += storage.nbytes()
         return t
 
-    def __enter__(self) -> "SavedBytes":
+    def __enter__(self) -> SavedBytes:
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._ctx.__enter__()
         _KEPT_LISTENERS.append(self._keep)

@@ -19,8 +19,11 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("consolidate", help="write one model.safetensors (+ config.yaml) from a checkpoint of any layout",
-                       description=__doc__.splitlines()[0] + " Reads one parameter at a time.")
+    p = sub.add_parser(
+        "consolidate",
+        help="write one model.safetensors (+ config.yaml) from a checkpoint of any layout",
+        description=__doc__.splitlines()[0] + " Reads one parameter at a time.",
+    )
     p.add_argument("checkpoint", help="run directory (its latest checkpoint), checkpoints/ folder or step_* folder")
     p.add_argument("out", help="output directory: gets model.safetensors and config.yaml")
     p.add_argument("--replace", action="store_true", help="replace OUT if it exists and is not empty")

@@ -14,9 +14,10 @@ to the math kernel, which materialises the s x s attention matrix.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
+
 from llmtrain.errors import UserError
 
 
@@ -24,8 +25,10 @@ def compile_blocks(model: torch.nn.Module) -> int:
     """Compile every module of `model.blocks` in place; returns how many were compiled."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList):
-        raise UserError(f"train.compile compiles transformer blocks, but {type(model).__name__} has no "
-                         f"`blocks` ModuleList; set train.compile=false")
+        raise UserError(
+            f"train.compile compiles transformer blocks, but {type(model).__name__} has no "
+            f"`blocks` ModuleList; set train.compile=false"
+        )
     for block in blocks:
         block.compile()
     return len(blocks)
@@ -43,11 +46,14 @@ def attention_backend(name: str, device: torch.device) -> Iterator[None]:
         yield
         return
     if device.type != "cuda" and name in ("efficient", "cudnn"):
-        raise UserError(f"train.attention_backend={name} needs a CUDA GPU; on {device.type} use auto, "
-                         f"flash or math")
+        raise UserError(f"train.attention_backend={name} needs a CUDA GPU; on {device.type} use auto, flash or math")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    kernel = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
     with sdpa_kernel(kernel):
         yield

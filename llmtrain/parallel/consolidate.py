@@ -14,15 +14,23 @@ memory. A consolidated directory is itself accepted by `load_model_weights` and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, cast
+from typing import cast
 
 import torch
 import yaml
 
 from llmtrain.errors import CheckpointError
-from llmtrain.model_dir import (CONFIG, WEIGHTS, check_output, model_config_yaml, stream_weights, write_config_text,
-                                writing)
+from llmtrain.model_dir import (
+    CONFIG,
+    WEIGHTS,
+    check_output,
+    model_config_yaml,
+    stream_weights,
+    write_config_text,
+    writing,
+)
 from llmtrain.models import ModelConfig
 from llmtrain.models.config import model_config_from_dict
 from llmtrain.models.converters import build_converted_model
@@ -60,9 +68,11 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     except ValueError as exc:
         raise CheckpointError(f"model.init_from: {exc}") from None
     if ckpt_cfg.converters:  # init_from runs before the converters (llmtrain/models/converters.py)
-        raise CheckpointError(f"model.init_from={path}: that model was converted (model.converters="
-                              f"{ckpt_cfg.converters}) and init_from loads a plain model's weights before this run's "
-                              f"converters are applied; initialise from its unconverted source, or resume the run")
+        raise CheckpointError(
+            f"model.init_from={path}: that model was converted (model.converters="
+            f"{ckpt_cfg.converters}) and init_from loads a plain model's weights before this run's "
+            f"converters are applied; initialise from its unconverted source, or resume the run"
+        )
     params = dict(model.named_parameters())
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
@@ -75,29 +85,40 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
             if name not in params and head:
                 continue
             if name not in params:
-                raise CheckpointError(f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
-                                 f"model does not; set the model.* keys to the checkpoint's shape")
+                raise CheckpointError(
+                    f"model.init_from={path}: the checkpoint has parameter '{name}' that this "
+                    f"model does not; set the model.* keys to the checkpoint's shape"
+                )
             target = params[name]
-            if (target.shape != tensor.shape and ckpt_vocab < vocab and tensor.shape[:1] == (ckpt_vocab,)
-                    and target.shape == (vocab, *tensor.shape[1:])):
+            if (
+                target.shape != tensor.shape
+                and ckpt_vocab < vocab
+                and tensor.shape[:1] == (ckpt_vocab,)
+                and target.shape == (vocab, *tensor.shape[1:])
+            ):
                 target[:ckpt_vocab].copy_(tensor)  # a vocabulary table, padded: the rest keeps its init
                 padded.append(name)
             elif target.shape != tensor.shape:
-                raise CheckpointError(f"model.init_from={path}: parameter '{name}' has shape {tuple(tensor.shape)} "
-                                 f"in the checkpoint but {tuple(target.shape)} in this model; set the "
-                                 f"model.* keys to the checkpoint's shape")
+                raise CheckpointError(
+                    f"model.init_from={path}: parameter '{name}' has shape {tuple(tensor.shape)} "
+                    f"in the checkpoint but {tuple(target.shape)} in this model; set the "
+                    f"model.* keys to the checkpoint's shape"
+                )
             else:
                 target.copy_(tensor)
             seen.add(name)
     missing = [n for n in params if n not in seen and not n.startswith(head)]
     if missing:
-        raise CheckpointError(f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
-                         f"parameters missing); set the model.* keys to the checkpoint's shape")
+        raise CheckpointError(
+            f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
+            f"parameters missing); set the model.* keys to the checkpoint's shape"
+        )
     return padded
 
 
-def consolidate(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
-                replace: bool = False) -> Path:
+def consolidate(
+    path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32, replace: bool = False
+) -> Path:
     """Write the model directory `out_dir` (llmtrain/model_dir.py: model.safetensors with every parameter
     once by plain name, config.yaml, checksums.json); returns the safetensors path. Holds one parameter in
     memory at a time. A non-empty `out_dir` is refused unless `replace`."""
@@ -124,21 +145,31 @@ def _open(path: str | Path) -> tuple[ModelConfig, Path]:
 
     path = Path(path)
     if (path / "config.json").is_file() and not (path / CONFIG).is_file():
-        raise CheckpointError(f"{path} is a Hugging Face transformers model directory (config.json, no "
-                              f"config.yaml); convert it first: `llmtrain import-hf {path} OUT`, then pass OUT")
+        raise CheckpointError(
+            f"{path} is a Hugging Face transformers model directory (config.json, no "
+            f"config.yaml); convert it first: `llmtrain import-hf {path} OUT`, then pass OUT"
+        )
     if (path / CONSOLIDATED).is_file():
-        verify_dir(path, only=[CONSOLIDATED, CONFIG], fix=f"write {path} again (llmtrain consolidate, prune or "
-                                                          f"import-hf) or restore it from a copy")
+        verify_dir(
+            path,
+            only=[CONSOLIDATED, CONFIG],
+            fix=f"write {path} again (llmtrain consolidate, prune or import-hf) or restore it from a copy",
+        )
         return _model_config(path / CONFIG), path / CONSOLIDATED
     from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
     from llmtrain.parallel.universal import FOLDER
 
     ckpt = resolve_checkpoint(path)
-    verify_dir(ckpt, only=[f"{FOLDER}/", CONFIG], fix=f"use an older checkpoint under {ckpt.parent} or restore "
-                                                      f"{ckpt.name} from a copy")
+    verify_dir(
+        ckpt,
+        only=[f"{FOLDER}/", CONFIG],
+        fix=f"use an older checkpoint under {ckpt.parent} or restore {ckpt.name} from a copy",
+    )
     if not (ckpt / FOLDER / "meta.json").is_file():
-        raise CheckpointError(f"{ckpt} has no {FOLDER}/meta.json: it was written before layout-independent "
-                         f"checkpoints or is incomplete; resume it with the same layout and save again")
+        raise CheckpointError(
+            f"{ckpt} has no {FOLDER}/meta.json: it was written before layout-independent "
+            f"checkpoints or is incomplete; resume it with the same layout and save again"
+        )
     return _model_config(ckpt / CONFIG), ckpt / FOLDER
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -89,15 +90,18 @@ def check_internals() -> None:
     if missing:
         raise RuntimeError(
             f"deepspeed {deepspeed.__version__} lacks internals llmtrain uses (llmtrain/parallel/ds_compat.py): "
-            f"{', '.join(missing)}; install the tested range: pip install '{TESTED}'")
+            f"{', '.join(missing)}; install the tested range: pip install '{TESTED}'"
+        )
 
 
 def _require(obj: Any, name: str, where: str) -> Any:
     if not hasattr(obj, name):
         import deepspeed
 
-        raise RuntimeError(f"deepspeed {deepspeed.__version__}: {where}.{name} is gone, which "
-                           f"llmtrain/parallel/ds_compat.py relies on; install '{TESTED}'")
+        raise RuntimeError(
+            f"deepspeed {deepspeed.__version__}: {where}.{name} is gone, which "
+            f"llmtrain/parallel/ds_compat.py relies on; install '{TESTED}'"
+        )
     return getattr(obj, name)
 
 
@@ -163,9 +167,11 @@ def link_optimizer_state_once(optimizer: Any) -> None:
 
 def fp32_partitions(optimizer: Any) -> list[torch.Tensor] | None:
     """The flat fp32 master partitions the wrapped torch optimizer steps, or None (ZeRO-0 fp32)."""
-    return (getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-            or getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
-            or getattr(optimizer, "fp32_groups_flat_partition", None))  # bf16 optimizer
+    return (
+        getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+        or getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+        or getattr(optimizer, "fp32_groups_flat_partition", None)
+    )  # bf16 optimizer
 
 
 def refresh_zero3_partitions(optimizer: Any) -> None:

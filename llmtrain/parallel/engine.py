@@ -9,9 +9,10 @@ and logged.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -94,12 +95,17 @@ def preflight(info: DistInfo) -> dict[str, Any]:
     for r, h in enumerate(hosts):
         by_host.setdefault(h, []).append(r)
     if int(x.item()) != info.world_size**2:  # ones summed twice over the world
-        raise RuntimeError(f"preflight all-reduce returned {x.item()}, expected {info.world_size ** 2}")
+        raise RuntimeError(f"preflight all-reduce returned {x.item()}, expected {info.world_size**2}")
     return {
-        "world_size": info.world_size, "backend": info.backend, "device": str(info.device.type),
-        "hosts": by_host, "allreduce_ms": 1000 * (time.perf_counter() - start),
-        "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None,
+        "world_size": info.world_size,
+        "backend": info.backend,
+        "device": str(info.device.type),
+        "hosts": by_host,
+        "allreduce_ms": 1000 * (time.perf_counter() - start),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None,
     }
 
 
@@ -127,8 +133,11 @@ def _limit_cpu_threads() -> None:
 def deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
     """Translate our config into DeepSpeed's JSON config (the only place that knows its key names)."""
     p, t = cfg.parallel, cfg.train
-    zero: dict[str, Any] = {"stage": p.zero_stage, "reduce_bucket_size": p.comm_bucket_size,
-                            "allgather_bucket_size": p.comm_bucket_size}
+    zero: dict[str, Any] = {
+        "stage": p.zero_stage,
+        "reduce_bucket_size": p.comm_bucket_size,
+        "allgather_bucket_size": p.comm_bucket_size,
+    }
     if p.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = p.comm_bucket_size
     if p.overlap_comm is not None:
@@ -165,8 +174,9 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float,
-                 skip_decay: Callable[[str, Any], bool] | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, skip_decay: Callable[[str, Any], bool] | None = None
+) -> list[dict[str, Any]]:
     """Decay what the model family's rule does not exempt (`ModelFamily.no_decay`: norms, biases, position
     tables); `skip_decay` defaults to the rule of `model.cfg`'s family (a pipeline module passes its own)."""
     if skip_decay is None:
@@ -300,8 +310,10 @@ def get_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Te
             return {"fp32": weight, **{k: torch.zeros_like(weight) for k in ADAM_KEYS}}
         return {"fp32": weight, **{k: safe_get_full_optimizer_state(param, k) for k in ADAM_KEYS}}
     state = engine.optimizer.state.get(param, {})  # ZeRO-0 fp32: the torch optimizer holds it as is
-    return {"fp32": param.detach().float(),
-            **{k: state[k] if k in state else torch.zeros_like(param, dtype=torch.float32) for k in ADAM_KEYS}}
+    return {
+        "fp32": param.detach().float(),
+        **{k: state[k] if k in state else torch.zeros_like(param, dtype=torch.float32) for k in ADAM_KEYS},
+    }
 
 
 def link_optimizer_state(engine: Any) -> None:
@@ -323,8 +335,10 @@ def prepare_set_state(engine: Any) -> None:
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)  # ZeRO / bf16 wrap the torch optimizer
     # The flat fp32 partitions the torch optimizer steps (ZeRO-3 hands them over one sub-group at a time)
-    masters = (ds_compat.fp32_partitions(opt)  # ZeRO-1/2/3, bf16 optimizer
-               or [p for g in base.param_groups for p in g["params"]])  # ZeRO-0 fp32
+    masters = (
+        ds_compat.fp32_partitions(opt)  # ZeRO-1/2/3, bf16 optimizer
+        or [p for g in base.param_groups for p in g["params"]]
+    )  # ZeRO-0 fp32
     for p in masters:
         st = base.state[p]
         if "exp_avg" not in st:
@@ -377,25 +391,35 @@ def pipeline_module(layers: list[Any], topology: Any, loss_fn: Callable | None, 
 
     from llmtrain.models.spec import TiedLayer
 
-    specs = [TiedLayerSpec(layer.key, layer.module_class, *layer.args, forward_fn=layer.forward_fn,
-                           tied_weight_attr=layer.weight_attr) if isinstance(layer, TiedLayer) else layer
-             for layer in layers]
+    specs = [
+        TiedLayerSpec(
+            layer.key, layer.module_class, *layer.args, forward_fn=layer.forward_fn, tied_weight_attr=layer.weight_attr
+        )
+        if isinstance(layer, TiedLayer)
+        else layer
+        for layer in layers
+    ]
     return PipelineModule(layers=specs, topology=topology, loss_fn=loss_fn, partition_method=partition_method)
 
 
-def initialize_pipeline(module: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-                        ds_config: dict[str, Any]) -> Any:
+def initialize_pipeline(
+    module: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any, ds_config: dict[str, Any]
+) -> Any:
     """DeepSpeed's PipelineEngine around a `pipeline_module`."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
+    )
     return engine
 
 
-def zero3_inference_engine(build: Callable[[], torch.nn.Module],
-                           fill: Callable[[torch.nn.Module, Callable[[list[Any]], Any]], None],
-                           dtype: torch.dtype, overrides: dict[str, Any] | None = None) -> Any:
+def zero3_inference_engine(
+    build: Callable[[], torch.nn.Module],
+    fill: Callable[[torch.nn.Module, Callable[[list[Any]], Any]], None],
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
     """An optimizer-less ZeRO-3 engine around a frozen module (a distillation teacher): `build()` runs inside
     zero.Init (each rank allocates only its partition of every parameter), then `fill(module, gathered)`
     writes the weights, `gathered(params)` being the context in which rank 0's writes reach every partition.
@@ -407,8 +431,14 @@ def zero3_inference_engine(build: Callable[[], torch.nn.Module],
     # student's layers too) to save activations for a backward the teacher never runs.
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False}
     ds: dict[str, Any]
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-          "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
     if overrides:
         ds = _deep_merge(ds, overrides)
         ds["zero_optimization"]["stage"] = 3
@@ -443,8 +473,11 @@ def get_loss_scaler(engine: Any) -> dict[str, Any] | None:
     scaler = ds_compat.loss_scaler(engine) if engine.fp16_enabled() else None
     if scaler is None:
         return None
-    return {k: (v.item() if isinstance(v, torch.Tensor) else v)
-            for k in ds_compat.LOSS_SCALER_FIELDS if isinstance(v := getattr(scaler, k, None), (int, float, torch.Tensor))}
+    return {
+        k: (v.item() if isinstance(v, torch.Tensor) else v)
+        for k in ds_compat.LOSS_SCALER_FIELDS
+        if isinstance(v := getattr(scaler, k, None), (int, float, torch.Tensor))
+    }
 
 
 def set_loss_scaler(engine: Any, saved: dict[str, Any] | None) -> None:

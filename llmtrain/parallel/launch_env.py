@@ -9,7 +9,7 @@ from what the user asked for is refused instead, naming the recipe key to set.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from llmtrain.config import Config, ConfigError, Derived
 
@@ -21,14 +21,22 @@ _CHECKS: dict[str, tuple[str, Callable[[str, Config, Derived], bool]]] = {
     # "no" is also accelerate's default when nothing was passed: it cannot be told apart, so it is not checked.
     "ACCELERATE_MIXED_PRECISION": ("precision", lambda v, c, d: v == "no" or c.precision in _PRECISION.get(v, ())),
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": (
-        "train.global_batch_size (accumulation is derived from it)", lambda v, c, d: int(v) == d.grad_accum),
+        "train.global_batch_size (accumulation is derived from it)",
+        lambda v, c, d: int(v) == d.grad_accum,
+    ),
     "ACCELERATE_GRADIENT_CLIPPING": ("train.grad_clip", lambda v, c, d: float(v) == c.train.grad_clip),
     "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": (
-        "parallel.offload_optimizer", lambda v, c, d: (v != "none") == c.parallel.offload_optimizer),
+        "parallel.offload_optimizer",
+        lambda v, c, d: (v != "none") == c.parallel.offload_optimizer,
+    ),
     "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": (
-        "parallel.offload_params", lambda v, c, d: (v != "none") == c.parallel.offload_params),
+        "parallel.offload_params",
+        lambda v, c, d: (v != "none") == c.parallel.offload_params,
+    ),
     "ACCELERATE_DEEPSPEED_CONFIG_FILE": (
-        "parallel.deepspeed_overrides (DeepSpeed keys the recipe does not model)", lambda v, c, d: False),
+        "parallel.deepspeed_overrides (DeepSpeed keys the recipe does not model)",
+        lambda v, c, d: False,
+    ),
 }
 
 

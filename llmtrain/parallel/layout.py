@@ -99,7 +99,9 @@ class ParallelDims:
         stages = []
         for s in range(self.pp):
             ranks = [self.rank_of(Coords(d, s, t)) for d in range(self.dp) for t in range(self.tp)]
-            stages.append(f"stage {s}: ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"stage {s}: rank {ranks[0]}")
+            stages.append(
+                f"stage {s}: ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"stage {s}: rank {ranks[0]}"
+            )
         return "; ".join(stages) + f" (tp groups of {self.tp} adjacent ranks, dp replicas every {self.tp} ranks)"
 
     def as_dict(self) -> dict[str, int]:

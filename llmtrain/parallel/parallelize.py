@@ -8,7 +8,7 @@ checkpointed and compiled like the model's own.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -16,8 +16,9 @@ from llmtrain.config import Config, Derived
 from llmtrain.parallel.runner import EngineRunner, Runner
 
 
-def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: torch.device,
-                 lr_lambda: Callable[[int], float]) -> Runner:
+def build_runner(
+    model: torch.nn.Module, cfg: Config, derived: Derived, device: torch.device, lr_lambda: Callable[[int], float]
+) -> Runner:
     """Apply the configured parallelism to the plain model (TP -> activation checkpointing -> pipeline
     -> engine) and return the runner for that layout."""
     from llmtrain.parallel.checkpointing import apply_activation_checkpointing
@@ -32,8 +33,9 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
 
         apply_tensor_parallel(model, plan_for(model), *tp_group)
     where = dims.coords(rank())
-    universal = UniversalCheckpoint(model, layout_of(dims, p.zero_stage, cfg.precision),
-                                    tp_group[0], writer=where.dp == 0 and where.tp == 0)
+    universal = UniversalCheckpoint(
+        model, layout_of(dims, p.zero_stage, cfg.precision), tp_group[0], writer=where.dp == 0 and where.tp == 0
+    )
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if cfg.train.compile:
         from llmtrain.parallel.compile import compile_blocks
@@ -44,12 +46,19 @@ def build_runner(model: torch.nn.Module, cfg: Config, derived: Derived, device: 
         from llmtrain.parallel.pipeline import build_pipeline_runner
 
         return build_pipeline_runner(
-            model, deepspeed_config(cfg, derived),
-            lambda module: skippable_adamw(cfg, param_groups(module, cfg.optim.weight_decay,
-                                                             family_of(model.cfg).no_decay)),
-            lr_lambda, dims, partition=p.pipeline_partition, device=device, universal=universal)
+            model,
+            deepspeed_config(cfg, derived),
+            lambda module: skippable_adamw(
+                cfg, param_groups(module, cfg.optim.weight_decay, family_of(model.cfg).no_decay)
+            ),
+            lr_lambda,
+            dims,
+            partition=p.pipeline_partition,
+            device=device,
+            universal=universal,
+        )
     mpu = dims.ds_grid() if dims.tp > 1 else None
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
-    return EngineRunner(engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu,
-                        universal=universal)
-
+    return EngineRunner(
+        engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu, universal=universal
+    )

@@ -17,14 +17,16 @@ flight. DeepSpeed refuses ZeRO-2/3 with pipelines (gradients must stay whole acr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmtrain.models.objective import Objective, local_loss, pop_metrics as objective_metrics
+from llmtrain.models.objective import Objective, local_loss
+from llmtrain.models.objective import pop_metrics as objective_metrics
 from llmtrain.models.registry import family_of
 from llmtrain.models.spec import PipelineSplit
 from llmtrain.parallel.ds_compat import replace_fp32_clipping, stage_boundaries, stage_layers
@@ -34,11 +36,18 @@ from llmtrain.parallel.tensor_parallel import full_logits, loss_context
 from llmtrain.utils import print0
 
 if TYPE_CHECKING:
-    from llmtrain.parallel.universal import UniversalCheckpoint
     from llmtrain.models.config import ModelConfig
+    from llmtrain.parallel.universal import UniversalCheckpoint
 
-__all__ = ["PARTITIONS", "PipelineSplit", "pipeline_split", "build_pipeline_module", "ObjectiveLoss",
-           "PipelineRunner", "build_pipeline_runner"]
+__all__ = [
+    "PARTITIONS",
+    "PipelineSplit",
+    "pipeline_split",
+    "build_pipeline_module",
+    "ObjectiveLoss",
+    "PipelineRunner",
+    "build_pipeline_runner",
+]
 
 # partition name in our config -> DeepSpeed's partition_method
 PARTITIONS = {"parameters": "parameters", "layers": "type:Block"}
@@ -49,8 +58,7 @@ def pipeline_split(model: nn.Module) -> PipelineSplit:
     return family_of(model.cfg).pipeline_split(model)
 
 
-def build_pipeline_module(split: PipelineSplit, dims: ParallelDims, partition: str,
-                          loss_fn: Callable | None) -> Any:
+def build_pipeline_module(split: PipelineSplit, dims: ParallelDims, partition: str, loss_fn: Callable | None) -> Any:
     """Split the layers into `dims.pp` stages over the layout's process topology (rank order: layout.py)."""
     from llmtrain.parallel.engine import pipeline_module
 
@@ -84,8 +92,15 @@ class ObjectiveLoss:
 class PipelineRunner:
     """Pipeline (x data) parallel with ZeRO 0/1: DeepSpeed's PipelineEngine runs 1F1B per optimizer step."""
 
-    def __init__(self, engine: Any, split: PipelineSplit, device: torch.device, width: int, vocab: int,
-                 universal: UniversalCheckpoint | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        split: PipelineSplit,
+        device: torch.device,
+        width: int,
+        vocab: int,
+        universal: UniversalCheckpoint | None = None,
+    ):
         self.engine, self.split, self.device, self.universal = engine, split, device, universal
         self._width, self._vocab = width, vocab  # shapes of the activations and logits sent between stages
         grid = engine.grid
@@ -93,8 +108,9 @@ class PipelineRunner:
         self.stage, self.num_stages = grid.get_stage_id(), engine.num_stages
         self.tp = grid.get_slice_parallel_world_size()
         self._norm: float | None = None
-        if engine.gradient_clipping() > 0 and not (engine.zero_optimization() or engine.bfloat16_enabled()
-                                                   or engine.fp16_enabled()):
+        if engine.gradient_clipping() > 0 and not (
+            engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()
+        ):
             self._record_fp32_norm()
 
     def _record_fp32_norm(self) -> None:
@@ -106,8 +122,9 @@ class PipelineRunner:
 
         def clip_and_record() -> None:
             params = [p for p in engine.module.parameters() if p.grad is not None]
-            self._norm = model_parallel_grad_norm(params, engine.mpu.get_model_parallel_group(),
-                                         engine.grid.get_slice_parallel_rank())
+            self._norm = model_parallel_grad_norm(
+                params, engine.mpu.get_model_parallel_group(), engine.grid.get_slice_parallel_rank()
+            )
             coef = min(1.0, engine.gradient_clipping() / (self._norm + 1e-6))
             for p in params:
                 p.grad.mul_(coef)
@@ -118,7 +135,10 @@ class PipelineRunner:
         return iter([(self.split.inputs(mb), self.split.labels(mb)) for mb in micro_batches])
 
     def train_step(self, objective, micro_batches, measure_norm):
-        if not isinstance(self.engine.module.loss_fn, ObjectiveLoss) or self.engine.module.loss_fn.objective is not objective:
+        if (
+            not isinstance(self.engine.module.loss_fn, ObjectiveLoss)
+            or self.engine.module.loss_fn.objective is not objective
+        ):
             self.engine.module.loss_fn = ObjectiveLoss(objective, self.split.as_batch)
         pairs = self._pairs(micro_batches)
         with loss_context(self.tp):  # vocab-parallel cross-entropy on the last stage, forward and backward
@@ -166,8 +186,10 @@ class PipelineRunner:
                 x = layer(x)
             x = full_logits(x) if self.stage == self.num_stages - 1 else x
             if self.stage < self.num_stages - 1:
-                dist.send(x.contiguous(), dst=grid.stage_to_global(stage_id=self.stage + 1, data=self.dp_rank,
-                                                                   **_model_kw(grid)))
+                dist.send(
+                    x.contiguous(),
+                    dst=grid.stage_to_global(stage_id=self.stage + 1, data=self.dp_rank, **_model_kw(grid)),
+                )
                 x = torch.empty(B, T, self._vocab, device=self.device, dtype=_act_dtype(engine))
             last = grid.stage_to_global(stage_id=self.num_stages - 1, data=self.dp_rank, **_model_kw(grid))
             dist.broadcast(x, src=last, group=grid.get_pipe_parallel_group())
@@ -190,9 +212,16 @@ def _act_dtype(engine: Any) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
 
 
-def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer_fn: Callable,
-                          lr_lambda: Callable[[int], float], dims: ParallelDims, partition: str,
-                          device: torch.device, universal: UniversalCheckpoint | None = None) -> PipelineRunner:
+def build_pipeline_runner(
+    model: nn.Module,
+    ds_config: dict[str, Any],
+    optimizer_fn: Callable,
+    lr_lambda: Callable[[int], float],
+    dims: ParallelDims,
+    partition: str,
+    device: torch.device,
+    universal: UniversalCheckpoint | None = None,
+) -> PipelineRunner:
     """Split `model`, wrap the stages in DeepSpeed's PipelineEngine and return the runner."""
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -204,5 +233,6 @@ def build_pipeline_runner(model: nn.Module, ds_config: dict[str, Any], optimizer
     optimizer = optimizer_fn(module)
     engine = initialize_pipeline(module, optimizer, LambdaLR(optimizer, lr_lambda), ds_config)
     model_cfg = cast("ModelConfig", model.cfg)
-    return PipelineRunner(engine, split, device, width=model_cfg.n_embd, vocab=model_cfg.vocab_size,
-                          universal=universal)
+    return PipelineRunner(
+        engine, split, device, width=model_cfg.n_embd, vocab=model_cfg.vocab_size, universal=universal
+    )

@@ -42,8 +42,9 @@ class Runner(Protocol):
     dp_rank: int
     dp_size: int
 
-    def train_step(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
-                   measure_norm: bool) -> StepResult:
+    def train_step(
+        self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]], measure_norm: bool
+    ) -> StepResult:
         """One optimizer step over the accumulation micro-batches. When the loss is not finite on any
         rank, every rank skips the parameter update (weights and optimizer moments stay as they were)."""
         ...
@@ -73,8 +74,17 @@ class Runner(Protocol):
 class EngineRunner:
     """Data parallel with ZeRO 0-3: one DeepSpeed engine over the whole model."""
 
-    def __init__(self, engine: Any, optimizer: Any, device: torch.device, dp_rank: int, dp_size: int,
-                 tp: int = 1, mpu: Any = None, universal: UniversalCheckpoint | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        optimizer: Any,
+        device: torch.device,
+        dp_rank: int,
+        dp_size: int,
+        tp: int = 1,
+        mpu: Any = None,
+        universal: UniversalCheckpoint | None = None,
+    ):
         self.engine, self.optimizer = engine, optimizer
         self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
         self.tp, self.mpu = tp, mpu  # with tp > 1: the grid whose model-parallel group holds the shards
@@ -107,8 +117,7 @@ class EngineRunner:
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         if self.tp == 1:
             return model_parallel_grad_norm(params)  # gradients already averaged over the dp ranks
-        return model_parallel_grad_norm(params, self.mpu.get_model_parallel_group(),
-                                        self.mpu.get_slice_parallel_rank())
+        return model_parallel_grad_norm(params, self.mpu.get_model_parallel_group(), self.mpu.get_slice_parallel_rank())
 
     @torch.no_grad()
     def eval_loss(self, objective, batch):

@@ -45,16 +45,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llmtrain.errors import UserError
+
 # The plans live in the families' folders (models/<family>/tp.py); kept importable here.
 from llmtrain.models.bert.tp import BERT_PRETRAIN_TP_PLAN, BERT_TP_PLAN  # noqa: E402
 from llmtrain.models.gpt.tp import GPT_TP_PLAN, LLAMA_TP_PLAN  # noqa: E402
-from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
     from llmtrain.models.config import ModelConfig
 
-__all__ = ["GPT_TP_PLAN", "LLAMA_TP_PLAN", "BERT_TP_PLAN", "BERT_PRETRAIN_TP_PLAN", "plan_for", "apply_tensor_parallel",
-           "full_logits", "loss_context", "vocab_parallel_log_softmax"]
+__all__ = [
+    "GPT_TP_PLAN",
+    "LLAMA_TP_PLAN",
+    "BERT_TP_PLAN",
+    "BERT_PRETRAIN_TP_PLAN",
+    "plan_for",
+    "apply_tensor_parallel",
+    "full_logits",
+    "loss_context",
+    "vocab_parallel_log_softmax",
+]
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -144,12 +154,14 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         blocks = blocks or [linear.out_features]
         if sum(blocks) != linear.out_features or any(b % size for b in blocks):
-            raise UserError(f"output blocks {blocks} of {linear.out_features} features cannot each be split "
-                             f"over {size} ranks")
+            raise UserError(
+                f"output blocks {blocks} of {linear.out_features} features cannot each be split over {size} ranks"
+            )
         # rows of each stacked block (q, k, v) that belong to this rank
         starts = [sum(blocks[:i]) for i in range(len(blocks))]
-        rows = torch.cat([torch.arange(s + rank * (b // size), s + (rank + 1) * (b // size))
-                          for s, b in zip(starts, blocks)])
+        rows = torch.cat(
+            [torch.arange(s + rank * (b // size), s + (rank + 1) * (b // size)) for s, b in zip(starts, blocks)]
+        )
         self.group = group
         self.weight = _shard_param(linear.weight, rows, 0)
         self.bias = _shard_param(linear.bias, rows, 0) if linear.bias is not None else None
@@ -238,8 +250,11 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group: Any, me
     Returns the names of the modules that were replaced or adapted.
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    tied = hasattr(model, "lm_head") and hasattr(model, "wte") and \
-        model.get_submodule("lm_head").weight is model.get_submodule("wte").weight
+    tied = (
+        hasattr(model, "lm_head")
+        and hasattr(model, "wte")
+        and model.get_submodule("lm_head").weight is model.get_submodule("wte").weight
+    )
     done = []
     for pattern, style in plan.items():
         names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
@@ -272,16 +287,18 @@ def _expect(module: nn.Module, cls: type[_M], style: str) -> _M:
     return module
 
 
-def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: Any, mesh: Any,
-           rank: int, size: int) -> nn.Module:
+def _build(
+    style: str, module: nn.Module, model: nn.Module, tied: bool, group: Any, mesh: Any, rank: int, size: int
+) -> nn.Module:
     if style == "column":
         return ColumnParallelLinear(_expect(module, nn.Linear, style), group, rank, size)
     if style == "column_qkv":
         c = cast("ModelConfig", model.cfg)
         hs = getattr(c, "head_dim", None) or c.n_embd // c.n_head
         n_kv = getattr(c, "n_kv_head", None) or c.n_head
-        return ColumnParallelLinear(_expect(module, nn.Linear, style), group, rank, size,
-                                    blocks=[c.n_head * hs, n_kv * hs, n_kv * hs])
+        return ColumnParallelLinear(
+            _expect(module, nn.Linear, style), group, rank, size, blocks=[c.n_head * hs, n_kv * hs, n_kv * hs]
+        )
     if style == "row":
         return RowParallelLinear(_expect(module, nn.Linear, style), group, rank, size)
     if style == "vocab_embed":
@@ -293,8 +310,9 @@ def _build(style: str, module: nn.Module, model: nn.Module, tied: bool, group: A
         weight = model.get_parameter("wte.weight") if tied else _shard_param(head.weight, rows, 0)
         bias = _shard_param(head.bias, rows, 0) if head.bias is not None else None
         return VocabParallelHead(weight, group, mesh, bias)
-    raise ValueError(f"unknown tensor-parallel style {style!r}; known: column, column_qkv, row, vocab_embed, "
-                     f"vocab_head, heads")
+    raise ValueError(
+        f"unknown tensor-parallel style {style!r}; known: column, column_qkv, row, vocab_embed, vocab_head, heads"
+    )
 
 
 def plan_for(model: nn.Module) -> dict[str, str]:

@@ -59,8 +59,15 @@ def _gather_tp(t: torch.Tensor, param: torch.nn.Parameter, tp_group: Any) -> tor
     return full
 
 
-def save_universal(engine: Any, names: dict[int, str], directory: Path, layout: dict[str, Any],
-                   tp_group: Any, writer: bool, step_state: dict[str, Any]) -> None:
+def save_universal(
+    engine: Any,
+    names: dict[int, str],
+    directory: Path,
+    layout: dict[str, Any],
+    tp_group: Any,
+    writer: bool,
+    step_state: dict[str, Any],
+) -> None:
     """Collective. `names` maps id(parameter) -> plain-model name; `writer` is this rank's duty to write
     the parameters of its stage (first data-parallel replica, tensor-parallel rank 0)."""
     from safetensors import SafetensorError
@@ -108,8 +115,10 @@ def load_universal(engine: Any, names: dict[int, str], directory: Path, load_opt
     for param in _local_params(engine, names):
         path = _file(directory, names[id(param)])
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing: the checkpoint under {directory} is incomplete; "
-                                  f"resume from an older checkpoint (train.resume=<its step_* folder>)")
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint under {directory} is incomplete; "
+                f"resume from an older checkpoint (train.resume=<its step_* folder>)"
+            )
         with safe_open(str(path), framework="pt") as f:
             values = {k: _local_slice(f.get_tensor(k), param) for k in f.keys()}
         if not load_optimizer:
@@ -143,8 +152,10 @@ def read_meta(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {directory} was written before layout-independent "
-                              f"checkpoints or is incomplete; resume from another checkpoint") from None
+        raise CheckpointError(
+            f"{path} is missing: {directory} was written before layout-independent "
+            f"checkpoints or is incomplete; resume from another checkpoint"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); resume from another checkpoint") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("optimizer_step"), int):
@@ -158,11 +169,16 @@ def check_same_parameters(directory: Path, names: dict[int, str]) -> None:
     wanted = set(names.values())
     extra, missing = sorted(saved - wanted), sorted(wanted - saved)
     if extra or missing:
-        what = (f"parameters this model lacks ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
-                if extra else f"no '{missing[0]}' ({len(missing)} parameters missing)")
-        raise CheckpointError(f"{directory / FOLDER} holds {what}: it was saved from another model shape; "
-                              f"resume with the checkpoint's model.* keys, or start a new out_dir "
-                              f"(model.init_from=... to start from its weights)")
+        what = (
+            f"parameters this model lacks ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
+            if extra
+            else f"no '{missing[0]}' ({len(missing)} parameters missing)"
+        )
+        raise CheckpointError(
+            f"{directory / FOLDER} holds {what}: it was saved from another model shape; "
+            f"resume with the checkpoint's model.* keys, or start a new out_dir "
+            f"(model.init_from=... to start from its weights)"
+        )
 
 
 def _local_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
@@ -198,9 +214,12 @@ class UniversalCheckpoint:
     def save(self, engine: Any, directory: Path) -> None:
         from llmtrain.parallel.engine import adam_step, get_loss_scaler
 
-        step_state = {"optimizer_step": global_steps(engine), "adam_step": adam_step(engine),
-                      "loss_scaler": get_loss_scaler(engine),
-                      "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+        step_state = {
+            "optimizer_step": global_steps(engine),
+            "adam_step": adam_step(engine),
+            "loss_scaler": get_loss_scaler(engine),
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        }
         save_universal(engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state)
 
     def needs_conversion(self, directory: Path) -> bool:
@@ -212,6 +231,8 @@ class UniversalCheckpoint:
         from llmtrain.utils import print0
 
         if self.needs_conversion(directory):
-            print0(f"resuming across layouts: saved on {saved_layout(directory)}, now {self.layout}; "
-                   f"loading {directory / FOLDER}")
+            print0(
+                f"resuming across layouts: saved on {saved_layout(directory)}, now {self.layout}; "
+                f"loading {directory / FOLDER}"
+            )
         load_universal(engine, self.names, directory, load_optimizer)

@@ -35,10 +35,19 @@ import torch
 from llmtrain.config import Config, save_config
 from llmtrain.errors import CheckpointError
 from llmtrain.integrity import digest_files, list_files, listed_files, verify_files, write_checksums
+
 # Path resolution lives under llmtrain/parallel (readers there must not import the trainer); the old
 # names stay importable from here.
-from llmtrain.parallel.checkpoint_paths import (GOOD, LATEST, checkpoint_root, good_checkpoint,  # noqa: F401
-                                                latest_checkpoint, resolve_checkpoint, step_name, step_of)
+from llmtrain.parallel.checkpoint_paths import (
+    GOOD,
+    LATEST,
+    checkpoint_root,
+    good_checkpoint,  # noqa: F401
+    latest_checkpoint,  # noqa: F401
+    resolve_checkpoint,  # noqa: F401
+    step_name,
+    step_of,
+)
 from llmtrain.utils import barrier, print0, rank, world_size
 
 if TYPE_CHECKING:
@@ -54,8 +63,10 @@ def save_checkpoint(runner: Runner, cfg: Config, step: int, trainer_state: dict[
     name = step_name(step)
     tmp, final = root / f".tmp-{name}", root / name
     if not _all_ranks(optimizer_state_finite(runner.engine)):
-        print0(f"checkpoint {name} not written: parameters or optimizer state are not finite; "
-               f"{root / LATEST} keeps naming the last finite one")
+        print0(
+            f"checkpoint {name} not written: parameters or optimizer state are not finite; "
+            f"{root / LATEST} keeps naming the last finite one"
+        )
         return None
 
     def prepare() -> None:
@@ -97,9 +108,11 @@ def _collectively(action: Callable[[], None] | None, tmp: Path) -> None:
         return
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    raise CheckpointError(f"cannot write checkpoint {tmp.name.removeprefix('.tmp-')}: {first}; free space on "
-                          f"that filesystem or make out_dir writable (or choose another out_dir), then rerun "
-                          f"to resume from {tmp.parent / LATEST}")
+    raise CheckpointError(
+        f"cannot write checkpoint {tmp.name.removeprefix('.tmp-')}: {first}; free space on "
+        f"that filesystem or make out_dir writable (or choose another out_dir), then rerun "
+        f"to resume from {tmp.parent / LATEST}"
+    )
 
 
 def _write_failure(exc: BaseException, tmp: Path) -> str:
@@ -124,7 +137,7 @@ def _hash_share(tmp: Path) -> dict[str, Any]:
     names = _broadcast(names)
     mine = {}
     try:
-        mine = digest_files(tmp, names[rank()::world_size()])
+        mine = digest_files(tmp, names[rank() :: world_size()])
     except OSError:
         pass  # rank 0 hashes what is missing when it writes checksums.json
     merged: dict[str, Any] = {}
@@ -202,8 +215,14 @@ def confirm_good(out_dir: str | Path, step: int, finite_steps: int, window: int)
     good = good_checkpoint(out_dir)
     good_step = step_of(good.name) if good is not None else None
     floor = good_step if good_step is not None else -1
-    ready = [s for p in root.glob("step_*") if (s := step_of(p.name)) is not None
-             and floor < s <= step - window and step - s <= finite_steps and (p / "trainer_state.json").is_file()]
+    ready = [
+        s
+        for p in root.glob("step_*")
+        if (s := step_of(p.name)) is not None
+        and floor < s <= step - window
+        and step - s <= finite_steps
+        and (p / "trainer_state.json").is_file()
+    ]
     if ready:
         _point(root, GOOD, step_name(max(ready)))
 
@@ -239,7 +258,7 @@ def verify_checkpoint(path: Path) -> None:
     error = ""
     try:
         names = [n for n in listed_files(path, fix) if n.startswith(RESUME_FILES)]
-        verify_files(path, names[rank()::world_size()], fix)
+        verify_files(path, names[rank() :: world_size()], fix)
     except CheckpointError as exc:
         error = str(exc)
     first = next((e for e in _gather(error) if e), None)
@@ -252,16 +271,20 @@ def load_checkpoint(runner: Runner, path: Path, load_optimizer: bool = True) -> 
     verify_checkpoint(path)
     trainer_state = read_json(path / "trainer_state.json")
     if not isinstance(trainer_state.get("step"), int) or not isinstance(trainer_state.get("tokens_seen"), int):
-        raise CheckpointError(f"{path / 'trainer_state.json'} lacks step or tokens_seen; resume from an older "
-                              f"checkpoint (train.resume={path.parent}/step_...)")
+        raise CheckpointError(
+            f"{path / 'trainer_state.json'} lacks step or tokens_seen; resume from an older "
+            f"checkpoint (train.resume={path.parent}/step_...)"
+        )
     runner.load(path, load_optimizer=load_optimizer)
     rng_file = path / f"rng_rank{rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved: keep the seeded state
         try:
             _set_rng_state(read_json(rng_file))
         except (KeyError, TypeError, ValueError, RuntimeError):
-            raise CheckpointError(f"{rng_file} does not hold a torch RNG state; resume from an older checkpoint "
-                                  f"(train.resume={path.parent}/step_...)") from None
+            raise CheckpointError(
+                f"{rng_file} does not hold a torch RNG state; resume from an older checkpoint "
+                f"(train.resume={path.parent}/step_...)"
+            ) from None
     return trainer_state
 
 
@@ -270,14 +293,19 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; resume from an older one "
-                              f"(train.resume={path.parent.parent}/step_...)") from None
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint is incomplete; resume from an older one "
+            f"(train.resume={path.parent.parent}/step_...)"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); resume from an older checkpoint "
-                              f"(train.resume={path.parent.parent}/step_...)") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); resume from an older checkpoint "
+            f"(train.resume={path.parent.parent}/step_...)"
+        ) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} is not a JSON object; resume from an older checkpoint "
-                              f"(train.resume={path.parent.parent}/step_...)")
+        raise CheckpointError(
+            f"{path} is not a JSON object; resume from an older checkpoint (train.resume={path.parent.parent}/step_...)"
+        )
     return obj
 
 
@@ -312,9 +340,13 @@ def _write_json(path: Path, obj: Any) -> None:
 # the new keys at the resumed step), max_steps, grad_clip, intervals, batch sizes, layout and precision
 # (the checkpoint is layout-free), logging.
 _FIXED: tuple[tuple[str, str], ...] = (
-    ("model.name", ""), ("model.dropout", ""), ("model.init_from", ""), ("model.init_std", ""),
+    ("model.name", ""),
+    ("model.dropout", ""),
+    ("model.init_from", ""),
+    ("model.init_std", ""),
     ("model.", "the checkpoint holds this architecture's parameters"),
-    ("data.cache_dir", ""), ("data.stream_workers", ""),
+    ("data.cache_dir", ""),
+    ("data.stream_workers", ""),
     ("data.", "the saved data position belongs to this dataset and tokenizer"),
     ("train.seed", "the seed fixed the data order the saved position refers to"),
     ("train.seq_len", "the saved data position counts sequences of this length"),
@@ -356,7 +388,9 @@ def resume_changes(cfg: Config, path: Path) -> list[str]:
         raise CheckpointError(
             f"cannot resume {path} with changed keys: "
             + "; ".join(f"{', '.join(keys)}: {r}" for r, keys in reasons.items())
-            + ". Use the saved values (see its config.yaml), or a new out_dir with model.init_from=" + str(path))
+            + ". Use the saved values (see its config.yaml), or a new out_dir with model.init_from="
+            + str(path)
+        )
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differing if k not in ("train.resume",)]
 
 

@@ -9,7 +9,8 @@ FLOP rate by the device's dense BF16 peak. HFU also counts work redone by activa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,8 +48,9 @@ def model_flops_per_token(n_matmul_params: float, n_layer: int, d_model: int, se
     return 6.0 * n_matmul_params + 12.0 * n_layer * d_model * seq_len
 
 
-def recompute_flops_per_token(mode: str, n_block_params: int, n_layer: int, d_model: int, seq_len: int,
-                              every_n: int = 2) -> float:
+def recompute_flops_per_token(
+    mode: str, n_block_params: int, n_layer: int, d_model: int, seq_len: int, every_n: int = 2
+) -> float:
     """Extra forward FLOPs per token spent recomputing activations in backward: a block's forward is
     2 x its parameters + the attention core 4·d·T; `every_n` recomputes blocks 0, n, 2n, ..."""
     core = 4.0 * d_model * seq_len  # QK^T and AV of one layer, forward
@@ -62,8 +64,15 @@ def recompute_flops_per_token(mode: str, n_block_params: int, n_layer: int, d_mo
     return 0.0
 
 
-def flops_per_token(model: nn.Module, n_layer: int, d_model: int, seq_len: int, data: DataConfig | None = None,
-                    checkpointing: str = "none", every_n: int = 2) -> tuple[float, float]:
+def flops_per_token(
+    model: nn.Module,
+    n_layer: int,
+    d_model: int,
+    seq_len: int,
+    data: DataConfig | None = None,
+    checkpointing: str = "none",
+    every_n: int = 2,
+) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per token of a training step of `model` (an nn.Module, meta is fine) on
     `data` (its DataConfig: which batches, e.g. BERT's masked-LM fraction). The matmul parameters per token
     are the model family's count (`ModelFamily.matmul_params_per_token`): it knows its lookups and its

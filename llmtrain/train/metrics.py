@@ -62,8 +62,14 @@ def _start_wandb(out_dir: Path, project: str, run_config: dict[str, Any]) -> Any
     id_file = out_dir / "wandb_id"
     if not id_file.exists():
         id_file.write_text(uuid.uuid4().hex[:12])
-    return wandb.init(project=project, dir=str(out_dir), id=id_file.read_text().strip(), resume="allow",
-                      config=run_config, name=out_dir.name)
+    return wandb.init(
+        project=project,
+        dir=str(out_dir),
+        id=id_file.read_text().strip(),
+        resume="allow",
+        config=run_config,
+        name=out_dir.name,
+    )
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

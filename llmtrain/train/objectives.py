@@ -15,8 +15,18 @@ from llmtrain.models.registry import FAMILIES, family_of
 if TYPE_CHECKING:
     from llmtrain.models.config import ModelConfig
 
-__all__ = ["MetricSums", "Objective", "local_loss", "pop_metrics", "CausalLM", "MaskedLMWithNSP",
-           "SequenceClassification", "BertObjective", "OBJECTIVES", "objective_for"]
+__all__ = [
+    "MetricSums",
+    "Objective",
+    "local_loss",
+    "pop_metrics",
+    "CausalLM",
+    "MaskedLMWithNSP",
+    "SequenceClassification",
+    "BertObjective",
+    "OBJECTIVES",
+    "objective_for",
+]
 
 # model.arch -> the objective it trains with (each family's spec names it).
 OBJECTIVES: dict[str, Callable[[], Objective]] = {name: f.objective for name, f in FAMILIES.items()}

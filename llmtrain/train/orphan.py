@@ -22,8 +22,17 @@ from pathlib import Path
 
 ORPHAN_GRACE_S = 60.0  # time an orphaned rank has to finish its stop checkpoint before it exits hard
 # argv entries (basenames) that mark a launcher process; our own entry scripts are not among them
-LAUNCHERS = {"torchrun", "torch.distributed.run", "torch.distributed.launch", "deepspeed",
-             "deepspeed.launcher.launch", "deepspeed.launcher.runner", "accelerate", "torchrun.py", "deepspeed_run.py"}
+LAUNCHERS = {
+    "torchrun",
+    "torch.distributed.run",
+    "torch.distributed.launch",
+    "deepspeed",
+    "deepspeed.launcher.launch",
+    "deepspeed.launcher.runner",
+    "accelerate",
+    "torchrun.py",
+    "deepspeed_run.py",
+}
 # set in a rank's environment by torchrun/accelerate (the elastic agent) and by deepspeed's launch.py
 LAUNCHED_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE")
 PR_SET_PDEATHSIG = 1
@@ -75,10 +84,12 @@ def watch_launcher(poll_s: float = 1.0) -> list[tuple[int, str | None]]:
         return _watching
     chain = launcher_chain() if sys.platform == "linux" else []
     _watching = chain
-    if not chain and sys.platform == "linux" and any(k in os.environ for k in LAUNCHED_ENV) \
-            and os.getppid() == 1:
-        print(f"llmtrain: rank {os.environ.get('RANK')} was started by a launcher that is gone; exiting",
-              file=sys.stderr, flush=True)
+    if not chain and sys.platform == "linux" and any(k in os.environ for k in LAUNCHED_ENV) and os.getppid() == 1:
+        print(
+            f"llmtrain: rank {os.environ.get('RANK')} was started by a launcher that is gone; exiting",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)
     if not chain:
         return chain  # plain python or srun: nothing of ours to outlive (srun's step kills its tasks)
@@ -107,8 +118,12 @@ def _watch(chain: list[tuple[int, str | None]], poll_s: float) -> None:
         if gone or os.getppid() != chain[0][0]:
             break
         time.sleep(poll_s)
-    print(f"llmtrain: launcher process {(gone or [chain[0][0]])[0]} is gone; rank {os.environ.get('RANK')} "
-          f"stops (stop checkpoint if training, else exit)", file=sys.stderr, flush=True)
+    print(
+        f"llmtrain: launcher process {(gone or [chain[0][0]])[0]} is gone; rank {os.environ.get('RANK')} "
+        f"stops (stop checkpoint if training, else exit)",
+        file=sys.stderr,
+        flush=True,
+    )
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(ORPHAN_GRACE_S)
     os._exit(1)

@@ -54,5 +54,3 @@ class StopRequest:
         folder = os.environ.get("LLMTRAIN_STOP_DIR")
         if folder and "RANK" in os.environ:
             (Path(folder) / f"rank{os.environ['RANK']}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-

@@ -109,15 +109,21 @@ def acquire(out_dir: str | Path) -> RunLock:
         out.mkdir(parents=True, exist_ok=True)
         return _acquire(out, path)
     except OSError as exc:  # read-only, not a directory, no space: the user's out_dir, not a bug
-        raise UserError(f"out_dir={out}: cannot create {path} ({exc.strerror or exc}); choose a writable "
-                        f"out_dir") from None
+        raise UserError(
+            f"out_dir={out}: cannot create {path} ({exc.strerror or exc}); choose a writable out_dir"
+        ) from None
 
 
 def _acquire(out: Path, path: Path) -> RunLock:
     for _ in range(5):
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "job": os.environ.get("SLURM_JOB_ID"), "token": uuid.uuid4().hex}
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": process_start(os.getpid()),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "job": os.environ.get("SLURM_JOB_ID"),
+            "token": uuid.uuid4().hex,
+        }
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -132,8 +138,10 @@ def _acquire(out: Path, path: Path) -> RunLock:
             f.flush()
             os.fsync(f.fileno())
         return RunLock(path, holder)
-    raise RunDirLocked(f"{path}: could not take the run directory's lock (other jobs keep taking it); "
-                       f"is another job starting in {out}?")
+    raise RunDirLocked(
+        f"{path}: could not take the run directory's lock (other jobs keep taking it); "
+        f"is another job starting in {out}?"
+    )
 
 
 def _break(path: Path, holder: dict[str, Any], reason: str) -> None:
@@ -146,8 +154,10 @@ def _break(path: Path, holder: dict[str, Any], reason: str) -> None:
     aside.unlink(missing_ok=True)
     from llmtrain.utils import eprint
 
-    eprint(f"removed a stale lock {path} (host {holder.get('host')}, pid {holder.get('pid')}, since "
-           f"{holder.get('since')}): {reason}")
+    eprint(
+        f"removed a stale lock {path} (host {holder.get('host')}, pid {holder.get('pid')}, since "
+        f"{holder.get('since')}): {reason}"
+    )
 
 
 def _held_message(out: Path, path: Path, holder: dict[str, Any]) -> str:
@@ -156,11 +166,16 @@ def _held_message(out: Path, path: Path, holder: dict[str, Any]) -> str:
     except OSError:
         beat = ""
     job = f" (SLURM job {holder['job']})" if holder.get("job") else ""
-    who = (f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('since')}" if holder
-           else "a job that is writing its lock right now")
-    return (f"{out} is in use by another job: {who} ({path}{beat}). Wait for that job to end or stop it, or "
-            f"choose another out_dir; a dead job's lock frees itself (at once on its own host, after "
-            f"{STALE_S:.0f} s without heartbeat elsewhere)")
+    who = (
+        f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('since')}"
+        if holder
+        else "a job that is writing its lock right now"
+    )
+    return (
+        f"{out} is in use by another job: {who} ({path}{beat}). Wait for that job to end or stop it, or "
+        f"choose another out_dir; a dead job's lock frees itself (at once on its own host, after "
+        f"{STALE_S:.0f} s without heartbeat elsewhere)"
+    )
 
 
 def lock_run_dir(out_dir: str | Path) -> RunLock | None:

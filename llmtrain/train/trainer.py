@@ -22,8 +22,8 @@ from llmtrain.train import checkpoint as ckpt
 from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
 from llmtrain.train.objectives import Objective, objective_for
-from llmtrain.train.prefetch import Prefetcher
 from llmtrain.train.preemption import StopRequest, watch_launcher
+from llmtrain.train.prefetch import Prefetcher
 from llmtrain.train.runlock import lock_run_dir
 from llmtrain.train.schedule import lr_multiplier
 from llmtrain.utils import barrier, print0, rank
@@ -60,9 +60,15 @@ class Throughput:
 
 def build_throughput(cfg: Config, model: torch.nn.Module, device: torch.device, world_size: int) -> Throughput:
     m = cfg.model
-    per_token, hw_per_token = flops.flops_per_token(model, m.n_layer, m.n_embd, cfg.train.seq_len, cfg.data,
-                                                    cfg.parallel.activation_checkpointing,
-                                                    cfg.parallel.checkpoint_every_n)
+    per_token, hw_per_token = flops.flops_per_token(
+        model,
+        m.n_layer,
+        m.n_embd,
+        cfg.train.seq_len,
+        cfg.data,
+        cfg.parallel.activation_checkpointing,
+        cfg.parallel.checkpoint_every_n,
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return Throughput(per_token, hw_per_token, flops.peak_flops(name), world_size)
 
@@ -101,8 +107,10 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
 
         check_init_from_tokenizer(cfg.model.init_from, data.tokenizer)
         padded = init_model_from(model, cfg.model.init_from)
-        print0(f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0"
-               + (f"; vocabulary padded to {cfg.model.vocab_size} rows in {', '.join(padded)}" if padded else ""))
+        print0(
+            f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0"
+            + (f"; vocabulary padded to {cfg.model.vocab_size} rows in {', '.join(padded)}" if padded else "")
+        )
     if cfg.model.converters:  # after init_from, before any parallelism (llmtrain/models/converters.py)
         from llmtrain.models.converters import apply_converters
 
@@ -114,11 +122,14 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     state = TrainerState()
     if resume_from is not None:
         saved = ckpt.load_checkpoint(runner, resume_from)
-        state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"],
-                             skipped_steps=saved.get("skipped_steps", 0))
+        state = TrainerState(
+            step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved.get("skipped_steps", 0)
+        )
         data.load_state_dict(saved.get("data", {}))
-        print0(f"resumed from {resume_from} at step {state.step}"
-               + (f"; applying changed keys: {', '.join(changed)}" if changed else ""))
+        print0(
+            f"resumed from {resume_from} at step {state.step}"
+            + (f"; applying changed keys: {', '.join(changed)}" if changed else "")
+        )
     print_layout(cfg, derived, info, model)
     sink = MetricsSink(cfg.out_dir, cfg.log, to_dict(cfg), resume_step=state.step)
     objective = objective or objective_for(cfg.model)
@@ -129,8 +140,10 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
                 summary = finish(cfg, runner, data, objective, state, sink)
             else:
                 path = save(runner, cfg, state, data)
-                print0(f"stop requested by signal: checkpoint {path or '(none: state not finite)'} written at "
-                       f"step {state.step}; rerun the same command to continue")
+                print0(
+                    f"stop requested by signal: checkpoint {path or '(none: state not finite)'} written at "
+                    f"step {state.step}; rerun the same command to continue"
+                )
                 summary = {"step": state.step, "stopped": True}
                 stop.mark_stopped()
     finally:
@@ -169,9 +182,11 @@ def prepare_run_dir(cfg: Config) -> None:
 
 def log_preflight(cfg: Config, report: dict[str, Any]) -> None:
     hosts = ", ".join(f"{h}{ranks}" for h, ranks in report["hosts"].items())
-    print0(f"preflight: {report['world_size']} ranks joined over {report['backend']} ({hosts}); all-reduce "
-           f"{report['allreduce_ms']:.2f} ms; torch {report['torch']}, deepspeed {report['deepspeed']}"
-           + (f", {report['gpu']}" if report["gpu"] else ""))
+    print0(
+        f"preflight: {report['world_size']} ranks joined over {report['backend']} ({hosts}); all-reduce "
+        f"{report['allreduce_ms']:.2f} ms; torch {report['torch']}, deepspeed {report['deepspeed']}"
+        + (f", {report['gpu']}" if report["gpu"] else "")
+    )
     if rank() == 0:
         (Path(cfg.out_dir) / "preflight.json").write_text(json.dumps(report, indent=1))
 
@@ -181,8 +196,13 @@ def build_data_for(cfg: Config, derived: Derived):
 
     dp_rank = derived.dims.coords(rank()).dp
     data = build_data(
-        cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=derived.grad_accum, dp_rank=dp_rank, dp_size=derived.dp_size,
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        seed=cfg.train.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=derived.grad_accum,
+        dp_rank=dp_rank,
+        dp_size=derived.dp_size,
     )
     data.check_model_vocab(cfg.model.vocab_size)  # names the dataset's manifest and the fix
     return data
@@ -217,8 +237,17 @@ def print_layout(cfg: Config, derived: Derived, info: DistInfo, model: torch.nn.
         print0(f"layout: {derived.dims.describe()}")
 
 
-def run_loop(cfg: Config, derived: Derived, runner: Runner, data: RunData, objective: Objective,
-             state: TrainerState, sink: MetricsSink, stop: StopRequest, throughput: Throughput) -> bool:
+def run_loop(
+    cfg: Config,
+    derived: Derived,
+    runner: Runner,
+    data: RunData,
+    objective: Objective,
+    state: TrainerState,
+    sink: MetricsSink,
+    stop: StopRequest,
+    throughput: Throughput,
+) -> bool:
     """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
     t = cfg.train
     window = LogWindow(cfg, derived, throughput, sink, runner, objective)
@@ -256,8 +285,15 @@ def _due(interval: int, step: int, max_steps: int) -> bool:
 class LogWindow:
     """Accumulates losses between log lines without syncing the device; one sync per log line."""
 
-    def __init__(self, cfg: Config, derived: Derived, throughput: Throughput, sink: MetricsSink,
-                 runner: Runner, objective: Objective):
+    def __init__(
+        self,
+        cfg: Config,
+        derived: Derived,
+        throughput: Throughput,
+        sink: MetricsSink,
+        runner: Runner,
+        objective: Objective,
+    ):
         self.cfg, self.derived, self.throughput, self.sink, self.device = cfg, derived, throughput, sink, runner.device
         self.runner, self.objective = runner, objective
         self.lr_at = lr_multiplier(cfg.optim, cfg.train.max_steps)
@@ -273,8 +309,9 @@ class LogWindow:
     def flush(self, state: TrainerState, grad_norm: float | None) -> float:
         loss = _mean_over_ranks(self.loss_sum / self.steps)
         rate = self.derived.tokens_per_step * self.steps / (time.perf_counter() - self.start)
-        rec = train_record(state, loss, self.cfg.optim.lr * self.lr_at(state.step - 1), grad_norm,
-                           self.throughput.record(rate))
+        rec = train_record(
+            state, loss, self.cfg.optim.lr * self.lr_at(state.step - 1), grad_norm, self.throughput.record(rate)
+        )
         rec.update({k: _mean_over_ranks(v) for k, v in self.runner.pop_metrics(self.objective, True).items()})
         self.sink.log(rec, console=format_line(rec, self.cfg.train.max_steps))
         self._reset()
@@ -287,13 +324,18 @@ def check_finite(cfg: Config, state: TrainerState, skipped: bool) -> None:
     state.finite_in_a_row = 0 if skipped else state.finite_in_a_row + 1
     state.skipped_steps += int(skipped)
     if skipped:
-        print0(f"step {state.step + 1}: loss is not finite on some rank; update skipped "
-               f"({state.nonfinite_in_a_row} in a row, {state.skipped_steps} in total)")
+        print0(
+            f"step {state.step + 1}: loss is not finite on some rank; update skipped "
+            f"({state.nonfinite_in_a_row} in a row, {state.skipped_steps} in total)"
+        )
     if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
         good = ckpt.fall_back_to_good(cfg.out_dir)  # `latest` now names it (or is removed)
-        where = (f"The last good checkpoint is {good}; {ckpt.LATEST} names it again, so rerunning resumes from it"
-                 if good else "The last good checkpoint: none yet (a checkpoint is good once the "
-                              "train.max_nonfinite_steps steps after it stayed finite), so rerunning starts afresh")
+        where = (
+            f"The last good checkpoint is {good}; {ckpt.LATEST} names it again, so rerunning resumes from it"
+            if good
+            else "The last good checkpoint: none yet (a checkpoint is good once the "
+            "train.max_nonfinite_steps steps after it stayed finite), so rerunning starts afresh"
+        )
         raise NonFiniteLossError(
             f"the loss was not finite for {state.nonfinite_in_a_row} steps in a row (up to step "
             f"{state.step + 1}); stopping. {where}. Lower optim.lr, raise optim.warmup_steps or check the "
@@ -305,10 +347,18 @@ class NonFiniteLossError(RuntimeError):
     """The run diverged: too many consecutive steps with a non-finite loss."""
 
 
-def train_record(state: TrainerState, loss: float, lr: float, grad_norm: float | None,
-                 rates: dict[str, float | None]) -> dict[str, Any]:
-    return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, **rates}
+def train_record(
+    state: TrainerState, loss: float, lr: float, grad_norm: float | None, rates: dict[str, float | None]
+) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_seen": state.tokens_seen,
+        "skipped_steps": state.skipped_steps,
+        **rates,
+    }
 
 
 def held_out_batches(cfg: Config, data: RunData) -> list[tuple[dict[str, torch.Tensor], bool]]:
@@ -348,28 +398,36 @@ def check_init_from_tokenizer(init_from: str, tokenizer: Tokenizer) -> None:
     check_same_tokenizer(tokenizer, other, f"model.init_from={init_from}")
 
 
-def log_eval(cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState,
-             sink: MetricsSink) -> float:
+def log_eval(
+    cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState, sink: MetricsSink
+) -> float:
     loss = evaluate(runner, objective, held_out_batches(cfg, data))
     extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
     extra.update(eval_task_metrics(cfg.train, cfg.model.block_size, runner, data.tokenizer))  # train.eval_tasks
-    sink.log({"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
-             console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
-             + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items()))
+    sink.log(
+        {"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
+        console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
+        + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items()),
+    )
     return loss
 
 
 def save(runner: Runner, cfg: Config, state: TrainerState, data: RunData) -> Path | None:
-    trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
-                     "data": data.state_dict()}
+    trainer_state = {
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "skipped_steps": state.skipped_steps,
+        "data": data.state_dict(),
+    }
     path = ckpt.save_checkpoint(runner, cfg, state.step, trainer_state)  # None: not finite, not written
     if path is not None:
         print0(f"checkpoint saved: {path}")
     return path
 
 
-def finish(cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState,
-           sink: MetricsSink) -> dict[str, Any]:
+def finish(
+    cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState, sink: MetricsSink
+) -> dict[str, Any]:
     """Final checkpoint (first: a failing eval must not cost the run), final eval, loss plot, a sample."""
     path = save(runner, cfg, state, data)
     if path is not None and state.nonfinite_in_a_row == 0:  # the run completed finitely
@@ -382,8 +440,10 @@ def finish(cfg: Config, runner: Runner, data: RunData, objective: Objective, sta
     if cfg.train.sample_tokens > 0 and getattr(objective, "generative", False):  # not for encoders
         summary["sample"] = sample_text(cfg, runner, data)
         print0(f"sample: {summary['sample']!r}")
-    print0(f"done: step {state.step} | held-out loss {eval_loss:.4f} | perplexity {perplexity(eval_loss):.2f} | "
-           f"metrics {sink.path}" + (f" | plot {summary.get('plot')}" if summary.get("plot") else ""))
+    print0(
+        f"done: step {state.step} | held-out loss {eval_loss:.4f} | perplexity {perplexity(eval_loss):.2f} | "
+        f"metrics {sink.path}" + (f" | plot {summary.get('plot')}" if summary.get("plot") else "")
+    )
     return summary
 
 
@@ -395,8 +455,15 @@ def sample_text(cfg: Config, runner: Runner, data: RunData) -> str:
     tok = data.tokenizer
     prompt = torch.tensor([tok.encode(cfg.train.sample_prompt)], dtype=torch.long, device=runner.device)
     gen = torch.Generator(device=runner.device).manual_seed(cfg.train.seed)
-    out = generate(runner.logits, prompt, cfg.train.sample_tokens, block_size=cfg.model.block_size,
-                   temperature=0.8, top_k=40, generator=gen)
+    out = generate(
+        runner.logits,
+        prompt,
+        cfg.train.sample_tokens,
+        block_size=cfg.model.block_size,
+        temperature=0.8,
+        top_k=40,
+        generator=gen,
+    )
     return tok.decode(out[0].tolist())
 
 

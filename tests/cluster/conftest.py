@@ -26,8 +26,17 @@ sys.path.insert(0, str(ROOT / "tests"))  # helpers.py, shared with the other end
 
 STATE_DIR = Path(os.environ.get("LLMTRAIN_SLURM_DIR", "/var/tmp/llmtrain-slurm"))
 UP_TIMEOUT_S = 600  # a fresh machine runs apt-get (~15 s on a warm mirror, minutes on a cold one)
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 @dataclass
@@ -48,8 +57,7 @@ class SlurmCluster:
         return dict(base, SLURM_CONF=str(self.conf))
 
     def run(self, *cmd: str, timeout: float = 30) -> str:
-        proc = subprocess.run(cmd, env=self.env(dict(os.environ)), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(cmd, env=self.env(dict(os.environ)), capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
@@ -83,21 +91,27 @@ def _cluster_running() -> bool:
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """Bring the cluster up (idempotent); tear it down afterwards unless it was already running."""
-    if os.geteuid() != 0 and not any(shutil.which(b, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-                                     for b in ("slurmctld", "slurmd", "sbatch")):
-        pytest.skip(f"no SLURM on this machine (no slurmctld/slurmd/sbatch on PATH) and user {getpass.getuser()} "
-                    f"is not root, so tests/cluster/slurm_up.sh can neither install nor start it; run the "
-                    f"suite as root to bring up the 2-node test cluster")
+    if os.geteuid() != 0 and not any(
+        shutil.which(b, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") for b in ("slurmctld", "slurmd", "sbatch")
+    ):
+        pytest.skip(
+            f"no SLURM on this machine (no slurmctld/slurmd/sbatch on PATH) and user {getpass.getuser()} "
+            f"is not root, so tests/cluster/slurm_up.sh can neither install nor start it; run the "
+            f"suite as root to bring up the 2-node test cluster"
+        )
     if os.geteuid() != 0:
-        pytest.fail("the SLURM cluster tests need root (they start slurmctld/slurmd in network "
-                    "namespaces); run the suite as root, as CI does")
+        pytest.fail(
+            "the SLURM cluster tests need root (they start slurmctld/slurmd in network "
+            "namespaces); run the suite as root, as CI does"
+        )
     was_running = _cluster_running()
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(HERE / "slurm_up.sh")], capture_output=True, text=True,
-                          timeout=UP_TIMEOUT_S)
+    proc = subprocess.run(["bash", str(HERE / "slurm_up.sh")], capture_output=True, text=True, timeout=UP_TIMEOUT_S)
     if proc.returncode != 0:
-        pytest.fail(f"tests/cluster/slurm_up.sh exited {proc.returncode} after {time.monotonic() - t0:.0f} s:\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(
+            f"tests/cluster/slurm_up.sh exited {proc.returncode} after {time.monotonic() - t0:.0f} s:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     yield SlurmCluster(STATE_DIR / "slurm.conf")
     if not was_running:
         subprocess.run(["bash", str(HERE / "slurm_down.sh")], capture_output=True, text=True, timeout=120)

@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, TINY, env
+
 from llmtrain.config import load_config
 from llmtrain.data import resolve_sources
 from llmtrain.train.metrics import last_by_step, read_metrics
@@ -49,7 +49,8 @@ def _submit(slurm_cluster, tmp_path, script: str, *args: str) -> str:
 def _wait_completed(slurm_cluster, job_id: str, tmp_path, run_dir):
     job = slurm_cluster.wait(job_id, timeout=JOB_TIMEOUT_S)
     assert (job.state, job.fields.get("ExitCode")) == ("COMPLETED", "0:0"), (
-        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')}\n{_logs(tmp_path, run_dir)}")
+        f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')}\n{_logs(tmp_path, run_dir)}"
+    )
     return job
 
 
@@ -57,8 +58,7 @@ def test_two_node_sbatch_job_trains_gpt_debug(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY, f"train.max_steps={MAX_STEPS}"]
     resolve_sources(load_config(ROOT / RECIPE, overrides).data)  # stage the corpus (downloads on a cold cache)
-    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides,
-                     f"out_dir={run_dir}")
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides, f"out_dir={run_dir}")
 
     job = _wait_completed(slurm_cluster, job_id, tmp_path, run_dir)
     assert job.fields["NumNodes"] == "2" and job.fields["NodeList"] == "llmnode[1-2]"
@@ -88,8 +88,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     run_dir, max_steps = tmp_path / "run", 40  # >= 38 steps left after the signal: seconds of margin
     overrides = [*TINY, f"train.max_steps={max_steps}", "checkpoint.keep_last=2"]
     resolve_sources(load_config(ROOT / RECIPE, overrides).data)
-    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides,
-                     f"out_dir={run_dir}")
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides, f"out_dir={run_dir}")
 
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -102,13 +101,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     job = slurm_cluster.wait(job_id, timeout=2 * JOB_TIMEOUT_S)
     assert (job.state, job.fields.get("ExitCode"), job.fields.get("Restarts")) == ("COMPLETED", "0:0", "1"), (
         f"job {job_id} ended {job.state} exit {job.fields.get('ExitCode')} restarts {job.fields.get('Restarts')}"
-        f"\n{_logs(tmp_path, run_dir)}")
+        f"\n{_logs(tmp_path, run_dir)}"
+    )
     stops = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert len(stops) == 2 and stops[-1] == f"step_{max_steps:08d}", stops
     stopped_at = int(stops[0].removeprefix("step_"))
     assert 2 <= stopped_at < max_steps
-    assert f"resumed from {run_dir / 'checkpoints' / stops[0]} at step {stopped_at}" in (
-        run_dir / "logs" / "rank0.log").read_text()
+    assert (
+        f"resumed from {run_dir / 'checkpoints' / stops[0]} at step {stopped_at}"
+        in (run_dir / "logs" / "rank0.log").read_text()
+    )
     train = last_by_step(read_metrics(metrics), "loss")
     assert sorted(train) == list(range(1, max_steps + 1)) and all(map(math.isfinite, train.values()))
 
@@ -120,8 +122,7 @@ def test_sigterm_to_the_job_steps_checkpoints_and_completes(slurm_cluster, tmp_p
     run_dir = tmp_path / "run"
     overrides = [*TINY, "train.max_steps=100000"]
     resolve_sources(load_config(ROOT / RECIPE, overrides).data)
-    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides,
-                     f"out_dir={run_dir}")
+    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/train.sbatch", RECIPE, *overrides, f"out_dir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (metrics.exists() and any(r.get("step", 0) >= 2 for r in read_metrics(metrics))):
@@ -143,11 +144,25 @@ def test_two_node_distill_sbatch_job(slurm_cluster, tmp_path):
     teacher, run_dir = tmp_path / "teacher", tmp_path / "run"
     overrides = [*TINY, "train.max_steps=2"]
     resolve_sources(load_config(ROOT / RECIPE, overrides).data)
-    made = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), RECIPE, *overrides,
-                           f"out_dir={teacher}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    made = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "train.py"), RECIPE, *overrides, f"out_dir={teacher}"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
-    job_id = _submit(slurm_cluster, tmp_path, "launchers/slurm/distill.sbatch", "recipes/distill_gpt_debug.yaml",
-                     *TINY, f"train.max_steps={MAX_STEPS}", f"distill.teacher={teacher}", f"out_dir={run_dir}")
+    job_id = _submit(
+        slurm_cluster,
+        tmp_path,
+        "launchers/slurm/distill.sbatch",
+        "recipes/distill_gpt_debug.yaml",
+        *TINY,
+        f"train.max_steps={MAX_STEPS}",
+        f"distill.teacher={teacher}",
+        f"out_dir={run_dir}",
+    )
 
     job = _wait_completed(slurm_cluster, job_id, tmp_path, run_dir)
     assert job.fields["NumNodes"] == "2"

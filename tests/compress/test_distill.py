@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, TINY, env, losses
+
 from llmtrain.compress.config import DistillConfig
 from llmtrain.compress.distill import Distill, distill_loss, kd_kl, layer_map, relation_kl, topk_kd_kl
 from llmtrain.models import ModelConfig, build_model
@@ -79,8 +79,12 @@ def test_teacher_stays_frozen_while_the_student_learns(flavour):
     teacher.init_weights(), student.init_weights()
     teacher.eval().requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    objective = Distill(DistillConfig(alpha=0.5, temperature=2.0, hidden_weight=1.0, attention_weight=1.0,
-                                      relation_heads=2), student_cfg, teacher, teacher_cfg)
+    objective = Distill(
+        DistillConfig(alpha=0.5, temperature=2.0, hidden_weight=1.0, attention_weight=1.0, relation_heads=2),
+        student_cfg,
+        teacher,
+        teacher_cfg,
+    )
     objective.attach(student)  # 16 -> 32 projection joins the student
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
@@ -123,16 +127,22 @@ def _tiny_bert_pair():
 
 def test_bert_student_learns_from_mlm_logits_and_hidden_states():
     teacher_cfg, student_cfg, teacher, student = _tiny_bert_pair()
-    objective = Distill(DistillConfig(hidden_weight=1.0, attention_weight=1.0, relation_heads=2), student_cfg,
-                        teacher, teacher_cfg)
+    objective = Distill(
+        DistillConfig(hidden_weight=1.0, attention_weight=1.0, relation_heads=2), student_cfg, teacher, teacher_cfg
+    )
     objective.attach(student)
     assert not hasattr(student, "distill_proj")  # equal widths: plain MSE, nothing to learn
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 64, (4, 16), generator=g)
     mlm = torch.full_like(ids, -100)
     mlm[:, 3:6] = ids[:, 3:6]
-    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
-             "mlm_labels": mlm, "nsp_labels": torch.tensor([0, 1, 0, 1])}
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "mlm_labels": mlm,
+        "nsp_labels": torch.tensor([0, 1, 0, 1]),
+    }
     first, last = _steps(objective, student, batch)
     assert last < first
     assert set(objective.pop_metrics(True)) == {"kd_loss", "ce_loss", "hidden_loss", "attention_loss"}
@@ -151,8 +161,15 @@ def test_bert_cached_teacher_logits_equal_the_live_teacher(tmp_path):
         mlm = torch.full_like(ids, -100)
         pick = torch.rand(4, 16, generator=g) < 0.3
         mlm[pick] = ids[pick]
-        batches.append({"input_ids": ids, "token_type_ids": (torch.arange(16) >= 8).long().expand(4, 16),
-                        "attention_mask": torch.ones_like(ids), "mlm_labels": mlm, "nsp_labels": torch.tensor([0, 1, 0, 1])})
+        batches.append(
+            {
+                "input_ids": ids,
+                "token_type_ids": (torch.arange(16) >= 8).long().expand(4, 16),
+                "attention_mask": torch.ones_like(ids),
+                "mlm_labels": mlm,
+                "nsp_labels": torch.tensor([0, 1, 0, 1]),
+            }
+        )
     cfg = DistillConfig(alpha=0.5, temperature=2.0, top_k=64)
     build_cache(tmp_path / "c", teacher, iter(batches), 64, 2.0, "test", 2, torch.device("cpu"))
     cached = Distill(cfg, student_cfg, None, teacher_cfg, TeacherCache(tmp_path / "c"))
@@ -207,8 +224,16 @@ def _write_teacher(out: Path, recipe: str, overrides: list[str]) -> Path:
 
 def _distill(out, teacher, *overrides, check=True, launcher=None):
     student = ["model.n_layer=1", "model.n_embd=32", "distill.relation_heads=2", "optim.lr=3e-3"]
-    cmd = [*(launcher or [sys.executable]), DISTILL, str(ROOT / "recipes" / "distill_gpt_debug.yaml"), *TINY,
-           *student, f"distill.teacher={teacher}", f"out_dir={out}", *overrides]
+    cmd = [
+        *(launcher or [sys.executable]),
+        DISTILL,
+        str(ROOT / "recipes" / "distill_gpt_debug.yaml"),
+        *TINY,
+        *student,
+        f"distill.teacher={teacher}",
+        f"out_dir={out}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -263,8 +288,15 @@ def test_cached_teacher_logits(tmp_path, teacher):
     # the cache alone is enough: no teacher, same losses
     _distill(tmp_path / "b", "", "train.max_steps=3", f"distill.cache_dir={cache}", "distill.top_k=8")
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    proc = _distill(tmp_path / "c", teacher, "train.max_steps=3", f"distill.cache_dir={cache}",
-                    "distill.top_k=8", "distill.hidden_weight=1", check=False)
+    proc = _distill(
+        tmp_path / "c",
+        teacher,
+        "train.max_steps=3",
+        f"distill.cache_dir={cache}",
+        "distill.top_k=8",
+        "distill.hidden_weight=1",
+        check=False,
+    )
     assert proc.returncode == 2 and "distill.hidden_weight=0" in proc.stderr
 
 
@@ -279,13 +311,23 @@ def test_zero3_teacher_matches_a_whole_teacher(tmp_path, teacher):
 
     def run(stage: int):
         torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
-        return _distill(tmp_path / f"t{stage}", teacher, *COMMON, "train.max_steps=3", "parallel.zero_stage=1",
-                        f"distill.teacher_zero_stage={stage}", launcher=torchrun)
+        return _distill(
+            tmp_path / f"t{stage}",
+            teacher,
+            *COMMON,
+            "train.max_steps=3",
+            "parallel.zero_stage=1",
+            f"distill.teacher_zero_stage={stage}",
+            launcher=torchrun,
+        )
 
     proc = run(3)
-    held = {int(r): (int(n), int(t)) for r, n, t in
-            re.findall(r"teacher ZeRO-3: rank (\d) holds (\d+) of (\d+) teacher parameter elements \(torch.float32\)",
-                       proc.stdout)}
+    held = {
+        int(r): (int(n), int(t))
+        for r, n, t in re.findall(
+            r"teacher ZeRO-3: rank (\d) holds (\d+) of (\d+) teacher parameter elements \(torch.float32\)", proc.stdout
+        )
+    }
     assert sorted(held) == [0, 1], proc.stdout[-3000:]
     total = held[0][1]
     for local, _ in held.values():
@@ -295,14 +337,18 @@ def test_zero3_teacher_matches_a_whole_teacher(tmp_path, teacher):
     assert sorted(sharded) == [1, 2, 3]
     for step in whole:
         assert sharded[step] == pytest.approx(whole[step], abs=1e-5), step
-    print(f"per-rank teacher elements {held}; max |loss difference| "
-          f"{max(abs(sharded[s] - whole[s]) for s in whole):.2e}")
+    print(
+        f"per-rank teacher elements {held}; max |loss difference| {max(abs(sharded[s] - whole[s]) for s in whole):.2e}"
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["distill.teacher_zero_stage=2"], "distill.teacher_zero_stage must be 0"),
-    (["distill.teacher_zero_stage=3", "distill.cache_dir=c"], "distill.teacher_zero_stage=0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["distill.teacher_zero_stage=2"], "distill.teacher_zero_stage must be 0"),
+        (["distill.teacher_zero_stage=3", "distill.cache_dir=c"], "distill.teacher_zero_stage=0"),
+    ],
+)
 def test_teacher_zero_stage_is_validated(overrides, message):
     from llmtrain.compress.distill import validate_distill
     from llmtrain.config import load_config
@@ -312,27 +358,53 @@ def test_teacher_zero_stage_is_validated(overrides, message):
         validate_distill(cfg)
 
 
-BERT_SMALL = ["model.n_head=2", "model.n_embd=32", "train.seq_len=32", "train.micro_batch_size=4",
-              "train.global_batch_size=8", "precision=fp32", "train.eval_interval=0", "train.eval_batches=1",
-              "train.sample_tokens=0", "checkpoint.interval=0", "log.interval=1", "optim.warmup_steps=1"]
+BERT_SMALL = [
+    "model.n_head=2",
+    "model.n_embd=32",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "precision=fp32",
+    "train.eval_interval=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "checkpoint.interval=0",
+    "log.interval=1",
+    "optim.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
 def bert_teacher(tmp_path_factory):
     """A tiny 2-layer BERT teacher (MLM + NSP) of bert_debug's vocabulary, in the consolidated layout."""
-    return _write_teacher(tmp_path_factory.mktemp("bert_teacher") / "t", "bert_debug.yaml",
-                          [*BERT_SMALL, "model.n_layer=2"])
+    return _write_teacher(
+        tmp_path_factory.mktemp("bert_teacher") / "t", "bert_debug.yaml", [*BERT_SMALL, "model.n_layer=2"]
+    )
 
 
 def _distill_bert(out, teacher, *overrides, nproc=1):
     """distill_bert_base_to_6l.yaml shrunk to a 1-layer student of the tiny teacher (hidden-state MSE on)."""
     from helpers import free_port
 
-    launch = ([str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-              if nproc > 1 else [sys.executable])
-    cmd = [*launch, DISTILL, str(ROOT / "recipes" / "distill_bert_base_to_6l.yaml"), "model.name=bert_debug",
-           "model.n_layer=1", "model.init_from=", "data.vocab_size=8192", *BERT_SMALL, "train.max_steps=3",
-           f"distill.teacher={teacher}", f"out_dir={out}", *overrides]
+    launch = (
+        [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    cmd = [
+        *launch,
+        DISTILL,
+        str(ROOT / "recipes" / "distill_bert_base_to_6l.yaml"),
+        "model.name=bert_debug",
+        "model.n_layer=1",
+        "model.init_from=",
+        "data.vocab_size=8192",
+        *BERT_SMALL,
+        "train.max_steps=3",
+        f"distill.teacher={teacher}",
+        f"out_dir={out}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -342,7 +414,9 @@ def _distill_bert(out, teacher, *overrides, nproc=1):
 def test_zero3_bert_teacher_matches_a_whole_teacher(tmp_path, bert_teacher):
     """A BERT teacher (MLM + NSP logits and hidden states) partitioned with distill.teacher_zero_stage=3 on
     2 ranks gives the same fp32 losses as the whole teacher on every rank."""
-    proc = _distill_bert(tmp_path / "t3", bert_teacher, "parallel.zero_stage=1", "distill.teacher_zero_stage=3", nproc=2)
+    proc = _distill_bert(
+        tmp_path / "t3", bert_teacher, "parallel.zero_stage=1", "distill.teacher_zero_stage=3", nproc=2
+    )
     assert "teacher ZeRO-3: rank 1 holds" in proc.stdout
     _distill_bert(tmp_path / "t0", bert_teacher, "parallel.zero_stage=1", "distill.teacher_zero_stage=0", nproc=2)
     whole, sharded = losses(tmp_path / "t0"), losses(tmp_path / "t3")
@@ -404,8 +478,13 @@ def test_vocab_parallel_kd_matches_one_process():
 TP_COMMON = ["optim.decay_steps=6", "distill.hidden_weight=1", "distill.attention_weight=0", "train.max_steps=3"]
 
 
-LLAMA_STUDENT = ["model.pos=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false",
-                 "model.intermediate_size=64"]
+LLAMA_STUDENT = [
+    "model.pos=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.intermediate_size=64",
+]
 
 
 @pytest.mark.slow
@@ -416,8 +495,9 @@ def test_tp2_student_matches_one_rank(tmp_path, teacher, flavour):
     _distill(tmp_path / "one", teacher, *TP_COMMON, *flavour)
     proc = _distill(tmp_path / "tp2", teacher, *TP_COMMON, *flavour, "parallel.tp=2", launcher=_torchrun())
     assert "(dp 1 x tp 2 x pp 1)" in proc.stdout
-    gap = _assert_same_steps(_per_step(tmp_path / "tp2"), _per_step(tmp_path / "one"),
-                             ("loss", "kd_loss", "ce_loss", "hidden_loss"))
+    gap = _assert_same_steps(
+        _per_step(tmp_path / "tp2"), _per_step(tmp_path / "one"), ("loss", "kd_loss", "ce_loss", "hidden_loss")
+    )
     print(f"max |tp2 - 1 rank| over loss and its parts: {gap:.2e}")
 
 
@@ -427,8 +507,14 @@ def test_tp2_student_reads_the_teacher_cache(tmp_path, teacher):
     student: the losses of the 1-rank run that built the cache."""
     # KD-heavy and a large k at a high learning rate, so that a wrong KD gradient (one that misses the other
     # rank's columns) moves step 3's loss by ~1e-4, well outside the tolerance
-    cache = [f"distill.cache_dir={tmp_path / 'cache'}", "distill.top_k=1024", "distill.alpha=0.9", "optim.lr=2e-2",
-             "optim.decay_steps=6", "train.max_steps=3"]
+    cache = [
+        f"distill.cache_dir={tmp_path / 'cache'}",
+        "distill.top_k=1024",
+        "distill.alpha=0.9",
+        "optim.lr=2e-2",
+        "optim.decay_steps=6",
+        "train.max_steps=3",
+    ]
     _distill(tmp_path / "one", teacher, *cache)
     _distill(tmp_path / "tp2", "", *cache, "parallel.tp=2", launcher=_torchrun())
     gap = _assert_same_steps(_per_step(tmp_path / "tp2"), _per_step(tmp_path / "one"), ("loss", "kd_loss", "ce_loss"))
@@ -442,16 +528,20 @@ def test_tp2_bert_student_matches_one_rank(tmp_path, bert_teacher):
     _distill_bert(tmp_path / "one", bert_teacher)
     proc = _distill_bert(tmp_path / "tp2", bert_teacher, "parallel.tp=2", "parallel.zero_stage=0", nproc=2)
     assert "(dp 1 x tp 2 x pp 1)" in proc.stdout
-    gap = _assert_same_steps(_per_step(tmp_path / "tp2"), _per_step(tmp_path / "one"),
-                             ("loss", "kd_loss", "ce_loss", "hidden_loss"))
+    gap = _assert_same_steps(
+        _per_step(tmp_path / "tp2"), _per_step(tmp_path / "one"), ("loss", "kd_loss", "ce_loss", "hidden_loss")
+    )
     print(f"max |tp2 - 1 rank| over loss and its parts: {gap:.2e}")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.tp=2", "parallel.pp=2"], "not on a pipeline; set parallel.pp=1"),
-    (["parallel.tp=2", "distill.attention_weight=1"], "set distill.attention_weight=0 or parallel.tp=1"),
-    (["parallel.tp=2", "distill.teacher_zero_stage=3"], "set distill.teacher_zero_stage=0 .* or parallel.tp=1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tp=2", "parallel.pp=2"], "not on a pipeline; set parallel.pp=1"),
+        (["parallel.tp=2", "distill.attention_weight=1"], "set distill.attention_weight=0 or parallel.tp=1"),
+        (["parallel.tp=2", "distill.teacher_zero_stage=3"], "set distill.teacher_zero_stage=0 .* or parallel.tp=1"),
+    ],
+)
 def test_tensor_parallel_limits_are_validated(overrides, message):
     from llmtrain.compress.distill import validate_distill
     from llmtrain.config import load_config

@@ -9,13 +9,20 @@ import json
 import pytest
 import torch
 
-from llmtrain.compress.prune import (PruneConfig, activation_importance, magnitude_importance, num_params, prune,
-                                     target_config)
+from llmtrain.compress.prune import (
+    PruneConfig,
+    activation_importance,
+    magnitude_importance,
+    num_params,
+    prune,
+    target_config,
+)
 from llmtrain.models import ModelConfig, build_model
 
 TINY = ModelConfig(n_layer=3, n_head=4, n_embd=64, vocab_size=96, block_size=32)
-LLAMA = dataclasses.replace(TINY, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2,
-                            intermediate_size=96)
+LLAMA = dataclasses.replace(
+    TINY, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2, intermediate_size=96
+)
 
 
 def _model(cfg: ModelConfig) -> torch.nn.Module:
@@ -84,8 +91,10 @@ def test_impossible_targets_name_the_key():
 def test_bert_pruning_keeps_a_valid_model():
     cfg = ModelConfig(arch="bert", n_layer=2, n_head=4, n_embd=64, vocab_size=96, block_size=32, norm_eps=1e-12)
     model = _model(cfg)
-    batches = [{**b, "token_type_ids": torch.zeros_like(b["input_ids"]),
-                "attention_mask": torch.ones_like(b["input_ids"])} for b in _calib()]
+    batches = [
+        {**b, "token_type_ids": torch.zeros_like(b["input_ids"]), "attention_mask": torch.ones_like(b["input_ids"])}
+        for b in _calib()
+    ]
     imp = activation_importance(model, cfg, batches)
     new, state = prune(model, cfg, PruneConfig(), imp)
     same = build_model(new).eval()
@@ -122,6 +131,7 @@ def test_pruning_heads_keeps_the_outputs_of_untouched_heads(cfg):
 
 def test_prune_command_writes_a_checkpoint_that_loads(tmp_path, capsys):
     from helpers import ROOT, TINY
+
     from llmtrain.cli import main
     from llmtrain.compress.cli import write_model
     from llmtrain.config import load_config
@@ -133,9 +143,22 @@ def test_prune_command_writes_a_checkpoint_that_loads(tmp_path, capsys):
     source.init_weights()
     write_model(tmp_path / "src", cfg, source, {})
     out = tmp_path / "pruned"
-    rc = main(["prune", str(tmp_path / "src"), "--recipe", str(ROOT / "recipes" / "prune_gpt_debug.yaml"),
-               "--out", str(out), "prune.n_head=1", "prune.n_embd=32", "prune.intermediate_size=64",
-               "prune.calib_batches=2", "prune.eval_batches=2", "prune.micro_batch_size=2"])
+    rc = main(
+        [
+            "prune",
+            str(tmp_path / "src"),
+            "--recipe",
+            str(ROOT / "recipes" / "prune_gpt_debug.yaml"),
+            "--out",
+            str(out),
+            "prune.n_head=1",
+            "prune.n_embd=32",
+            "prune.intermediate_size=64",
+            "prune.calib_batches=2",
+            "prune.eval_batches=2",
+            "prune.micro_batch_size=2",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     figures = json.loads((out / "prune.json").read_text())
@@ -151,6 +174,7 @@ def test_init_from_a_pruned_checkpoint_adopts_its_shape(tmp_path, capsys):
     """model.init_from a pruned model needs no restated shape: the checkpoint's architecture keys replace
     the named size's (printed), while keys the command sets win."""
     from helpers import ROOT, TINY
+
     from llmtrain.compress.cli import write_model
     from llmtrain.config import load_config
     from llmtrain.parallel.consolidate import init_model_from
@@ -159,8 +183,12 @@ def test_init_from_a_pruned_checkpoint_adopts_its_shape(tmp_path, capsys):
     torch.manual_seed(0)
     source = build_model(cfg.model)
     source.init_weights()
-    new, state = prune(source, cfg.model, PruneConfig(n_layer=1, n_head=1, n_embd=32, intermediate_size=64),
-                       magnitude_importance(source, cfg.model))
+    new, state = prune(
+        source,
+        cfg.model,
+        PruneConfig(n_layer=1, n_head=1, n_embd=32, intermediate_size=64),
+        magnitude_importance(source, cfg.model),
+    )
     small = build_model(new)
     small.load_state_dict(state)
     write_model(tmp_path / "pruned", dataclasses.replace(cfg, model=new), small, {})
@@ -171,6 +199,7 @@ def test_init_from_a_pruned_checkpoint_adopts_its_shape(tmp_path, capsys):
     assert (run.model.n_layer, run.model.n_head, run.model.n_embd, run.model.intermediate_size) == (1, 1, 32, 64)
     assert "adopted the checkpoint's shape" in printed and "model.n_layer=1" in printed
     init_model_from(build_model(run.model), tmp_path / "pruned")  # the weights fit
-    kept = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*rest, f"model.init_from={tmp_path / 'pruned'}",
-                                                              "model.n_layer=2"])
+    kept = load_config(
+        ROOT / "recipes" / "gpt_debug.yaml", [*rest, f"model.init_from={tmp_path / 'pruned'}", "model.n_layer=2"]
+    )
     assert (kept.model.n_layer, kept.model.n_embd) == (2, 32)  # the command's key wins, the rest is adopted

@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = ("the of and to in that he shall unto for his i a lord they be is him not them it with all thou "
-         "thy was god which my me said but ye their have will thee from as are when this out were by").split()
+WORDS = (
+    "the of and to in that he shall unto for his i a lord they be is him not them it with all thou "
+    "thy was god which my me said but ye their have will thee from as are when this out were by"
+).split()
 
 
 def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:

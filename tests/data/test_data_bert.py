@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from datahelpers import make_docs, prepare
+
 from llmtrain.data.config import DataConfig
 
 
@@ -36,8 +36,9 @@ def batches(d, steps=20):
 def test_pair_layout_and_nsp_labels(wp_dataset):
     d = bert(wp_dataset)
     b = batches(d)
-    ids, types, att, mlm, nsp = (b[k] for k in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
-                                                "nsp_labels"))
+    ids, types, att, mlm, nsp = (
+        b[k] for k in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels")
+    )
     assert ids.shape == (1000, 64) and nsp.shape == (1000,)
     assert (ids[:, 0] == d.cls).all()
     orig = torch.where(mlm != -100, mlm, ids)
@@ -46,7 +47,7 @@ def test_pair_layout_and_nsp_labels(wp_dataset):
         assert (orig[i, n:] == d.pad).all() and (att[i, :n] == 1).all()
         seps = (orig[i, :n] == d.sep).nonzero().flatten().tolist()
         assert seps[-1] == n - 1 and len(seps) == 2
-        assert (types[i, :seps[0] + 1] == 0).all() and (types[i, seps[0] + 1:n] == 1).all()
+        assert (types[i, : seps[0] + 1] == 0).all() and (types[i, seps[0] + 1 : n] == 1).all()
     assert abs(nsp.float().mean().item() - 0.5) < 0.05  # 1000 samples: std 0.016
 
 

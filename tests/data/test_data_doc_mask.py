@@ -10,8 +10,9 @@ from llmtrain.models import ModelConfig, build_model
 
 def tiny_gpt(pos: str) -> torch.nn.Module:
     extra = dict(norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False) if pos == "rope" else {}
-    cfg = ModelConfig(arch="gpt", n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64, dropout=0.0,
-                      pos=pos, **extra)
+    cfg = ModelConfig(
+        arch="gpt", n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64, dropout=0.0, pos=pos, **extra
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     model.init_weights()
@@ -39,8 +40,15 @@ def test_causal_objective_passes_the_document_mask(tiny_dataset):
     from llmtrain.data import DataConfig, build_data
     from llmtrain.train.objectives import CausalLM
 
-    data = build_data(DataConfig(path=str(tiny_dataset), doc_mask=True), seq_len=64, seed=0, micro_batch_size=8,
-                      grad_accum=1, dp_rank=0, dp_size=1)
+    data = build_data(
+        DataConfig(path=str(tiny_dataset), doc_mask=True),
+        seq_len=64,
+        seed=0,
+        micro_batch_size=8,
+        grad_accum=1,
+        dp_rank=0,
+        dp_size=1,
+    )
     batch = data.train_batches(0)[0]
     assert batch["doc_ids"].amax() > 0  # the batch packs more than one document
     model = tiny_gpt("learned")
@@ -74,11 +82,12 @@ def test_training_with_doc_mask_runs_through_the_launcher_and_with_tensor_parall
 def test_doc_mask_is_refused_where_it_would_be_ignored(tiny_dataset):
     from llmtrain.data import DataConfig, build_data
 
-    for cfg in (DataConfig(stream=str(tiny_dataset), doc_mask=True),
-                DataConfig(path=str(tiny_dataset), sample_kind="bert", doc_mask=True)):
+    for cfg in (
+        DataConfig(stream=str(tiny_dataset), doc_mask=True),
+        DataConfig(path=str(tiny_dataset), sample_kind="bert", doc_mask=True),
+    ):
         with pytest.raises(ValueError, match=r"data\.doc_mask works on packed causal samples"):
             build_data(cfg, seq_len=16, seed=0, micro_batch_size=2, grad_accum=1, dp_rank=0, dp_size=1)
-
 
 
 @pytest.mark.slow
@@ -101,7 +110,7 @@ def test_compiled_blocks_take_the_document_mask_as_data():
             want = torch.cat([eager(model, d) for d in docs])
             unmasked = eager(model, torch.cat(docs))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(unmasked[lengths[0]:], want[lengths[0]:], atol=1e-3)  # the mask matters
+        assert not torch.allclose(unmasked[lengths[0] :], want[lengths[0] :], atol=1e-3)  # the mask matters
 
 
 def eager(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from datahelpers import make_docs, prepare
+
 from llmtrain.data.config import DataConfig
 from llmtrain.data.format import Shard, read_manifest
 
@@ -122,7 +122,7 @@ def test_windows_across_shard_boundaries_match_the_token_stream(tiny_dataset):
     n = d.n_train[0]
     got = d.samples(np.arange(n))["tokens"]
     _, starts = d.starts(np.arange(n))
-    np.testing.assert_array_equal(got, np.stack([flat[s:s + 17] for s in starts]))
+    np.testing.assert_array_equal(got, np.stack([flat[s : s + 17] for s in starts]))
 
 
 def test_cached_epoch_permutation_equals_the_per_sample_one(tiny_dataset, monkeypatch):

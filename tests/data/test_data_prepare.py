@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from datahelpers import make_docs, prepare
+
 from llmtrain.data.cli import main as data_cli
 from llmtrain.data.config import DataConfig
 from llmtrain.data.format import HEADER, Shard, read_manifest
@@ -42,8 +42,20 @@ def test_cli_prepares_with_worker_processes_identically(tmp_path, tiny_tokenizer
     docs = make_docs(300, seed=4)
     write_jsonl(tmp_path / "c.jsonl", docs, field="body")
     tiny_tokenizer.save(tmp_path / "tok")
-    args = ["prepare-data", "--input", str(tmp_path / "c.jsonl"), "--text-field", "body", "--tokenizer",
-            str(tmp_path / "tok"), "--shard-tokens", "4000", "--val-fraction", "0.05", "--no-progress"]
+    args = [
+        "prepare-data",
+        "--input",
+        str(tmp_path / "c.jsonl"),
+        "--text-field",
+        "body",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--shard-tokens",
+        "4000",
+        "--val-fraction",
+        "0.05",
+        "--no-progress",
+    ]
     assert data_cli([*args, "--out", str(tmp_path / "w2"), "--workers", "2"]) == 0
     one = prepare(tiny_tokenizer, tmp_path / "w1", docs, shard_tokens=4000, val_fraction=0.05)
     two = read_manifest(tmp_path / "w2")
@@ -76,9 +88,12 @@ def test_interrupted_prepare_restarts_after_its_finished_shards(tmp_path, tiny_t
 
 # -- bad input: one clear ValueError naming the file and the fix ----------------------------------
 
+
 def test_missing_text_field_names_the_file_and_the_fields(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "m.jsonl", ["a b c"], field="body")
-    with pytest.raises(ValueError, match=r"m\.jsonl: its records have no field 'text' \(fields: body, n\); pass --text-field"):
+    with pytest.raises(
+        ValueError, match=r"m\.jsonl: its records have no field 'text' \(fields: body, n\); pass --text-field"
+    ):
         prepare(tiny_tokenizer, tmp_path / "o", iter_texts(str(tmp_path / "m.jsonl")))
 
 
@@ -88,8 +103,12 @@ def test_empty_corpus_is_an_error(tmp_path, tiny_tokenizer):
         prepare(tiny_tokenizer, tmp_path / "o", iter_texts(str(tmp_path / "e.jsonl")), label=str(tmp_path / "e.jsonl"))
     (tmp_path / "none.jsonl").write_text("")
     with pytest.raises(ValueError, match="none.jsonl: the corpus is empty"):
-        prepare(tiny_tokenizer, tmp_path / "o2", iter_texts(str(tmp_path / "none.jsonl")),
-                label=str(tmp_path / "none.jsonl"))
+        prepare(
+            tiny_tokenizer,
+            tmp_path / "o2",
+            iter_texts(str(tmp_path / "none.jsonl")),
+            label=str(tmp_path / "none.jsonl"),
+        )
 
 
 @pytest.fixture()
@@ -102,8 +121,9 @@ def copy_of(tmp_path, tiny_dataset):
 def open_data(path, T=16):
     from llmtrain.data import build_data
 
-    return build_data(DataConfig(path=str(path)), seq_len=T, seed=0, micro_batch_size=2, grad_accum=1,
-                      dp_rank=0, dp_size=1)
+    return build_data(
+        DataConfig(path=str(path)), seq_len=T, seed=0, micro_batch_size=2, grad_accum=1, dp_rank=0, dp_size=1
+    )
 
 
 def test_bad_magic(copy_of):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from datahelpers import make_docs
+
 from llmtrain.data.config import DataConfig
 
 
@@ -24,8 +24,9 @@ def stream_setup(tmp_path_factory, tiny_tokenizer):
 def sdata(root, dp_rank=0, dp_size=1, G=1, B=2, workers=1):
     from llmtrain.data import build_data
 
-    cfg = DataConfig(stream=str(root / "s.jsonl"), stream_tokenizer=str(root / "tok"), stream_val_docs=20,
-                     stream_workers=workers)
+    cfg = DataConfig(
+        stream=str(root / "s.jsonl"), stream_tokenizer=str(root / "tok"), stream_val_docs=20, stream_workers=workers
+    )
     return build_data(cfg, seq_len=16, seed=0, micro_batch_size=B, grad_accum=G, dp_rank=dp_rank, dp_size=dp_size)
 
 
@@ -34,7 +35,7 @@ def test_stream_windows_are_the_packed_token_stream(stream_setup, tiny_tokenizer
     d = sdata(root, G=3)
     got = torch.cat([mb["input_ids"] for s in range(4) for mb in d.train_batches(s)])
     flat = np.concatenate([tiny_tokenizer.encode(t) + [tiny_tokenizer.eos_id] for t in docs[20:]])
-    want = np.stack([flat[i * 16:i * 16 + 16] for i in range(len(got))])
+    want = np.stack([flat[i * 16 : i * 16 + 16] for i in range(len(got))])
     assert torch.equal(got, torch.from_numpy(want.astype(np.int64)))
     val = d.val_batches(2)
     vflat = np.concatenate([tiny_tokenizer.encode(t) + [tiny_tokenizer.eos_id] for t in docs[:20]])
@@ -68,7 +69,10 @@ def test_stream_with_worker_processes_matches(stream_setup):
 def test_stream_refuses_a_model_vocab_below_the_tokenizer(stream_setup):
     root, _ = stream_setup
     d = sdata(root)
-    with pytest.raises(ValueError, match=r"tok.*: the tokenizer has 300 tokens but model\.vocab_size=256; set "
-                                         r"model\.vocab_size >= 300"):
+    with pytest.raises(
+        ValueError,
+        match=r"tok.*: the tokenizer has 300 tokens but model\.vocab_size=256; set "
+        r"model\.vocab_size >= 300",
+    ):
         d.check_model_vocab(256)
     d.check_model_vocab(300)

@@ -36,21 +36,45 @@ def model_dir(tmp_path_factory, tokenizer):
     from llmtrain.data import DataConfig
     from llmtrain.data.bundled import bundled_tokenizer_dir
 
-    return write_model_dir(cfg, model.state_dict(), tmp_path_factory.mktemp("evalmodel") / "model",
-                           bundled_tokenizer_dir(DataConfig()) / "tokenizer.json")
+    return write_model_dir(
+        cfg,
+        model.state_dict(),
+        tmp_path_factory.mktemp("evalmodel") / "model",
+        bundled_tokenizer_dir(DataConfig()) / "tokenizer.json",
+    )
 
 
 LOCAL_DOCS = [
-    {"context": "In the beginning God created the heaven and the", "target": "earth",
-     "choices": ["earth.", "sea of glass.", "LORD of hosts.", "king."], "gold": 0},
-    {"context": "And God said, Let there be", "target": "light",
-     "choices": ["a famine.", "light: and there was light.", "war.", "nothing."], "gold": 1},
-    {"context": "The LORD is my shepherd; I shall not", "target": "want",
-     "choices": ["fear.", "sleep.", "want.", "go."], "gold": 2},
-    {"context": "To be, or not to be, that is the", "target": "question",
-     "choices": ["sword.", "crown.", "answer.", "question:"], "gold": 3},
-    {"context": "Blessed are the meek: for they shall inherit the", "target": "earth",
-     "choices": ["earth.", "wind.", "kingdom of heaven and all the glory thereof.", "sea."], "gold": 0},
+    {
+        "context": "In the beginning God created the heaven and the",
+        "target": "earth",
+        "choices": ["earth.", "sea of glass.", "LORD of hosts.", "king."],
+        "gold": 0,
+    },
+    {
+        "context": "And God said, Let there be",
+        "target": "light",
+        "choices": ["a famine.", "light: and there was light.", "war.", "nothing."],
+        "gold": 1,
+    },
+    {
+        "context": "The LORD is my shepherd; I shall not",
+        "target": "want",
+        "choices": ["fear.", "sleep.", "want.", "go."],
+        "gold": 2,
+    },
+    {
+        "context": "To be, or not to be, that is the",
+        "target": "question",
+        "choices": ["sword.", "crown.", "answer.", "question:"],
+        "gold": 3,
+    },
+    {
+        "context": "Blessed are the meek: for they shall inherit the",
+        "target": "earth",
+        "choices": ["earth.", "wind.", "kingdom of heaven and all the glory thereof.", "sea."],
+        "gold": 0,
+    },
 ]
 
 
@@ -64,8 +88,10 @@ def local_tasks(tmp_path_factory):
     data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\ntest_split: test\n"
     (root / "local_choice.yaml").write_text(
         "task: local_choice\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: choices\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        "doc_to_choice: choices\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
     (root / "local_cloze.yaml").write_text(
         "task: local_cloze\n" + data + "output_type: loglikelihood\ndoc_to_text: '{{context}}'\n"
-        "doc_to_target: \"{{' ' + target}}\"\nmetric_list:\n  - metric: acc\n  - metric: perplexity\n")
+        "doc_to_target: \"{{' ' + target}}\"\nmetric_list:\n  - metric: acc\n  - metric: perplexity\n"
+    )
     return root

@@ -8,17 +8,32 @@ import subprocess
 import sys
 
 import pytest
-
 from evalhelpers import need_lm_eval
 from helpers import BIN, ROOT, env, free_port
+
 from llmtrain.cli import main
 
 
 def test_eval_tasks_prints_a_table_and_writes_json(model_dir, local_tasks, tmp_path, capsys):
     need_lm_eval()
     out = tmp_path / "r.json"
-    assert main(["eval", str(model_dir), "--tasks", f"llmtrain_next_verse,{local_tasks / 'local_cloze.yaml'}",
-                 "--limit", "3", "--device", "cpu", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--tasks",
+                f"llmtrain_next_verse,{local_tasks / 'local_cloze.yaml'}",
+                "--limit",
+                "3",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "llmtrain_next_verse" in printed and "local_cloze" in printed and "acc_norm" in printed
     results = json.loads(out.read_text())["results"]
@@ -34,8 +49,16 @@ def test_two_ranks_give_the_one_rank_results(model_dir, local_tasks, tmp_path, c
 
     args = ["eval", str(model_dir), "--tasks", str(local_tasks), "--device", "cpu", "--batch-size", "2"]
     assert main([*args, "--output", str(tmp_path / "one.json")]) == 0
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "llmtrain.cli",
-           *args, "--output", str(tmp_path / "two.json")]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "llmtrain.cli",
+        *args,
+        "--output",
+        str(tmp_path / "two.json"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("results: ") == 1  # rank 0 alone prints and writes
@@ -72,7 +95,9 @@ def test_offline_tasks_are_current_and_held_out():
     cloze = [json.loads(line) for line in (offline.TASKS_DIR / "cloze.jsonl").read_text().splitlines()]
     choice = [json.loads(line) for line in (offline.TASKS_DIR / "next_verse.jsonl").read_text().splitlines()]
     assert len(cloze) == len(choice) == 144
-    passages = [d["context"].split("\n")[-1] + " " + d["target"] for d in cloze] + [d["choices"][d["gold"]] for d in choice]
+    passages = [d["context"].split("\n")[-1] + " " + d["target"] for d in cloze] + [
+        d["choices"][d["gold"]] for d in choice
+    ]
     train = "\n".join(_train_texts(DataConfig(), cache_root()))
     assert len(train) > 4_000_000
     assert [p for p in passages if p in train] == []
@@ -91,13 +116,17 @@ def test_offline_task_requests():
     cloze, choice = tasks["llmtrain_cloze"], tasks["llmtrain_next_verse"]
     for task in (cloze, choice):
         task.build_all_requests(limit=1, rank=0, world_size=1)
-    assert [i.args for i in cloze.instances] == [(
-        "And it came to pass, when men began to multiply on the face of the earth, and daughters were born unto "
-        "them, That the sons of God saw the daughters of men that they were fair; and they took them wives of all "
-        "which they chose.\nAnd the LORD said, My spirit shall not always strive with man, for that he also is "
-        "flesh: yet his days shall be an hundred and twenty years.\nThere were giants in the earth in those days; "
-        "and also after that, when the sons of God came in unto the daughters of men, and they bare children to "
-        "them, the same became mighty men which were of old, men of", " renown")]
+    assert [i.args for i in cloze.instances] == [
+        (
+            "And it came to pass, when men began to multiply on the face of the earth, and daughters were born unto "
+            "them, That the sons of God saw the daughters of men that they were fair; and they took them wives of all "
+            "which they chose.\nAnd the LORD said, My spirit shall not always strive with man, for that he also is "
+            "flesh: yet his days shall be an hundred and twenty years.\nThere were giants in the earth in those days; "
+            "and also after that, when the sons of God came in unto the daughters of men, and they bare children to "
+            "them, the same became mighty men which were of old, men of",
+            " renown",
+        )
+    ]
     args = [i.args for i in choice.instances]
     assert len(args) == 4 and all(ctx == args[0][0] and cont.startswith("\n") for ctx, cont in args)
     assert args[0][0].startswith("And it came to pass, when men began to multiply")

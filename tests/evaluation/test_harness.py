@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from evalhelpers import need_lm_eval
 
-TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
-        "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God "
-        "said, Let there be light: and there was light. And God saw the light, that it was good: and God divided "
-        "the light from the darkness. And God called the light Day, and the darkness he called Night.")
+TEXT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+    "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God "
+    "said, Let there be light: and there was light. And God saw the light, that it was good: and God divided "
+    "the light from the darkness. And God called the light Day, and the darkness he called Night."
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +34,19 @@ def _instances(kind: str, args: list[tuple]) -> list:
 @torch.no_grad()
 def _direct(model, ids: list[int], n_ctx: int, window: int) -> tuple[float, bool]:
     """log p(ids[n_ctx:] | ids[:n_ctx]) from one forward of the last window + 1 tokens."""
-    whole = ids[-(window + 1):]
+    whole = ids[-(window + 1) :]
     n = len(ids) - n_ctx
     logp = F.log_softmax(model(torch.tensor([whole[:-1]])).float(), -1)[0, -n:]
     target = torch.tensor(whole[-n:])
     return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
 
 
-PAIRS = [("And God said, Let there be", " light"), ("The LORD is my", " shepherd; I shall not want."),
-         ("", "In the beginning"), (TEXT, " Amen.")]  # empty context: scored after EOS; TEXT > the window
+PAIRS = [
+    ("And God said, Let there be", " light"),
+    ("The LORD is my", " shepherd; I shall not want."),
+    ("", "In the beginning"),
+    (TEXT, " Amen."),
+]  # empty context: scored after EOS; TEXT > the window
 
 
 def test_loglikelihood_equals_a_direct_forward(lm, tokenizer):
@@ -56,7 +61,8 @@ def test_loglikelihood_equals_a_direct_forward(lm, tokenizer):
     lm.batch_size = 1  # batching (padding, sorting) changes nothing
     try:
         assert [ll for ll, _ in lm.loglikelihood(_instances("loglikelihood", PAIRS))] == pytest.approx(
-            [ll for ll, _ in got], abs=1e-4)
+            [ll for ll, _ in got], abs=1e-4
+        )
     finally:
         lm.batch_size = 3
 
@@ -67,12 +73,14 @@ def test_rolling_loglikelihood_equals_eval_perplexity(lm, tokenizer):
     from llmtrain.inference import perplexity_on
 
     T = lm.max_length
-    tokens = tokenizer.encode(TEXT * 3)[:4 * T]
+    tokens = tokenizer.encode(TEXT * 3)[: 4 * T]
     text = tokenizer.decode(tokens)
     assert tokenizer.encode(text) == tokens
     stream = torch.tensor([tokenizer.eos_id, *tokens])
-    windows = [{"input_ids": stream[i:i + T][None], "labels": stream[i + 1:i + T + 1][None]} for i in range(0, 4 * T, T)]
-    batches = [{k: torch.cat([w[k] for w in windows[j:j + 2]]) for k in windows[0]} for j in (0, 2)]
+    windows = [
+        {"input_ids": stream[i : i + T][None], "labels": stream[i + 1 : i + T + 1][None]} for i in range(0, 4 * T, T)
+    ]
+    batches = [{k: torch.cat([w[k] for w in windows[j : j + 2]]) for k in windows[0]} for j in (0, 2)]
     loss, count = perplexity_on(lm.model, batches, "cpu")
     assert count == 4 * T
     (rolling,) = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
@@ -84,11 +92,13 @@ def test_generate_until_equals_greedy_generate_with_the_kv_cache(lm, tokenizer):
 
     prompts = ["And God said", "And God made", "The LORD is my shepherd"]  # the first two: one batch
     assert len(tokenizer.encode(prompts[0])) == len(tokenizer.encode(prompts[1]))
-    got = lm.generate_until(_instances("generate_until", [(p, {"until": ["\n\n"], "max_gen_toks": 6}) for p in prompts]))
+    got = lm.generate_until(
+        _instances("generate_until", [(p, {"until": ["\n\n"], "max_gen_toks": 6}) for p in prompts])
+    )
     for p, text in zip(prompts, got):
         ids = torch.tensor([tokenizer.encode(p)])
-        out = generate(lm.model, ids, 6, lm.max_length, temperature=0)[0, ids.size(1):].tolist()
-        want = tokenizer.decode(out[:out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out)
+        out = generate(lm.model, ids, 6, lm.max_length, temperature=0)[0, ids.size(1) :].tolist()
+        want = tokenizer.decode(out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out)
         assert text == want.split("\n\n")[0]
     # a stop string ends generation: the text up to it, without it
     first = got[0]

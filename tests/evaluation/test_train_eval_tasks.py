@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from evalhelpers import need_lm_eval
 from helpers import read_metrics, train
+
 from llmtrain.cli import main
 
 
@@ -24,11 +24,27 @@ def test_eval_tasks_appear_in_eval_records(local_tasks, tmp_path, capsys):
     for r in evals:
         assert 0 <= r["eval_llmtrain_next_verse_acc"] <= 1 and 0 <= r["eval_local_cloze_acc"] <= 1
         assert r["eval_llmtrain_next_verse_acc_norm"] >= 0 and r["eval_local_cloze_perplexity"] > 0
-    assert main(["eval", str(out), "--tasks", tasks, "--limit", "3", "--device", "cpu",
-                 "--output", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--tasks",
+                tasks,
+                "--limit",
+                "3",
+                "--device",
+                "cpu",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     standalone = flat_metrics(json.loads((tmp_path / "r.json").read_text()))
     assert {f"eval_{k}": v for k, v in standalone.items()} == pytest.approx(
-        {k: v for k, v in evals[-1].items() if k.startswith(("eval_llmtrain", "eval_local"))}, rel=1e-4)
+        {k: v for k, v in evals[-1].items() if k.startswith(("eval_llmtrain", "eval_local"))}, rel=1e-4
+    )
 
 
 def test_unknown_eval_task_fails_before_training(tmp_path):

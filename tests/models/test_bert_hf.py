@@ -18,9 +18,18 @@ VOCAB = 101  # not a multiple of 64
 
 
 def _hf_bert(tied: bool, intermediate: int = 88):
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=intermediate, max_position_embeddings=32, type_vocab_size=2,
-                                  tie_word_embeddings=tied, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        tie_word_embeddings=tied,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertForPreTraining(cfg)
 
 
@@ -50,7 +59,7 @@ def _assert_parity(hf, ours, ids, types, mask):
         mlm, nsp, hidden = _ours(ours, ids, types, mask)
     assert len(hidden) == len(ref.hidden_states)
     for i, (a, b) in enumerate(zip(hidden, ref.hidden_states)):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"hidden state {i}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, i=i: f"hidden state {i}: {m}")
     torch.testing.assert_close(mlm, ref.prediction_logits, **TOL)
     torch.testing.assert_close(nsp, ref.seq_relationship_logits, **TOL)
 
@@ -117,15 +126,17 @@ def test_all_minilm_l6_v2_hidden_states_match_transformers():
     ours.load_state_dict(sd)
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    texts = ["In the beginning God created the heaven and the earth.",
-             "At the start of time, God made the sky and the world.",
-             "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"]
+    texts = [
+        "In the beginning God created the heaven and the earth.",
+        "At the start of time, God made the sky and the world.",
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    ]
     enc = [tok.encode(t).ids for t in texts]  # [CLS] ... [SEP]
     T = max(map(len, enc))
     ids = torch.zeros(len(enc), T, dtype=torch.long)
     mask = torch.zeros(len(enc), T, dtype=torch.long)
     for i, e in enumerate(enc):
-        ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
+        ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask)
         hidden, pooled = ours.encode(ids, torch.zeros_like(ids), mask)
@@ -171,8 +182,16 @@ def test_export_hf_bert_tokenizer_adds_cls_and_sep(tmp_path):
     texts = ["In the beginning God created the heaven and the earth.", "To be, or not to be, that is the question."]
     tok = train_tokenizer(texts * 4, "wordpiece", 120)
     tok.save(tmp_path / "tok")
-    cfg = ModelConfig(name="bert_debug", arch="bert", n_layer=1, n_head=2, n_embd=32, vocab_size=tok.vocab_size,
-                      block_size=32, norm_eps=1e-12)
+    cfg = ModelConfig(
+        name="bert_debug",
+        arch="bert",
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        vocab_size=tok.vocab_size,
+        block_size=32,
+        norm_eps=1e-12,
+    )
     model = build_model(cfg)
     model.init_weights()
     write_model_dir(cfg, model.state_dict(), tmp_path / "model", tmp_path / "tok" / "tokenizer.json")

@@ -26,7 +26,9 @@ def gain(model_cfg):
     def convert(model: nn.Module) -> None:
         norm = model.ln_f
         # on the device of the weights it sits beside (meta when a reader only wants names and shapes)
-        norm.register_parameter("gain", nn.Parameter(1 + 0.1 * torch.randn(model_cfg.n_embd, device=norm.weight.device)))
+        norm.register_parameter(
+            "gain", nn.Parameter(1 + 0.1 * torch.randn(model_cfg.n_embd, device=norm.weight.device))
+        )
         norm.register_forward_hook(lambda module, _inputs, out: out * module.gain)
 
     return convert
@@ -63,7 +65,9 @@ def test_converter_parameters_train_checkpoint_resume_and_load(tmp_path, importa
     assert [b[s] for s in (3, 4)] == [a[s] for s in (3, 4)]  # bit-for-bit in fp32
 
     cfg, at_4 = load_model_weights(full)
-    assert cfg.converters == [CONVERTER] and (full / "checkpoints/step_00000004/universal/ln_f.gain.safetensors").is_file()
+    assert (
+        cfg.converters == [CONVERTER] and (full / "checkpoints/step_00000004/universal/ln_f.gain.safetensors").is_file()
+    )
     assert not torch.equal(at_4["ln_f.gain"], at_2["ln_f.gain"])  # it trains
     assert torch.equal(at_4["ln_f.gain"], load_model_weights(part)[1]["ln_f.gain"])  # and resumed exactly
     model = build_converted_model(cfg)

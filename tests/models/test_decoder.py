@@ -59,8 +59,18 @@ def test_position_options_have_no_position_table(pos):
 
 def test_gqa_equals_mha_with_shared_kv_heads():
     """A 2-kv-head model equals the 4-head model whose k/v heads are each copied to the query heads they serve."""
-    base = dict(n_layer=1, n_head=4, n_embd=32, vocab_size=64, block_size=16, pos="rope", norm="rmsnorm",
-                mlp="swiglu", bias=False, intermediate_size=40)
+    base = dict(
+        n_layer=1,
+        n_head=4,
+        n_embd=32,
+        vocab_size=64,
+        block_size=16,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        intermediate_size=40,
+    )
     torch.manual_seed(0)
     gqa = build_model(ModelConfig(**base, n_kv_head=2))
     gqa.init_weights()
@@ -96,8 +106,18 @@ def test_kv_cache_generation_equals_recomputation(flavour, sampling):
 
 
 def test_cached_logits_equal_full_forward():
-    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=50, block_size=32, pos="rope",
-                      norm="rmsnorm", mlp="swiglu", bias=False)
+    cfg = ModelConfig(
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        vocab_size=50,
+        block_size=32,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     model.init_weights()
@@ -105,6 +125,6 @@ def test_cached_logits_equal_full_forward():
     full = model(ids)
     cache = model.new_cache()
     pieces = [model(ids[:, :7], cache), model(ids[:, 7:12], cache)]  # a multi-token step after a prefix
-    pieces += [model(ids[:, t:t + 1], cache) for t in range(12, 20)]
+    pieces += [model(ids[:, t : t + 1], cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 20

@@ -28,12 +28,22 @@ MERGES = ["t h", "th e", "Ġ the"]
 VOCAB = len(TOKENS)  # 99, not a multiple of 64
 
 # transformers Llama name -> llama.cpp tensor name ({i} = layer), as llama.cpp's converter names them
-_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
-_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def _gguf_name(hf_name: str) -> str:
@@ -52,13 +62,22 @@ def _interleave(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hf_llama(rope_scaling: dict | None = None):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                   rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                   rope_scaling=rope_scaling)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_scaling=rope_scaling,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for _name, p in hf.named_parameters():
             if p.ndim == 1:  # HF's init leaves norms at 1: perturb them so that they are tested
                 p.add_(0.1 * torch.randn_like(p))
         for layer in hf.model.layers:  # sharper attention, so that positions move the logits visibly
@@ -114,8 +133,11 @@ def test_gguf_linear_rope_scaling_matches_transformers(tmp_path):
     from llmtrain.parallel.consolidate import load_model_weights
 
     hf = _hf_llama({"rope_type": "linear", "factor": 4.0})
-    src = _write_gguf(tmp_path / "tiny.gguf", hf, {ROPE.SCALING_TYPE.format(arch="llama"): "linear",
-                                                  ROPE.SCALING_FACTOR.format(arch="llama"): 4.0})
+    src = _write_gguf(
+        tmp_path / "tiny.gguf",
+        hf,
+        {ROPE.SCALING_TYPE.format(arch="llama"): "linear", ROPE.SCALING_FACTOR.format(arch="llama"): 4.0},
+    )
     out = import_hf(src, tmp_path / "ours")
     cfg, sd = load_model_weights(out)
     assert cfg.rope_scaling == RopeScaling("linear", 4.0) and cfg.rope_theta == 5000.0 and cfg.n_kv_head == 2
@@ -126,43 +148,73 @@ def test_gguf_linear_rope_scaling_matches_transformers(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, mine, unscaled = hf(ids).logits, ours(ids), plain(ids)
-    print(f"max |dlogits| vs transformers: scaled {(mine - ref).abs().max():.2e}, "
-          f"without scaling {(unscaled - ref).abs().max():.2e}")
+    print(
+        f"max |dlogits| vs transformers: scaled {(mine - ref).abs().max():.2e}, "
+        f"without scaling {(unscaled - ref).abs().max():.2e}"
+    )
     torch.testing.assert_close(mine, ref, **TOL)
     assert (unscaled - ref).abs().max() > 1e-2  # 1000x the parity tolerance
     tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     assert tok.encode("hi the").ids == [TOKENS.index("h"), TOKENS.index("i"), TOKENS.index("Ġthe")]
 
 
-@pytest.mark.parametrize("rope,expected", [
-    ({}, None),
-    ({"llama.rope.scaling.type": "none"}, None),
-    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),  # llama.cpp ignores it
-    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}, None),
-    ({"llama.rope.scaling.factor": 4.0}, RopeScaling("linear", 4.0)),  # llama.cpp's default type is linear
-    ({"llama.rope.scale_linear": 2.0}, RopeScaling("linear", 2.0)),  # the key of older llama.cpp files
-    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.5,
-      "llama.rope.scaling.original_context_length": 256}, RopeScaling("linear", 2.5)),
-])
+@pytest.mark.parametrize(
+    "rope,expected",
+    [
+        ({}, None),
+        ({"llama.rope.scaling.type": "none"}, None),
+        ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),  # llama.cpp ignores it
+        ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}, None),
+        ({"llama.rope.scaling.factor": 4.0}, RopeScaling("linear", 4.0)),  # llama.cpp's default type is linear
+        ({"llama.rope.scale_linear": 2.0}, RopeScaling("linear", 2.0)),  # the key of older llama.cpp files
+        (
+            {
+                "llama.rope.scaling.type": "linear",
+                "llama.rope.scaling.factor": 2.5,
+                "llama.rope.scaling.original_context_length": 256,
+            },
+            RopeScaling("linear", 2.5),
+        ),
+    ],
+)
 def test_gguf_rope_scaling_metadata_as_llama_cpp_reads_it(tmp_path, rope, expected):
     hf_cfg, hf_sd, _ = read_gguf_llama(_write_gguf(tmp_path / "tiny.gguf", _hf_llama(), rope))
     assert from_hf(hf_cfg, hf_sd)[0].rope_scaling == expected
 
 
-@pytest.mark.parametrize("rope,extra,match", [
-    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
-      "llama.rope.scaling.original_context_length": 256}, None,
-     r"tiny.gguf: llama.rope.scaling.type = 'yarn' \(llama.rope.scaling.factor = 4.0, "
-     r"llama.rope.scaling.original_context_length = 256\) is not supported: GGUF import maps the types 'none' "
-     r"and 'linear' only"),
-    ({"llama.rope.scaling.type": "longrope"}, None, r"'longrope' .* is not supported"),
-    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0,
-      "llama.rope.scaling.attn_factor": 0.5}, None, r"tiny.gguf: llama.rope.scaling.attn_factor = 0.5 is not supported"),
-    # llama.cpp's converter writes llama3 scaling as per-frequency factors (head size 16: 8 of them)
-    ({}, {"rope_freqs.weight": np.linspace(1.0, 8.0, 8, dtype=np.float32)},
-     r"tiny.gguf: tensor 'rope_freqs.weight' holds llama3 rope frequency factors .* cannot be mapped back to "
-     r"rope_scaling's .*llmtrain import-hf HF_DIR OUT_DIR"),
-])
+@pytest.mark.parametrize(
+    "rope,extra,match",
+    [
+        (
+            {
+                "llama.rope.scaling.type": "yarn",
+                "llama.rope.scaling.factor": 4.0,
+                "llama.rope.scaling.original_context_length": 256,
+            },
+            None,
+            r"tiny.gguf: llama.rope.scaling.type = 'yarn' \(llama.rope.scaling.factor = 4.0, "
+            r"llama.rope.scaling.original_context_length = 256\) is not supported: GGUF import maps the types 'none' "
+            r"and 'linear' only",
+        ),
+        ({"llama.rope.scaling.type": "longrope"}, None, r"'longrope' .* is not supported"),
+        (
+            {
+                "llama.rope.scaling.type": "linear",
+                "llama.rope.scaling.factor": 4.0,
+                "llama.rope.scaling.attn_factor": 0.5,
+            },
+            None,
+            r"tiny.gguf: llama.rope.scaling.attn_factor = 0.5 is not supported",
+        ),
+        # llama.cpp's converter writes llama3 scaling as per-frequency factors (head size 16: 8 of them)
+        (
+            {},
+            {"rope_freqs.weight": np.linspace(1.0, 8.0, 8, dtype=np.float32)},
+            r"tiny.gguf: tensor 'rope_freqs.weight' holds llama3 rope frequency factors .* cannot be mapped back to "
+            r"rope_scaling's .*llmtrain import-hf HF_DIR OUT_DIR",
+        ),
+    ],
+)
 def test_gguf_rotary_scaling_that_cannot_be_imported_is_refused(tmp_path, rope, extra, match):
     src = _write_gguf(tmp_path / "tiny.gguf", _hf_llama(), rope, extra)
     with pytest.raises(ValueError, match=match):

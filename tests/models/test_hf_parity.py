@@ -20,17 +20,36 @@ VOCAB = 101  # not a multiple of 64
 
 
 def _hf_gpt2(tied: bool):
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=48, n_layer=2, n_head=4,
-                                  tie_word_embeddings=tied, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=None, eos_token_id=None)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=tied,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def _hf_llama(tied: bool, rope_scaling: dict | None = None, max_positions: int = 32):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                                   rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
-                                   rope_scaling=rope_scaling)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -53,7 +72,7 @@ def _assert_parity(hf, ours, ids):
         logits, hidden = _ours_with_hidden(ours, ids)
     assert len(hidden) == len(ref.hidden_states)
     for i, (a, b) in enumerate(zip(hidden, ref.hidden_states)):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"hidden state {i}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, i=i: f"hidden state {i}: {m}")
     torch.testing.assert_close(logits, ref.logits, **TOL)
 
 
@@ -62,7 +81,7 @@ def test_parity_both_directions(family, tied):
     torch.manual_seed(0)
     hf = (_hf_gpt2 if family == "gpt2" else _hf_llama)(tied).eval()
     with torch.no_grad():  # HF's init leaves norms at 1 and biases at 0: perturb them so they are tested
-        for name, p in hf.named_parameters():
+        for _name, p in hf.named_parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     ids = torch.randint(0, VOCAB, (2, 32))
@@ -93,8 +112,20 @@ def test_parity_both_directions(family, tied):
 def test_llama_head_dim_other_than_width_over_heads():
     """A pruned model keeps its head size with fewer heads (model.head_dim): Llama's head_dim carries it."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=48, head_dim=16, vocab_size=VOCAB, block_size=16,
-                      pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, intermediate_size=40)
+    cfg = ModelConfig(
+        n_layer=1,
+        n_head=2,
+        n_kv_head=1,
+        n_embd=48,
+        head_dim=16,
+        vocab_size=VOCAB,
+        block_size=16,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        intermediate_size=40,
+    )
     mine = build_model(cfg).eval()
     mine.init_weights()
     hf_cfg, hf_sd = family_for_config(cfg).to_hf(cfg, mine.state_dict())
@@ -117,9 +148,16 @@ def test_configs_without_a_twin_are_refused():
 # head size 16 at rope_theta 5000: wavelengths 6, 18, 53, 153, 444, 1288, 3738, 10845 positions. With a
 # pre-training context of 256 (extended 8x to 2048), llama3 keeps the first three (< 256/4), divides the last
 # four (> 256/1) by the factor and blends the fourth: every branch of the rule is exercised.
-ROPE_SCALINGS = {"linear": {"rope_type": "linear", "factor": 4.0},
-                 "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 256}}
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
+}
 
 
 @pytest.mark.parametrize("kind", ["linear", "llama3"])
@@ -183,13 +221,15 @@ def test_rope_scaling_config_is_checked():
     assert cfg.rope_scaling == RopeScaling("linear", 2.0)
     from llmtrain.config import load_config
 
-    cfg = load_config(None, ["model.name=llama_debug", "model.rope_scaling.rope_type=linear",
-                             "model.rope_scaling.factor=2"]).model
+    cfg = load_config(
+        None, ["model.name=llama_debug", "model.rope_scaling.rope_type=linear", "model.rope_scaling.factor=2"]
+    ).model
     assert cfg.rope_scaling == RopeScaling("linear", 2.0)
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig(pos="rope", rope_scaling={"type": "linear"})
-    hf_cfg = transformers.LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                                    "original_max_position_embeddings": 16})
+    hf_cfg = transformers.LlamaConfig(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    )
     with pytest.raises(ValueError, match="'yarn' is not implemented"):
         family_for_hf("llama").from_hf(hf_cfg, {})
 

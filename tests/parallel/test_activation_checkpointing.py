@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import losses, train
+
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.parallel.checkpointing import SavedBytes, apply_activation_checkpointing
 
@@ -41,8 +41,14 @@ def test_same_numbers_fewer_saved_bytes(reference, mode):
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, r)
     assert saved < ref_bytes, (mode, saved, ref_bytes)
-    assert wrapped == {"full": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"], "every_n": ["blocks.0", "blocks.2"],
-                       "selective": [f"blocks.{i}.attn.attend" for i in range(4)]}[mode]
+    assert (
+        wrapped
+        == {
+            "full": ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
+            "every_n": ["blocks.0", "blocks.2"],
+            "selective": [f"blocks.{i}.attn.attend" for i in range(4)],
+        }[mode]
+    )
     if mode == "full":  # only each block's input (B*T*C fp32) stays per block: a small fraction
         assert saved < ref_bytes / 4
 
@@ -66,7 +72,13 @@ def test_full_checkpointing_with_zero3_two_ranks_matches_none(tmp_path):
     runs = {}
     for mode in ("none", "full"):
         out = tmp_path / mode
-        train(out, "train.max_steps=3", "parallel.zero_stage=3", f"parallel.activation_checkpointing={mode}",
-              launcher="torchrun", nproc=2)
+        train(
+            out,
+            "train.max_steps=3",
+            "parallel.zero_stage=3",
+            f"parallel.activation_checkpointing={mode}",
+            launcher="torchrun",
+            nproc=2,
+        )
         runs[mode] = losses(out)
     assert runs["full"] == runs["none"]

@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import train
 from safetensors.torch import load_file
 
-from helpers import train
 from llmtrain.cli import main
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.parallel.consolidate import init_model_from, load_model_weights
@@ -89,7 +89,12 @@ def test_init_from_pads_the_vocabulary(source, tmp_path):
     with torch.no_grad():
         want, got = ref.eval()(ids), padded.eval()(ids)
     assert got.shape[-1] == cfg.vocab_size + 64
-    assert torch.equal(got[..., :cfg.vocab_size], want)
-    proc = train(tmp_path / "run", "train.max_steps=1", "optim.lr=0", f"model.init_from={source}",
-                 f"model.vocab_size={cfg.vocab_size + 64}")
+    assert torch.equal(got[..., : cfg.vocab_size], want)
+    proc = train(
+        tmp_path / "run",
+        "train.max_steps=1",
+        "optim.lr=0",
+        f"model.init_from={source}",
+        f"model.vocab_size={cfg.vocab_size + 64}",
+    )
     assert f"vocabulary padded to {cfg.vocab_size + 64} rows in wte.weight" in proc.stdout

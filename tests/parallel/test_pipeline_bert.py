@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import assert_losses_match, train
+
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.train.metrics import last_by_step, read_metrics
 
@@ -27,8 +27,17 @@ def _run_layers(layers: list, inputs: tuple) -> tuple:
 def test_bert_layers_compute_the_plain_model(tied):
     from llmtrain.parallel.pipeline_bert import bert_split
 
-    cfg = ModelConfig(name="bert_debug", arch="bert", n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=16,
-                      norm_eps=1e-12, tie_embeddings=tied)
+    cfg = ModelConfig(
+        name="bert_debug",
+        arch="bert",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=50,
+        block_size=16,
+        norm_eps=1e-12,
+        tie_embeddings=tied,
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     model.init_weights()
@@ -38,8 +47,13 @@ def test_bert_layers_compute_the_plain_model(tied):
     attention_mask[1, 9:] = 0
     mlm_labels = torch.full((3, 16), -100)
     mlm_labels[:, 2::5] = ids[:, 2::5]
-    batch = {"input_ids": ids, "token_type_ids": (torch.arange(16) >= 8).long().expand(3, 16),
-             "attention_mask": attention_mask, "mlm_labels": mlm_labels, "nsp_labels": torch.tensor([0, 1, 0])}
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": (torch.arange(16) >= 8).long().expand(3, 16),
+        "attention_mask": attention_mask,
+        "mlm_labels": mlm_labels,
+        "nsp_labels": torch.tensor([0, 1, 0]),
+    }
     split = bert_split(model)
     assert split.legend == f"word embedding, embeddings, 2 blocks, pre-training heads{', tied word embedding' * tied}"
     mlm, nsp = _run_layers(split.layers, split.inputs(batch))
@@ -68,12 +82,21 @@ def test_bert_pp2_matches_one_rank(tmp_path):
     losses equal, the loss parts within 1e-6)."""
     overrides = (f"train.max_steps={STEPS}", "train.eval_batches=2")
     train(tmp_path / "one", *overrides, recipe="recipes/bert_debug.yaml")
-    proc = train(tmp_path / "pp2", *overrides, "parallel.pp=2", "parallel.pipeline_partition=layers",
-                 recipe="recipes/bert_debug.yaml", launcher="torchrun", nproc=2)
+    proc = train(
+        tmp_path / "pp2",
+        *overrides,
+        "parallel.pp=2",
+        "parallel.pipeline_partition=layers",
+        recipe="recipes/bert_debug.yaml",
+        launcher="torchrun",
+        nproc=2,
+    )
     assert "(dp 1 x tp 1 x pp 2)" in proc.stdout
     # one block per stage; the tie registers the word embedding on the last stage too
-    assert ("partition by layers of 6 layers (word embedding, embeddings, 2 blocks, pre-training heads, tied word "
-            "embedding): stage 0: layers 0-2; stage 1: layers 3-5") in proc.stdout
+    assert (
+        "partition by layers of 6 layers (word embedding, embeddings, 2 blocks, pre-training heads, tied word "
+        "embedding): stage 0: layers 0-2; stage 1: layers 3-5"
+    ) in proc.stdout
     ref, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "pp2")
     assert sorted(ref["eval_mlm_loss"]) == [STEPS]  # the parts of the loss, logged on every stage's behalf
     for key in METRICS:

@@ -16,9 +16,20 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    BIN,
+    ROOT,
+    assert_losses_match,
+    assert_norms_match,
+    env,
+    free_port,
+    golden_grad_norms,
+    golden_losses,
+    grad_norms,
+    losses,
+    train,
+)
 
-from helpers import (BIN, ROOT, assert_losses_match, assert_norms_match, env, free_port, golden_grad_norms, golden_losses,
-                     grad_norms, losses, train)
 from llmtrain.parallel.consolidate import load_model_weights
 from llmtrain.train.metrics import last_by_step, read_metrics
 
@@ -27,8 +38,12 @@ TOL = 1e-5
 
 
 def test_sharded_layers_match_unsharded_two_processes():
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "tests" / "parallel" / "tp_layers_worker.py")]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "tests" / "parallel" / "tp_layers_worker.py"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # the GPT-2 and the Llama (GQA + SwiGLU gate) flavours; BERT pre-training (MLM decoder and its output
@@ -41,8 +56,15 @@ def test_sharded_layers_match_unsharded_two_processes():
 def test_tp2_dp2_zero2_matches_one_rank(tmp_path):
     """Covers tp2 alone too: each tensor-parallel pair computes what tp2 x dp1 would on its half batch."""
     out = tmp_path / "run"
-    proc = train(out, f"train.max_steps={STEPS}", "parallel.tp=2", "parallel.zero_stage=2",
-                 "train.sample_tokens=4", launcher="torchrun", nproc=4)
+    proc = train(
+        out,
+        f"train.max_steps={STEPS}",
+        "parallel.tp=2",
+        "parallel.zero_stage=2",
+        "train.sample_tokens=4",
+        launcher="torchrun",
+        nproc=4,
+    )
     assert "(dp 2 x tp 2 x pp 1)" in proc.stdout and "sample:" in proc.stdout
     assert_losses_match(losses(out), golden_losses(), TOL)
     assert_norms_match(grad_norms(out), golden_grad_norms())  # DeepSpeed's ZeRO-2 norm over the tp shards
@@ -52,8 +74,17 @@ def test_tp2_dp2_zero2_matches_one_rank(tmp_path):
 def tp2_pp2(tmp_path_factory):
     """tp2 x pp2 (ZeRO-1, dp 1) for 6 steps, checkpointing at step 3 and at the end."""
     out = tmp_path_factory.mktemp("tp2pp2") / "run"
-    proc = train(out, f"train.max_steps={STEPS}", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
-                 "checkpoint.interval=3", "checkpoint.keep_last=2", launcher="torchrun", nproc=4)
+    proc = train(
+        out,
+        f"train.max_steps={STEPS}",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.zero_stage=1",
+        "checkpoint.interval=3",
+        "checkpoint.keep_last=2",
+        launcher="torchrun",
+        nproc=4,
+    )
     assert "(dp 1 x tp 2 x pp 2)" in proc.stdout
     return out
 
@@ -69,8 +100,14 @@ def test_resume_tp2_pp2_checkpoint_on_dp2_zero3(tp2_pp2, tmp_path):
     """Another world size, tp, pp and ZeRO stage: steps 4-6 continue the uninterrupted losses, so weights,
     Adam moments, LR schedule and data position all came across."""
     out = tmp_path / "resumed"
-    proc = train(out, f"train.max_steps={STEPS}", "parallel.zero_stage=3",
-                 f"train.resume={tp2_pp2 / 'checkpoints' / 'step_00000003'}", launcher="torchrun", nproc=2)
+    proc = train(
+        out,
+        f"train.max_steps={STEPS}",
+        "parallel.zero_stage=3",
+        f"train.resume={tp2_pp2 / 'checkpoints' / 'step_00000003'}",
+        launcher="torchrun",
+        nproc=2,
+    )
     assert "resuming across layouts" in proc.stdout and "resumed from" in proc.stdout
     got = losses(out)
     assert sorted(got) == [4, 5, 6]
@@ -82,7 +119,7 @@ def test_resume_tp2_pp2_checkpoint_on_dp2_zero3(tp2_pp2, tmp_path):
     _, a = load_model_weights(tp2_pp2)
     _, b = load_model_weights(out)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_attention_dropout_differs_between_tp_ranks_and_repeats_in_recompute():

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_losses_match, assert_norms_match, grad_norms, losses, train
 from safetensors.torch import load_file
 
-from helpers import assert_losses_match, assert_norms_match, grad_norms, losses, train
 from llmtrain.parallel.consolidate import load_model_weights
 from llmtrain.train.metrics import last_by_step, read_metrics
 
@@ -80,7 +80,9 @@ def test_bert_tp2_checkpoint_resumes_on_one_rank_and_consolidates(pretrain, tmp_
         # the output bias trained (it starts at zero): equal to the one-rank bias, its halves are in place
         assert weights["lm_head.bias"].abs().max() > 1e-3
         for name in ref:
-            torch.testing.assert_close(weights[name], ref[name], atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                weights[name], ref[name], atol=TOL, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )
 
     # Hugging Face export reads the same consolidated weights: the tp2 run exports as the one-rank run
     from llmtrain.interop.cli import export_hf
@@ -89,7 +91,7 @@ def test_bert_tp2_checkpoint_resumes_on_one_rank_and_consolidates(pretrain, tmp_
     b = load_file(str(export_hf(pretrain / "tp2", tmp_path / "hf_tp2") / "model.safetensors"))
     assert sorted(a) == sorted(b)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=TOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b[name], a[name], atol=TOL, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_bert_classifier_tp2_matches_one_rank(pretrain, tmp_path):
@@ -108,7 +110,16 @@ def test_bert_tp2_pp2_matches_one_rank(pretrain, tmp_path):
     """4 processes: two pipeline stages of two tensor-parallel ranks each. The word embedding's vocabulary
     shard is tied across the first and last stage, the sharded MLM bias lives on the last."""
     out = tmp_path / "tp2pp2"
-    proc = train(out, *RUN, "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
-                 "parallel.pipeline_partition=layers", recipe=PRETRAIN, launcher="torchrun", nproc=4)
+    proc = train(
+        out,
+        *RUN,
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.zero_stage=1",
+        "parallel.pipeline_partition=layers",
+        recipe=PRETRAIN,
+        launcher="torchrun",
+        nproc=4,
+    )
     assert "(dp 1 x tp 2 x pp 2)" in proc.stdout
     _assert_metrics_match(out, pretrain / "one", PRETRAIN_METRICS)

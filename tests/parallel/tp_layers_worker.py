@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 from llmtrain.models import ModelConfig, build_model
-from llmtrain.parallel.tensor_parallel import (GPT_TP_PLAN, LLAMA_TP_PLAN, apply_tensor_parallel, full_logits,
-                                               loss_context, plan_for)
+from llmtrain.parallel.tensor_parallel import (
+    GPT_TP_PLAN,
+    LLAMA_TP_PLAN,
+    apply_tensor_parallel,
+    full_logits,
+    loss_context,
+    plan_for,
+)
 from llmtrain.train.objectives import objective_for
 
 # fp32 on CPU; a sharded matmul sums the same products in a different order than the full one, so
@@ -23,13 +29,20 @@ from llmtrain.train.objectives import objective_for
 TOL = dict(atol=1e-5, rtol=1e-4)
 SHAPE = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=96, block_size=16)
 # GPT-2 flavour, and Llama flavour with grouped-query attention (4 query heads on 2 kv heads) and SwiGLU
-FLAVOURS = [(ModelConfig(**SHAPE), GPT_TP_PLAN),
-            (ModelConfig(**SHAPE, n_kv_head=2, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False,
-                         intermediate_size=48), LLAMA_TP_PLAN)]
+FLAVOURS = [
+    (ModelConfig(**SHAPE), GPT_TP_PLAN),
+    (
+        ModelConfig(**SHAPE, n_kv_head=2, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, intermediate_size=48),
+        LLAMA_TP_PLAN,
+    ),
+]
 BERT = ModelConfig(**SHAPE, arch="bert", norm_eps=1e-12)
 # BERT pre-training (MLM decoder tied to the word embedding, and untied), and the sequence classifier
-BERT_FLAVOURS = {"bert tied": BERT, "bert untied": ModelConfig(**{**vars(BERT), "tie_embeddings": False}),
-                 "bert classifier": ModelConfig(**{**vars(BERT), "num_labels": 3})}
+BERT_FLAVOURS = {
+    "bert tied": BERT,
+    "bert untied": ModelConfig(**{**vars(BERT), "tie_embeddings": False}),
+    "bert classifier": ModelConfig(**{**vars(BERT), "num_labels": 3}),
+}
 
 
 def main() -> None:
@@ -84,7 +97,7 @@ def _check(cfg: ModelConfig, plan: dict, rank: int, size: int, mesh, group) -> f
         g_ref = ref_params[name].grad
         if getattr(p, "tensor_model_parallel", False):
             g_ref = _slice_like(name, g_ref, rank, size, cfg)
-        torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m, name=name: f"{name}: {m}")
     return loss.item()
 
 
@@ -122,8 +135,13 @@ def _check_bert(cfg: ModelConfig, rank: int, size: int, mesh, group) -> float:
     mask[1, 11:] = 0  # a padded row
     mlm_labels = torch.full((3, 16), -100)
     mlm_labels[:, 1::4] = ids[:, 1::4]
-    batch = {"input_ids": ids, "token_type_ids": (torch.arange(16) >= 8).long().expand(3, 16),
-             "attention_mask": mask, "mlm_labels": mlm_labels, "nsp_labels": torch.tensor([0, 1, 1])}
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": (torch.arange(16) >= 8).long().expand(3, 16),
+        "attention_mask": mask,
+        "mlm_labels": mlm_labels,
+        "nsp_labels": torch.tensor([0, 1, 1]),
+    }
     if not pretrain:
         batch = {**batch, "class_labels": torch.tensor([2, 0, 1])}
 
@@ -153,9 +171,15 @@ def _check_bert(cfg: ModelConfig, rank: int, size: int, mesh, group) -> float:
             dim, index = p.llmtrain_tp_shard  # what checkpoints gather by: the same slice of the whole tensor
             torch.testing.assert_close(ref_params[name].detach().index_select(dim, index), p.detach(), rtol=0, atol=0)
             g_ref = _slice_like(name, g_ref, rank, size, cfg)
-        torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
-    expected = {"wte.weight", *(f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in (
-        "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "up.weight", "up.bias", "down.weight"))}
+        torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    expected = {
+        "wte.weight",
+        *(
+            f"blocks.{i}.{n}"
+            for i in range(cfg.n_layer)
+            for n in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "up.weight", "up.bias", "down.weight")
+        ),
+    }
     if pretrain:  # BERT's output bias is split with the vocabulary, the decoder weight too when untied
         expected |= {"lm_head.bias"} | (set() if cfg.tie_embeddings else {"lm_head.weight"})
     assert sharded == expected, sorted(sharded ^ expected)

@@ -37,15 +37,22 @@ def _flip16(path):
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda d: _flip16(d / "model.safetensors"), "does not match its sha256"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"short"), "truncated"),
-    (lambda d: (d / "universal" / "wte.weight.safetensors").unlink(), "is missing"),
-    (lambda d: (d / CHECKSUMS).unlink(), "written without checksums"),
-    (lambda d: (d / CHECKSUMS).write_text("{not json"), "not a valid checksum list"),
-    (lambda d: (d / CHECKSUMS).write_text(json.dumps(
-        {"algorithm": "sha256", "files": {"../x": {"size": 1, "sha256": "0"}}})), "outside the directory"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: _flip16(d / "model.safetensors"), "does not match its sha256"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"short"), "truncated"),
+        (lambda d: (d / "universal" / "wte.weight.safetensors").unlink(), "is missing"),
+        (lambda d: (d / CHECKSUMS).unlink(), "written without checksums"),
+        (lambda d: (d / CHECKSUMS).write_text("{not json"), "not a valid checksum list"),
+        (
+            lambda d: (d / CHECKSUMS).write_text(
+                json.dumps({"algorithm": "sha256", "files": {"../x": {"size": 1, "sha256": "0"}}})
+            ),
+            "outside the directory",
+        ),
+    ],
+)
 def test_any_damage_is_one_error_naming_the_file_and_the_fix(model_dir, damage, words):
     damage(model_dir)
     with pytest.raises(CheckpointError, match=words) as err:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, TINY, env, launch_cmd, train
+
 from llmtrain.train.metrics import read_metrics
 
 SEED = 2026
@@ -39,8 +39,9 @@ def _logged(out: Path) -> list[tuple[int, float]]:
 def _kill_once(cmd: list[str], out: Path, trigger: str, delay: float) -> str:
     """Launch, wait for the trigger, sleep `delay`, SIGKILL the process group. Returns what happened."""
     launched, seen = time.time(), len(_logged(out))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     root, deadline = out / "checkpoints", time.time() + 240
     while proc.poll() is None and time.time() < deadline:
         if trigger == "step":
@@ -65,8 +66,7 @@ def test_kill_9_at_seeded_moments_resumes_exactly(tmp_path, nproc, layout, kills
     train(reference, *ARGS, *layout, launcher=launcher, nproc=nproc)
     expected = dict(_logged(reference))
     out = tmp_path / "run"
-    cmd = [*launch_cmd(launcher, nproc), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}", *ARGS,
-           *layout]
+    cmd = [*launch_cmd(launcher, nproc), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}", *ARGS, *layout]
     events = [_kill_once(cmd, out, trigger, delay) for trigger, delay in _plan(kills, nproc)]
     final = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, (events, final.stderr[-3000:])

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import ROOT, TINY, env, launch_cmd, losses, train
+
 from llmtrain.errors import CheckpointError
 from llmtrain.parallel.consolidate import consolidate, load_model_weights
 from llmtrain.train.metrics import read_metrics
@@ -118,9 +118,13 @@ def test_another_model_shape_is_refused_before_anything_is_written(copy4):
 
 def test_a_changed_lr_is_in_effect_and_logged(copy4, full6):
     proc = train(copy4, "train.max_steps=6", *SCHEDULE, "optim.lr=0.02")
-    assert "applying changed keys: checkpoint.interval 2 -> 0, optim.lr 0.001 -> 0.02, train.max_steps 4 -> 6" in proc.stdout
-    f = lr_multiplier(type("O", (), {"warmup_steps": 2, "decay_steps": 6, "min_lr_ratio": 0.1,
-                                     "schedule": "cosine"})(), 6)
+    assert (
+        "applying changed keys: checkpoint.interval 2 -> 0, optim.lr 0.001 -> 0.02, train.max_steps 4 -> 6"
+        in proc.stdout
+    )
+    f = lr_multiplier(
+        type("O", (), {"warmup_steps": 2, "decay_steps": 6, "min_lr_ratio": 0.1, "schedule": "cosine"})(), 6
+    )
     logged = {r["step"]: r["lr"] for r in read_metrics(copy4 / "metrics.jsonl") if "lr" in r}
     assert logged[5] == pytest.approx(0.02 * f(4)) and logged[6] == pytest.approx(0.02 * f(5))
     meta = json.loads((copy4 / "checkpoints" / "step_00000006" / "universal" / "meta.json").read_text())
@@ -134,8 +138,13 @@ def test_divergence_falls_back_to_the_good_checkpoint_and_a_sane_rerun_completes
     """The issue's reproduction (lr 1e10, no warmup, a checkpoint every step): the first checkpoint holds
     weights ~1e10 and the next step is NaN, so it never becomes good; the rerun starts afresh."""
     out = tmp_path / "run"
-    bad = ["optim.lr=1e10", "optim.warmup_steps=0", "checkpoint.interval=1", "train.max_nonfinite_steps=2",
-           "checkpoint.keep_last=1"]
+    bad = [
+        "optim.lr=1e10",
+        "optim.warmup_steps=0",
+        "checkpoint.interval=1",
+        "train.max_nonfinite_steps=2",
+        "checkpoint.keep_last=1",
+    ]
     proc = train(out, "train.max_steps=6", *bad, check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "The last good checkpoint: none yet" in proc.stderr and "starts afresh" in proc.stderr
@@ -166,10 +175,17 @@ def _fsize_limit():
 
 def test_disk_full_during_a_save_is_one_line_and_publishes_nothing(copy4):
     """A 1 MiB file-size limit makes every write of the step-6 checkpoint fail, as a full disk would."""
-    cmd = [*launch_cmd("python", 1), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={copy4}",
-           "train.max_steps=6", *SCHEDULE]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
-                          preexec_fn=_fsize_limit)
+    cmd = [
+        *launch_cmd("python", 1),
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={copy4}",
+        "train.max_steps=6",
+        *SCHEDULE,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, preexec_fn=_fsize_limit
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert "cannot write checkpoint step_00000006" in err and "free space" in err and "Traceback" not in proc.stderr

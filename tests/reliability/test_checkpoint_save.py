@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-
 from helpers import ROOT, TINY
+
 from llmtrain.config import load_config
 from llmtrain.errors import CheckpointError
 from llmtrain.integrity import write_checksums
@@ -46,8 +45,9 @@ class FakeRunner:
 
 @pytest.fixture
 def cfg(tmp_path):
-    return load_config(ROOT / "recipes" / "gpt_debug.yaml", [*TINY, f"out_dir={tmp_path / 'run'}",
-                                                               "checkpoint.keep_last=1"])
+    return load_config(
+        ROOT / "recipes" / "gpt_debug.yaml", [*TINY, f"out_dir={tmp_path / 'run'}", "checkpoint.keep_last=1"]
+    )
 
 
 def _save(cfg, step, runner=None):
@@ -57,21 +57,29 @@ def _save(cfg, step, runner=None):
 def test_a_checkpoint_lists_every_file_and_resumes_only_after_verifying(cfg):
     path = _save(cfg, 2)
     listed = json.loads((path / "checksums.json").read_text())["files"]
-    assert sorted(listed) == ["config.yaml", "rng_rank0.json", "trainer_state.json",
-                              "universal/meta.json", "universal/weight.safetensors"]
+    assert sorted(listed) == [
+        "config.yaml",
+        "rng_rank0.json",
+        "trainer_state.json",
+        "universal/meta.json",
+        "universal/weight.safetensors",
+    ]
     runner = FakeRunner()
     assert ckpt.load_checkpoint(runner, path)["step"] == 2 and runner.loaded == path
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda p: (p / "universal" / "weight.safetensors").write_bytes(b"w" * 99), "truncated"),
-    (lambda p: (p / "universal" / "weight.safetensors").write_bytes(b""), "truncated"),
-    (lambda p: (p / "universal" / "weight.safetensors").write_bytes(b"x" + b"w" * 99), "does not match"),
-    (lambda p: (p / "universal" / "weight.safetensors").unlink(), "is missing"),
-    (lambda p: (p / "rng_rank0.json").write_text("{bad"), "truncated or changed"),
-    (lambda p: (p / "trainer_state.json").write_text("{bad"), "truncated or changed"),
-    (lambda p: (p / "checksums.json").unlink(), "checksums.json is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda p: (p / "universal" / "weight.safetensors").write_bytes(b"w" * 99), "truncated"),
+        (lambda p: (p / "universal" / "weight.safetensors").write_bytes(b""), "truncated"),
+        (lambda p: (p / "universal" / "weight.safetensors").write_bytes(b"x" + b"w" * 99), "does not match"),
+        (lambda p: (p / "universal" / "weight.safetensors").unlink(), "is missing"),
+        (lambda p: (p / "rng_rank0.json").write_text("{bad"), "truncated or changed"),
+        (lambda p: (p / "trainer_state.json").write_text("{bad"), "truncated or changed"),
+        (lambda p: (p / "checksums.json").unlink(), "checksums.json is missing"),
+    ],
+)
 def test_damaged_files_refuse_the_resume_naming_the_file(cfg, damage, words):
     path = _save(cfg, 2)
     damage(path)
@@ -82,13 +90,16 @@ def test_damaged_files_refuse_the_resume_naming_the_file(cfg, damage, words):
     assert runner.loaded is None  # refused before anything was read into the engine
 
 
-@pytest.mark.parametrize("name, text, words", [
-    ("rng_rank0.json", '{"torch": "AAAA"}', "does not hold a torch RNG state"),
-    ("rng_rank0.json", "[1, 2]", "does not hold a torch RNG state"),
-    ("trainer_state.json", "[1, 2]", "not a JSON object"),
-    ("trainer_state.json", '{"tokens_seen": 1}', "lacks step"),
-    ("trainer_state.json", "not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "name, text, words",
+    [
+        ("rng_rank0.json", '{"torch": "AAAA"}', "does not hold a torch RNG state"),
+        ("rng_rank0.json", "[1, 2]", "does not hold a torch RNG state"),
+        ("trainer_state.json", "[1, 2]", "not a JSON object"),
+        ("trainer_state.json", '{"tokens_seen": 1}', "lacks step"),
+        ("trainer_state.json", "not json", "not valid JSON"),
+    ],
+)
 def test_malformed_json_with_matching_checksums_is_one_error(cfg, name, text, words):
     """Written that way (e.g. by a bug or by hand, checksums recomputed): still one line naming the file."""
     path = _save(cfg, 2)
@@ -117,9 +128,14 @@ def test_non_finite_state_is_never_written(cfg):
     assert not (root / "step_00000003").exists() and not list(root.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "universal/x.safetensors"),
-                                   PermissionError(errno.EACCES, "Permission denied", "state"),
-                                   OSError(errno.EROFS, "Read-only file system", "state")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "universal/x.safetensors"),
+        PermissionError(errno.EACCES, "Permission denied", "state"),
+        OSError(errno.EROFS, "Read-only file system", "state"),
+    ],
+)
 def test_a_failed_write_publishes_nothing_and_names_the_file(cfg, error):
     good = _save(cfg, 2)
     with pytest.raises(CheckpointError) as err:
@@ -152,15 +168,38 @@ def test_with_no_good_checkpoint_a_divergence_removes_latest(cfg):
 
 def test_changed_keys_are_applied_or_refused_with_the_reason(cfg, tmp_path):
     path = _save(cfg, 2)
-    changed = load_config(ROOT / "recipes" / "gpt_debug.yaml",
-                          [*TINY, f"out_dir={tmp_path / 'other'}", "checkpoint.keep_last=1", "optim.lr=0.5",
-                           "train.max_steps=900", "parallel.zero_stage=2", "train.grad_clip=0.5"])
+    changed = load_config(
+        ROOT / "recipes" / "gpt_debug.yaml",
+        [
+            *TINY,
+            f"out_dir={tmp_path / 'other'}",
+            "checkpoint.keep_last=1",
+            "optim.lr=0.5",
+            "train.max_steps=900",
+            "parallel.zero_stage=2",
+            "train.grad_clip=0.5",
+        ],
+    )
     applied = ckpt.resume_changes(changed, path)
-    assert sorted(a.split()[0] for a in applied) == ["optim.lr", "parallel.zero_stage", "train.grad_clip",
-                                                      "train.max_steps"]
-    bad = load_config(ROOT / "recipes" / "gpt_debug.yaml",
-                      [*TINY, f"out_dir={cfg.out_dir}", "checkpoint.keep_last=1", "model.n_layer=1",
-                       "train.seed=7", "data.tokenizer=gpt2", "optim.lr=0.5", "parallel.zero_stage=2"])
+    assert sorted(a.split()[0] for a in applied) == [
+        "optim.lr",
+        "parallel.zero_stage",
+        "train.grad_clip",
+        "train.max_steps",
+    ]
+    bad = load_config(
+        ROOT / "recipes" / "gpt_debug.yaml",
+        [
+            *TINY,
+            f"out_dir={cfg.out_dir}",
+            "checkpoint.keep_last=1",
+            "model.n_layer=1",
+            "train.seed=7",
+            "data.tokenizer=gpt2",
+            "optim.lr=0.5",
+            "parallel.zero_stage=2",
+        ],
+    )
     with pytest.raises(CheckpointError) as err:
         ckpt.resume_changes(bad, path)
     msg = str(err.value)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # datahel
 
 from datahelpers import make_docs, prepare  # noqa: E402
 from helpers import train  # noqa: E402
+
 from llmtrain.cli import main as llmtrain_main  # noqa: E402
 from llmtrain.data import DataConfig, build_data  # noqa: E402
 from llmtrain.data.format import HEADER, shard_checksums  # noqa: E402
@@ -43,8 +44,9 @@ def copy(tmp_path, dataset) -> Path:
 
 
 def open_data(path: Path, batch: int = 2, **kw):
-    return build_data(DataConfig(path=str(path), **kw), seq_len=16, seed=0, micro_batch_size=batch, grad_accum=1,
-                      dp_rank=0, dp_size=1)
+    return build_data(
+        DataConfig(path=str(path), **kw), seq_len=16, seed=0, micro_batch_size=batch, grad_accum=1, dp_rank=0, dp_size=1
+    )
 
 
 def one_error_line(stderr: str) -> str:
@@ -64,7 +66,7 @@ def set_token(file: Path, index: int, value: int) -> None:
     """Write token `value` at `index` of a uint16 shard, and record the new checksums (as a shard made with
     another tokenizer would carry): only the token-range check can catch it."""
     raw = bytearray(file.read_bytes())
-    raw[HEADER.size + 2 * index: HEADER.size + 2 * index + 2] = np.uint16(value).tobytes()
+    raw[HEADER.size + 2 * index : HEADER.size + 2 * index + 2] = np.uint16(value).tobytes()
     file.write_bytes(bytes(raw))
     manifest = json.loads((file.parent / "manifest.json").read_text())
     manifest["checksums"]["files"].update(shard_checksums(file.with_suffix("")))
@@ -81,8 +83,9 @@ def test_manifest_records_a_checksum_per_shard_file_and_verify_passes(dataset, c
     manifest = json.loads((dataset / "manifest.json").read_text())
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     assert set(manifest["checksums"]["files"]) == {f"{s}{ext}" for s in shards for ext in (".bin", ".idx")}
-    assert manifest["checksums"]["files"]["train_00000.bin"] == shard_checksums(dataset / "train_00000")[
-        "train_00000.bin"]
+    assert (
+        manifest["checksums"]["files"]["train_00000.bin"] == shard_checksums(dataset / "train_00000")["train_00000.bin"]
+    )
     rc, out, err = verify(capsys, str(dataset))
     assert rc == 0 and err == "" and out.count("\n") == 0
     assert out.startswith(f"ok: {dataset}: {2 * len(shards)} shard files") and "matches its checksum" in out
@@ -90,8 +93,11 @@ def test_manifest_records_a_checksum_per_shard_file_and_verify_passes(dataset, c
 
 def test_a_flipped_byte_inside_a_shard_is_refused_at_start_and_by_verify(copy, capsys):
     flip(copy / "train_00001.bin", HEADER.size + 101)  # a token, not the header: sizes and headers stay valid
-    with pytest.raises(DataError, match=r"train_00001\.bin: block 0 .* does not match its checksum in .*manifest"
-                                        r"\.json: the shard is corrupt"):
+    with pytest.raises(
+        DataError,
+        match=r"train_00001\.bin: block 0 .* does not match its checksum in .*manifest"
+        r"\.json: the shard is corrupt",
+    ):
         open_data(copy)
     rc, out, err = verify(capsys, str(copy))
     assert rc == 2 and out == "" and err.count("\n") == 0

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # datahelpers
 
 from datahelpers import make_docs, prepare  # noqa: E402
+
 from llmtrain.cli import main as llmtrain_main  # noqa: E402
 from llmtrain.data import DataConfig, build_data  # noqa: E402
 from llmtrain.data.format import Shard  # noqa: E402
@@ -32,21 +33,39 @@ def tok():
 
 
 def open_data(path: Path, T: int = 16, B: int = 2, dp_size: int = 1):
-    return build_data(DataConfig(path=str(path)), seq_len=T, seed=0, micro_batch_size=B, grad_accum=1,
-                      dp_rank=0, dp_size=dp_size)
+    return build_data(
+        DataConfig(path=str(path)), seq_len=T, seed=0, micro_batch_size=B, grad_accum=1, dp_rank=0, dp_size=dp_size
+    )
 
 
 def test_prepare_keeps_a_validation_document_of_a_small_corpus_with_the_default_fraction(tmp_path, tok, capsys):
     docs = make_docs(587, seed=5)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok.save(tmp_path / "tok")
-    rc = llmtrain_main(["prepare-data", "--input", str(tmp_path / "c.jsonl"), "--tokenizer", str(tmp_path / "tok"),
-                        "--out", str(tmp_path / "d"), "--workers", "1", "--no-progress"])  # default --val-fraction
+    rc = llmtrain_main(
+        [
+            "prepare-data",
+            "--input",
+            str(tmp_path / "c.jsonl"),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--out",
+            str(tmp_path / "d"),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )  # default --val-fraction
     out, err = capsys.readouterr()
     summary = json.loads(out)
     assert rc == 0 and summary["val"]["docs"] == 1 and summary["train"]["docs"] == 586
-    assert err.startswith("notice: --val-fraction 0.0005 of 587 documents held out none, so the last training "
-                          "document became the validation split") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            "notice: --val-fraction 0.0005 of 587 documents held out none, so the last training "
+            "document became the validation split"
+        )
+        and err.count("\n") == 1
+    )
     # The held-out document is the corpus' last, and it left the training split (no leak).
     last = np.array(tok.encode(docs[-1]) + [tok.eos_id])
     val = Shard.open(tmp_path / "d" / "val_00000").tokens
@@ -77,9 +96,12 @@ def test_check_eval_refuses_before_step_1_a_missing_or_too_small_validation_spli
         open_data(tmp_path / "none").check_eval(2)
     prepare(tok, tmp_path / "small", make_docs(587, seed=5), val_fraction=0.0005)  # one held-out document
     data = open_data(tmp_path / "small", T=16, B=8, dp_size=2)
-    with pytest.raises(DataError, match=r"small: the validation split has \d+ sequences of train\.seq_len=16, fewer "
-                                        r"than one eval batch \(train\.micro_batch_size=8 x 2 data-parallel ranks "
-                                        r"= 16\)"):
+    with pytest.raises(
+        DataError,
+        match=r"small: the validation split has \d+ sequences of train\.seq_len=16, fewer "
+        r"than one eval batch \(train\.micro_batch_size=8 x 2 data-parallel ranks "
+        r"= 16\)",
+    ):
         data.check_eval(1)
     with pytest.raises(DataError, match=r"train\.eval_batches=0: .* set train\.eval_batches >= 1"):
         open_data(tmp_path / "small").check_eval(0)
@@ -91,8 +113,11 @@ def test_check_eval_of_streaming_data(tmp_path, tok):
     tok.save(tmp_path / "tok")
     cfg = DataConfig(stream=str(tmp_path / "s.jsonl"), stream_tokenizer=str(tmp_path / "tok"), stream_val_docs=1)
     data = build_data(cfg, seq_len=64, seed=0, micro_batch_size=8, grad_accum=1, dp_rank=0, dp_size=1)
-    with pytest.raises(DataError, match=r"s\.jsonl: its first data\.stream_val_docs=1 documents give \d+ validation "
-                                        r"sequences, fewer than one global micro-batch"):
+    with pytest.raises(
+        DataError,
+        match=r"s\.jsonl: its first data\.stream_val_docs=1 documents give \d+ validation "
+        r"sequences, fewer than one global micro-batch",
+    ):
         data.check_eval(1)
     with pytest.raises(DataError, match=r"train\.eval_batches=0"):
         data.check_eval(0)
@@ -111,9 +136,12 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_named_by_the_comparison_
     train_tokenizer(make_docs(100, seed=8), "bpe", 280).save(ckpt / "tokenizer")
     prepare(tok, tmp_path / "d", make_docs(60, seed=3))
     data = open_data(tmp_path / "d")
-    with pytest.raises(DataError, match=rf"model\.init_from={ckpt}: the checkpoint was trained with tokenizer \w+ "
-                                        r".*280 tokens\) but this run's data is tokenized with \w+ .*300 tokens\); "
-                                        r"prepare the data with the checkpoint's tokenizer"):
+    with pytest.raises(
+        DataError,
+        match=rf"model\.init_from={ckpt}: the checkpoint was trained with tokenizer \w+ "
+        r".*280 tokens\) but this run's data is tokenized with \w+ .*300 tokens\); "
+        r"prepare the data with the checkpoint's tokenizer",
+    ):
         check_same_tokenizer(data.tokenizer, checkpoint_tokenizer(ckpt), f"model.init_from={ckpt}")
     tok.save(ckpt / "tokenizer")  # the same tokenizer: accepted
     check_same_tokenizer(data.tokenizer, checkpoint_tokenizer(ckpt), f"model.init_from={ckpt}")

@@ -6,8 +6,8 @@ import json
 import subprocess
 
 import pytest
-
 from helpers import BIN, ROOT, TINY, TRAIN, env, free_port
+
 from llmtrain.cli import build_parser, main
 
 
@@ -31,9 +31,17 @@ def test_a_transformers_directory_points_to_import_hf(tmp_path, capsys, command)
 
 
 def test_a_layout_error_under_torchrun_is_one_line_without_child_failed_traceback(tmp_path):
-    cmd = [str(BIN / "python"), str(ROOT / "launchers" / "torchrun.py"), "--nproc_per_node=2",
-           f"--master_port={free_port()}", TRAIN, str(ROOT / "recipes/gpt_debug.yaml"), *TINY,
-           f"out_dir={tmp_path / 'run'}", "parallel.tp=3"]
+    cmd = [
+        str(BIN / "python"),
+        str(ROOT / "launchers" / "torchrun.py"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        TRAIN,
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={tmp_path / 'run'}",
+        "parallel.tp=3",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]

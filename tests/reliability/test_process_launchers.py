@@ -12,10 +12,16 @@ from helpers import BIN, ROOT, TINY, TRAIN, env, free_port, launch_cmd
 
 
 def _start(launcher: str, out: Path) -> subprocess.Popen:
-    cmd = [*launch_cmd(launcher, 2), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
-           "train.max_steps=100000"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        *launch_cmd(launcher, 2),
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={out}",
+        "train.max_steps=100000",
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -88,11 +94,20 @@ def test_sigterm_to_the_torchrun_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tm
     """Plain torchrun exits 1 with a SignalException traceback here although its ranks exited 0
     (it re-raises the signal after shutting them down); launchers/torchrun.py reports the ranks' verdict."""
     out = tmp_path / "run"
-    cmd = [str(BIN / "python"), str(ROOT / "launchers" / "torchrun.py"), "--nproc_per_node=2",
-           f"--master_port={free_port()}", TRAIN, str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
-           "train.max_steps=100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        str(BIN / "python"),
+        str(ROOT / "launchers" / "torchrun.py"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        TRAIN,
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={out}",
+        "train.max_steps=100000",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not (out / "metrics.jsonl").exists():
@@ -135,11 +150,20 @@ def test_sigterm_to_the_deepspeed_wrapper_ends_in_a_stop_checkpoint_and_exit_0(t
     """The deepspeed runner dies of SIGTERM (exit 143); launchers/deepspeed_run.py passes it to the ranks and
     exits with their status."""
     out = tmp_path / "run"
-    cmd = [str(BIN / "python"), str(ROOT / "launchers" / "deepspeed_run.py"), "--num_gpus=2",
-           f"--master_port={free_port()}", TRAIN, str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
-           "train.max_steps=100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        str(BIN / "python"),
+        str(ROOT / "launchers" / "deepspeed_run.py"),
+        "--num_gpus=2",
+        f"--master_port={free_port()}",
+        TRAIN,
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={out}",
+        "train.max_steps=100000",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not (out / "metrics.jsonl").exists():

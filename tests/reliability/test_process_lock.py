@@ -10,8 +10,8 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import ROOT, TINY, env, launch_cmd, train
+
 from llmtrain.errors import UserError
 from llmtrain.train import runlock
 from llmtrain.train.runlock import LOCK_NAME, RunDirLocked, acquire, process_start
@@ -28,8 +28,11 @@ def test_a_live_holder_is_named_and_a_dead_one_is_freed(tmp_path, capsys):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:  # a live process on this host holds it: refused, naming host, pid and since when
         _plant(tmp_path / "a", host=host, pid=sleeper.pid, start=process_start(sleeper.pid))
-        with pytest.raises(RunDirLocked, match=rf"in use by another job: host {host}, pid {sleeper.pid}, "
-                                               r"since 2026-01-01T00:00:00\+00:00"):
+        with pytest.raises(
+            RunDirLocked,
+            match=rf"in use by another job: host {host}, pid {sleeper.pid}, "
+            r"since 2026-01-01T00:00:00\+00:00",
+        ):
             acquire(tmp_path / "a")
     finally:
         sleeper.kill()
@@ -56,8 +59,13 @@ def test_a_live_holder_is_named_and_a_dead_one_is_freed(tmp_path, capsys):
 
 def test_second_job_into_the_same_out_dir_exits_2_and_ctrl_c_stops_the_first_cleanly(tmp_path):
     out = tmp_path / "run"
-    cmd = [*launch_cmd("python", 1), str(ROOT / "recipes/gpt_debug.yaml"), *TINY, f"out_dir={out}",
-           "train.max_steps=100000"]
+    cmd = [
+        *launch_cmd("python", 1),
+        str(ROOT / "recipes/gpt_debug.yaml"),
+        *TINY,
+        f"out_dir={out}",
+        "train.max_steps=100000",
+    ]
     first = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120

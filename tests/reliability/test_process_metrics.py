@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import train
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from helpers import train
 from llmtrain.config import LogConfig
 from llmtrain.errors import UserError
 from llmtrain.train.metrics import MetricsSink, last_by_step, plot_losses, read_metrics
@@ -70,8 +70,10 @@ def test_init_from_a_checkpoint_with_another_tokenizer_is_refused_before_step_1(
     (other / "tokenizer").mkdir(parents=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["a tokenizer trained on other text"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tok.train_from_iterator(
+        ["a tokenizer trained on other text"] * 20,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]),
+    )
     tok.save(str(other / "tokenizer" / "tokenizer.json"))
     (other / "config.yaml").write_text("model: {}\n")
     proc = train(tmp_path / "run", f"model.init_from={other}", check=False)

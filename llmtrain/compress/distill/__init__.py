@@ -33,23 +33,50 @@ from __future__ import annotations
 from typing import Any
 
 from llmtrain.compress.distill.cache import TeacherCache, build_cache, ensure_cache, row_keys
-from llmtrain.compress.distill.losses import (capture, distill_loss, kd_kl, layer_map, relation_kl, sharded_kd_kl,
-                                              sharded_topk_kd_kl, split_qkv, topk_kd_kl)
+from llmtrain.compress.distill.losses import (
+    capture,
+    distill_loss,
+    kd_kl,
+    layer_map,
+    relation_kl,
+    sharded_kd_kl,
+    sharded_topk_kd_kl,
+    split_qkv,
+    topk_kd_kl,
+)
 from llmtrain.compress.distill.objective import Distill
 from llmtrain.compress.distill.teacher import check_pair, load_teacher
 from llmtrain.config import Config, ConfigError
 
-__all__ = ["Distill", "TeacherCache", "build_cache", "capture", "check_pair", "distill_loss", "ensure_cache", "kd_kl",
-           "layer_map", "load_teacher", "relation_kl", "row_keys", "run_distill", "sharded_kd_kl",
-           "sharded_topk_kd_kl", "split_qkv", "topk_kd_kl", "validate_distill"]
+__all__ = [
+    "Distill",
+    "TeacherCache",
+    "build_cache",
+    "capture",
+    "check_pair",
+    "distill_loss",
+    "ensure_cache",
+    "kd_kl",
+    "layer_map",
+    "load_teacher",
+    "relation_kl",
+    "row_keys",
+    "run_distill",
+    "sharded_kd_kl",
+    "sharded_topk_kd_kl",
+    "split_qkv",
+    "topk_kd_kl",
+    "validate_distill",
+]
 
 
 def validate_distill(cfg: Config) -> None:
     """The distill.* keys and the layouts distillation supports; ConfigError naming the key and the fix."""
     d = cfg.distill
     if not d.teacher and not d.cache_dir:
-        raise ConfigError("distillation needs distill.teacher=<checkpoint, run or HF directory> (or a complete "
-                          "distill.cache_dir)")
+        raise ConfigError(
+            "distillation needs distill.teacher=<checkpoint, run or HF directory> (or a complete distill.cache_dir)"
+        )
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha must be in [0, 1]; got {d.alpha}")
     if d.temperature <= 0:
@@ -57,20 +84,30 @@ def validate_distill(cfg: Config) -> None:
     if d.top_k < 1:
         raise ConfigError(f"distill.top_k must be >= 1; got {d.top_k}")
     if d.teacher_zero_stage not in (0, 3):
-        raise ConfigError(f"distill.teacher_zero_stage must be 0 (whole teacher on every rank) or 3 (teacher "
-                          f"partitioned over the data-parallel ranks); got {d.teacher_zero_stage}")
+        raise ConfigError(
+            f"distill.teacher_zero_stage must be 0 (whole teacher on every rank) or 3 (teacher "
+            f"partitioned over the data-parallel ranks); got {d.teacher_zero_stage}"
+        )
     if d.teacher_zero_stage == 3 and d.cache_dir:
-        raise ConfigError("distill.cache_dir is built by rank 0 alone with the whole teacher; set "
-                          "distill.teacher_zero_stage=0 (or distill.cache_dir='')")
+        raise ConfigError(
+            "distill.cache_dir is built by rank 0 alone with the whole teacher; set "
+            "distill.teacher_zero_stage=0 (or distill.cache_dir='')"
+        )
     if cfg.parallel.pp > 1:
-        raise ConfigError("distillation runs on data parallel with ZeRO 0-3 and tensor parallel (the teacher whole "
-                          "on every rank), not on a pipeline; set parallel.pp=1")
+        raise ConfigError(
+            "distillation runs on data parallel with ZeRO 0-3 and tensor parallel (the teacher whole "
+            "on every rank), not on a pipeline; set parallel.pp=1"
+        )
     if cfg.parallel.tp > 1 and d.attention_weight:
-        raise ConfigError("distill.attention_weight reads the student's whole q/k/v, which parallel.tp > 1 splits "
-                          "by head over the ranks; set distill.attention_weight=0 or parallel.tp=1")
+        raise ConfigError(
+            "distill.attention_weight reads the student's whole q/k/v, which parallel.tp > 1 splits "
+            "by head over the ranks; set distill.attention_weight=0 or parallel.tp=1"
+        )
     if cfg.parallel.tp > 1 and d.teacher_zero_stage == 3:
-        raise ConfigError("distill.teacher_zero_stage=3 is not supported with parallel.tp > 1; set "
-                          "distill.teacher_zero_stage=0 (the teacher whole on every rank) or parallel.tp=1")
+        raise ConfigError(
+            "distill.teacher_zero_stage=3 is not supported with parallel.tp > 1; set "
+            "distill.teacher_zero_stage=0 (the teacher whole on every rank) or parallel.tp=1"
+        )
 
 
 def run_distill(cfg: Config) -> dict[str, Any]:
@@ -87,8 +124,9 @@ def run_distill(cfg: Config) -> dict[str, Any]:
     d = cfg.distill
     teacher, teacher_cfg, cache = None, None, None
     if d.teacher:
-        teacher, teacher_cfg = load_teacher(d.teacher, d.teacher_precision, info.device, d.teacher_zero_stage,
-                                            cfg.parallel.deepspeed_overrides)
+        teacher, teacher_cfg = load_teacher(
+            d.teacher, d.teacher_precision, info.device, d.teacher_zero_stage, cfg.parallel.deepspeed_overrides
+        )
         check_pair(cfg.model, teacher_cfg)
     if d.cache_dir:
         cache = ensure_cache(cfg, teacher, info.device, derived)

@@ -7,12 +7,14 @@ Shape legend:  B batch  T sequence  V vocabulary  k cached logits per position
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -51,15 +53,18 @@ class TeacherCache:
         try:
             rows = torch.tensor([self.row[k] for k in row_keys(input_ids).tolist()])
         except KeyError:
-            raise UserError(f"a training sample is not in the teacher cache {self.dir} (built for "
-                             f"{self.meta['describe']}); delete the directory to rebuild it for this run, or "
-                             f"point distill.cache_dir at a new one") from None
+            raise UserError(
+                f"a training sample is not in the teacher cache {self.dir} (built for "
+                f"{self.meta['describe']}); delete the directory to rebuild it for this run, or "
+                f"point distill.cache_dir at a new one"
+            ) from None
         dev = input_ids.device
         return self.values[rows].to(dev), self.indices[rows].to(dev)
 
 
-def _all_position_logits(teacher: nn.Module, mb: dict[str, torch.Tensor], rows: torch.Tensor,
-                         device: torch.device) -> torch.Tensor:
+def _all_position_logits(
+    teacher: nn.Module, mb: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """The teacher's vocabulary logits at every position of the chosen rows, (b, T, V). A BERT teacher's
     masked-LM head runs on all positions: which ones a student is scored on is read from its batch later
     (the input ids, which the cache is keyed by, fix the teacher's output but not the chosen positions)."""
@@ -70,8 +75,17 @@ def _all_position_logits(teacher: nn.Module, mb: dict[str, torch.Tensor], rows: 
 
 
 @torch.no_grad()
-def build_cache(directory: str | Path, teacher: nn.Module, batches: Iterator[dict[str, torch.Tensor]], top_k: int,
-                tau: float, describe: str, total: int, device: torch.device, rows_per_file: int = 4096) -> None:
+def build_cache(
+    directory: str | Path,
+    teacher: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    top_k: int,
+    tau: float,
+    describe: str,
+    total: int,
+    device: torch.device,
+    rows_per_file: int = 4096,
+) -> None:
     """Run the teacher over `batches` once and write its top-k log-probs at temperature `tau`; meta.json
     last (its presence = complete)."""
     from safetensors.torch import save_file
@@ -124,21 +138,31 @@ def ensure_cache(cfg: Config, teacher: nn.Module | None, device: torch.device, d
     d, t = cfg.distill, cfg.train
     if not TeacherCache.complete(d.cache_dir):
         if teacher is None:
-            raise ConfigError(f"distill.cache_dir={d.cache_dir} is not complete and there is no distill.teacher to build it")
+            raise ConfigError(
+                f"distill.cache_dir={d.cache_dir} is not complete and there is no distill.teacher to build it"
+            )
         if rank() == 0:
             per_step = derived.grad_accum * derived.dp_size  # micro-batches of one step over every replica
-            data = build_data(cfg.data, seq_len=t.seq_len, seed=t.seed, micro_batch_size=t.micro_batch_size,
-                              grad_accum=per_step, dp_rank=0, dp_size=1)
+            data = build_data(
+                cfg.data,
+                seq_len=t.seq_len,
+                seed=t.seed,
+                micro_batch_size=t.micro_batch_size,
+                grad_accum=per_step,
+                dp_rank=0,
+                dp_size=1,
+            )
             batches = (mb for s in range(t.max_steps) for mb in data.train_batches(s))
             describe = f"teacher {d.teacher}, seed {t.seed}, {t.max_steps} steps of {t.global_batch_size} x {t.seq_len}"
             print0(f"building the teacher cache {d.cache_dir}: {describe}, top-{d.top_k}")
-            build_cache(d.cache_dir, teacher, batches, d.top_k, d.temperature, describe,
-                        t.max_steps * per_step, device)
+            build_cache(d.cache_dir, teacher, batches, d.top_k, d.temperature, describe, t.max_steps * per_step, device)
         barrier()
     cache = TeacherCache(d.cache_dir)
     for key in ("top_k", "temperature"):
         if cache.meta.get(key) != getattr(d, key):
-            raise ConfigError(f"distill.cache_dir={d.cache_dir} was built with {key}={cache.meta.get(key)} but "
-                              f"distill.{key}={getattr(d, key)}; set distill.{key}={cache.meta.get(key)} or use a new "
-                              f"cache_dir")
+            raise ConfigError(
+                f"distill.cache_dir={d.cache_dir} was built with {key}={cache.meta.get(key)} but "
+                f"distill.{key}={getattr(d, key)}; set distill.{key}={cache.meta.get(key)} or use a new "
+                f"cache_dir"
+            )
     return cache

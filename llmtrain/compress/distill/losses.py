@@ -7,12 +7,14 @@ Shape legend:  V vocabulary  N scored positions  k cached logits per position
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -27,8 +29,9 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def topk_kd_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, indices: torch.Tensor,
-               tau: float) -> torch.Tensor:
+def topk_kd_kl(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, indices: torch.Tensor, tau: float
+) -> torch.Tensor:
     """KL from the teacher's top-k log-probs at temperature tau (N, k), with all its other tokens as one
     bucket: sum_i p_i log(p_i / q_i) + p_rest log(p_rest / q_rest). The tail bucket keeps the student from
     being taught zero mass outside the top-k (renormalising over the top-k would). Equals kd_kl when k = V."""
@@ -49,8 +52,9 @@ def _topk_rows(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 # rows are weighted (1 scored, 0 not) rather than indexed, and the mean is over the scored rows, as above.
 
 
-def sharded_kd_kl(student_local: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor, tau: float,
-                  group: Any) -> torch.Tensor:
+def sharded_kd_kl(
+    student_local: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor, tau: float, group: Any
+) -> torch.Tensor:
     """kd_kl of the scored rows from this rank's student columns (N, V/tp) and the teacher's full logits (N, V)."""
     import torch.distributed as dist
 
@@ -59,13 +63,19 @@ def sharded_kd_kl(student_local: torch.Tensor, teacher_logits: torch.Tensor, wei
     width = student_local.shape[-1]
     start = dist.get_rank(group) * width
     s = vocab_parallel_log_softmax(student_local.float() / tau, group)  # (N, V/tp)
-    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)[:, start:start + width]  # normalised over all of V
+    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)[:, start : start + width]  # normalised over all of V
     rows = reduce_from_tp((t.exp() * (t - s)).sum(-1), group)  # (N,)
     return (rows * weights).sum() / weights.sum()
 
 
-def sharded_topk_kd_kl(student_local: torch.Tensor, teacher_logprobs: torch.Tensor, indices: torch.Tensor,
-                       weights: torch.Tensor, tau: float, group: Any) -> torch.Tensor:
+def sharded_topk_kd_kl(
+    student_local: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    tau: float,
+    group: Any,
+) -> torch.Tensor:
     """topk_kd_kl of the scored rows from this rank's student columns (N, V/tp); `indices` (N, k) count in the
     whole vocabulary: each rank gathers those in its columns (0 elsewhere) and the gathers are summed."""
     import torch.distributed as dist
@@ -90,8 +100,9 @@ def _vocab_shard(logits: Any) -> tuple[torch.Tensor, Any] | None:
     return logits.to_local(), logits.device_mesh.get_group()
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 alpha: float, tau: float) -> torch.Tensor:
+def distill_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, tau: float
+) -> torch.Tensor:
     """alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * CE over rows whose label != -100."""
     keep = labels != -100
     ce = F.cross_entropy(student_logits.float()[keep], labels[keep])
@@ -101,6 +112,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     """MiniLM-v2 self-attention relations of (B, T, W) activations split into `heads` relation heads:
     KL(teacher relations || student relations), mean over (B, heads, T) rows."""
+
     def relations(x: torch.Tensor) -> torch.Tensor:
         B, T, W = x.shape
         if W % heads:

@@ -15,10 +15,19 @@ from torch import nn
 
 from llmtrain.compress.config import DistillConfig
 from llmtrain.compress.distill.cache import TeacherCache
-from llmtrain.compress.distill.losses import (_vocab_shard, capture, kd_kl, layer_map, relation_kl, sharded_kd_kl,
-                                              sharded_topk_kd_kl, split_qkv, topk_kd_kl)
-from llmtrain.models.objective import MetricSums
+from llmtrain.compress.distill.losses import (
+    _vocab_shard,
+    capture,
+    kd_kl,
+    layer_map,
+    relation_kl,
+    sharded_kd_kl,
+    sharded_topk_kd_kl,
+    split_qkv,
+    topk_kd_kl,
+)
 from llmtrain.config import ConfigError
+from llmtrain.models.objective import MetricSums
 from llmtrain.models.registry import family_of
 
 if TYPE_CHECKING:
@@ -30,8 +39,9 @@ class ScoringObjective(Protocol):
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def scored(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]: ...
+    def scored(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def positions(self, batch: dict[str, torch.Tensor]) -> slice | torch.Tensor: ...
 
@@ -39,14 +49,22 @@ class ScoringObjective(Protocol):
 class Distill:
     """Student loss against a frozen teacher (or its cached top-k logits); see the module docstring."""
 
-    def __init__(self, cfg: DistillConfig, student_cfg: ModelConfig, teacher: nn.Module | None = None,
-                 teacher_cfg: ModelConfig | None = None, cache: TeacherCache | None = None):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        student_cfg: ModelConfig,
+        teacher: nn.Module | None = None,
+        teacher_cfg: ModelConfig | None = None,
+        cache: TeacherCache | None = None,
+    ):
         if teacher is None and cache is None:
             raise ConfigError("distillation needs a teacher (distill.teacher) or a teacher cache (distill.cache_dir)")
         if cache is not None and (cfg.hidden_weight or cfg.attention_weight):
-            raise ConfigError("distill.cache_dir holds logits only; hidden-state and attention transfer need the "
-                              "teacher's forward: set distill.hidden_weight=0 and distill.attention_weight=0, or "
-                              "distill.cache_dir=''")
+            raise ConfigError(
+                "distill.cache_dir holds logits only; hidden-state and attention transfer need the "
+                "teacher's forward: set distill.hidden_weight=0 and distill.attention_weight=0, or "
+                "distill.cache_dir=''"
+            )
         if teacher is not None and teacher_cfg is None:
             raise TypeError("Distill: a teacher needs its model config (teacher_cfg)")
         self.cfg, self.student_cfg, self.teacher, self.cache = cfg, student_cfg, teacher, cache
@@ -55,8 +73,9 @@ class Distill:
         family = family_of(student_cfg)
         # the student's own objective: its forward and its loss (every family's objective scores positions)
         self.base = cast(ScoringObjective, family.objective())
-        self.teacher_base = cast(ScoringObjective, family_of(teacher_cfg).objective()) if teacher_cfg is not None \
-            else self.base
+        self.teacher_base = (
+            cast(ScoringObjective, family_of(teacher_cfg).objective()) if teacher_cfg is not None else self.base
+        )
         self.generative = family.generative  # a decoder: causal attention relations, text samples make sense
         self.sums = MetricSums()
 
@@ -65,8 +84,10 @@ class Distill:
         trained, checkpointed and resumed with it; plain-model loaders ignore them)."""
         if not self.cfg.hidden_weight or self.teacher_cfg.n_embd == self.student_cfg.n_embd:
             return
-        proj = nn.ModuleList(nn.Linear(self.student_cfg.n_embd, self.teacher_cfg.n_embd, bias=False)
-                             for _ in range(self.student_cfg.n_layer))
+        proj = nn.ModuleList(
+            nn.Linear(self.student_cfg.n_embd, self.teacher_cfg.n_embd, bias=False)
+            for _ in range(self.student_cfg.n_layer)
+        )
         for p in proj:
             # a pruned student's kept channels come first in the teacher's order
             nn.init.eye_(cast(nn.Linear, p).weight)

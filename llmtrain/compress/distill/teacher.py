@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from llmtrain.models.config import ModelConfig
 
 
-def load_teacher(path: str | Path, precision: str, device: torch.device, zero_stage: int = 0,
-                 overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+def load_teacher(
+    path: str | Path, precision: str, device: torch.device, zero_stage: int = 0, overrides: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
     """A frozen, eval-mode module of the teacher: an llmtrain checkpoint, run or consolidated directory, or a
     Hugging Face directory / GGUF file, imported on the fly through llmtrain's HF interop. zero_stage=3
     (collective: every rank calls it) returns a ZeRO-3 inference engine around it instead of a whole module."""
@@ -44,8 +46,13 @@ def load_teacher(path: str | Path, precision: str, device: torch.device, zero_st
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg
 
 
-def _zero3_teacher(path: str | Path, cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                   overrides: dict[str, Any] | None = None) -> nn.Module:
+def _zero3_teacher(
+    path: str | Path,
+    cfg: ModelConfig,
+    weights: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+) -> nn.Module:
     """The teacher in an optimizer-less ZeRO-3 engine from the DeepSpeed door (`engine.zero3_inference_engine`):
     built partitioned (each rank allocates only its part of every parameter), the checkpoint copied in one
     parameter at a time (gathered, written by rank 0, re-partitioned); its hooks gather each module's
@@ -63,8 +70,10 @@ def _zero3_teacher(path: str | Path, cfg: ModelConfig, weights: Iterator[tuple[s
             for name, tensor in weights:
                 p = params.get(name)
                 if p is None or zero3_full_shape(p) != tuple(tensor.shape):
-                    raise CheckpointError(f"{path}: parameter '{name}' {tuple(tensor.shape)} does not fit the "
-                                          f"teacher built from its own config; the checkpoint is inconsistent")
+                    raise CheckpointError(
+                        f"{path}: parameter '{name}' {tuple(tensor.shape)} does not fit the "
+                        f"teacher built from its own config; the checkpoint is inconsistent"
+                    )
                 with gathered([p]):
                     if rank() == 0:
                         p.data.copy_(tensor)
@@ -85,6 +94,8 @@ def check_pair(student: ModelConfig, teacher: ModelConfig) -> None:
     """Student and teacher model configs share the family and the vocabulary."""
     s_family, t_family = family_of(student).name, family_of(teacher).name
     if student.vocab_size != teacher.vocab_size or s_family != t_family:
-        raise ConfigError(f"student and teacher must share the tokenizer and family: student model.arch="
-                          f"{s_family} vocab_size={student.vocab_size}, teacher arch={t_family} vocab_size="
-                          f"{teacher.vocab_size}; set model.vocab_size={teacher.vocab_size} (and the same data.tokenizer)")
+        raise ConfigError(
+            f"student and teacher must share the tokenizer and family: student model.arch="
+            f"{s_family} vocab_size={student.vocab_size}, teacher arch={t_family} vocab_size="
+            f"{teacher.vocab_size}; set model.vocab_size={teacher.vocab_size} (and the same data.tokenizer)"
+        )

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from llmtrain.errors import UserError
 from llmtrain.models.bert.config import BertConfig
 from llmtrain.models.bert.model import Bert, BertForSequenceClassification
 from llmtrain.models.bert.objective import BertObjective
 from llmtrain.models.bert.pipeline import bert_split
 from llmtrain.models.bert.tp import tp_plan
 from llmtrain.models.spec import ModelFamily, NamedParams
-from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
     from llmtrain.compress.config import PruneConfig
@@ -26,12 +26,16 @@ def build(cfg: BertConfig) -> nn.Module:
 def _check(m: BertConfig, data: DataConfig, pp: int) -> list[str]:
     kind, problems = data.sample_kind, []  # one of sample_kinds (config.validate checks that first)
     if (kind == "source_class") != (m.num_labels > 0):
-        problems.append(f"data.sample_kind={kind} with model.num_labels={m.num_labels}: class labels need the "
-                        f"classifier (model.num_labels >= 2) and pre-training batches need model.num_labels=0; "
-                        f"set model.num_labels to match the data")
+        problems.append(
+            f"data.sample_kind={kind} with model.num_labels={m.num_labels}: class labels need the "
+            f"classifier (model.num_labels >= 2) and pre-training batches need model.num_labels=0; "
+            f"set model.num_labels to match the data"
+        )
     if m.num_labels > 0 and pp > 1:
-        problems.append(f"parallel.pp={pp}: the pipeline split of model.arch=bert covers pre-training (MLM + NSP), "
-                        f"not the sequence classifier (model.num_labels={m.num_labels}); set parallel.pp=1")
+        problems.append(
+            f"parallel.pp={pp}: the pipeline split of model.arch=bert covers pre-training (MLM + NSP), "
+            f"not the sequence classifier (model.num_labels={m.num_labels}); set parallel.pp=1"
+        )
     return problems
 
 
@@ -62,29 +66,56 @@ def _forward_inputs(model: nn.Module, batch: dict) -> Any:
 def _prune_target(cfg: BertConfig, new: dict[str, Any], recipe: PruneConfig) -> None:
     """BERT's pruned MLP is 4 * n_embd wide (the width a saved BERT config leaves implicit)."""
     if recipe.intermediate_size and recipe.intermediate_size != 4 * new["n_embd"]:
-        raise UserError(f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "
-                         f"intermediate_size unset (got {recipe.intermediate_size})")
+        raise UserError(
+            f"prune recipe: BERT's MLP width is 4 * n_embd = {4 * new['n_embd']}; leave "
+            f"intermediate_size unset (got {recipe.intermediate_size})"
+        )
     new["intermediate_size"] = None
 
 
 _PRUNE_BLOCK_AXES: dict[str, tuple[str | None, ...]] = {
-    "attn.qkv.weight": ("QKV", "C"), "attn.qkv.bias": ("QKV",),
-    "attn.proj.weight": ("C", "Q"), "attn.proj.bias": ("C",),
-    "up.weight": ("F", "C"), "up.bias": ("F",), "down.weight": ("C", "F"), "down.bias": ("C",),
+    "attn.qkv.weight": ("QKV", "C"),
+    "attn.qkv.bias": ("QKV",),
+    "attn.proj.weight": ("C", "Q"),
+    "attn.proj.bias": ("C",),
+    "up.weight": ("F", "C"),
+    "up.bias": ("F",),
+    "down.weight": ("C", "F"),
+    "down.bias": ("C",),
 }
 _PRUNE_TOP_AXES: dict[str, tuple[str | None, ...]] = {
-    "wte.weight": (None, "C"), "wpe.weight": (None, "C"), "lm_head.weight": (None, "C"),
+    "wte.weight": (None, "C"),
+    "wpe.weight": (None, "C"),
+    "lm_head.weight": (None, "C"),
     # segment embeddings, pooler, MLM transform and head bias, NSP / classifier heads
-    "wtt.weight": (None, "C"), "pooler.weight": ("C", "C"), "pooler.bias": ("C",),
-    "mlm_dense.weight": ("C", "C"), "mlm_dense.bias": ("C",), "lm_head.bias": (None,),
-    "nsp_head.weight": (None, "C"), "nsp_head.bias": (None,),
-    "classifier.weight": (None, "C"), "classifier.bias": (None,),
+    "wtt.weight": (None, "C"),
+    "pooler.weight": ("C", "C"),
+    "pooler.bias": ("C",),
+    "mlm_dense.weight": ("C", "C"),
+    "mlm_dense.bias": ("C",),
+    "lm_head.bias": (None,),
+    "nsp_head.weight": (None, "C"),
+    "nsp_head.bias": (None,),
+    "classifier.weight": (None, "C"),
+    "classifier.bias": (None,),
 }
 
 FAMILY = ModelFamily(
-    name="bert", config_class=BertConfig, build=build, objective=BertObjective, sample_kinds=("bert", "source_class"),
-    generative=False, tp_plan=tp_plan, tp_heads=lambda m: {"model.n_head": m.n_head}, pipeline_split=bert_split,
-    check=_check, forward_inputs=_forward_inputs, matmul_params_per_token=_matmul_params_per_token,
-    no_decay=_no_decay, prune_block_axes=_PRUNE_BLOCK_AXES, prune_top_axes=_PRUNE_TOP_AXES,
-    prune_target=_prune_target, hf_adapters=("llmtrain.interop.bert",),
+    name="bert",
+    config_class=BertConfig,
+    build=build,
+    objective=BertObjective,
+    sample_kinds=("bert", "source_class"),
+    generative=False,
+    tp_plan=tp_plan,
+    tp_heads=lambda m: {"model.n_head": m.n_head},
+    pipeline_split=bert_split,
+    check=_check,
+    forward_inputs=_forward_inputs,
+    matmul_params_per_token=_matmul_params_per_token,
+    no_decay=_no_decay,
+    prune_block_axes=_PRUNE_BLOCK_AXES,
+    prune_top_axes=_PRUNE_TOP_AXES,
+    prune_target=_prune_target,
+    hf_adapters=("llmtrain.interop.bert",),
 )

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.bert.config import BertConfig
 from llmtrain.errors import UserError
+from llmtrain.models.bert.config import BertConfig
 
 
 class SelfAttention(nn.Module):
@@ -82,8 +82,12 @@ class BertTrunk(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, T, C) of the last block and the pooled [CLS] state (B, C).
 
         attention_mask (B, T) is 1 for real tokens and 0 for padding (keys that are never attended to).
@@ -134,9 +138,13 @@ class Bert(BertTrunk):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                mlm_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked-LM logits, next-sentence logits (B, 2)).
 
         The masked-LM logits are (B, T, V), or (N, V) for only the positions where the bool mask
@@ -171,7 +179,11 @@ class BertForSequenceClassification(BertTrunk):
             raise UserError(f"model.num_labels={cfg.num_labels}: a classifier needs at least 2 classes")
         self.classifier = nn.Linear(cfg.n_embd, cfg.num_labels)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         _, pooled = self.encode(input_ids, token_type_ids, attention_mask)
         return self.classifier(self.drop(pooled))  # (B, K)

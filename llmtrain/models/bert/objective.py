@@ -18,20 +18,24 @@ class MaskedLMWithNSP:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mlm_logits, nsp_logits, mlm, nsp = self._forward(model, batch)
-        self.sums.add(mlm_loss=mlm, nsp_loss=nsp,
-                      nsp_accuracy=(nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
+        self.sums.add(
+            mlm_loss=mlm, nsp_loss=nsp, nsp_accuracy=(nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
+        )
         return mlm + nsp
 
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         labels, nsp_labels = batch["mlm_labels"], batch["nsp_labels"]
         chosen = labels != -100  # (B, T)
-        mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                       chosen)  # (N, V), (B, 2)
+        mlm_logits, nsp_logits = model(
+            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], chosen
+        )  # (N, V), (B, 2)
         mlm = local_loss(F.cross_entropy(mlm_logits.float(), labels[chosen]))
         nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
         return mlm_logits, nsp_logits, mlm, nsp
 
-    def scored(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scored(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(masked-LM logits of the masked positions (N, V), their labels (N,), the MLM + NSP loss) from one
         forward: what distillation compares with a teacher."""
         mlm_logits, _, mlm, nsp = self._forward(model, batch)
@@ -77,7 +81,9 @@ class BertObjective:
     def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
         return {**self.pretrain.pop_metrics(training), **self.classify.pop_metrics(training)}
 
-    def scored(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scored(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Distillation scores the masked-LM positions of pre-training batches (see MaskedLMWithNSP.scored)."""
         return self.pretrain.scored(model, batch)
 

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.bert.model import Bert
-
-from llmtrain.models.spec import PipelineSplit, TiedLayer
 from llmtrain.errors import UserError
+from llmtrain.models.bert.model import Bert
+from llmtrain.models.spec import PipelineSplit, TiedLayer
 
 Hidden = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden (B, T, C), attention_mask, mlm_positions
 
@@ -81,8 +80,9 @@ class EncoderBlock(nn.Module):
 class PreTrainingHeads(nn.Module):
     """Tanh pooler over [CLS], next-sentence head, and the masked-LM head on the chosen positions only."""
 
-    def __init__(self, pooler: nn.Module, mlm_dense: nn.Module, mlm_ln: nn.Module, lm_head: nn.Module,
-                 nsp_head: nn.Module):
+    def __init__(
+        self, pooler: nn.Module, mlm_dense: nn.Module, mlm_ln: nn.Module, lm_head: nn.Module, nsp_head: nn.Module
+    ):
         super().__init__()
         self.pooler, self.mlm_dense, self.mlm_ln = pooler, mlm_dense, mlm_ln
         self.lm_head, self.nsp_head = lm_head, nsp_head
@@ -101,8 +101,9 @@ def _tie_only(_tied: WordEmbedding, outputs: Any) -> Any:
 def bert_pipeline_layers(model: nn.Module) -> list[Any]:
     """The plain `Bert` as a flat list of pipeline layers (modules and tied specs), outermost first."""
     if not isinstance(model, Bert):
-        raise UserError(f"pipeline parallel supports BERT pre-training (MLM + NSP), not "
-                         f"{type(model).__name__}; set parallel.pp=1")
+        raise UserError(
+            f"pipeline parallel supports BERT pre-training (MLM + NSP), not {type(model).__name__}; set parallel.pp=1"
+        )
     first: TiedLayer | nn.Module
     if model.cfg.tie_embeddings:
         first = TiedLayer("word", WordEmbedding, (model.wte,), weight_attr="wte.weight")
@@ -120,15 +121,24 @@ def _inputs(mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 def _as_batch(labels: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     # MaskedLMWithNSP reads the inputs' keys only to call the model, whose output the pipeline already has
-    return {"input_ids": None, "token_type_ids": None, "attention_mask": None,
-            "mlm_labels": labels[0], "nsp_labels": labels[1]}
+    return {
+        "input_ids": None,
+        "token_type_ids": None,
+        "attention_mask": None,
+        "mlm_labels": labels[0],
+        "nsp_labels": labels[1],
+    }
 
 
 def bert_split(model: nn.Module) -> PipelineSplit:
     layers = bert_pipeline_layers(model)  # checks that model is a Bert
     model = cast(Bert, model)
     tie = ", tied word embedding" if model.cfg.tie_embeddings else ""
-    return PipelineSplit(layers,
-                         f"word embedding, embeddings, {len(model.blocks)} blocks, pre-training heads{tie}",
-                         inputs=_inputs, labels=lambda mb: (mb["mlm_labels"], mb["nsp_labels"]),
-                         as_batch=_as_batch, decoder=False)
+    return PipelineSplit(
+        layers,
+        f"word embedding, embeddings, {len(model.blocks)} blocks, pre-training heads{tie}",
+        inputs=_inputs,
+        labels=lambda mb: (mb["mlm_labels"], mb["nsp_labels"]),
+        as_batch=_as_batch,
+        decoder=False,
+    )

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from llmtrain.models.config import ModelConfig, RopeScaling
 from llmtrain.errors import UserError
+from llmtrain.models.config import ModelConfig, RopeScaling
 
 
 @dataclass
@@ -33,6 +33,8 @@ class GPTConfig(ModelConfig):
         if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
             known = {f.name for f in dataclasses.fields(RopeScaling)}
             if set(self.rope_scaling) - known:
-                raise UserError(f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
-                                 f"valid: {', '.join(sorted(known))}")
+                raise UserError(
+                    f"model.rope_scaling keys {sorted(set(self.rope_scaling) - known)} are unknown; "
+                    f"valid: {', '.join(sorted(known))}"
+                )
             self.rope_scaling = RopeScaling(**self.rope_scaling)

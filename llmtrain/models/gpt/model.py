@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmtrain.errors import UserError
 from llmtrain.models.config import RopeScaling
 from llmtrain.models.gpt.config import GPTConfig
-from llmtrain.errors import UserError
 
 
 class LayerKV:
@@ -75,8 +75,15 @@ def rope_inv_freq(hs: int, theta: float, scaling: RopeScaling | None, device: to
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(start: int, T: int, hs: int, theta: float, device: torch.device, dtype: torch.dtype,
-                 scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    start: int,
+    T: int,
+    hs: int,
+    theta: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    scaling: RopeScaling | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (T, hs) of positions start.. for rotary embeddings, computed in fp32."""
     inv_freq = rope_inv_freq(hs, theta, scaling, device)  # (hs/2,)
     angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, hs/2)
@@ -100,8 +107,9 @@ class SinusoidalPositions(nn.Module):
         self.n_embd = n_embd
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
-        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, self.n_embd, 2, device=pos.device, dtype=torch.float32)
-                                     / self.n_embd)
+        inv_freq = 1.0 / 10000.0 ** (
+            torch.arange(0, self.n_embd, 2, device=pos.device, dtype=torch.float32) / self.n_embd
+        )
         angles = pos.float()[..., None] * inv_freq  # (T, C/2) or (B, T, C/2)
         return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (T, C) or (B, T, C)
 
@@ -119,8 +127,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         n_kv = cfg.n_kv_head or cfg.n_head
         if cfg.head_dim is None and cfg.n_embd % cfg.n_head:
-            raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head} "
-                             f"(or set model.head_dim)")
+            raise UserError(
+                f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head} (or set model.head_dim)"
+            )
         if cfg.n_head % n_kv:
             raise UserError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={n_kv}")
         # Head counts are attributes, not derived from shapes, so tensor parallel can set local ones.
@@ -129,8 +138,10 @@ class CausalSelfAttention(nn.Module):
         if self.rope_theta is not None and self.head_size % 2:
             raise UserError(f"model.pos=rope needs an even head size, got {self.head_size}")
         if cfg.rope_scaling is not None and cfg.pos != "rope":
-            raise UserError(f"model.rope_scaling scales rotary frequencies: it needs model.pos=rope (got "
-                             f"pos={cfg.pos}); remove model.rope_scaling or set model.pos=rope")
+            raise UserError(
+                f"model.rope_scaling scales rotary frequencies: it needs model.pos=rope (got "
+                f"pos={cfg.pos}); remove model.rope_scaling or set model.pos=rope"
+            )
         self.rope_scaling = cfg.rope_scaling
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * n_kv) * self.head_size, bias=cfg.bias)
@@ -154,8 +165,9 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh*hs)
         return self.resid_dropout(self.proj(y))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # The attention core on its own, so selective activation checkpointing can recompute just this.
         p = self.dropout if self.training else 0.0
         if k.size(1) != q.size(1):  # grouped-query: kv head j serves query heads j*rep .. (j+1)*rep-1
@@ -232,8 +244,13 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, V) of input_ids (B, T); with a cache, input_ids follow the cached positions.
 
         Packed documents (data.doc_mask): doc_ids (B, T) keeps attention inside each document and
@@ -263,7 +280,9 @@ class GPT(nn.Module):
         if self.cfg.tie_embeddings:  # materialising from the meta device (to_empty) unties them
             self.lm_head.weight = self.wte.weight
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not (module is self.lm_head and self.cfg.tie_embeddings):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not (
+                module is self.lm_head and self.cfg.tie_embeddings
+            ):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)

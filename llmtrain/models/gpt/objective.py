@@ -26,7 +26,9 @@ class CausalLM:
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.loss(self.logits(model, batch), batch)
 
-    def scored(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scored(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits of the scored positions (N, V), their labels (N,), this objective's loss) from one forward:
         what distillation compares with a teacher. Every position is scored (labels -100 are skipped later)."""
         logits = self.logits(model, batch).flatten(0, 1)  # (B*T, V)

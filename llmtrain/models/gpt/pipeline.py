@@ -7,7 +7,8 @@ them as one `TiedLayer`, which llmtrain/parallel/pipeline.py builds on the first
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -71,8 +72,9 @@ def gpt_pipeline_layers(model: GPT) -> list[Any]:
     head: TiedLayer | nn.Module
     if model.cfg.tie_embeddings:
         embed = TiedLayer("embed", TiedEmbedding, (model.wte, model.lm_head), weight_attr="embed.weight")
-        head = TiedLayer("embed", TiedEmbedding, (model.wte, model.lm_head), weight_attr="embed.weight",
-                         forward_fn=_head)
+        head = TiedLayer(
+            "embed", TiedEmbedding, (model.wte, model.lm_head), weight_attr="embed.weight", forward_fn=_head
+        )
     else:
         embed, head = _Reuse(model.wte, _call), _Reuse(model.lm_head, _call)
     positions = Positions(model.wpe, model.drop)
@@ -81,6 +83,11 @@ def gpt_pipeline_layers(model: GPT) -> list[Any]:
 
 def gpt_split(model: nn.Module) -> PipelineSplit:
     model = cast("GPT", model)  # the family's plain model (ModelFamily.pipeline_split)
-    return PipelineSplit(gpt_pipeline_layers(model), f"embed, positions, {len(model.blocks)} blocks, final norm, head",
-                         inputs=lambda mb: mb["input_ids"], labels=lambda mb: mb["labels"],
-                         as_batch=lambda labels: {"input_ids": None, "labels": labels}, decoder=True)
+    return PipelineSplit(
+        gpt_pipeline_layers(model),
+        f"embed, positions, {len(model.blocks)} blocks, final norm, head",
+        inputs=lambda mb: mb["input_ids"],
+        labels=lambda mb: mb["labels"],
+        as_batch=lambda labels: {"input_ids": None, "labels": labels},
+        decoder=True,
+    )
