@@ -90,14 +90,12 @@ def test_ranks_stop_when_torchrun_is_killed_or_the_deepspeed_runner_is_terminate
     assert (tmp_path / "deepspeed" / "checkpoints" / "latest").is_file()
 
 
-def test_sigterm_to_the_torchrun_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tmp_path):
-    """Plain torchrun exits 1 with a SignalException traceback here although its ranks exited 0
-    (it re-raises the signal after shutting them down); launchers/torchrun.py reports the ranks' verdict."""
-    out = tmp_path / "run"
+def _sigterm_through(wrapper: str, nproc_flag: str, out: Path) -> tuple[int, str]:
+    """SIGTERM to `launchers/<wrapper>` running 2 ranks once they have logged a step: (exit code, output)."""
     cmd = [
         str(BIN / "python"),
-        str(ROOT / "launchers" / "torchrun.py"),
-        "--nproc_per_node=2",
+        str(ROOT / "launchers" / wrapper),
+        nproc_flag,
         f"--master_port={free_port()}",
         TRAIN,
         str(ROOT / "recipes/gpt_debug.yaml"),
@@ -117,10 +115,24 @@ def test_sigterm_to_the_torchrun_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tm
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
     assert "stop requested by signal" in output and "Traceback" not in output, output[-3000:]
-    assert "all 2 ranks of this node wrote their stop checkpoint" in output
     assert (out / "checkpoints" / "latest").is_file() and not (out / "run.lock").exists()
+    return proc.returncode, output
+
+
+def test_sigterm_to_the_torchrun_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tmp_path):
+    """Plain torchrun exits 1 with a SignalException traceback here although its ranks exited 0
+    (it re-raises the signal after shutting them down); launchers/torchrun.py reports the ranks' verdict."""
+    code, output = _sigterm_through("torchrun.py", "--nproc_per_node=2", tmp_path / "run")
+    assert code == 0, output[-3000:]
+    assert "all 2 ranks of this node wrote their stop checkpoint" in output
+
+
+def test_sigterm_to_the_deepspeed_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tmp_path):
+    """The deepspeed runner dies of SIGTERM (exit 143); launchers/deepspeed_run.py passes it to the ranks and
+    exits with their status."""
+    code, output = _sigterm_through("deepspeed_run.py", "--num_gpus=2", tmp_path / "run")
+    assert code == 0, output[-3000:]
 
 
 def test_ranks_orphaned_during_start_up_exit_at_once(tmp_path):
@@ -144,35 +156,3 @@ def test_ranks_orphaned_during_start_up_exit_at_once(tmp_path):
             os.kill(pid, signal.SIGKILL)
     assert len(tree) >= 2 and gone_after < 30, (tree, gone_after)
     assert not (out / "metrics.jsonl").exists()
-
-
-def test_sigterm_to_the_deepspeed_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tmp_path):
-    """The deepspeed runner dies of SIGTERM (exit 143); launchers/deepspeed_run.py passes it to the ranks and
-    exits with their status."""
-    out = tmp_path / "run"
-    cmd = [
-        str(BIN / "python"),
-        str(ROOT / "launchers" / "deepspeed_run.py"),
-        "--num_gpus=2",
-        f"--master_port={free_port()}",
-        TRAIN,
-        str(ROOT / "recipes/gpt_debug.yaml"),
-        *TINY,
-        f"out_dir={out}",
-        "train.max_steps=100000",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (out / "metrics.jsonl").exists():
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
-    assert "stop requested by signal" in output and "Traceback" not in output, output[-3000:]
-    assert (out / "checkpoints" / "latest").is_file() and not (out / "run.lock").exists()
