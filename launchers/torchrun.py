@@ -12,9 +12,7 @@ user error, which rank 0 printed as one line), it exits 2 without torchrun's Chi
 Anything else keeps torchrun's own exit and output.
 """
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
@@ -25,8 +23,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    with tempfile.TemporaryDirectory(prefix="llmtrain-stop-") as marks:
-        os.environ["LLMTRAIN_STOP_DIR"] = marks
+    from llmtrain.train.preemption import node_stopped, stop_marks
+
+    with stop_marks() as marks:
         try:
             torchrun(argv)
         except ChildFailedError as exc:
@@ -38,12 +37,11 @@ def main(argv: list[str]) -> int:
             print(f"[launchers/torchrun.py] rank {rank} exited 2 (the error above)", file=sys.stderr, flush=True)
             return 2
         except SignalException as exc:
-            stopped = sorted(Path(marks).glob("rank*"))
-            expected = {int(p.read_text() or 0) for p in stopped}
-            if not stopped or expected != {len(stopped)}:
+            ranks = node_stopped(marks)
+            if not ranks:
                 raise
             print(
-                f"[launchers/torchrun.py] {exc.sigval.name}: all {len(stopped)} ranks of this node wrote their "
+                f"[launchers/torchrun.py] {exc.sigval.name}: all {ranks} ranks of this node wrote their "
                 f"stop checkpoint and exited 0",
                 file=sys.stderr,
                 flush=True,

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,7 +53,22 @@ class StopRequest:
                 signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
     def mark_stopped(self) -> None:
-        """Tell launchers/torchrun.py that this rank stopped cleanly after a signal (it exits 0 then)."""
+        """Tell the launchers/ wrappers that this rank stopped cleanly after a signal (they exit 0 then)."""
         folder = os.environ.get("LLMTRAIN_STOP_DIR")
         if folder and "RANK" in os.environ:
             (Path(folder) / f"rank{os.environ['RANK']}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+@contextmanager
+def stop_marks() -> Iterator[Path]:
+    """A folder, for a launcher wrapper's lifetime, where its ranks leave their mark_stopped() marks."""
+    with tempfile.TemporaryDirectory(prefix="llmtrain-stop-") as marks:
+        os.environ["LLMTRAIN_STOP_DIR"] = marks
+        yield Path(marks)
+
+
+def node_stopped(marks: Path) -> int:
+    """The number of this node's ranks when every one of them stopped cleanly after a signal, else 0."""
+    stopped = sorted(marks.glob("rank*"))
+    expected = {int(p.read_text() or 0) for p in stopped}
+    return len(stopped) if stopped and expected == {len(stopped)} else 0

@@ -90,13 +90,16 @@ def test_ranks_stop_when_torchrun_is_killed_or_the_deepspeed_runner_is_terminate
     assert (tmp_path / "deepspeed" / "checkpoints" / "latest").is_file()
 
 
-def _sigterm_through(wrapper: str, nproc_flag: str, out: Path) -> tuple[int, str]:
+def _sigterm_through(
+    wrapper: str, nproc_flag: str, out: Path, *launch_args: str, port_flag: str = "--master_port"
+) -> tuple[int, str]:
     """SIGTERM to `launchers/<wrapper>` running 2 ranks once they have logged a step: (exit code, output)."""
     cmd = [
         str(BIN / "python"),
         str(ROOT / "launchers" / wrapper),
         nproc_flag,
-        f"--master_port={free_port()}",
+        *launch_args,
+        f"{port_flag}={free_port()}",
         TRAIN,
         str(ROOT / "recipes/gpt_debug.yaml"),
         *TINY,
@@ -133,6 +136,17 @@ def test_sigterm_to_the_deepspeed_wrapper_ends_in_a_stop_checkpoint_and_exit_0(t
     exits with their status."""
     code, output = _sigterm_through("deepspeed_run.py", "--num_gpus=2", tmp_path / "run")
     assert code == 0, output[-3000:]
+
+
+def test_sigterm_to_the_accelerate_wrapper_ends_in_a_stop_checkpoint_and_exit_0(tmp_path):
+    """`accelerate launch` runs torchrun underneath and exits 143 (128 + SIGTERM) here although its ranks
+    exited 0; launchers/accelerate_run.py reports the ranks' verdict."""
+    flags = ("--multi_gpu", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no")
+    code, output = _sigterm_through(
+        "accelerate_run.py", "--num_processes=2", tmp_path / "run", *flags, port_flag="--main_process_port"
+    )
+    assert code == 0, output[-3000:]
+    assert "all 2 ranks of this node wrote their stop checkpoint" in output
 
 
 def test_ranks_orphaned_during_start_up_exit_at_once(tmp_path):
