@@ -39,7 +39,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llmtrain.train.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
-    train(cfg)
+    if cfg.train.objective == "dpo":  # preference tuning: the trainer with the DPO objective and its reference
+        from llmtrain.finetune.dpo import run_dpo
+
+        run_dpo(cfg)
+    else:
+        train(cfg)
     shutdown_distributed()
     return 0
 

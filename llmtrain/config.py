@@ -23,6 +23,7 @@ import yaml
 from llmtrain.compress.config import DistillConfig, PruneConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import ConfigError, UserError  # ConfigError: importable from here too
+from llmtrain.finetune.config import DPOConfig
 from llmtrain.models.config import ModelConfig, apply_model_preset, config_class_for
 from llmtrain.models.registry import FAMILIES, family_of
 from llmtrain.parallel.layout import ParallelDims
@@ -65,6 +66,9 @@ class TrainConfig:
     # Attention kernel for SDPA: auto (torch picks), flash, efficient (memory-efficient), cudnn or math.
     # A named kernel that cannot run the call fails loudly instead of silently falling back.
     attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    # The loss: family (the model family's own: next-token CE for decoders, MLM+NSP or classification for BERT)
+    # or dpo (preference pairs against a frozen reference model, the dpo.* keys; a decoder only).
+    objective: Literal["family", "dpo"] = "family"
 
 
 @dataclass
@@ -164,6 +168,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # Knowledge distillation from a frozen teacher (launchers/distill.py); ignored by plain training.
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # Preference tuning (train.objective=dpo): beta and the frozen reference model; ignored otherwise.
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     # Structured pruning targets and importance (`llmtrain prune CHECKPOINT --recipe R`); ignored by training.
     prune: PruneConfig = field(default_factory=PruneConfig)
 

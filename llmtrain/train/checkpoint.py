@@ -354,6 +354,8 @@ _FIXED: tuple[tuple[str, str], ...] = (
     ("distill.hidden_weight", "it decides which projection parameters the checkpoint holds"),
     ("distill.attention_weight", "it decides which projection parameters the checkpoint holds"),
     ("distill.relation_heads", "it decides which projection parameters the checkpoint holds"),
+    ("train.objective", "the saved weights and optimizer state were trained for that loss"),
+    ("dpo.reference", "the policy was tuned against that reference model"),
 )
 
 

@@ -84,6 +84,11 @@ class TrainerState:
 
 def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     """Run training as configured; every rank calls this. Returns a summary (rank 0 has all fields)."""
+    if objective is None and cfg.train.objective != "family":
+        raise ConfigError(
+            f"train.objective={cfg.train.objective} needs its objective: run it with `llmtrain train` / "
+            f"launchers/train.py (library: llmtrain.finetune.dpo.run_dpo(cfg))"
+        )
     derived = derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail on a bad layout before any init
     check_launcher_settings(cfg, derived)
     from llmtrain.parallel.engine import init_distributed, preflight
