@@ -20,6 +20,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from llmtrain.interop.gguf_export import export_gguf
+
+    counts = export_gguf(args.model, args.out, args.type, replace=args.replace)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    print(f"exported {args.model} -> {args.out} ({types} tensors; llama.cpp and transformers gguf_file= load it)")
+    return 0
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-hf",
@@ -42,3 +51,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", help="new (or empty) directory")
     p.add_argument("--replace", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.set_defaults(fn=cmd_import)
+    p = sub.add_parser(
+        "export-gguf",
+        help="write a decoder as a llama.cpp .gguf file (f16, q8_0, q4_0, q4_k)",
+        description="Write a decoder (Llama or GPT-2 flavour) as a llama.cpp GGUF file with its tokenizer: "
+        "llama.cpp and transformers' from_pretrained(dir, gguf_file=...) load it. 1-D tensors stay f32; "
+        "with the 4-bit types the output matrix is q8_0; rows that do not fit the type's blocks fall back "
+        "(q4_k -> q5_0 -> f16).",
+    )
+    p.add_argument("model", help="run, checkpoint, consolidated or imported directory")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=["f16", "q8_0", "q4_0", "q4_k"], help="tensor type (default f16)")
+    p.add_argument("--replace", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(fn=cmd_export_gguf)
