@@ -83,6 +83,7 @@ COMPONENT_CLIS: tuple[str, ...] = (
     "llmtrain.parallel.cli",
     "llmtrain.data.cli",
     "llmtrain.compress.cli",
+    "llmtrain.compress.quant.cli",
     "llmtrain.evaluation.cli",
     "llmtrain.interop.cli",
 )

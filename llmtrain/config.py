@@ -217,7 +217,8 @@ _NOT_ADOPTED = {
     "num_labels",
     "rope_scaling",
     "converters",
-}  # converters: this run's choice, applied after init_from
+    "weight_quant",
+}  # converters (and their settings): this run's choice, applied after init_from
 
 
 def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:

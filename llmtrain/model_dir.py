@@ -138,15 +138,31 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
+def model_tensors(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """What a model directory stores of `model`: its parameters (tied ones once) as `float_dtype` (fp32 by
+    default) and its persistent buffers as they are (a converter's, e.g. quantised weights' integers)."""
+    import torch
+
+    out = {n: p.detach().to(float_dtype or torch.float32) for n, p in model.named_parameters()}
+    persistent = model.state_dict().keys()
+    out.update({n: b.detach() for n, b in model.named_buffers() if n in persistent})
+    return out
+
+
 def write_model(
-    out: str | Path, cfg: Config, model: torch.nn.Module, records: dict[str, Any] | None = None, replace: bool = False
+    out: str | Path,
+    cfg: Config,
+    model: torch.nn.Module,
+    records: dict[str, Any] | None = None,
+    replace: bool = False,
+    float_dtype: torch.dtype | None = None,
 ) -> Path:
-    """A model directory of a plain model: its parameters (tied ones once) in fp32, the whole run config
-    `cfg` as config.yaml and each of `records` ({file name: JSON-able}) as a JSON file beside them."""
+    """A model directory of a plain (or converted) model: `model_tensors(model, float_dtype)`, the whole run
+    config `cfg` as config.yaml and each of `records` ({file name: JSON-able}) as a JSON file beside them."""
     from llmtrain.config import save_config
 
     with writing(out, replace) as tmp:
-        write_weights(tmp, {n: p.detach().float() for n, p in model.named_parameters()})
+        write_weights(tmp, model_tensors(model, float_dtype))
         save_config(cfg, tmp / CONFIG)
         for name, record in (records or {}).items():
             (tmp / name).write_text(json.dumps(record, indent=1))

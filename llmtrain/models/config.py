@@ -44,6 +44,21 @@ class RopeScaling:
             )
 
 
+@dataclass
+class WeightQuant:
+    """Weight-only integer quantisation of a model's linear layers (written by `llmtrain quantize` with
+    `model.converters: [quantized_weights]`; the grid is llmtrain/compress/quant/grid.py)."""
+
+    # Bits per weight: 8 (int8, symmetric) or 4 (two per byte, asymmetric with a zero point).
+    bits: int = 8
+    # Input columns sharing one scale; 0 = one scale per output row.
+    group_size: int = 128
+    # Symmetric grid (no zero point); None = symmetric for 8 bits, asymmetric for 4.
+    symmetric: bool | None = None
+    # Module names of linear layers kept in float (those tied to an embedding are always kept).
+    skip: list[str] = field(default_factory=list)
+
+
 class _ByArch(type):
     """`ModelConfig(**keys)` builds the config class of the family named by `keys["arch"]` (default gpt),
     so code and saved config.yaml files that name only ModelConfig keep working; a family's own class
@@ -85,6 +100,8 @@ class ModelConfig(metaclass=_ByArch):
     init_from: str | None = None
     # Model converters applied in this order to the plain model after init_from (llmtrain/models/converters.py).
     converters: list[str] = field(default_factory=list)
+    # Integer weights of the linear layers (the quantized_weights converter; `llmtrain quantize` sets it); None = float.
+    weight_quant: WeightQuant | None = None
     # Epsilon of the normalisation layers (BERT uses 1e-12; 1e-5 is torch's LayerNorm default).
     norm_eps: float = 1e-5
     # Feed-forward hidden width; None means 4 * n_embd.

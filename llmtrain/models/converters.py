@@ -51,14 +51,35 @@ Convert = Callable[[nn.Module], None]
 ConverterFactory = Callable[[Any], Convert]  # model config -> convert(model), in place
 
 _REGISTRY: dict[str, ConverterFactory] = {}
+_UNCONVERT: dict[str, Convert] = {}
+
+# Converters that ship with llmtrain: the module registers them when imported, on first use of the name.
+BUILTIN: dict[str, str] = {"quantized_weights": "llmtrain.compress.quant.linear"}
 
 
-def register_converter(name: str, factory: ConverterFactory) -> None:
+def register_converter(name: str, factory: ConverterFactory, unconvert: Convert | None = None) -> None:
     """Make `factory` available as `model.converters: [name]`. Registering another factory under a
-    taken name is an error (two plugins must not silently replace each other)."""
+    taken name is an error (two plugins must not silently replace each other). `unconvert(model)`, if
+    given, turns a converted model back into the plain one in place (e.g. dequantised linears), so
+    `model.init_from` can read a converted checkpoint."""
     if _REGISTRY.get(name, factory) is not factory:
         raise ValueError(f"a model converter named {name!r} is already registered ({_REGISTRY[name]!r})")
     _REGISTRY[name] = factory
+    if unconvert is not None:
+        _UNCONVERT[name] = unconvert
+
+
+def unconvert(model: nn.Module, model_cfg: ModelConfig) -> bool:
+    """Undo `model_cfg.converters` on `model` in reverse order (in place); False, untouched, when one of
+    them registered no way back."""
+    names = list(getattr(model_cfg, "converters", None) or [])
+    for name in names:
+        converter(name)  # registers built-in and module:factory names
+    if any(name not in _UNCONVERT for name in names):
+        return False
+    for name in reversed(names):
+        _UNCONVERT[name](model)
+    return True
 
 
 def registered_converters() -> list[str]:
@@ -67,6 +88,8 @@ def registered_converters() -> list[str]:
 
 def converter(name: str) -> ConverterFactory:
     """The factory registered as `name` (a `module:attr` name is imported and registered first)."""
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
     if name not in _REGISTRY and ":" in name:
         module, _, attr = name.partition(":")
         try:

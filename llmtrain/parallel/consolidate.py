@@ -14,6 +14,7 @@ memory. A consolidated directory is itself accepted by `load_model_weights` and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -68,11 +69,7 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
     except ValueError as exc:
         raise CheckpointError(f"model.init_from: {exc}") from None
     if ckpt_cfg.converters:  # init_from runs before the converters (llmtrain/models/converters.py)
-        raise CheckpointError(
-            f"model.init_from={path}: that model was converted (model.converters="
-            f"{ckpt_cfg.converters}) and init_from loads a plain model's weights before this run's "
-            f"converters are applied; initialise from its unconverted source, or resume the run"
-        )
+        weights = _unconverted(path, ckpt_cfg, weights)
     params = dict(model.named_parameters())
     # Fine-tuning: a model with a task head (e.g. a classifier) keeps that head's fresh init and takes
     # only the pre-trained trunk; the checkpoint's own heads (masked LM, ...) are left out.
@@ -114,6 +111,29 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
             f"parameters missing); set the model.* keys to the checkpoint's shape"
         )
     return padded
+
+
+def _unconverted(
+    path: str | Path, cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The plain model's weights of a converted checkpoint whose converters can be undone (quantised
+    linears: dequantised); CheckpointError otherwise."""
+    from llmtrain.models.converters import unconvert
+
+    with torch.device("meta"):
+        model = build_converted_model(cfg)
+    state = _tied_state_dict(cfg, dict(weights))
+    model.load_state_dict(state, assign=True)
+    if not unconvert(model, cfg):
+        raise CheckpointError(
+            f"model.init_from={path}: that model was converted (model.converters="
+            f"{cfg.converters}) and init_from loads a plain model's weights before this run's "
+            f"converters are applied; initialise from its unconverted source, or resume the run"
+        )
+    with torch.device("meta"):  # each tied parameter once, under its first name (as the plain model lists it)
+        names = [n for n, _ in build_converted_model(dataclasses.replace(cfg, converters=[])).named_parameters()]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return iter([(n, params[n].detach().float()) for n in names])
 
 
 def consolidate(
@@ -204,7 +224,8 @@ def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
     if source.name == CONSOLIDATED:
         with safe_open(str(source), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).float()
+                tensor = f.get_tensor(name)  # integer buffers (quantised weights) keep their dtype
+                yield name, tensor.float() if tensor.is_floating_point() else tensor
         return
     for name, shape in _plain_names(cfg).items():
         file = source / f"{name}.safetensors"
@@ -226,6 +247,12 @@ def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict
         if first[id(p)] not in weights:
             raise CheckpointError(f"the checkpoint has no weight for '{first[id(p)]}'; it is incomplete")
         out[name] = weights[first[id(p)]]
+    persistent = model.state_dict().keys()
+    for name, _ in model.named_buffers():  # a converter's stored buffers (quantised weights' integers)
+        if name in persistent:
+            if name not in weights:
+                raise CheckpointError(f"the checkpoint has no '{name}'; it is incomplete")
+            out[name] = weights[name]
     return out
 
 
