@@ -10,7 +10,9 @@ Each case runs `benchmarks/throughput.py` in a process of its own, so a CUDA out
 compile is recorded as that case's `error` and the next case starts with a clean allocator. Cases run most
 telling first (the gpt_1b headline, then compile, then activation checkpointing, then the smaller models
 and the ZeRO stages). A case already in `--out` is skipped, so a sweep cut short by `--budget-min` carries
-on where it stopped when run again; `--redo` measures again instead.
+on where it stopped when run again; `--redo` measures again instead. `--with-reference` then runs
+`benchmarks/model_speed.py --device cuda` (llmtrain against a minimal plain-PyTorch GPT, same shapes, bf16)
+in what is left of the budget.
 """
 
 from __future__ import annotations
@@ -193,6 +195,12 @@ def main() -> int:
         help="an override added to every case (repeatable)",
     )
     ap.add_argument("--redo", action="store_true", help="measure cases already in --out again")
+    ap.add_argument(
+        "--with-reference",
+        action="store_true",
+        help="then, within the budget, run benchmarks/model_speed.py --device cuda (llmtrain against a minimal "
+        "plain-PyTorch GPT at the recipes' shapes) into benchmarks/results/model_speed_gpu.json",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print and validate the plan, run nothing")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results file and exit")
     args = ap.parse_args()
@@ -235,6 +243,14 @@ def main() -> int:
                 f"{rec['wall_s']} s"
             )
     print(table(done))
+    left = deadline - time.monotonic()
+    if args.with_reference and left > 60:
+        cmd = [sys.executable, str(ROOT / "benchmarks/model_speed.py"), "--device", "cuda"]
+        cmd += ["--out", str(ROOT / "benchmarks/results/model_speed_gpu.json")]
+        try:
+            subprocess.run(cmd, cwd=ROOT, timeout=left, check=False)
+        except subprocess.TimeoutExpired:
+            print("budget spent during model_speed.py; its finished cases are in model_speed_gpu.json")
     return 0
 
 

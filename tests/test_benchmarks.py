@@ -110,3 +110,14 @@ def test_data_bench_memory_part_measures_the_workers_themselves(tmp_path):
     mem = json.loads(out.read_text())["memory"]["1x"]
     assert set(json.loads(out.read_text())) == {"machine", "corpus", "memory"}  # only the part asked for
     assert 10 < mem["peak_rss_worker_mb"] < mem["peak_rss_main_mb"] / 2, mem
+
+
+def test_model_speed_benchmark_runs_llmtrain_and_the_reference_on_the_same_shape(tmp_path):
+    out = tmp_path / "speed.json"
+    _run("benchmarks/model_speed.py", "--cases", "debug-1p", "--rounds", "2", "--steps", "1", "--no-warmup",
+         "--set", "model.n_layer=1", "--out", str(out))  # fmt: skip
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["case"] == "debug-1p" and case["shape"]["n_layer"] == 1 and len(case["ratios"]) == 2
+    assert case["llmtrain_tokens_per_s"] > 0 and case["reference_tokens_per_s"] > 0
+    # the reference is the same shape as llmtrain's model: tied embeddings, GPT-2 blocks
+    assert abs(case["reference_params"] - 8192 * 192 - 128 * 192 - 12 * 192 * 192) < 20 * 192
