@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmtrain.compress.config import DistillConfig, PruneConfig
+from llmtrain.compress.config import DistillConfig, PruneConfig, QuantizeConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import ConfigError, UserError  # ConfigError: importable from here too
 from llmtrain.finetune.config import DPOConfig
@@ -172,6 +172,8 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     # Structured pruning targets and importance (`llmtrain prune CHECKPOINT --recipe R`); ignored by training.
     prune: PruneConfig = field(default_factory=PruneConfig)
+    # Post-training quantisation settings (`llmtrain quantize CHECKPOINT --recipe R`); ignored by training.
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
 
 @dataclass(frozen=True)

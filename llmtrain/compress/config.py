@@ -58,3 +58,27 @@ class PruneConfig:
     micro_batch_size: int = 8
     # Tokens per calibration / eval sequence (None: the checkpoint's train.seq_len).
     seq_len: int | None = None
+
+
+@dataclass
+class QuantizeConfig:
+    # Bits per weight of every linear layer: 8 (int8, symmetric) or 4 (two per byte, asymmetric).
+    bits: int = 8
+    # rtn (round to nearest, no data) or a calibrated method (gptq); `llmtrain quantize --help` lists them all.
+    method: str = "rtn"
+    # Input columns sharing one scale (must divide every linear layer's input width); 0 = one per output row.
+    group_size: int = 128
+    # Grid: auto (symmetric for 8 bits, asymmetric with zero points for 4), sym or asym.
+    grid: Literal["auto", "sym", "asym"] = "auto"
+    # Calibration micro-batches of the checkpoint's training data (calibrated methods).
+    calib_batches: int = 16
+    # Held-out micro-batches for the perplexity printed before and after quantisation.
+    eval_batches: int = 16
+    # Sequences per calibration / eval micro-batch.
+    micro_batch_size: int = 4
+    # Tokens per calibration / eval sequence (0: the checkpoint's train.seq_len, capped at its block_size).
+    seq_len: int = 0
+    # Calibration / eval data: '' = the checkpoint's own data section, else a prepared dataset or 'bundled'.
+    data: str = ""
+    # Storage of the tensors left in float (embeddings, norms, biases, a tied output head): fp32, bf16 or fp16.
+    float_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

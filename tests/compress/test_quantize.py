@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import ROOT
 from safetensors import safe_open
 from torch import nn
 
@@ -110,12 +111,14 @@ def test_quantlinear_packed_round_trip_and_meta():
 def test_quantize_gpt2_flavour_directory_eval_generate_init_from(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "q4"
     fp = _model_dir(src, FLAVOURS["gpt2"])
-    args = ["quantize", str(src), "--bits", "4", "--method", "gptq", "--group-size", "32", "--out", str(out)]
-    assert main([*args, "--calib-batches", "2", "--eval-batches", "2"]) == 0
+    recipe = ROOT / "recipes" / "quantize_gpt_debug.yaml"  # int4 gptq, group 64: flags and keys override it
+    args = ["quantize", str(src), "--recipe", str(recipe), "--group-size", "32", "--out", str(out)]
+    assert main([*args, "quantize.calib_batches=2", "--eval-batches", "2"]) == 0
     printed = capsys.readouterr().out
     assert "bytes:" in printed and "held-out perplexity:" in printed and "8 linear layers" in printed
     figures = json.loads((out / "quantize.json").read_text())
     assert figures["bytes_after"] < figures["bytes_before"] and figures["ppl_after"] > 0
+    assert (figures["bits"], figures["method"], figures["group_size"], figures["calib_batches"]) == (4, "gptq", 32, 2)
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # packed integers, not fp32 copies
         assert f.get_tensor("blocks.0.attn.qkv.weight_q").dtype == torch.uint8

@@ -1,6 +1,10 @@
 """`llmtrain quantize`: post-training weight-only quantisation of a checkpoint into a model directory.
 
     llmtrain quantize runs/gpt_debug --bits 4 --method gptq --group-size 64 --out runs/gpt_debug_int4
+    llmtrain quantize runs/gpt_debug --recipe recipes/quantize_gpt_debug.yaml --out runs/gpt_debug_int4
+
+Settings come from the recipe's quantize: section (llmtrain/compress/config.py:QuantizeConfig), then dotted
+overrides, then the flags given.
 
 This module parses and calls; the library is llmtrain/compress/quant/ptq.py.
 """
@@ -9,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 
+# command-line flag -> quantize.* key; a flag given overrides the recipe's value
+FLAGS = ("bits", "method", "group_size", "grid", "calib_batches", "eval_batches", "micro_batch_size", "seq_len",
+         "data", "float_dtype")  # fmt: skip
+
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from llmtrain.compress.quant.ptq import QuantizeArgs, run_quantize
+    import dataclasses
 
-    qargs = QuantizeArgs(
-        bits=args.bits,
-        method=args.method,
-        group_size=args.group_size,
-        symmetric={"auto": None, "sym": True, "asym": False}[args.grid],
-        calib_batches=args.calib_batches,
-        eval_batches=args.eval_batches,
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
-        data=args.data,
-        float_dtype=args.float_dtype,
-    )
+    from llmtrain.compress.quant.ptq import run_quantize
+    from llmtrain.config import load_config
+
+    recipe = load_config(args.recipe, args.overrides).quantize
+    qargs = dataclasses.replace(recipe, **{k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
     f = run_quantize(args.checkpoint, qargs, args.out, replace=args.replace)
     print(
         f"params: {f['params'] / 1e6:.3f}M, {f['quantized_layers']} linear layers quantised "
@@ -47,7 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    from llmtrain.compress.quant.ptq import FLOAT_DTYPES, METHODS
+    from llmtrain.compress.quant.ptq import FLOAT_DTYPES, GRIDS, METHODS
 
     p = sub.add_parser(
         "quantize",
@@ -59,23 +60,20 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint, run, consolidated, pruned or imported model directory")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--bits", type=int, default=8, help="8 (int8, symmetric) or 4 (packed, asymmetric)")
+    p.add_argument("--recipe", help="recipe YAML with a quantize: section, e.g. recipes/quantize_gpt_debug.yaml")
+    p.add_argument("--bits", type=int, help="8 (int8, symmetric) or 4 (packed, asymmetric); default 8")
     p.add_argument(
         "--method",
-        default="rtn",
         help="; ".join(f"{n}: {m.help}" for n, m in sorted(METHODS.items())) + " (default rtn)",
     )
-    p.add_argument("--group-size", type=int, default=128, help="input columns per scale (0 = one per row)")
-    p.add_argument("--grid", choices=["auto", "sym", "asym"], default="auto", help="auto: sym for 8 bits, asym for 4")
-    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches of the run's training data")
-    p.add_argument("--eval-batches", type=int, default=16, help="held-out batches for the before/after figures")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per calibration / eval batch")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (0 = the run's train.seq_len)")
-    p.add_argument(
-        "--data", default="", help="prepared dataset or 'bundled' (default: the checkpoint's own data section)"
-    )
-    p.add_argument(
-        "--float-dtype", choices=list(FLOAT_DTYPES), default="fp32", help="storage of the tensors left float"
-    )
+    p.add_argument("--group-size", type=int, help="input columns per scale (0 = one per row); default 128")
+    p.add_argument("--grid", choices=list(GRIDS), help="auto (default): sym for 8 bits, asym for 4")
+    p.add_argument("--calib-batches", type=int, help="calibration batches of the run's training data (16)")
+    p.add_argument("--eval-batches", type=int, help="held-out batches for the before/after figures (16)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per calibration / eval batch (4)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (0, the default: the run's train.seq_len)")
+    p.add_argument("--data", help="prepared dataset or 'bundled' (default: the checkpoint's own data section)")
+    p.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), help="storage of the tensors left float (fp32)")
     p.add_argument("--replace", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. quantize.bits=4")
     p.set_defaults(fn=cmd_quantize)

@@ -38,6 +38,7 @@ from llmtrain.compress.quant.linear import CONVERTER, QuantLinear, quantizable_l
 from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
+    from llmtrain.compress.config import QuantizeConfig
     from llmtrain.models.config import ModelConfig, WeightQuant
 
 Batch = dict[str, torch.Tensor]
@@ -139,20 +140,7 @@ def _family_forward(model: nn.Module, batch: Batch) -> Any:
 # `llmtrain quantize`
 
 
-@dataclass
-class QuantizeArgs:
-    bits: int = 8
-    method: str = "rtn"
-    group_size: int = 128
-    symmetric: bool | None = None
-    calib_batches: int = 16
-    eval_batches: int = 16
-    micro_batch_size: int = 4
-    seq_len: int = 0  # 0 = the checkpoint's train.seq_len (capped at block_size)
-    data: str = ""  # '' = the checkpoint's own data section; else a prepared dataset or 'bundled'
-    float_dtype: str = "fp32"  # storage of the float tensors (embeddings, norms, biases, tied head)
-
-
+GRIDS: dict[str, bool | None] = {"auto": None, "sym": True, "asym": False}
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -169,7 +157,9 @@ def weight_count(model: nn.Module) -> int:
     return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
 
 
-def run_quantize(checkpoint: str | Path, args: QuantizeArgs, out: str | Path, replace: bool = False) -> dict[str, Any]:
+def run_quantize(
+    checkpoint: str | Path, args: QuantizeConfig, out: str | Path, replace: bool = False
+) -> dict[str, Any]:
     """Quantise the model at `checkpoint` into the model directory `out`; returns the figures printed."""
     from llmtrain.compress.prune_checkpoint import source_config
     from llmtrain.config import save_config
@@ -184,8 +174,12 @@ def run_quantize(checkpoint: str | Path, args: QuantizeArgs, out: str | Path, re
         raise UserError(f"--method {args.method}: unknown; choose one of {', '.join(sorted(METHODS))}")
     if args.float_dtype not in FLOAT_DTYPES:
         raise UserError(f"--float-dtype {args.float_dtype}: choose one of {', '.join(FLOAT_DTYPES)}")
-    wq = WeightQuant(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
+    if args.grid not in GRIDS:
+        raise UserError(f"--grid {args.grid}: choose one of {', '.join(GRIDS)}")
+    wq = WeightQuant(bits=args.bits, group_size=args.group_size, symmetric=GRIDS[args.grid])
     spec_of(wq)  # bad bits / group size: one line before any slow work
+    if args.group_size < 0 or args.eval_batches < 1 or args.micro_batch_size < 1 or args.seq_len < 0:
+        raise UserError("--group-size and --seq-len must be >= 0, --eval-batches and --micro-batch-size >= 1")
     check_output(out, replace)
     model_cfg, weights = load_model_weights(checkpoint)
     if model_cfg.converters:
@@ -256,7 +250,7 @@ def _tokenizer_dir(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def _data_for(checkpoint: str | Path, cfg: Any, model_cfg: ModelConfig, args: QuantizeArgs) -> tuple[Any, ...]:
+def _data_for(checkpoint: str | Path, cfg: Any, model_cfg: ModelConfig, args: QuantizeConfig) -> tuple[Any, ...]:
     """(info, validation batches, calibration batches or None, forward, measure(model, batches) -> loss)."""
     from llmtrain.data import build_data
     from llmtrain.inference import checkpoint_tokenizer, eval_data_config, perplexity_on
