@@ -198,3 +198,69 @@ def eval_data_config(checkpoint: str | Path, data: str) -> DataConfig:
     except UserError:
         base = DataConfig()
     return dataclasses.replace(base, path=data, sources=[], stream="")
+
+
+class ChatSession:
+    """A conversation with the decoder at `checkpoint` through its chat template (`llmtrain generate --chat`):
+    each `say(text)` adds a user turn, renders the whole history with the generation prompt, and returns the
+    reply up to the template's end-of-turn text (e.g. `<|im_end|>`) or EOS, which is kept in the history.
+
+    The template is the one beside the checkpoint's tokenizer (an import's `tokenizer_config.json`, or that of
+    the chat data a run was trained on) or `template` (a built-in name such as chatml, or a jinja file)."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        system: str = "",
+        template: str = "",
+        tokenizer: str = "",
+        device: str = "",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+    ) -> None:
+        import torch
+
+        from llmtrain.data import load_tokenizer
+        from llmtrain.data.chat import load_chat_template
+
+        self.device = default_device(device)
+        self.cfg, self.model = load_decoder(checkpoint, self.device)
+        self.tok = load_tokenizer(tokenizer) if tokenizer else checkpoint_tokenizer(checkpoint)
+        self.template = load_chat_template(Path(self.tok.source), template)
+        self.history = [{"role": "system", "content": system}] if system else []
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
+        self.max_new_tokens = max_new_tokens
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def say(self, text: str) -> str:
+        import torch
+
+        from llmtrain.models.generation import generate
+
+        self.history.append({"role": "user", "content": text})
+        prompt = self.template.render(self.history, add_generation_prompt=True)
+        ids = torch.tensor([self.tok.encode(prompt)], dtype=torch.long, device=self.device)
+        n, end, eos = ids.size(1), self.template.end_of_turn, self.tok.eos_id
+
+        def stop(idx: torch.Tensor) -> bool:
+            return int(idx[0, -1]) == eos or bool(end) and end in self.tok.decode(idx[0, n:].tolist())
+
+        out = generate(
+            self.model,
+            ids,
+            self.max_new_tokens,
+            self.cfg.block_size,
+            generator=self.generator,
+            stop=stop,
+            **self.sampling,  # type: ignore[arg-type]
+        )
+        reply = self.tok.decode(out[0, n:].tolist())
+        reply = reply.split(end, 1)[0] if end else reply
+        reply = reply.split(self.tok.eos_token, 1)[0].strip()
+        self.history.append({"role": "assistant", "content": reply})
+        return reply

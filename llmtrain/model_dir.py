@@ -175,8 +175,10 @@ def write_model_dir(
     out_dir: str | Path,
     tokenizer_json: Path | None = None,
     replace: bool = False,
+    tokenizer_config: dict[str, Any] | None = None,
 ) -> Path:
-    """An llmtrain model directory of a plain state dict (an import): each parameter once, plain names."""
+    """An llmtrain model directory of a plain state dict (an import): each parameter once, plain names;
+    `tokenizer_config` (special tokens, chat template) goes beside the tokenizer as tokenizer_config.json."""
     import torch
 
     from llmtrain.models import build_model
@@ -189,4 +191,6 @@ def write_model_dir(
         if tokenizer_json is not None:
             (tmp / "tokenizer").mkdir()
             shutil.copyfile(tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
+            if tokenizer_config:
+                (tmp / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
     return Path(out_dir)

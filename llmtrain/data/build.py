@@ -71,5 +71,14 @@ def build_data(
     if cfg.sample_kind == "bert":
         from llmtrain.data.bert import BertData
 
+        for s in sources:
+            if s.has_mask:
+                raise DataError(
+                    f"{s.path}: {s.kind} data (with a loss mask) cannot make BERT samples; use data.sample_kind=causal"
+                )
         return BertData(sources, [w for _, w in pairs], cfg=cfg, **kwargs)
+    if any(s.kind == "preference" for s in sources):  # chosen/rejected pairs for a preference objective (DPO)
+        from llmtrain.data.loader import PreferenceData
+
+        return PreferenceData(sources, [w for _, w in pairs], blend_block=cfg.blend_block, **kwargs)
     return CausalData(sources, [w for _, w in pairs], doc_mask=cfg.doc_mask, blend_block=cfg.blend_block, **kwargs)

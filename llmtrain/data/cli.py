@@ -79,6 +79,27 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation document split")
     p.add_argument("--batch-docs", type=int, default=512, help="documents per tokenizer task")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chat = p.add_argument_group("chat and preference data (llmtrain/data/chat.py)")
+    chat.add_argument(
+        "--format",
+        choices=["text", "chat", "preference"],
+        default="text",
+        help="text documents (default); chat: {messages: [{role, content}]} records, trained on assistant turns "
+        "only; preference: {prompt, chosen, rejected} records for DPO. --input bundled:verses: the built-in "
+        "verse instructions",
+    )
+    chat.add_argument("--seq-len", type=int, default=0, help="chat/preference: the train.seq_len of the runs")
+    chat.add_argument(
+        "--chat-template", default="", help="chatml (built-in) or a jinja file (default: the tokenizer's own)"
+    )
+    chat.add_argument(
+        "--overlong",
+        choices=["drop", "truncate"],
+        default="drop",
+        help="conversations longer than --seq-len: drop them (default) or keep their first --seq-len tokens",
+    )
+    chat.add_argument("--last-turn-only", action="store_true", help="train on the last assistant turn only")
+    chat.add_argument("--messages-field", default="messages", help="chat: record field holding the messages")
     p.set_defaults(fn=cmd_prepare_data)
 
     p = sub.add_parser(
@@ -154,6 +175,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
+    if args.format != "text":
+        return cmd_prepare_chat(args)
     from llmtrain.data.prepare import write_dataset
     from llmtrain.data.reader import InputStats, iter_many
     from llmtrain.data.tokenizer import load_tokenizer
@@ -201,6 +224,68 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
             f"notice: {stats.missing} of {stats.records} records had no '{args.text_field}' field (or a null "
             f"one) and were skipped (the first: {stats.first_missing}); pass --on-missing-text error to refuse "
             "such input"
+        )
+    _val_notice(args, m)
+    return 0
+
+
+def chat_tokenizer(path: str):  # noqa: ANN201 (a Tokenizer; data.tokenizer loads lazily)
+    """--tokenizer of chat data: a tokenizer directory or file, a model directory (its tokenizer/), or a run or
+    checkpoint (the tokenizer it was trained with), so SFT data can be made for any model to start from."""
+    from llmtrain.data.chat import tokenizer_dir
+    from llmtrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    p, d = Path(path), tokenizer_dir(path)
+    if p.is_file() or not p.is_dir():
+        return load_tokenizer(p)
+    if (d / TOKENIZER_FILE).is_file() or (p / "encoder.json").is_file():
+        return load_tokenizer(d)
+    from llmtrain.inference import checkpoint_tokenizer
+
+    return checkpoint_tokenizer(path)
+
+
+def cmd_prepare_chat(args: argparse.Namespace) -> int:
+    """prepare-data --format chat|preference (llmtrain/data/chat.py)."""
+    from llmtrain.data.chat import iter_records, load_chat_template, write_chat_dataset
+
+    if args.seq_len < 2:
+        raise DataError(
+            f"--format {args.format} needs --seq-len: the train.seq_len of the runs (conversations are packed whole "
+            "into windows of that length)"
+        )
+    tok = chat_tokenizer(args.tokenizer)
+    template = load_chat_template(Path(tok.source), args.chat_template)
+    label = ", ".join(args.input)
+    records = (r for spec in args.input for r in iter_records(spec, split=args.split, name=args.name))
+    m, stats = write_chat_dataset(
+        records,
+        tok,
+        template,
+        args.out,
+        kind=args.format,
+        seq_len=args.seq_len,
+        overlong=args.overlong,
+        last_turn_only=args.last_turn_only,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        shard_tokens=args.shard_tokens,
+        source={"inputs": args.input, "format": args.format, "split": args.split, "name": args.name},
+        label=label,
+        messages_field=args.messages_field,
+    )
+    counts = {s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in m["splits"]}
+    print(
+        json.dumps(
+            {"out": args.out, "format": args.format, "template": template.source, **counts, "records": stats.as_dict()}
+        )
+    )
+    skipped = stats.unrenderable + stats.overlong_dropped
+    if skipped or stats.truncated:
+        eprint(
+            f"notice: of {stats.records} records, {stats.unrenderable} could not be rendered by the template and "
+            f"{stats.overlong_dropped} were longer than --seq-len {args.seq_len} and dropped (skipped, not trained "
+            f"on), {stats.truncated} were truncated to it; the first skipped: {stats.first_skipped or 'none'}"
         )
     _val_notice(args, m)
     return 0

@@ -5,8 +5,16 @@
     <dataset>/<split>_00000.bin    32-byte header + `count` tokens (uint16 when the vocab fits, else uint32)
     <dataset>/<split>_00000.idx    32-byte header + `count` uint64 document end offsets (EOS included)
 
-Both headers are `<8s I I Q Q`: magic, format version, item size in bytes, item count, and (idx only)
+    <dataset>/<split>_00000.mask   only with a loss mask (chat / preference data, manifest `loss_mask`):
+                                   32-byte header + `count` uint8, 1 = this token is a training target
+
+Every header is `<8s I I Q Q`: magic, format version, item size in bytes, item count, and (idx only)
 the token count of the matching `.bin`, so a truncated or mismatched pair is caught on open.
+
+The loss mask is a channel parallel to the tokens: the loader turns `labels` into -100 wherever the mask
+of the predicted token is 0. A dataset with one writes manifest version 2 (`MASKED_VERSION`), which an
+llmtrain that knows no masks refuses instead of silently training on every token; version 1 datasets
+(no mask) read as before.
 
 The manifest's `checksums` record each shard file's size and a digest of every `BLOCK_SIZE` bytes of
 it (the first 16 hex digits of the block's sha256): a start-up check can hash a few blocks of every
@@ -31,6 +39,8 @@ from llmtrain.errors import DataError
 VERSION = 1
 BIN_MAGIC = b"LLMTBIN\x00"
 IDX_MAGIC = b"LLMTIDX\x00"
+MASK_MAGIC = b"LLMTMSK\x00"
+MASKED_VERSION = 2  # manifest version of a dataset with a loss mask (shard headers stay VERSION)
 HEADER = struct.Struct("<8sIIQQ")
 MANIFEST = "manifest.json"
 FORMAT_NAME = "llmtrain-tokens"
@@ -59,19 +69,25 @@ def file_checksum(path: Path) -> dict[str, Any]:
 
 
 def shard_checksums(stem: Path) -> dict[str, dict[str, Any]]:
-    """Checksums of a shard pair, keyed by file name (`train_00000.bin`, `train_00000.idx`)."""
+    """Checksums of a shard's files, keyed by file name (`train_00000.bin`, `.idx`, and `.mask` if it has one)."""
     stem = Path(stem)
-    return {p.name: file_checksum(p) for p in (stem.with_suffix(".bin"), stem.with_suffix(".idx"))}
+    files = [stem.with_suffix(".bin"), stem.with_suffix(".idx"), stem.with_suffix(".mask")]
+    return {p.name: file_checksum(p) for p in files if p.suffix != ".mask" or p.exists()}
 
 
 class ShardWriter:
-    """Appends documents to `<stem>.bin`/`.idx` written under temporary names, renamed on `close`."""
+    """Appends documents to `<stem>.bin`/`.idx` (and `.mask` with `mask=True`) written under temporary names,
+    renamed on `close`."""
 
-    def __init__(self, stem: Path, dtype: np.dtype) -> None:
+    def __init__(self, stem: Path, dtype: np.dtype, mask: bool = False) -> None:
         self.stem, self.dtype = Path(stem), np.dtype(dtype)
         self._bin_tmp = self.stem.with_suffix(".bin.tmp")
         self._bin = open(self._bin_tmp, "wb")
         self._bin.write(HEADER.pack(BIN_MAGIC, VERSION, self.dtype.itemsize, 0, 0))
+        self._mask_tmp = self.stem.with_suffix(".mask.tmp")
+        self._mask = open(self._mask_tmp, "wb") if mask else None
+        if self._mask is not None:
+            self._mask.write(HEADER.pack(MASK_MAGIC, VERSION, 1, 0, 0))
         self._ends: list[np.ndarray] = []
         self.tokens = self.docs = 0
 
@@ -79,8 +95,14 @@ class ShardWriter:
         """One document's tokens, EOS already appended."""
         self.add_docs(ids, np.array([len(ids)]))
 
-    def add_docs(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Consecutive documents: their tokens (each with its EOS) concatenated, and each one's length."""
+    def add_docs(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Consecutive documents: their tokens (each with its EOS) concatenated, and each one's length; with a
+        mask channel, `mask` (one 0/1 per token) too."""
+        if (mask is None) != (self._mask is None):
+            raise ValueError(f"{self.stem}: a loss mask must be given exactly when the writer has a mask channel")
+        if self._mask is not None:
+            assert mask is not None and len(mask) == len(tokens)
+            self._mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
         self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes())
         self._ends.append(self.tokens + np.cumsum(lengths, dtype=np.uint64))
         self.tokens += len(tokens)
@@ -88,6 +110,7 @@ class ShardWriter:
 
     def pop_last(self) -> np.ndarray:
         """Take the last document added back out (its tokens, EOS included); only before `close`."""
+        assert self._mask is None, "pop_last is for unmasked shards"
         ends = np.concatenate(self._ends)
         start = int(ends[-2]) if len(ends) > 1 else 0
         self._bin.flush()
@@ -102,6 +125,9 @@ class ShardWriter:
     def discard(self) -> None:
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
+        if self._mask is not None:
+            self._mask.close()
+            self._mask_tmp.unlink(missing_ok=True)
 
     def close(self) -> dict[str, Any]:
         self._bin.seek(0)
@@ -114,6 +140,13 @@ class ShardWriter:
             f.write(HEADER.pack(IDX_MAGIC, VERSION, 8, self.docs, self.tokens))
             for ends in self._ends:
                 f.write(ends.tobytes())
+        if self._mask is not None:
+            self._mask.seek(0)
+            self._mask.write(HEADER.pack(MASK_MAGIC, VERSION, 1, self.tokens, 0))
+            self._mask.flush()
+            os.fsync(self._mask.fileno())
+            self._mask.close()
+            os.replace(self._mask_tmp, self.stem.with_suffix(".mask"))
         os.replace(self._bin_tmp, self.stem.with_suffix(".bin"))
         os.replace(idx_tmp, self.stem.with_suffix(".idx"))
         # Hashed from the page cache it was just written to: ~1.7 GB/s, under 1% of tokenizing time.
@@ -145,14 +178,16 @@ def read_header(path: Path, magic: bytes) -> tuple[int, int, int]:
 
 @dataclass
 class Shard:
-    """A memory-mapped shard: `tokens` (count,) and `ends` (docs,) document end offsets."""
+    """A memory-mapped shard: `tokens` (count,), `ends` (docs,) document end offsets and, for a dataset with a
+    loss mask, `mask` (count,) uint8 (None without one)."""
 
     path: Path
     tokens: np.ndarray
     ends: np.ndarray
+    mask: np.ndarray | None = None
 
     @classmethod
-    def open(cls, stem: Path) -> Shard:
+    def open(cls, stem: Path, mask: bool = False) -> Shard:
         bin_path, idx_path = Path(stem).with_suffix(".bin"), Path(stem).with_suffix(".idx")
         itemsize, count, _ = read_header(bin_path, BIN_MAGIC)
         if itemsize not in (2, 4):
@@ -181,7 +216,20 @@ class Shard:
                 f"{idx_path}: last document ends at {int(ends[-1])}, not at the {count} tokens of "
                 f"{bin_path.name}: corrupt index; {REPREPARE}"
             )
-        return cls(Path(stem), tokens, ends)
+        return cls(Path(stem), tokens, ends, _open_mask(Path(stem).with_suffix(".mask"), count) if mask else None)
+
+
+def _open_mask(path: Path, count: int) -> np.ndarray:
+    """The loss mask of a shard of `count` tokens (missing or mismatched: DataError)."""
+    itemsize, n, _ = read_header(path, MASK_MAGIC)
+    if itemsize != 1 or n != count:
+        raise DataError(
+            f"{path}: loss mask of {n} items of {itemsize} bytes does not match the {count} tokens of "
+            f"{path.with_suffix('.bin').name}; {REPREPARE}"
+        )
+    if not count:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER.size, shape=(count,)).view(np.ndarray)
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -204,10 +252,14 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         m = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{f}: not valid JSON ({exc}); {REPREPARE}") from None
-    if m.get("format") != FORMAT_NAME or m.get("version") != VERSION:
+    if m.get("format") != FORMAT_NAME or m.get("version") not in (VERSION, MASKED_VERSION):
         raise DataError(
             f"{f}: format {m.get('format')!r} version {m.get('version')!r}, expected "
-            f"{FORMAT_NAME!r} version {VERSION}; {REPREPARE}"
+            f"{FORMAT_NAME!r} version {VERSION} or {MASKED_VERSION}; {REPREPARE}"
+        )
+    if (m["version"] == MASKED_VERSION) != bool(m.get("loss_mask")):
+        raise DataError(
+            f"{f}: version {m['version']} with loss_mask={m.get('loss_mask')!r} (edited or corrupt); {REPREPARE}"
         )
     sums = m.get("checksums")
     if sums is not None and not (

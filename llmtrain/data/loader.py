@@ -32,8 +32,11 @@ PERM_CACHE_MAX = 1 << 20
 class TokenStream:
     """The shards of one split of a prepared dataset, read as a single memory-mapped token stream."""
 
-    def __init__(self, dataset_dir: Path, shard_names: list[str], vocab_size: int | None = None) -> None:
-        shards = [Shard.open(dataset_dir / name) for name in shard_names]
+    def __init__(
+        self, dataset_dir: Path, shard_names: list[str], vocab_size: int | None = None, mask: bool = False
+    ) -> None:
+        shards = [Shard.open(dataset_dir / name, mask) for name in shard_names]
+        self.has_mask = mask
         self.dataset_dir = dataset_dir
         self.shards = [s for s in shards if len(s.tokens)]
         sizes = [len(s.tokens) for s in self.shards]
@@ -61,35 +64,37 @@ class TokenStream:
             f"`llmtrain verify {self.dataset_dir}`, then {REPREPARE}"
         )
 
-    def window(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) as int64, crossing shard boundaries when needed."""
+    def window(self, start: int, length: int, channel: str = "tokens") -> np.ndarray:
+        """Tokens [start, start+length) as int64, crossing shard boundaries when needed (`channel="mask"`:
+        the loss mask of those tokens instead)."""
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         off = start - int(self.starts[k])
-        piece = self.shards[k].tokens[off : off + length]
-        if len(piece) == length:
-            return self._checked(piece.astype(np.int64), np.array([start]))
+        piece = getattr(self.shards[k], channel)[off : off + length]
         parts, need = [piece], length - len(piece)
         while need > 0:  # rare: a window that straddles shards
             k += 1
-            parts.append(self.shards[k].tokens[:need])
+            parts.append(getattr(self.shards[k], channel)[:need])
             need -= len(parts[-1])
-        return self._checked(np.concatenate(parts).astype(np.int64), np.array([start]))
+        out = (piece if len(parts) == 1 else np.concatenate(parts)).astype(np.int64)
+        return self._checked(out, np.array([start])) if channel == "tokens" else out
 
-    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Tokens [s, s+length) for each start, as an int64 (len(starts), length) array, one gather per shard."""
+    def windows(self, starts: np.ndarray, length: int, channel: str = "tokens") -> np.ndarray:
+        """Tokens [s, s+length) for each start, as an int64 (len(starts), length) array, one gather per shard
+        (`channel="mask"`: their loss mask, 0/1)."""
         starts = np.asarray(starts, dtype=np.int64)
         out = np.empty((len(starts), length), dtype=np.int64)
         ks = np.searchsorted(self.starts, starts, side="right") - 1
         inside = starts + length <= self.starts[ks + 1]
         ar = np.arange(length, dtype=np.int64)
+        check = self._checked if channel == "tokens" else (lambda x, _: x)
         if len(self.shards) == 1 and inside.all():  # one shard: a single gather, no per-shard bookkeeping
-            return self._checked(self.shards[0].tokens[starts[:, None] + ar].astype(np.int64), starts)
+            return check(getattr(self.shards[0], channel)[starts[:, None] + ar].astype(np.int64), starts)
         for k in np.unique(ks[inside]):
             sel = np.flatnonzero(inside & (ks == k))
-            out[sel] = self.shards[k].tokens[(starts[sel] - self.starts[k])[:, None] + ar]
+            out[sel] = getattr(self.shards[k], channel)[(starts[sel] - self.starts[k])[:, None] + ar]
         for i in np.flatnonzero(~inside):  # rare: windows that straddle two shards
-            out[i] = self.window(int(starts[i]), length)
-        return self._checked(out, starts)
+            out[i] = self.window(int(starts[i]), length, channel)
+        return check(out, starts)
 
     def doc_index(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(global document id, offset within its document) of each token position in the window."""
@@ -138,8 +143,22 @@ class PreparedSource:
                 file=sys.stderr,
             )
         splits, vocab = self.manifest["splits"], int(self.manifest["tokenizer"]["vocab_size"])
-        self.train = TokenStream(self.path, splits["train"]["shards"], vocab)
-        self.val = TokenStream(self.path, splits["val"]["shards"], vocab)
+        # Chat and preference data (llmtrain/data/chat.py) carry a loss mask and were cut for one seq_len.
+        self.kind: str = self.manifest.get("kind", "text")
+        self.has_mask = bool(self.manifest.get("loss_mask"))
+        self.train = TokenStream(self.path, splits["train"]["shards"], vocab, self.has_mask)
+        self.val = TokenStream(self.path, splits["val"]["shards"], vocab, self.has_mask)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Chat/preference data packs whole conversations into windows of the seq_len it was prepared for:
+        another train.seq_len would cut them apart (or pad them wrongly), so it is refused."""
+        want = self.manifest.get("seq_len")
+        if want is not None and int(want) != seq_len:
+            raise DataError(
+                f"{self.path}: prepared ({self.kind} data) for train.seq_len={want} (conversations are packed "
+                f"whole into windows of that length) but this run has train.seq_len={seq_len}; set "
+                f"train.seq_len={want}, or prepare the data again with --seq-len {seq_len}"
+            )
 
 
 def require_eval_batches(n: int) -> None:
@@ -360,6 +379,15 @@ class CausalData(OrderedData):
     ) -> None:
         super().__init__(sources, weights, unit=kw["seq_len"], **kw)
         self.doc_mask = doc_mask
+        self.loss_mask = any(s.has_mask for s in sources)
+        for s in sources:
+            s.check_seq_len(self.seq_len)
+        if self.loss_mask and not doc_mask:
+            print0(
+                "notice: chat data without data.doc_mask=true: conversations packed into one window attend to "
+                "each other (their losses stay separate); set data.doc_mask=true to keep them apart",
+                file=sys.stderr,
+            )
 
     def samples(self, g: np.ndarray) -> dict[str, np.ndarray]:
         """Token windows (len(g), T+1) for global sample indices `g`, plus document info if doc_mask."""
@@ -375,6 +403,8 @@ class CausalData(OrderedData):
                 sel = np.flatnonzero(ks == k)
                 tokens[sel] = getattr(self.sources[k], split).windows(sts[sel], self.seq_len + 1)
         out = {"tokens": tokens}
+        if self.loss_mask:
+            out["mask"] = _mask_windows([getattr(self.sources[k], split) for k in ks], ks, sts, self.seq_len + 1)
         if self.doc_mask:
             out.update(_doc_info([getattr(self.sources[k], split) for k in ks], sts, self.seq_len))
         return out
@@ -399,7 +429,65 @@ class CausalData(OrderedData):
             batch["doc_ids"] = torch.from_numpy(s["doc_ids"][lo:hi].copy())
             # The token after an EOS starts another document: nothing in this one predicts it.
             batch["labels"][batch["input_ids"] == self.tokenizer.eos_id] = -100
+        if self.loss_mask:  # chat data: only the tokens its mask marks (assistant replies) are targets
+            batch["labels"][torch.from_numpy(s["mask"][lo:hi, 1:] == 0)] = -100
         return batch
+
+
+class PreferenceData(OrderedData):
+    """Chosen/rejected pairs of a `--format preference` dataset (llmtrain/data/chat.py): each sequence sits in a
+    slot of exactly seq_len tokens, the chosen one then the rejected one, so sample j is the 2*seq_len + 1
+    tokens at j * 2 * seq_len. Batches hold `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`,
+    `rejected_labels` (B, T each; labels -100 on the prompt and the padding), what the DPO objective reads."""
+
+    def __init__(self, sources: list[PreparedSource], weights: list[float], **kw: Any) -> None:
+        super().__init__(sources, weights, unit=2 * kw["seq_len"], **kw)
+        for s in sources:
+            if s.kind != "preference":
+                raise DataError(
+                    f"{s.path}: {s.kind} data blended with preference data; a run trains on one kind: list only "
+                    "datasets prepared with --format preference in data.sources"
+                )
+            s.check_seq_len(self.seq_len)
+
+    def _pairs(self, ks: np.ndarray, starts: np.ndarray, split: str) -> dict[str, np.ndarray]:
+        n = 2 * self.seq_len + 1
+        tokens, mask = np.empty((len(ks), n), np.int64), np.empty((len(ks), n), np.int64)
+        for k in np.unique(ks):
+            sel = np.flatnonzero(ks == k)
+            stream = getattr(self.sources[k], split)
+            tokens[sel], mask[sel] = stream.windows(starts[sel], n), stream.windows(starts[sel], n, "mask")
+        return {"tokens": tokens, "mask": mask}
+
+    def _micro_batches(self, g: np.ndarray) -> list[dict[str, Any]]:
+        s = self._pairs(*self.starts(g), "train")
+        return [self._to_batch(s, m * self.B, (m + 1) * self.B) for m in range(len(g) // self.B)]
+
+    def _val_batch(self, rows: list[tuple[int, int]], first: int) -> dict[str, Any]:
+        ks = np.array([k for k, _ in rows], dtype=np.int64)
+        starts = np.array([j * self.unit for _, j in rows], dtype=np.int64)
+        return self._to_batch(self._pairs(ks, starts, "val"), 0, self.B)
+
+    def _to_batch(self, s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
+        import torch
+
+        T, batch = self.seq_len, {}
+        for name, a in (("chosen", 0), ("rejected", T)):
+            x, m = s["tokens"][lo:hi, a : a + T + 1], s["mask"][lo:hi, a : a + T + 1]
+            labels = np.where(m[:, 1:] == 1, x[:, 1:], -100)
+            batch[f"{name}_input_ids"] = torch.from_numpy(x[:, :-1].copy())
+            batch[f"{name}_labels"] = torch.from_numpy(labels)
+        return batch
+
+
+def _mask_windows(streams: list[TokenStream], ks: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """The loss mask (len(starts), length) of each window; all ones for a source without one (plain text)."""
+    out = np.ones((len(starts), length), np.int64)
+    for k in np.unique(ks):
+        sel = np.flatnonzero(ks == k)
+        if streams[sel[0]].has_mask:
+            out[sel] = streams[sel[0]].windows(starts[sel], length, "mask")
+    return out
 
 
 def _doc_info(streams: list[TokenStream], starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:

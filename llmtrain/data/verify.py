@@ -4,7 +4,7 @@
 block (`format.py`). What is checked, and what it costs (sha256 runs at ~1.7 GB/s on one core here):
 
 - always, at every start: every shard's header (magic, version, item size) and size against its header
-  and the manifest, and that each `.idx` belongs to its `.bin` (`Shard.open`);
+  and the manifest, and that each `.idx` (and loss-mask `.mask`) belongs to its `.bin` (`Shard.open`);
 - at start, `data.verify=auto` (the default): every block of every shard when the dataset holds at most
   `FULL_CHECK_BYTES`; above that, `SAMPLE_BLOCKS` block(s) per shard file, chosen by a hash of the file's
   name (the same blocks on every rank, so all ranks reach the same verdict). A 100 GB dataset in the
@@ -13,7 +13,7 @@ block (`format.py`). What is checked, and what it costs (sha256 runs at ~1.7 GB/
 - `llmtrain verify DIR` / `data.verify=full`: every block of every file.
 
 Each block read is also checked for content: token ids below the tokenizer's vocabulary (`.bin`) and
-non-decreasing document ends within the shard's token count (`.idx`). The loader checks the ids of every
+non-decreasing document ends within the shard's token count (`.idx`), loss-mask values 0 or 1 (`.mask`). The loader checks the ids of every
 batch as well (`TokenStream`), so an id out of range is a `DataError` naming the shard, never an
 `IndexError` inside the model.
 """
@@ -69,10 +69,10 @@ class Report:
 
 
 def shard_files(manifest: dict[str, Any]) -> list[str]:
-    """Every shard file of the dataset, `.bin` then `.idx` of each shard, in split and shard order."""
-    return [
-        f"{stem}{ext}" for split in manifest["splits"].values() for stem in split["shards"] for ext in (".bin", ".idx")
-    ]
+    """Every shard file of the dataset, `.bin` then `.idx` (then `.mask` with a loss mask) of each shard, in
+    split and shard order."""
+    exts = (".bin", ".idx", ".mask") if manifest.get("loss_mask") else (".bin", ".idx")
+    return [f"{stem}{ext}" for split in manifest["splits"].values() for stem in split["shards"] for ext in exts]
 
 
 def sample_blocks(name: str, n_blocks: int) -> list[int]:
@@ -97,7 +97,8 @@ def check_dataset(
     block_size = int(recorded["block_size"]) if recorded else BLOCK_SIZE
     for split in manifest["splits"].values():
         for stem in split["shards"]:
-            Shard.open(path / stem)  # headers, sizes, and that the .idx belongs to its .bin
+            # headers, sizes, and that the .idx (and .mask) belong to the .bin
+            Shard.open(path / stem, mask=bool(manifest.get("loss_mask")))
     files = [(name, _checked_size(path, name, recorded)) for name in shard_files(manifest)]
     report.files = len(files)
     total = sum(size for _, size in files)
@@ -172,7 +173,8 @@ def _checked_size(path: Path, name: str, recorded: dict[str, Any] | None) -> int
 
 
 class _ContentChecker:
-    """Token ids of `.bin` blocks below the vocabulary; document ends of `.idx` blocks ordered and in range."""
+    """Token ids of `.bin` blocks below the vocabulary; document ends of `.idx` blocks ordered and in range;
+    loss-mask values of `.mask` blocks 0 or 1."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], block_size: int) -> None:
         self.path, self.vocab, self.block_size = path, int(manifest["tokenizer"]["vocab_size"]), block_size
@@ -183,6 +185,15 @@ class _ContentChecker:
     def check(self, name: str, i: int, block: bytes) -> int:
         """Check block `i` of shard file `name`; returns the number of token ids it checked."""
         skip = HEADER.size if i == 0 else 0  # blocks are multiples of every item size: items never straddle
+        if name.endswith(".mask"):
+            flags = np.frombuffer(block, dtype=np.uint8, offset=skip)
+            if len(flags) and int(flags.max()) > 1:
+                k = int(np.argmax(flags > 1))
+                raise DataError(
+                    f"{self.path / name}: loss-mask value {int(flags[k])} at token "
+                    f"{i * self.block_size + skip - HEADER.size + k} is neither 0 nor 1: corrupt mask; {REPREPARE}"
+                )
+            return 0
         if name.endswith(".bin"):
             ids = np.frombuffer(block, dtype=self.dtype, offset=skip)
             if len(ids) and int(ids.max()) >= self.vocab:

@@ -14,6 +14,12 @@ import math
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.chat:
+        return cmd_chat(args)
+    if args.prompt is None:
+        from llmtrain.errors import UserError
+
+        raise UserError("generate needs --prompt TEXT (or --chat, which reads turns from the terminal)")
     from llmtrain.inference import generate_text
 
     print(
@@ -31,6 +37,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`generate --chat`: one reply to --prompt, or a conversation read from stdin (an empty line or EOF ends it)."""
+    import sys
+
+    from llmtrain.inference import ChatSession
+
+    chat = ChatSession(
+        args.checkpoint,
+        system=args.system,
+        template=args.chat_template,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
+    if args.prompt is not None:
+        print(chat.say(args.prompt))
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        reply = chat.say(line.strip())
+        print(f"model> {reply}" if interactive else reply, flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -78,7 +117,17 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         description="Continue a prompt with a trained or imported decoder. " + _doc_paragraph(1),
     )
     p.add_argument("checkpoint", help="run, checkpoint, consolidated or import-hf directory")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user turn)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="talk through the model's chat template: reply to --prompt, or read turns from stdin until an "
+        "empty line; the reply ends at the template's end of turn",
+    )
+    p.add_argument("--system", default="", help="--chat: a system message opening the conversation")
+    p.add_argument(
+        "--chat-template", default="", help="--chat: chatml or a jinja file (default: the checkpoint tokenizer's)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)

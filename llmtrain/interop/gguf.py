@@ -170,14 +170,51 @@ def _tokenizer(meta: Any, path: str | Path) -> Any:
     return hf
 
 
+def _tokenizer_config(meta: Any) -> dict[str, Any]:
+    """transformers' `tokenizer_config.json` of the file's tokenizer: its special tokens (bos, eos, unk, pad)
+    and its chat template (`tokenizer.chat_template`), which `llmtrain prepare-data --format chat` and
+    `generate --chat` use."""
+    tokens = meta("tokenizer.ggml.tokens")
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, field in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
+        i = meta(f"tokenizer.ggml.{field}")
+        if i is not None and 0 <= int(i) < len(tokens):
+            cfg[key] = tokens[int(i)]
+    template = meta("tokenizer.chat_template")
+    if template:
+        cfg["chat_template"] = template
+    return cfg
+
+
+def read_gguf_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(HF `tokenizers.Tokenizer`, tokenizer_config dict with the chat template) from a GGUF file's metadata,
+    without reading its weights."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def meta(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    return _tokenizer(meta, path), _tokenizer_config(meta)
+
+
 def import_gguf(path: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
-    """Write a GGUF Llama as an llmtrain model directory (weights, config.yaml, tokenizer/)."""
+    """Write a GGUF Llama as an llmtrain model directory (weights, config.yaml, tokenizer/ with tokenizer.json
+    and tokenizer_config.json: special tokens and chat template)."""
     from llmtrain.interop.llama import from_hf
     from llmtrain.model_dir import write_model_dir
 
     hf_cfg, hf_sd, tok = read_gguf_llama(path)
     cfg, sd = from_hf(hf_cfg, hf_sd)
     del hf_sd
+    tok_cfg = read_gguf_tokenizer(path)[1]
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(str(Path(tmp) / "tokenizer.json"))
-        return write_model_dir(cfg, sd, out_dir, Path(tmp) / "tokenizer.json", replace)
+        return write_model_dir(cfg, sd, out_dir, Path(tmp) / "tokenizer.json", replace, tokenizer_config=tok_cfg)

@@ -77,11 +77,24 @@ def _write_hf(
             }
         )
         hf_tok = tok.hf
+        template = _chat_template_of(tok)
+        if template:  # chat data's template (prepare-data --format chat): AutoTokenizer's apply_chat_template
+            specials["chat_template"] = template
         if getattr(family, "PAIR_TEMPLATE", False) and {"[CLS]", "[SEP]"} <= set(tok.specials):
             # BERT's inputs: the tokenizer adds [CLS] A [SEP] (B [SEP]) and returns the segments, as BERT's do
             hf_tok = with_bert_template(tok.hf)
             specials["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
         PreTrainedTokenizerFast(tokenizer_object=hf_tok, **specials).save_pretrained(tmp)
+
+
+def _chat_template_of(tok: Tokenizer) -> str:
+    from llmtrain.data.chat import load_chat_template
+    from llmtrain.errors import DataError
+
+    try:
+        return load_chat_template(Path(tok.source)).template
+    except DataError:  # no template recorded beside the tokenizer
+        return ""
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -118,5 +131,15 @@ def import_hf(source: str | Path, out_dir: str | Path, replace: bool = False) ->
 
     hf_cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
     cfg, sd = family.from_hf(hf_cfg, read_hf_weights(src))
-    tok = src / "tokenizer.json"
-    return write_model_dir(cfg, sd, out_dir, tok if tok.is_file() else None, replace)
+    tok, tok_cfg = src / "tokenizer.json", src / "tokenizer_config.json"
+    config = _chat_config(tok_cfg, src / "chat_template.jinja") if tok.is_file() else None
+    return write_model_dir(cfg, sd, out_dir, tok if tok.is_file() else None, replace, tokenizer_config=config)
+
+
+def _chat_config(tok_cfg: Path, template_file: Path) -> dict[str, Any] | None:
+    """The tokenizer_config.json an import keeps: the source's (special tokens, chat template), with a
+    separate chat_template.jinja (newer transformers) folded in."""
+    cfg = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
+    if not cfg.get("chat_template") and template_file.is_file():
+        cfg["chat_template"] = template_file.read_text()
+    return cfg or None
