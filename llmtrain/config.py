@@ -107,6 +107,12 @@ class ParallelConfig:
     tp: int = 1
     # Pipeline-parallel degree (number of stages).
     pp: int = 1
+    # Context-parallel degree: each sequence is cut into 2*cp chunks, rank r of a replica's ring holds chunks
+    # r and 2cp-1-r (causal load balance); the cp ranks see the same samples (llmtrain/parallel/context_parallel.py).
+    cp: int = 1
+    # How attention spans the chunks of one sequence with cp > 1: ring (keys and values passed around the ring,
+    # online softmax) or ulysses (all-to-all over heads; not implemented yet).
+    cp_method: Literal["ring", "ulysses"] = "ring"
     # Recompute activations in backward: none | full | selective | every_n.
     activation_checkpointing: Literal["none", "full", "selective", "every_n"] = "none"
     # With activation_checkpointing=every_n: checkpoint every n-th block.
@@ -354,6 +360,7 @@ def validate(cfg: Config) -> None:
     _positive(t.seq_len, "train.seq_len")
     _positive(p.tp, "parallel.tp")
     _positive(p.pp, "parallel.pp")
+    _positive(p.cp, "parallel.cp")
     _check_numbers(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3; got {p.zero_stage}")
@@ -378,6 +385,8 @@ def validate(cfg: Config) -> None:
             "document mask); set data.doc_mask=false or parallel.pp=1"
         )
     _check_model_family(cfg)
+    if p.cp > 1:
+        _check_context_parallel(cfg)
 
 
 def _check_model_family(cfg: Config) -> None:
@@ -455,7 +464,7 @@ _ZERO_OFF = ("train.grad_clip", "train.eval_interval", "train.sample_tokens", "c
 def derive(cfg: Config, world_size: int) -> Derived:
     """Layout checks that need the world size, and the values derived from it."""
     t, p = cfg.train, cfg.parallel
-    dims = ParallelDims.for_world(world_size, tp=p.tp, pp=p.pp)
+    dims = ParallelDims.for_world(world_size, tp=p.tp, pp=p.pp, cp=p.cp)
     dp = dims.dp
     _check_model_split(cfg)
     per_step = t.micro_batch_size * dp
@@ -480,6 +489,49 @@ def derive(cfg: Config, world_size: int) -> Derived:
         tokens_per_step=t.global_batch_size * t.seq_len,
         dims=dims,
     )
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    """What parallel.cp > 1 works with (llmtrain/parallel/context_parallel.py); each refusal says why."""
+    from llmtrain.models.gpt.objective import CausalLM
+
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    key = f"parallel.cp={p.cp}"
+    if p.cp_method == "ulysses":
+        raise ConfigError(
+            f"{key} with parallel.cp_method=ulysses: the all-to-all over heads is not implemented yet; "
+            f"set parallel.cp_method=ring"
+        )
+    if t.seq_len % (2 * p.cp):
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is not divisible by 2*parallel.cp = {2 * p.cp} (each sequence is cut "
+            f"into 2*cp equal chunks, a front and a back one per rank); set train.seq_len to a multiple of {2 * p.cp}"
+        )
+    refusals = [
+        (
+            p.pp > 1,
+            "parallel.pp=1",
+            "pipeline stages pass only hidden states, while every block's attention "
+            "must exchange keys and values with the other chunks of the sequence",
+        ),
+        (
+            p.tp > 1,
+            "parallel.tp=1",
+            "tensor parallel builds DeepSpeed's data-parallel group from its own grid, "
+            "which has no context axis to fold into it yet",
+        ),
+        (
+            not isinstance(family_of(m).objective(), CausalLM),
+            "a decoder (model.arch=gpt)",
+            f"the ring attention is causal; model.arch={family_of(m).name} is not a causal language model",
+        ),
+        (m.dropout > 0, "model.dropout=0", "the ring attention has no attention dropout"),
+        (t.compile, "train.compile=false", "compiling blocks around the ring's send/recv was not tried"),
+        (bool(cfg.distill.teacher), "distill.teacher=''", "the teacher would need the same sequence split"),
+    ]
+    for refused, fix, reason in refusals:
+        if refused:
+            raise ConfigError(f"{key} needs {fix}: {reason}")
 
 
 def _check_model_split(cfg: Config) -> None:

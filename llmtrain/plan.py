@@ -11,6 +11,8 @@ in 16-bit without recomputation, divided by t with tensor (and sequence) paralle
 recomputation keeps only each layer's 2·s·b·h-byte input; selective keeps s·b·h·34/t. The 5·a·s/h
 term is the attention matrix (scores, softmax, dropout mask); flash / memory-efficient attention (what
 SDPA runs on GPU) never stores it, so by default the plan drops it (`--no-flash` keeps it).
+With context parallel (`parallel.cp`) each rank holds s/cp tokens of every sequence, so every term above
+is taken at s/cp; the ring attention keeps no attention matrix (it recomputes each block in backward).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Plan:
     dp: int
     tp: int
     pp: int
+    cp: int
     zero_stage: int
     params_total: float
     params_per_gpu: float
@@ -114,16 +117,17 @@ def make_plan(
     layers_here = m.n_layer / p.pp
     # 1F1B keeps up to pp micro-batches in flight on the first stage.
     in_flight = min(p.pp, derived.grad_accum) if p.pp > 1 else 1
+    s_local = t.seq_len // p.cp  # context parallel: this rank's chunks of each sequence
     act = {
         mode: activation_bytes_per_layer(
-            t.seq_len, t.micro_batch_size, m.n_embd, m.n_head, p.tp, mode, p.checkpoint_every_n, flash
+            s_local, t.micro_batch_size, m.n_embd, m.n_head, p.tp, mode, p.checkpoint_every_n, flash or p.cp > 1
         )
         * layers_here
         * in_flight
         / GiB
         for mode in ("none", "selective", "full")
     }
-    logits = t.seq_len * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
+    logits = s_local * t.micro_batch_size * m.vocab_size / p.tp * (2 + 4) / GiB  # bf16 logits + fp32 loss
     chosen = act[p.activation_checkpointing if p.activation_checkpointing in act else "none"] + logits
     total = states.total / GiB + chosen
     per_token, _ = flops.flops_per_token(model, m.n_layer, m.n_embd, t.seq_len, cfg.data)
@@ -134,6 +138,7 @@ def make_plan(
         dp=derived.dp_size,
         tp=p.tp,
         pp=p.pp,
+        cp=p.cp,
         zero_stage=p.zero_stage,
         params_total=n,
         params_per_gpu=psi,
@@ -154,8 +159,8 @@ def format_plan(pl: Plan) -> str:
     ms, act = pl.model_states_gib, pl.activations_gib
     verdict = "fits" if pl.fits else "does NOT fit"
     lines = [
-        f"{pl.recipe}: {pl.params_total / 1e9:.3f}B params on {pl.gpus} GPUs (dp {pl.dp} x tp {pl.tp} x pp {pl.pp}), "
-        f"ZeRO-{pl.zero_stage}",
+        f"{pl.recipe}: {pl.params_total / 1e9:.3f}B params on {pl.gpus} GPUs (dp {pl.dp} x tp {pl.tp} x pp {pl.pp}"
+        f"{f' x cp {pl.cp}' if pl.cp > 1 else ''}), ZeRO-{pl.zero_stage}",
         f"  per GPU, model states: params {ms['params']:.2f} GiB + grads {ms['grads']:.2f} GiB + "
         f"optimizer {ms['optimizer']:.2f} GiB = {ms['total']:.2f} GiB",
         f"  per GPU, activations: none {act['none']:.2f} GiB | selective {act['selective']:.2f} GiB | "
@@ -167,7 +172,7 @@ def format_plan(pl: Plan) -> str:
     if not pl.fits:
         lines.append(
             "  hint: raise parallel.zero_stage, set parallel.activation_checkpointing=full, "
-            "lower train.micro_batch_size, or add GPUs"
+            "lower train.micro_batch_size, split long sequences with parallel.cp, or add GPUs"
         )
     return "\n".join(lines)
 

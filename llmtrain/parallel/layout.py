@@ -5,16 +5,18 @@ rank's place, a process group, the device mesh or DeepSpeed's process topology a
 travel as one object and never as loose integers in different orders.
 
 One rank order for every runner, the same as DeepSpeed's `PipeModelDataParallelTopology` (axes pipe,
-data, model; the last varies fastest):
+data, model; the last varies fastest) with the context-parallel axis between data and model:
 
-    rank = (pipe * dp + data) * tp + model
+    rank = ((pipe * dp + data) * cp + context) * tp + model
 
 Tensor-parallel ranks are neighbours (on GPUs: inside one node, where their per-layer all-reduces are
-cheapest), then data-parallel replicas, then pipeline stages. The trainer asks for the data-parallel rank
-before anything is built, so it picks the right slice of each global batch.
+cheapest), then context-parallel ranks (the ring of one sequence's chunks), then data-parallel replicas,
+then pipeline stages. With cp = 1 the order is DeepSpeed's. The trainer asks for the data-parallel rank
+before anything is built, so it picks the right slice of each global batch (every cp rank of a replica
+gets the same samples and keeps its own chunks of them: llmtrain/parallel/context_parallel.py).
 
-`cp` (context parallel) and `ep` (expert parallel) have a place here and are 1 today: a layout that
-asks for more is refused before anything starts (DEVELOPERS.md, "Adding a parallel axis").
+`ep` (expert parallel) has a place here and is 1 today: a layout that asks for more is refused before
+anything starts (DEVELOPERS.md, "Adding a parallel axis").
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ from typing import Any
 
 # Mesh axes, outermost first (the last varies fastest). The one place the rank order is written down:
 # coords, rank_of, the device mesh and DeepSpeed's topology all follow it.
-AXES = ("pp", "dp", "tp")
+AXES = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
 class Coords:
-    """This rank's position: data-parallel replica, pipeline stage, tensor-parallel shard."""
+    """This rank's position: data-parallel replica, pipeline stage, tensor-parallel shard, context chunk."""
 
     dp: int
     pp: int
     tp: int
+    cp: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ParallelDims:
     dp: int
     tp: int = 1
     pp: int = 1
-    cp: int = 1  # context parallel: each sequence split over ranks (not implemented yet: 1)
+    cp: int = 1  # context parallel: each sequence split over ranks (llmtrain/parallel/context_parallel.py)
     ep: int = 1  # expert parallel: MoE experts split over ranks (not implemented yet: 1)
     # Process groups, the mesh and DeepSpeed's grid, made on first use (creating them is collective)
     _built: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
@@ -53,8 +56,8 @@ class ParallelDims:
             size = getattr(self, axis)
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"parallel axis {axis} must be an int >= 1; got {size!r}")
-        if (self.cp, self.ep) != (1, 1):
-            raise ValueError(f"cp={self.cp}, ep={self.ep}: context and expert parallel are not implemented yet")
+        if self.ep != 1:
+            raise ValueError(f"ep={self.ep}: expert parallel is not implemented yet")
 
     @classmethod
     def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1) -> ParallelDims:
@@ -62,14 +65,16 @@ class ParallelDims:
         Raises ConfigError naming the `parallel.*` keys to change."""
         from llmtrain.errors import ConfigError
 
-        for key, size in (("parallel.cp", cp), ("parallel.ep", ep)):
-            if size != 1:
-                raise ConfigError(f"{key}={size}: this axis is not implemented yet; set {key}=1")
-        model_par = tp * pp
+        if ep != 1:
+            raise ConfigError(f"parallel.ep={ep}: this axis is not implemented yet; set parallel.ep=1")
+        model_par = tp * pp * cp
         if world_size < 1 or world_size % model_par:
+            keys, sizes = (
+                ("tp*parallel.pp*parallel.cp", f"{tp}*{pp}*{cp}") if cp > 1 else ("tp*parallel.pp", f"{tp}*{pp}")
+            )
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp}*{pp}; "
-                f"launch a multiple of {model_par} processes or change tp/pp"
+                f"world size {world_size} is not divisible by parallel.{keys} = {sizes}; "
+                f"launch a multiple of {model_par} processes or change tp/pp{'/cp' if cp > 1 else ''}"
             )
         return cls(dp=world_size // model_par, tp=tp, pp=pp, cp=cp, ep=ep)
 
@@ -88,25 +93,39 @@ class ParallelDims:
     def coords(self, rank: int) -> Coords:
         """Where `rank` sits on each axis."""
         if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} is outside a world of tp*pp*dp = {self.tp}*{self.pp}*{self.dp}")
-        return Coords(dp=(rank // self.tp) % self.dp, pp=rank // (self.tp * self.dp), tp=rank % self.tp)
+            raise ValueError(f"rank {rank} is outside a world of tp*cp*pp*dp = {self.tp}*{self.cp}*{self.pp}*{self.dp}")
+        tp_cp = self.tp * self.cp
+        return Coords(
+            dp=(rank // tp_cp) % self.dp,
+            pp=rank // (tp_cp * self.dp),
+            tp=rank % self.tp,
+            cp=(rank // self.tp) % self.cp,
+        )
 
     def rank_of(self, c: Coords) -> int:
-        return (c.pp * self.dp + c.dp) * self.tp + c.tp
+        return ((c.pp * self.dp + c.dp) * self.cp + c.cp) * self.tp + c.tp
 
     def describe(self) -> str:
         """One line naming which ranks form each stage and replica, for the start-up banner."""
         stages = []
         for s in range(self.pp):
-            ranks = [self.rank_of(Coords(d, s, t)) for d in range(self.dp) for t in range(self.tp)]
+            ranks = [
+                self.rank_of(Coords(d, s, t, c)) for d in range(self.dp) for c in range(self.cp) for t in range(self.tp)
+            ]
             stages.append(
                 f"stage {s}: ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"stage {s}: rank {ranks[0]}"
             )
-        return "; ".join(stages) + f" (tp groups of {self.tp} adjacent ranks, dp replicas every {self.tp} ranks)"
+        if self.cp == 1:
+            return "; ".join(stages) + f" (tp groups of {self.tp} adjacent ranks, dp replicas every {self.tp} ranks)"
+        return "; ".join(stages) + (
+            f" (tp groups of {self.tp} adjacent ranks, cp rings of {self.cp} every {self.tp} ranks, dp replicas "
+            f"every {self.tp * self.cp} ranks)"
+        )
 
     def as_dict(self) -> dict[str, int]:
-        """The axis sizes, as checkpoints record the layout they were saved from."""
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+        """The axis sizes, as checkpoints record the layout they were saved from (cp only when > 1, so the
+        layouts recorded before the axis existed still compare equal)."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"cp": self.cp} if self.cp > 1 else {})}
 
     # -- process groups: collective on first call (every rank must call them in the same order) --
 
@@ -125,6 +144,24 @@ class ParallelDims:
             return None, None
         mesh = self.mesh(device_type)["tp"]
         return mesh.get_group(), mesh
+
+    def cp_group(self) -> tuple[Any, list[int]]:
+        """(process group, its global ranks in ring order) of this rank's context-parallel peers: the cp
+        ranks of one data-parallel replica (and tensor-parallel shard). Collective on first call."""
+        if "cp_group" not in self._built:
+            import torch.distributed as dist
+
+            me = dist.get_rank()
+            mine: tuple[Any, list[int]] = (None, [me])
+            for pp in range(self.pp):  # every rank creates every group, in the same order
+                for dp in range(self.dp):
+                    for tp in range(self.tp):
+                        ranks = [self.rank_of(Coords(dp, pp, tp, c)) for c in range(self.cp)]
+                        group = dist.new_group(ranks)
+                        if me in ranks:
+                            mine = (group, ranks)
+            self._built["cp_group"] = mine
+        return self._built["cp_group"]
 
     def ds_topology(self) -> Any:
         """DeepSpeed's process topology for this layout (what its PipelineModule takes)."""

@@ -9,11 +9,16 @@ checkpointed and compiled like the model's own.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmtrain.config import Config, Derived
+from llmtrain.parallel.layout import ParallelDims
 from llmtrain.parallel.runner import EngineRunner, Runner
+
+if TYPE_CHECKING:
+    from llmtrain.parallel.context_parallel import ContextParallel
 
 
 def build_runner(
@@ -34,8 +39,12 @@ def build_runner(
         apply_tensor_parallel(model, plan_for(model), *tp_group)
     where = dims.coords(rank())
     universal = UniversalCheckpoint(
-        model, layout_of(dims, p.zero_stage, cfg.precision), tp_group[0], writer=where.dp == 0 and where.tp == 0
+        model,
+        layout_of(dims, p.zero_stage, cfg.precision),
+        tp_group[0],
+        writer=where.dp == 0 and where.tp == 0 and where.cp == 0,
     )
+    cp = _context_parallel(model, dims) if dims.cp > 1 else None
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if cfg.train.compile:
         from llmtrain.parallel.compile import compile_blocks
@@ -58,7 +67,29 @@ def build_runner(
             universal=universal,
         )
     mpu = dims.ds_grid() if dims.tp > 1 else None
+    # With cp > 1 (tp = pp = 1, config.py) DeepSpeed's data-parallel group is the whole world: the cp ranks
+    # reduce gradients (and hold ZeRO partitions) as extra data-parallel ranks.
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
+    if cp is not None:
+        from llmtrain.parallel.context_parallel import ContextParallelRunner
+
+        return ContextParallelRunner(
+            engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, universal=universal, cp=cp
+        )
     return EngineRunner(
         engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu, universal=universal
     )
+
+
+def _context_parallel(model: torch.nn.Module, dims: ParallelDims) -> ContextParallel:
+    """Ring attention over this rank's cp group, applied to the plain model (after tensor parallel, before
+    activation checkpointing, so `selective` recomputes the ring too)."""
+    from llmtrain.parallel.context_parallel import ContextParallel, apply_context_parallel, process_group_shift
+
+    group, ranks = dims.cp_group()
+    import torch.distributed as dist
+
+    me = ranks.index(dist.get_rank())
+    cp = ContextParallel(me, dims.cp, process_group_shift(group, ranks, me))
+    apply_context_parallel(model, cp)
+    return cp

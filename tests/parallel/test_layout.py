@@ -9,7 +9,7 @@ from llmtrain.parallel.layout import AXES, Coords, ParallelDims
 def test_rank_order_is_pipe_data_model_model_fastest():
     dims = ParallelDims.for_world(8, tp=2, pp=2)
     assert (dims.dp, dims.tp, dims.pp, dims.cp, dims.ep) == (2, 2, 2, 1, 1)
-    assert AXES == ("pp", "dp", "tp") and dims.shape == (2, 2, 2) and dims.world_size == 8
+    assert AXES == ("pp", "dp", "cp", "tp") and dims.shape == (2, 2, 1, 2) and dims.world_size == 8
     for rank in range(8):  # rank = (pipe * dp + data) * tp + model, DeepSpeed's PipeModelDataParallelTopology order
         c = dims.coords(rank)
         assert rank == (c.pp * dims.dp + c.dp) * dims.tp + c.tp == dims.rank_of(c)
@@ -24,7 +24,7 @@ def test_derive_builds_the_layout_once_and_refuses_bad_worlds():
     assert derived.dims == ParallelDims(dp=2, tp=2, pp=1) and derived.dp_size == derived.dims.dp == 2
     with pytest.raises(ConfigError, match=r"world size 3 is not divisible by parallel.tp\*parallel.pp = 2\*1"):
         ParallelDims.for_world(3, tp=2)
-    with pytest.raises(ConfigError, match="parallel.cp=2: this axis is not implemented yet"):
-        ParallelDims.for_world(4, cp=2)
+    with pytest.raises(ConfigError, match="parallel.ep=2: this axis is not implemented yet"):
+        ParallelDims.for_world(4, ep=2)
     with pytest.raises(ValueError, match="axis tp must be an int >= 1"):
         ParallelDims(dp=1, tp=0)

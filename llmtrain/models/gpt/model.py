@@ -91,6 +91,16 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_cos_sin_at(
+    positions: torch.Tensor, hs: int, theta: float, dtype: torch.dtype, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hs) of the given positions (T,), computed in fp32 as `rope_cos_sin` does."""
+    inv_freq = rope_inv_freq(hs, theta, scaling, positions.device)  # (hs/2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, n, T, hs) by position; the half-split layout (dim i with dim i + hs/2), as in Llama."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -148,7 +158,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * self.head_size, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerKV | None = None,
+        mask: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -156,8 +172,11 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, -1, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, -1, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope_theta is not None:
-            start = cache.length if cache is not None else 0
-            cos, sin = rope_cos_sin(start, T, hs, self.rope_theta, x.device, q.dtype, self.rope_scaling)
+            if token_index is not None:  # part of a longer sequence (context parallel): its own positions
+                cos, sin = rope_cos_sin_at(token_index, hs, self.rope_theta, q.dtype, self.rope_scaling)
+            else:
+                start = cache.length if cache is not None else 0
+                cos, sin = rope_cos_sin(start, T, hs, self.rope_theta, x.device, q.dtype, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, S, hs)
@@ -211,8 +230,14 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerKV | None = None,
+        mask: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask, token_index)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -250,11 +275,14 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) of input_ids (B, T); with a cache, input_ids follow the cached positions.
 
         Packed documents (data.doc_mask): doc_ids (B, T) keeps attention inside each document and
         position_ids (B, T) restarts absolute positions at each one (rotary positions are relative already).
+        token_index (T,): where these tokens sit in a longer sequence when only parts of it are given (context
+        parallel gives a rank its chunks; its attention cores see the rest); positions follow it.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -262,12 +290,17 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds model.block_size={self.cfg.block_size}")
         x = self.wte(input_ids)  # (B, T, C)
         if self.wpe is not None:
-            pos = position_ids if position_ids is not None else torch.arange(start, start + T, device=input_ids.device)
+            pos = position_ids if position_ids is not None else token_index
+            if pos is None:
+                pos = torch.arange(start, start + T, device=input_ids.device)
             x = x + self.wpe(pos)
         x = self.drop(x)
         mask = document_causal_mask(doc_ids) if doc_ids is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None, mask)
+            if token_index is None:
+                x = block(x, cache.layers[i] if cache is not None else None, mask)
+            else:
+                x = block(x, None, mask, token_index)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     def new_cache(self) -> KVCache:
