@@ -393,6 +393,25 @@ def check_exportable(cfg: Any, source: str | Path) -> str:
     )
 
 
+def _plain_weights(cfg: Any, sd: dict[str, torch.Tensor], source: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A converted model's (e.g. `llmtrain quantize`'s) plain config and weights, its converters undone
+    (quantised linears dequantised); a plain model's as they are."""
+    import dataclasses
+
+    import torch
+
+    from llmtrain.models.converters import build_converted_model, unconvert
+
+    if not cfg.converters:
+        return cfg, sd
+    with torch.device("meta"):
+        model = build_converted_model(cfg)
+    model.load_state_dict(sd, assign=True)
+    if not unconvert(model, cfg):
+        raise UserError(f"{source}: model.converters={cfg.converters} cannot be undone for a GGUF export")
+    return dataclasses.replace(cfg, converters=[]), {n: t.detach().float() for n, t in model.state_dict().items()}
+
+
 def export_gguf(model: str | Path, out: str | Path, kind: str = "f16", replace: bool = False) -> dict[str, int]:
     """Write the model at `model` (checkpoint, run dir, consolidated or imported directory) as a GGUF file.
     Returns how many tensors got each type."""
@@ -410,7 +429,7 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "f16", replace: 
         raise UserError(f"{out} is a directory; pass the path of a .gguf file")
     if out.exists() and not replace:
         raise UserError(f"{out} exists; choose a new file name or pass --replace to replace it")
-    model_cfg, sd = load_model_weights(model)
+    model_cfg, sd = _plain_weights(*load_model_weights(model), model)
     arch = check_exportable(model_cfg, model)
     cfg = cast("GPTConfig", model_cfg)  # a decoder's config, checked above
     try:

@@ -31,10 +31,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, replace: bool = False
     (the output policy of llmtrain/model_dir.py: atomic, a non-empty `out_dir` only with `replace`)."""
     from llmtrain.inference import checkpoint_tokenizer
     from llmtrain.interop import family_for_config
+    from llmtrain.interop.hf_quant import export_quantized_hf, is_quantized
     from llmtrain.parallel.consolidate import load_model_weights
 
     check_output(out_dir, replace)
     cfg, weights = load_model_weights(checkpoint)
+    if is_quantized(cfg):  # `llmtrain quantize` output: compressed-tensors int8/int4 (interop/hf_quant.py)
+        del weights
+        return export_quantized_hf(checkpoint, out_dir, replace)
     family = family_for_config(cfg)
     hf_cfg, hf_sd = family.to_hf(cfg, weights)
     del weights
