@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmtrain.compress.config import DistillConfig, PruneConfig, QuantizeConfig
+from llmtrain.compress.config import DistillConfig, PruneConfig, QuantConfig, QuantizeConfig
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import ConfigError, UserError  # ConfigError: importable from here too
 from llmtrain.finetune.config import DPOConfig
@@ -180,6 +180,8 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     # Post-training quantisation settings (`llmtrain quantize CHECKPOINT --recipe R`); ignored by training.
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    # Quantisation-aware training (train and distill): fake-quantised linears from quant.start_step on.
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 @dataclass(frozen=True)
@@ -387,6 +389,16 @@ def validate(cfg: Config) -> None:
     _check_model_family(cfg)
     if p.cp > 1:
         _check_context_parallel(cfg)
+    _check_quant(cfg)
+
+
+def _check_quant(cfg: Config) -> None:
+    """quant.* against the model's linears and the tensor-parallel split (built on the meta device)."""
+    if cfg.quant.bits is None:
+        return
+    from llmtrain.compress.quant.qat import check_quant
+
+    check_quant(cfg.quant, cfg.model, cfg.parallel.tp)
 
 
 def _check_model_family(cfg: Config) -> None:

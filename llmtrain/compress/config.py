@@ -1,5 +1,6 @@
-"""The `prune:` and `distill:` sections of a recipe: structured pruning (`llmtrain prune`) and knowledge
-distillation from a frozen teacher (`launchers/distill.py`)."""
+"""The `prune:`, `distill:` and `quant:` sections of a recipe: structured pruning (`llmtrain prune`),
+knowledge distillation from a frozen teacher (`launchers/distill.py`) and quantisation-aware training
+(fake-quantised linears in `launchers/train.py` and `launchers/distill.py`)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,20 @@ class QuantizeConfig:
     data: str = ""
     # Storage of the tensors left in float (embeddings, norms, biases, a tied output head): fp32, bf16 or fp16.
     float_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class QuantConfig:
+    # Quantisation-aware training: integer bits of the student's linear weights (4 or 8), fake-quantised in
+    # the forward with a straight-through backward (llmtrain/compress/quant/qat.py); None = off, no change.
+    bits: int | None = None
+    # Input columns per scale (and zero point) of each output row; 0 = one group per row. Must divide every
+    # quantised linear's input width, under parallel.tp the per-rank width of row-parallel linears too.
+    group_size: int = 128
+    # Symmetric grid (zero point 0); None = symmetric for 8 bits, asymmetric for 4 (llmtrain/compress/quant/grid.py).
+    symmetric: bool | None = None
+    # Fake quantisation: rtn = round-to-nearest on the grid of each group's current min/max (or max|w|),
+    # recomputed every forward; `llmtrain quantize --method from-qat` exports exactly that grid.
+    method: str = "rtn"
+    # First optimizer step (0-based) that runs fake-quantised; earlier steps train in full precision.
+    start_step: int = 0

@@ -29,6 +29,11 @@ What a converter must do:
 - Keep the names of what it replaces: a quantised linear that subclasses `nn.Linear` keeps `.weight`, so
   `model.init_from`, the tensor-parallel plans (which match module names and accept `nn.Linear`
   subclasses) and pruning still find it.
+- Follow the training step, if its forward changes with it (QAT's fake quantisation from `quant.start_step`),
+  through `add_step_hook(model, hook)`: the trainer calls `hook(step)` before every optimizer step with the
+  0-based index of that step, and once before the first one (after a resume: the index of the last step
+  run), so the state is a function of the step and a resume restores it without checkpointing anything.
+  Modules whose forward a tensor-parallel layer replaces keep a `weight_transform` (see tensor_parallel.py).
 - Freeze with `requires_grad_(False)`: the optimizer leaves frozen parameters out. (The layout-independent
   checkpoint stores trainable parameters only today; a converter that freezes base weights, such as
   LoRA, must extend `universal.py` to store them as weights without optimizer state.)
@@ -116,6 +121,17 @@ def apply_converters(model: nn.Module, model_cfg: ModelConfig) -> list[str]:
     for name in names:
         converter(name)(model_cfg)(model)
     return names
+
+
+def add_step_hook(model: nn.Module, hook: Callable[[int], None]) -> None:
+    """Call `hook(step)` whenever the trainer moves `model` to optimizer step `step` (0-based)."""
+    model.__dict__.setdefault("_llmtrain_step_hooks", []).append(hook)
+
+
+def at_step(model: nn.Module, step: int) -> None:
+    """The trainer: `model` now runs (or was last trained by) optimizer step `step` (0-based)."""
+    for hook in model.__dict__.get("_llmtrain_step_hooks", ()):
+        hook(step)
 
 
 def build_converted_model(model_cfg: ModelConfig) -> nn.Module:

@@ -149,6 +149,18 @@ def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> n
     return p
 
 
+def _identity(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def weight_transform_of(linear: nn.Linear) -> Any:
+    """What a converted linear does to its weight in forward (QAT's fake quantisation: the `weight_transform`
+    of llmtrain/compress/quant/qat.py's FakeQuantLinear), applied by the sharded layer to its local shard;
+    the identity for a plain nn.Linear. A transform that works per row, or per group of input columns that
+    a shard holds whole, gives each shard exactly its slice of the whole weight's result."""
+    return getattr(linear, "weight_transform", None) or _identity
+
+
 class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int, blocks: list[int] | None = None):
         super().__init__()
@@ -165,9 +177,11 @@ class ColumnParallelLinear(nn.Module):
         self.group = group
         self.weight = _shard_param(linear.weight, rows, 0)
         self.bias = _shard_param(linear.bias, rows, 0) if linear.bias is not None else None
+        self.weight_transform = weight_transform_of(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)  # (..., out / tp)
+        weight = self.weight_transform(self.weight)
+        return F.linear(_CopyToTP.apply(x, self.group), weight, self.bias)  # (..., out / tp)
 
 
 class RowParallelLinear(nn.Module):
@@ -177,9 +191,10 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.weight = _shard_param(linear.weight, slice(rank * local, (rank + 1) * local), 1)
         self.bias = linear.bias  # replicated: added once, after the sum
+        self.weight_transform = weight_transform_of(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ReduceFromTP.apply(F.linear(x, self.weight), self.group)  # (..., out)
+        y = _ReduceFromTP.apply(F.linear(x, self.weight_transform(self.weight)), self.group)  # (..., out)
         return y + self.bias if self.bias is not None else y
 
 

@@ -356,6 +356,8 @@ _FIXED: tuple[tuple[str, str], ...] = (
     ("distill.relation_heads", "it decides which projection parameters the checkpoint holds"),
     ("train.objective", "the saved weights and optimizer state were trained for that loss"),
     ("dpo.reference", "the policy was tuned against that reference model"),
+    ("quant.start_step", ""),
+    ("quant.", "the weights were trained against this quantisation grid"),
 )
 
 

@@ -120,6 +120,15 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
         from llmtrain.models.converters import apply_converters
 
         print0(f"model converters applied: {', '.join(apply_converters(model, cfg.model))}")
+    if cfg.quant.bits is not None:  # quantisation-aware training: the same hook, settings from quant.*
+        from llmtrain.models.converters import converter
+
+        converter("llmtrain.compress.quant.qat:fake_quant")(cfg.quant)(model)
+        q = cfg.quant
+        print0(
+            f"quantisation-aware training: int{q.bits} fake-quantised linears (group size {q.group_size}, "
+            f"{q.method}) from step {q.start_step + 1}"
+        )
     if (attach := getattr(objective, "attach", None)) is not None:  # an objective's own trainable modules
         attach(model)  # (distillation's projections) join the model: the engine trains, checkpoints, resumes them
     throughput = build_throughput(cfg, model, info.device, info.world_size)
@@ -141,7 +150,7 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     stop = StopRequest()
     try:
         with attention_backend(cfg.train.attention_backend, info.device):
-            if run_loop(cfg, derived, runner, data, objective, state, sink, stop, throughput):
+            if run_loop(cfg, derived, runner, data, objective, state, sink, stop, throughput, model):
                 summary = finish(cfg, runner, data, objective, state, sink)
             else:
                 path = save(runner, cfg, state, data)
@@ -258,14 +267,22 @@ def run_loop(
     sink: MetricsSink,
     stop: StopRequest,
     throughput: Throughput,
+    model: torch.nn.Module | None = None,
 ) -> bool:
-    """Train up to train.max_steps; returns False when a stop signal ended the loop early."""
+    """Train up to train.max_steps; returns False when a stop signal ended the loop early. `model` (the plain
+    model the runner wraps) hears each step's index through the converters' step hooks (converters.py)."""
+    from llmtrain.models.converters import at_step
+
     t = cfg.train
+    if model is not None:
+        at_step(model, max(state.step - 1, 0))  # a resumed run: as the last step before the checkpoint ran
     window = LogWindow(cfg, derived, throughput, sink, runner, objective)
     progress = _progress_bar(cfg, state.step)
     loader = Prefetcher(data, pin_memory=runner.device.type == "cuda", enabled=t.prefetch)
     try:
         while state.step < t.max_steps:
+            if model is not None:
+                at_step(model, state.step)
             log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
             result = runner.train_step(objective, loader.batches(state.step), log_now)
             check_finite(cfg, state, result.skipped)

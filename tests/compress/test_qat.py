@@ -1,0 +1,176 @@
+"""Quantisation-aware training and distillation (llmtrain/compress/quant/qat.py): the fake-quantised linear
+in process, then runs through the real launchers: quant.start_step, the loss falls, exact resume, tp2 against
+one rank, QAD with cached teacher logits, and bad `quant:` input as one line with exit 2.
+
+The launcher runs share one schedule (TINY, 6 steps, decay over 6) with int4 fake quantisation from step 4
+(quant.start_step=3): steps 1-3 train in full precision and must be the plain run's, steps 4-6 quantised.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ROOT, TINY, TRAIN, assert_losses_match, env, golden_losses, losses, train
+
+from llmtrain.compress.quant.grid import QuantSpec, round_to_nearest
+from llmtrain.compress.quant.qat import FakeQuantLinear, fake_quant, qat_state, quant_targets
+from llmtrain.config import load_config
+from llmtrain.errors import ConfigError
+from llmtrain.models import build_model
+from llmtrain.models.converters import at_step
+
+QAT = ["quant.bits=4", "quant.group_size=32", "quant.start_step=3", "optim.decay_steps=6"]
+STEPS = 6
+TOL = 1e-5  # as tests/parallel/test_tensor_parallel.py: fp32 sums in another order over 6 steps
+
+
+def _tiny(*overrides: str):
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*TINY, *QAT, *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.init_weights()
+    return cfg, model
+
+
+def test_fake_quantised_linear_is_exact_off_and_straight_through_on():
+    cfg, plain = _tiny()
+    model = copy.deepcopy(plain)
+    fake_quant(cfg.quant)(model)
+    assert quant_targets(model) == [
+        f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
+    ]
+    assert all(isinstance(model.get_submodule(n), FakeQuantLinear) for n in quant_targets(model))
+    assert list(model.state_dict()) == list(plain.state_dict())  # no new parameter or buffer: checkpoints as before
+    assert model.lm_head.weight is model.wte.weight  # the tied head stays full precision
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        loss = F.cross_entropy(m(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        return loss, [p.grad.clone() for p in m.parameters()]
+
+    at_step(model, 2)  # before quant.start_step: bit-identical to the plain model, forward and backward
+    assert not qat_state(model).active
+    a, b = loss_and_grads(plain), loss_and_grads(model)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+    at_step(model, 3)
+    rounded = copy.deepcopy(plain)  # the same model with every target's weight rounded onto the int4 grid
+    with torch.no_grad():
+        for name in quant_targets(rounded):
+            w = rounded.get_submodule(name).weight
+            w.copy_(round_to_nearest(w, QuantSpec(4, 32)))
+    a, b = loss_and_grads(rounded), loss_and_grads(model)
+    assert not torch.equal(a[0], loss_and_grads(plain)[0])
+    torch.testing.assert_close(b[0], a[0], rtol=0, atol=0)
+    for x, y in zip(a[1], b[1]):  # straight-through: the gradient of the rounded weight reaches the master weight
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["quant.bits=3"], "quant.bits=3 is not supported; use one of [4, 8]"),
+        (["quant.group_size=48"], "quant.group_size=48 does not divide a linear layer's input width 64"),
+        (["parallel.tp=2", "quant.group_size=64"], "per-rank input width 32 of the row-parallel blocks.0.attn.proj"),
+        (["parallel.tp=2", "quant.group_size=0"], "quant.group_size=0 (one scale per row) with parallel.tp=2"),
+        (["quant.method=gptq"], "quant.method='gptq' cannot be trained against"),
+        (["quant.start_step=-1"], "quant.start_step must be >= 0"),
+    ],
+)
+def test_bad_quant_section_is_a_config_error(overrides, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(ROOT / "recipes" / "gpt_debug.yaml", [*TINY, *QAT, *overrides])
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_bad_quant_input_exits_2_in_one_line(tmp_path):
+    cmd = [sys.executable, TRAIN, str(ROOT / "recipes" / "gpt_debug.yaml"), *TINY, *QAT, "quant.bits=3"]
+    proc = subprocess.run([*cmd, f"out_dir={tmp_path / 'r'}"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: quant.bits=3 is not supported; use one of [4, 8]"]
+    assert not (tmp_path / "r").exists()  # refused before anything was built or written
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qat") / "run"
+    proc = train(out, f"train.max_steps={STEPS}", *QAT)
+    assert "quantisation-aware training: int4" in proc.stdout
+    return out
+
+
+def test_qat_is_the_plain_run_until_start_step_then_quantised_and_learns(qat_run):
+    got, plain = losses(qat_run), golden_losses()
+    assert_losses_match({s: got[s] for s in (1, 2, 3)}, {s: plain[s] for s in (1, 2, 3)}, TOL)
+    for step in (4, 5, 6):  # fake quantisation moves the loss by 1e-4 (step 4) to 1e-2 (step 6) on this run
+        assert abs(got[step] - plain[step]) > 5 * TOL, (step, got[step], plain[step])
+    assert got[6] < got[1] - 0.3, got
+
+
+def test_qat_resume_is_exact(qat_run, tmp_path):
+    """Stopped at step 3, the quantised phase starts on resume exactly where the uninterrupted run did."""
+    part = tmp_path / "part"
+    train(part, "train.max_steps=3", "checkpoint.interval=3", *QAT)
+    proc = train(part, f"train.max_steps={STEPS}", *QAT)
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    a, b = losses(qat_run), losses(part)
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # bit-for-bit
+
+
+def test_resume_refuses_another_grid(qat_run, tmp_path):
+    proc = train(qat_run, f"train.max_steps={STEPS + 1}", *QAT, "quant.group_size=64", check=False)
+    assert proc.returncode == 2
+    assert "quant.group_size=64 (saved 32): the weights were trained against this quantisation grid" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tp2_qat_matches_one_rank(qat_run, tmp_path):
+    """Row-parallel shards (attn.proj, mlp.down) hold 32 of 64 / 128 of 256 input columns: whole groups of
+    32, so each rank's scales are the whole weight's and the fake-quantised losses are the one-rank run's.
+    (Without fake quantisation on the shards, step 4 would be 1e-4 and step 6 1e-2 off.)"""
+    out = tmp_path / "tp2"
+    proc = train(out, f"train.max_steps={STEPS}", *QAT, "parallel.tp=2", launcher="torchrun", nproc=2)
+    assert "(dp 1 x tp 2 x pp 1)" in proc.stdout
+    assert_losses_match(losses(out), losses(qat_run), TOL)
+
+
+def test_qad_with_cached_teacher_logits_learns(tmp_path):
+    """launchers/distill.py with the teacher's top-k logits cached and the student fake-quantised (int8)."""
+    from llmtrain.compress.cli import write_model
+
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY)
+    torch.manual_seed(0)
+    teacher = build_model(cfg.model)
+    teacher.init_weights()
+    write_model(tmp_path / "teacher", cfg, teacher, {})
+    cmd = [
+        sys.executable,
+        str(ROOT / "launchers" / "distill.py"),
+        str(ROOT / "recipes" / "qad_gpt_debug.yaml"),
+        *TINY,
+        "model.init_from=",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "optim.lr=3e-3",
+        "quant.bits=8",
+        "quant.group_size=32",
+        "quant.start_step=0",
+        f"train.max_steps={STEPS}",
+        f"distill.teacher={tmp_path / 'teacher'}",
+        f"distill.cache_dir={tmp_path / 'cache'}",
+        "distill.top_k=8",
+        "distill.alpha=0.5",
+        f"out_dir={tmp_path / 'student'}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "quantisation-aware training: int8" in proc.stdout and (tmp_path / "cache" / "meta.json").is_file()
+    got = losses(tmp_path / "student")
+    assert got[STEPS] < got[1] - 0.1, got
