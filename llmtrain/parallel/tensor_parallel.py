@@ -216,14 +216,18 @@ class VocabParallelHead(nn.Module):
     """Logits for this rank's vocabulary rows (+ their bias, if any), returned as a DTensor sharded on
     the last dim."""
 
-    def __init__(self, weight: nn.Parameter, group: Any, mesh: Any, bias: nn.Parameter | None = None):
+    def __init__(
+        self, weight: nn.Parameter, group: Any, mesh: Any, bias: nn.Parameter | None = None, transform: Any = None
+    ):
         super().__init__()
         self.weight, self.bias, self.group, self.mesh = weight, bias, group, mesh
+        self.weight_transform = transform or _identity  # an untied head's (whole rows: per-row groups hold)
 
     def forward(self, x: torch.Tensor):
         from torch.distributed.tensor import DTensor, Shard
 
-        local = F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)  # (..., V / tp)
+        weight = self.weight_transform(self.weight)
+        local = F.linear(_CopyToTP.apply(x, self.group), weight, self.bias)  # (..., V / tp)
         return DTensor.from_local(local, self.mesh, [Shard(local.dim() - 1)], run_check=False)
 
 
@@ -324,7 +328,7 @@ def _build(
         rows = slice(rank * local, (rank + 1) * local)  # the rows of the vocab_embed shard on this rank
         weight = model.get_parameter("wte.weight") if tied else _shard_param(head.weight, rows, 0)
         bias = _shard_param(head.bias, rows, 0) if head.bias is not None else None
-        return VocabParallelHead(weight, group, mesh, bias)
+        return VocabParallelHead(weight, group, mesh, bias, weight_transform_of(head))
     raise ValueError(
         f"unknown tensor-parallel style {style!r}; known: column, column_qkv, row, vocab_embed, vocab_head, heads"
     )

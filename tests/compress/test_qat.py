@@ -41,10 +41,9 @@ def test_fake_quantised_linear_is_exact_off_and_straight_through_on():
     cfg, plain = _tiny()
     model = copy.deepcopy(plain)
     fake_quant(cfg.quant)(model)
-    assert quant_targets(model) == [
-        f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
-    ]
-    assert all(isinstance(model.get_submodule(n), FakeQuantLinear) for n in quant_targets(model))
+    targets = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")]
+    assert quant_targets(plain) == targets  # the tied head stays float
+    assert [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)] == targets
     assert list(model.state_dict()) == list(plain.state_dict())  # no new parameter or buffer: checkpoints as before
     assert model.lm_head.weight is model.wte.weight  # the tied head stays full precision
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -63,7 +62,7 @@ def test_fake_quantised_linear_is_exact_off_and_straight_through_on():
     at_step(model, 3)
     rounded = copy.deepcopy(plain)  # the same model with every target's weight rounded onto the int4 grid
     with torch.no_grad():
-        for name in quant_targets(rounded):
+        for name in targets:
             w = rounded.get_submodule(name).weight
             w.copy_(round_to_nearest(w, QuantSpec(4, 32)))
     a, b = loss_and_grads(rounded), loss_and_grads(model)
@@ -174,3 +173,42 @@ def test_qad_with_cached_teacher_logits_learns(tmp_path):
     assert "quantisation-aware training: int8" in proc.stdout and (tmp_path / "cache" / "meta.json").is_file()
     got = losses(tmp_path / "student")
     assert got[STEPS] < got[1] - 0.1, got
+
+
+def test_from_qat_export_computes_the_fake_quantised_logits(qat_run, tmp_path, capsys):
+    """`llmtrain quantize --method from-qat` packs the QAT run's weights on its own grid (int4, group 32 from
+    its quant: section, whatever --bits says): the packed model's logits are the fake-quantised model's."""
+    from llmtrain.cli import main
+    from llmtrain.compress.quant.linear import QuantLinear
+    from llmtrain.models.converters import build_converted_model
+    from llmtrain.parallel.consolidate import load_model_weights
+
+    out = tmp_path / "int4"
+    assert (
+        main(
+            ["quantize", str(qat_run), "--method", "from-qat", "--bits", "8", "--out", str(out), "--eval-batches", "2"]
+        )
+        == 0
+    )
+    assert "int4 from-qat, group size 32" in capsys.readouterr().out
+    cfg, weights = load_model_weights(qat_run)
+    qat = build_model(cfg)
+    qat.load_state_dict(weights)
+    fake_quant(load_config(qat_run / "config.yaml").quant)(qat)
+    at_step(qat, STEPS - 1)
+    packed_cfg, packed_weights = load_model_weights(out)
+    packed = build_converted_model(packed_cfg)
+    packed.load_state_dict(packed_weights)
+    fake = [n for n, m in qat.named_modules() if isinstance(m, FakeQuantLinear)]
+    assert [n for n, m in packed.named_modules() if isinstance(m, QuantLinear)] == fake and len(fake) == 8
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = qat.eval()(ids), packed.eval()(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item(), (a - b).abs().max()
+    print(f"max |logit difference| packed vs fake-quantised: {(a - b).abs().max().item():.2e}")
+
+    from llmtrain.compress.cli import write_model
+
+    write_model(tmp_path / "plain", load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY), qat, {})  # no quant:
+    assert main(["quantize", str(tmp_path / "plain"), "--method", "from-qat", "--out", str(tmp_path / "x")]) == 2
+    assert "was not trained with quantisation-aware training" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from torch import nn
 
 from llmtrain.compress.quant.grid import QuantSpec, check_spec, group_params, quantize
 from llmtrain.compress.quant.linear import CONVERTER, QuantLinear, quantizable_linears, replace_module, spec_of
+from llmtrain.compress.quant.qat import from_qat_settings
 from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -52,16 +53,24 @@ class Method:
     fn: MethodFn
     calibrated: bool  # needs calibration batches
     help: str
+    # (checkpoint, args) -> args: a method whose settings come from the checkpoint (from-qat: its quant: section)
+    settings: Callable[[str | Path, QuantizeArgs], QuantizeArgs] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, fn: MethodFn, calibrated: bool, help: str) -> None:
+def register_method(
+    name: str,
+    fn: MethodFn,
+    calibrated: bool,
+    help: str,
+    settings: Callable[[str | Path, QuantizeArgs], QuantizeArgs] | None = None,
+) -> None:
     """Add a method to `llmtrain quantize --method`; a second, different one under a taken name is an error."""
-    if name in METHODS and METHODS[name].fn is not fn:
+    if name in METHODS and (METHODS[name].fn is not fn or METHODS[name].settings is not settings):
         raise ValueError(f"a quantisation method named {name!r} is already registered")
-    METHODS[name] = Method(fn, calibrated, help)
+    METHODS[name] = Method(fn, calibrated, help, settings)
 
 
 def _progress(items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
@@ -101,6 +110,15 @@ def gptq(
 
 register_method("rtn", rtn, calibrated=False, help="round to nearest on the grid (no data)")
 register_method("gptq", gptq, calibrated=True, help="GPTQ: Hessian-weighted error compensation, calibrated")
+# Quantisation-aware training's export: round to nearest on the grid of the run's quant: section, exactly the
+# fake quantisation it trained with (qat.py), so the packed model computes the QAT model's logits.
+register_method(
+    "from-qat",
+    rtn,
+    calibrated=False,
+    help="a quantisation-aware training run's own grid (its quant: section; --bits/--group-size/--grid ignored)",
+    settings=from_qat_settings,
+)
 
 
 def quantize_model(
@@ -172,6 +190,8 @@ def run_quantize(
         raise UserError(f"--bits {args.bits} is not supported; use 8 or 4")
     if args.method not in METHODS:
         raise UserError(f"--method {args.method}: unknown; choose one of {', '.join(sorted(METHODS))}")
+    if (settings := METHODS[args.method].settings) is not None:
+        args = settings(checkpoint, args)
     if args.float_dtype not in FLOAT_DTYPES:
         raise UserError(f"--float-dtype {args.float_dtype}: choose one of {', '.join(FLOAT_DTYPES)}")
     if args.grid not in GRIDS:

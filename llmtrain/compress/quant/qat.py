@@ -7,9 +7,8 @@ The `quant:` section turns it on (`quant.bits` 4 or 8; unset = off and nothing c
 `fake_quant` through the model-converter hook (llmtrain/models/converters.py) after `model.init_from` and
 `model.converters`, before any parallelism, in `launchers/train.py` and `launchers/distill.py` alike (QAD: the
 teacher is loaded separately and stays in full precision; a teacher-logit cache and the ZeRO-3 teacher are
-unaffected). The quantised linears are every `nn.Linear` of the transformer blocks (`quant_targets`):
-embeddings, the vocabulary head (tied to the embedding in GPT-2) and norms stay in full precision, as in
-post-training quantisation.
+unaffected). The quantised linears are those `llmtrain quantize` quantises (`quant_targets`: every
+`nn.Linear` but an output head tied to the embedding); embeddings, norms and biases stay in full precision.
 
 The master weights stay full precision and so does every checkpoint: fake quantisation adds no parameter and
 no state, and a QAT checkpoint loads anywhere a plain one does (its readers see the unquantised weights).
@@ -29,8 +28,10 @@ scales are exactly the whole weight's when `quant.group_size` divides `in / tp` 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -42,6 +43,7 @@ from llmtrain.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from llmtrain.compress.config import QuantConfig
+    from llmtrain.compress.quant.ptq import QuantizeArgs
     from llmtrain.models.config import ModelConfig
 
 QAT_METHODS = ("rtn",)  # fake quantisation on the round-to-nearest grid of the current weights
@@ -55,8 +57,11 @@ def spec_of(quant: QuantConfig) -> QuantSpec:
 
 
 def quant_targets(model: nn.Module) -> list[str]:
-    """Names of the linears QAT fake-quantises (and from-qat packs): every nn.Linear inside `blocks`."""
-    return [name for name, m in model.named_modules() if name.startswith("blocks.") and isinstance(m, nn.Linear)]
+    """Names of the linears QAT fake-quantises: those `llmtrain quantize` packs (linear.py's
+    `quantizable_linears`: every nn.Linear but one tied to an embedding), so from-qat packs the same set."""
+    from llmtrain.compress.quant.linear import quantizable_linears
+
+    return list(quantizable_linears(model))
 
 
 class QATState:
@@ -176,3 +181,20 @@ def _check_row_parallel(spec: QuantSpec, name: str, width: int, tp: int) -> None
             f"row-parallel {name} ({width} / parallel.tp={tp}), so a group would straddle two ranks; pick a "
             f"divisor of {local} (e.g. {min(local & -local, 128)}) or a smaller parallel.tp"
         )
+
+
+def from_qat_settings(checkpoint: str | Path, args: QuantizeArgs) -> QuantizeArgs:
+    """`llmtrain quantize --method from-qat`: `args` with the bits, group size and grid of the checkpoint's
+    `quant:` section (its config.yaml), the grid its fake quantisation trained against."""
+    from llmtrain.config import load_config
+    from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
+
+    path = Path(checkpoint)
+    config_file = path / "config.yaml" if (path / "config.yaml").is_file() else resolve_checkpoint(path) / "config.yaml"
+    quant = load_config(config_file).quant
+    if quant.bits is None:
+        raise UserError(
+            f"--method from-qat: {checkpoint} was not trained with quantisation-aware training (no quant.bits in "
+            f"{config_file}); use --method rtn or gptq, or train with quant.bits=4|8"
+        )
+    return dataclasses.replace(args, bits=quant.bits, group_size=quant.group_size, symmetric=quant.symmetric)
