@@ -54,7 +54,7 @@ class Method:
     calibrated: bool  # needs calibration batches
     help: str
     # (checkpoint, args) -> args: a method whose settings come from the checkpoint (from-qat: its quant: section)
-    settings: Callable[[str | Path, QuantizeArgs], QuantizeArgs] | None = None
+    settings: Callable[[str | Path, QuantizeConfig], QuantizeConfig] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -65,7 +65,7 @@ def register_method(
     fn: MethodFn,
     calibrated: bool,
     help: str,
-    settings: Callable[[str | Path, QuantizeArgs], QuantizeArgs] | None = None,
+    settings: Callable[[str | Path, QuantizeConfig], QuantizeConfig] | None = None,
 ) -> None:
     """Add a method to `llmtrain quantize --method`; a second, different one under a taken name is an error."""
     if name in METHODS and (METHODS[name].fn is not fn or METHODS[name].settings is not settings):

@@ -32,7 +32,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,7 @@ from llmtrain.compress.quant.grid import QuantSpec, check_spec, fake_quantize
 from llmtrain.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
-    from llmtrain.compress.config import QuantConfig
-    from llmtrain.compress.quant.ptq import QuantizeArgs
+    from llmtrain.compress.config import QuantConfig, QuantizeConfig
     from llmtrain.models.config import ModelConfig
 
 QAT_METHODS = ("rtn",)  # fake quantisation on the round-to-nearest grid of the current weights
@@ -183,7 +182,7 @@ def _check_row_parallel(spec: QuantSpec, name: str, width: int, tp: int) -> None
         )
 
 
-def from_qat_settings(checkpoint: str | Path, args: QuantizeArgs) -> QuantizeArgs:
+def from_qat_settings(checkpoint: str | Path, args: QuantizeConfig) -> QuantizeConfig:
     """`llmtrain quantize --method from-qat`: `args` with the bits, group size and grid of the checkpoint's
     `quant:` section (its config.yaml), the grid its fake quantisation trained against."""
     from llmtrain.config import load_config
@@ -197,4 +196,5 @@ def from_qat_settings(checkpoint: str | Path, args: QuantizeArgs) -> QuantizeArg
             f"--method from-qat: {checkpoint} was not trained with quantisation-aware training (no quant.bits in "
             f"{config_file}); use --method rtn or gptq, or train with quant.bits=4|8"
         )
-    return dataclasses.replace(args, bits=quant.bits, group_size=quant.group_size, symmetric=quant.symmetric)
+    grid: Literal["auto", "sym", "asym"] = "auto" if quant.symmetric is None else "sym" if quant.symmetric else "asym"
+    return dataclasses.replace(args, bits=quant.bits, group_size=quant.group_size, grid=grid)
