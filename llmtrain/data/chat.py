@@ -352,8 +352,13 @@ class ChatStats:
         return dict(self.__dict__)
 
 
+OPEN_WINDOWS = 64  # windows kept open for first-fit packing (the oldest is written when one more is needed)
+
+
 class _SplitWriter:
-    """Windows of exactly `seq_len` tokens (whole sequences + EOS padding) into `<split>_NNNNN` shards."""
+    """Windows of exactly `seq_len` tokens (whole sequences + EOS padding) into `<split>_NNNNN` shards. Chat
+    sequences are packed first-fit into up to OPEN_WINDOWS open windows (deterministic: input order), which
+    pads far less than closing a window at the first sequence that does not fit."""
 
     def __init__(
         self, out: Path, split: str, seq_len: int, dtype: np.dtype, eos: int, shard_tokens: int, stats: ChatStats
@@ -361,31 +366,35 @@ class _SplitWriter:
         self.out, self.split, self.T, self.dtype, self.eos = out, split, seq_len, dtype, eos
         self.shard_tokens, self.stats = max(shard_tokens, seq_len), stats
         self.shards: list[dict[str, Any]] = []
-        self.window: list[tuple[np.ndarray, np.ndarray]] = []
-        self.used = 0
+        self.open: list[tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]] = []  # (sequences, [tokens used])
         self.writer: Any = None
 
     def add(self, ids: np.ndarray, mask: np.ndarray, own_window: bool) -> None:
-        """One sequence (EOS included, <= seq_len tokens): into the open window, or a new one when it does not
-        fit there (or `own_window`: preference sequences)."""
-        if self.window and (own_window or self.used + len(ids) > self.T):
-            self.flush()
-        self.window.append((ids, mask))
-        self.used += len(ids)
+        """One sequence (EOS included, <= seq_len tokens): into the first open window with room for it, else a
+        new one (`own_window`: a window of its own, written at once: preference sequences keep their order)."""
         if own_window:
-            self.flush()
+            self._flush([(ids, mask)], len(ids))
+            return
+        for seqs, used in self.open:
+            if used[0] + len(ids) <= self.T:
+                seqs.append((ids, mask))
+                used[0] += len(ids)
+                return
+        if len(self.open) == OPEN_WINDOWS:
+            self._flush(*_unpack(self.open.pop(0)))
+        self.open.append(([(ids, mask)], [len(ids)]))
 
-    def flush(self) -> None:
-        """Write the open window, padded with EOS (mask 0) to exactly seq_len tokens."""
-        if self.window:
-            pad = self.T - self.used
-            self._write(self.window + ([(np.full(pad, self.eos, np.int64), np.zeros(pad, np.uint8))] if pad else []))
-            self.stats.pad_tokens += pad
-            self.window, self.used = [], 0
+    def _flush(self, seqs: list[tuple[np.ndarray, np.ndarray]], used: int) -> None:
+        """Write one window, padded with EOS (mask 0) to exactly seq_len tokens."""
+        pad = self.T - used
+        self._write(seqs + ([(np.full(pad, self.eos, np.int64), np.zeros(pad, np.uint8))] if pad else []))
+        self.stats.pad_tokens += pad
 
     def finish(self) -> None:
-        """Flush, then one more EOS: the token the label of the last window's last position reads."""
-        self.flush()
+        """Write the open windows, then one more EOS: the token the label of the last window's last position reads."""
+        for window in self.open:
+            self._flush(*_unpack(window))
+        self.open = []
         if self.writer is not None:
             self._write([(np.array([self.eos], np.int64), np.zeros(1, np.uint8))])
             self.shards.append({"shard": self.writer.stem.name, **self.writer.close()})
@@ -401,6 +410,10 @@ class _SplitWriter:
             self.writer = ShardWriter(self.out / f"{self.split}_{len(self.shards):05d}", self.dtype, mask=True)
         tokens, lengths = np.concatenate([d for d, _ in docs]), np.array([len(d) for d, _ in docs])
         self.writer.add_docs(tokens, lengths, np.concatenate([m for _, m in docs]))
+
+
+def _unpack(window: tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]) -> tuple[list, int]:
+    return window[0], window[1][0]
 
 
 def write_chat_dataset(
