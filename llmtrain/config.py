@@ -111,7 +111,7 @@ class ParallelConfig:
     # r and 2cp-1-r (causal load balance); the cp ranks see the same samples (llmtrain/parallel/context_parallel.py).
     cp: int = 1
     # How attention spans the chunks of one sequence with cp > 1: ring (keys and values passed around the ring,
-    # online softmax) or ulysses (all-to-all over heads; not implemented yet).
+    # online softmax) or ulysses (all-to-all over heads: each rank attends whole sequences of n_head/cp heads).
     cp_method: Literal["ring", "ulysses"] = "ring"
     # Recompute activations in backward: none | full | selective | every_n.
     activation_checkpointing: Literal["none", "full", "selective", "every_n"] = "none"
@@ -509,10 +509,10 @@ def _check_context_parallel(cfg: Config) -> None:
 
     p, m, t = cfg.parallel, cfg.model, cfg.train
     key = f"parallel.cp={p.cp}"
-    if p.cp_method == "ulysses":
+    if p.cp_method == "ulysses" and m.n_head % p.cp:
         raise ConfigError(
-            f"{key} with parallel.cp_method=ulysses: the all-to-all over heads is not implemented yet; "
-            f"set parallel.cp_method=ring"
+            f"model.n_head={m.n_head} is not divisible by {key}: parallel.cp_method=ulysses gives each cp rank "
+            f"whole heads of the whole sequence; choose a parallel.cp that divides {m.n_head} or cp_method=ring"
         )
     if t.seq_len % (2 * p.cp):
         raise ConfigError(

@@ -15,6 +15,12 @@ block's keys and values travel with it, collecting every rank's share, and reach
 P-th shift. Exact: the same sums as full attention in another order (the tests compare both on one
 process, simulating the ring with threads).
 
+Ulysses (`parallel.cp_method=ulysses`, Jacobs et al. 2023, DeepSpeed-Ulysses): an all-to-all turns this
+rank's chunks of every head into the whole sequence of nh/P heads; the model's own attention core runs on
+them (the same kernel, causal or packed-document mask, as on one rank), and a second all-to-all returns
+the output to the chunks. Its backward is the same two all-to-alls reversed (`_AllToAll`). It needs the
+query heads (and key/value heads, else they are repeated to nh first) divisible by P.
+
 The model is not changed structurally: `apply_context_parallel` replaces each block's attention core
 (`attn.attend`) and the model's forward on the instance, as activation checkpointing does. The runner
 (`ContextParallelRunner`) keeps the loader's whole micro-batch (every cp rank of a data-parallel replica
@@ -222,6 +228,75 @@ def process_group_shift(group: Any, ranks: list[int], me: int) -> Shift:
 
 
 # ---------------------------------------------------------------------------------------------
+# Ulysses: all-to-all over heads
+
+Exchange = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # all-to-all: piece j to rank j, one from each
+
+
+def _all_to_all(x: torch.Tensor, exchange: Exchange, n: int, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    pieces = [piece.contiguous() for piece in x.chunk(n, dim=scatter_dim)]
+    return torch.cat(exchange(pieces), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split `x` along scatter_dim over the ranks, gather what they send along gather_dim; the backward sends
+    each gradient piece back where its value came from (the same all-to-all with the dims swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, exchange, n, scatter_dim, gather_dim):
+        ctx.args = (exchange, n, gather_dim, scatter_dim)
+        return _all_to_all(x, exchange, n, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, *ctx.args), None, None, None, None
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rank: int,
+    size: int,
+    exchange: Exchange,
+    attend: Callable[..., torch.Tensor],
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of this rank's chunks (B, nh, Tl, hs) / (B, nkv, Tl, hs) through the whole sequence of
+    nh/P heads: `attend(q, k, v, mask)` is the model's attention core, run on the natural token order."""
+    nh = q.size(1)
+    if k.size(1) % size:  # kv heads that do not split over the ranks: give every query head its own copy
+        k, v = _rep(k, nh), _rep(v, nh)
+    T = q.size(2) * size
+    order = torch.cat([local_index(T, r, size) for r in range(size)]).to(q.device)  # gathered -> whole position
+    natural = torch.empty_like(order)
+    natural[order] = torch.arange(T, device=q.device)  # whole position -> gathered
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # (B, n, Tl, hs) -> (B, n/P, T, hs) in sequence order
+        return _AllToAll.apply(x, exchange, size, 1, 2)[:, :, natural]
+
+    mask = None
+    if doc_ids is not None:
+        from llmtrain.models.gpt.model import document_causal_mask
+
+        mask = document_causal_mask(doc_ids)
+    y = attend(gather(q), gather(k), gather(v), mask)  # (B, nh/P, T, hs)
+    return _AllToAll.apply(y[:, :, order], exchange, size, 2, 1)  # (B, nh, Tl, hs)
+
+
+def process_group_exchange(group: Any, size: int) -> Exchange:
+    """The all-to-all over a torch.distributed group (gloo and NCCL)."""
+    import torch.distributed as dist
+
+    def exchange(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        got = [torch.empty_like(p) for p in pieces]
+        dist.all_to_all(got, pieces, group=group)
+        return got
+
+    return exchange
+
+
+# ---------------------------------------------------------------------------------------------
 # Applying it to a model, and the runner
 
 
@@ -229,8 +304,10 @@ class ContextParallel:
     """This rank's place in its cp ring and the state of the current forward (the whole micro-batch's
     document ids), shared by the model's patched forward, its attention cores and the runner."""
 
-    def __init__(self, rank: int, size: int, shift: Shift):
-        self.rank, self.size, self.shift = rank, size, shift
+    def __init__(self, rank: int, size: int, shift: Shift, method: str = "ring", exchange: Exchange | None = None):
+        if method not in ("ring", "ulysses") or (method == "ulysses" and exchange is None):
+            raise ValueError(f"context parallel method {method!r} (ulysses needs an exchange)")
+        self.rank, self.size, self.shift, self.method, self.exchange = rank, size, shift, method, exchange
         self.doc_ids: torch.Tensor | None = None  # (B, T) of the micro-batch being run, or None
         self.seq_len = 0
         self.active = True  # False: whole sequences on every rank (generation, eval tasks)
@@ -279,6 +356,9 @@ def _cp_attend(
 ) -> torch.Tensor:
     if not cp.active:
         return original(q, k, v, mask)
+    if cp.method == "ulysses":
+        assert cp.exchange is not None
+        return ulysses_attention(q, k, v, cp.rank, cp.size, cp.exchange, original, cp.doc_ids)
     return ring_attention(q, k, v, RingPlan(cp.rank, cp.size, cp.shift, cp.doc_ids))
 
 

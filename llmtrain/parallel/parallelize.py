@@ -44,7 +44,7 @@ def build_runner(
         tp_group[0],
         writer=where.dp == 0 and where.tp == 0 and where.cp == 0,
     )
-    cp = _context_parallel(model, dims) if dims.cp > 1 else None
+    cp = _context_parallel(model, dims, p.cp_method) if dims.cp > 1 else None
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if cfg.train.compile:
         from llmtrain.parallel.compile import compile_blocks
@@ -81,15 +81,21 @@ def build_runner(
     )
 
 
-def _context_parallel(model: torch.nn.Module, dims: ParallelDims) -> ContextParallel:
-    """Ring attention over this rank's cp group, applied to the plain model (after tensor parallel, before
-    activation checkpointing, so `selective` recomputes the ring too)."""
-    from llmtrain.parallel.context_parallel import ContextParallel, apply_context_parallel, process_group_shift
-
-    group, ranks = dims.cp_group()
+def _context_parallel(model: torch.nn.Module, dims: ParallelDims, method: str) -> ContextParallel:
+    """Ring (or Ulysses) attention over this rank's cp group, applied to the plain model (after tensor
+    parallel, before activation checkpointing, so `selective` recomputes it too)."""
     import torch.distributed as dist
 
+    from llmtrain.parallel.context_parallel import (
+        ContextParallel,
+        apply_context_parallel,
+        process_group_exchange,
+        process_group_shift,
+    )
+
+    group, ranks = dims.cp_group()
     me = ranks.index(dist.get_rank())
-    cp = ContextParallel(me, dims.cp, process_group_shift(group, ranks, me))
+    shift, exchange = process_group_shift(group, ranks, me), process_group_exchange(group, dims.cp)
+    cp = ContextParallel(me, dims.cp, shift, method, exchange)
     apply_context_parallel(model, cp)
     return cp

@@ -42,6 +42,7 @@ from llmtrain.parallel.context_parallel import (
     apply_context_parallel,
     local_index,
     ring_attention,
+    ulysses_attention,
 )
 from llmtrain.parallel.layout import Coords, ParallelDims
 
@@ -65,6 +66,18 @@ class ThreadRing:
 
         return shift
 
+    def exchange_for(self, r: int):
+        """The all-to-all: piece j goes to rank j; returns the piece each rank sent to r."""
+
+        def exchange(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+            self.slots[r] = [p.clone() for p in pieces]
+            self.barrier.wait()
+            got = [self.slots[src][r] for src in range(self.n)]
+            self.barrier.wait()
+            return got
+
+        return exchange
+
 
 def run_ranks(cp: int, work) -> list:
     """work(rank, shift) on cp threads at once; their results in rank order (a failure is re-raised)."""
@@ -72,7 +85,7 @@ def run_ranks(cp: int, work) -> list:
 
     def run(r):
         try:
-            results[r] = work(r, ring.shift_for(r))
+            results[r] = work(r, ring)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
             ring.barrier.abort()
@@ -97,10 +110,12 @@ def test_local_chunks_balance_the_causal_work():
     assert len(set(work)) == 1
 
 
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
 @pytest.mark.parametrize("cp", [1, 2, 4])
 @pytest.mark.parametrize("packed", [False, True])
-def test_ring_attention_equals_full_attention(cp, packed):
-    """Forward and backward in float64, grouped-query heads; packed documents crossing chunk borders."""
+def test_attention_on_simulated_ranks_equals_full_attention(method, cp, packed):
+    """Forward and backward in float64, grouped-query heads (Ulysses at cp4: the 2 kv heads repeated to
+    split over 4 ranks); packed documents crossing chunk borders."""
     B, nh, nkv, T, hs = 2, 4, 2, 32, 8
     g = torch.Generator().manual_seed(cp)
     q = torch.randn(B, nh, T, hs, generator=g, dtype=torch.float64, requires_grad=True)
@@ -115,10 +130,15 @@ def test_ring_attention_equals_full_attention(cp, packed):
         want = F.scaled_dot_product_attention(q, kr, vr, attn_mask=document_causal_mask(docs))
     want.backward(dout)
 
-    def work(r, shift):
+    attend = build_model(ModelConfig(arch="gpt", n_layer=1, n_head=4, n_embd=32, vocab_size=8)).blocks[0].attn.attend
+
+    def work(r, ring):
         idx = local_index(T, r, cp)
         ql, kl, vl = (x.detach()[:, :, idx].clone().requires_grad_() for x in (q, k, v))
-        out = ring_attention(ql, kl, vl, RingPlan(r, cp, shift, docs))
+        if method == "ring":
+            out = ring_attention(ql, kl, vl, RingPlan(r, cp, ring.shift_for(r), docs))
+        else:
+            out = ulysses_attention(ql, kl, vl, r, cp, ring.exchange_for(r), attend, docs)
         out.backward(dout[:, :, idx])
         return idx, out.detach(), ql.grad, kl.grad, vl.grad
 
@@ -141,8 +161,8 @@ def _tiny(pos: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_decoder_on_simulated_ranks_equals_one_rank(pos):
+@pytest.mark.parametrize("pos, method", [("learned", "ring"), ("rope", "ring"), ("rope", "ulysses")])
+def test_decoder_on_simulated_ranks_equals_one_rank(pos, method):
     """The whole model with packed documents (position_ids restart, doc_ids cross chunk borders) and labels
     partly ignored: the mean of the cp ranks' losses is the one-rank loss, the mean of their gradients (what
     DeepSpeed's average over the cp ranks makes) the one-rank gradient."""
@@ -161,9 +181,10 @@ def test_decoder_on_simulated_ranks_equals_one_rank(pos):
 
     models = [_tiny(pos) for _ in range(cp)]  # built here: seeding torch's global RNG is not per thread
 
-    def work(r, shift):
+    def work(r, ring):
         local = models[r]
-        apply_context_parallel(local, cp_state := ContextParallel(r, cp, shift))
+        cp_state = ContextParallel(r, cp, ring.shift_for(r), method, ring.exchange_for(r))
+        apply_context_parallel(local, cp_state)
         rank_loss = ContextParallelObjective(CausalLM(), cp_state)(local, batch)
         rank_loss.backward()
         return rank_loss.detach(), {n: p.grad for n, p in local.named_parameters()}
@@ -195,7 +216,10 @@ BASE = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.seq_len=
         (["parallel.cp=3"], r"train.seq_len=64 is not divisible by 2\*parallel.cp = 6"),
         (["parallel.cp=2", "parallel.pp=2"], "parallel.cp=2 needs parallel.pp=1: pipeline stages pass only"),
         (["parallel.cp=2", "parallel.tp=2"], "parallel.cp=2 needs parallel.tp=1"),
-        (["parallel.cp=2", "parallel.cp_method=ulysses"], "ulysses: the all-to-all over heads is not implemented"),
+        (
+            ["parallel.cp=4", "parallel.cp_method=ulysses", "train.seq_len=64", "model.n_head=6"],
+            "model.n_head=6 is not divisible by parallel.cp=4",
+        ),
         (["parallel.cp=2", "model.dropout=0.1"], "parallel.cp=2 needs model.dropout=0"),
         (["parallel.cp=2", "model.name=bert_debug", "data.sample_kind=bert"], "the ring attention is causal"),
     ],
@@ -310,3 +334,15 @@ def test_cp2_dp2_zero3_packed_documents_rope_match_one_rank(tmp_path):
     assert "(dp 2 x tp 1 x pp 1 x cp 2" in four.stdout and "(dp 1 x tp 1 x pp 1)" in one.stdout
     assert_losses_match(losses(tmp_path / "four"), losses(tmp_path / "one"), TOL)
     assert_norms_match(grad_norms(tmp_path / "four"), grad_norms(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_cp2_ulysses_matches_one_rank_golden(tmp_path):
+    """The all-to-all over heads (TINY has 2 heads: one per rank), ZeRO-1, the golden's first 3 steps."""
+    out = tmp_path / "run"
+    proc = train(
+        out, "train.max_steps=3", "parallel.cp=2", "parallel.cp_method=ulysses", "parallel.zero_stage=1",
+        launcher="torchrun", nproc=2,
+    )  # fmt: skip
+    assert "x cp 2 (ulysses, 32 tokens per rank)" in proc.stdout
+    assert_losses_match(losses(out), {s: v for s, v in golden_losses().items() if s <= 3}, TOL)
