@@ -228,7 +228,8 @@ _NOT_ADOPTED = {
     "rope_scaling",
     "converters",
     "weight_quant",
-}  # converters (and their settings): this run's choice, applied after init_from
+    "lora",
+}  # converters (and their settings, lora too): this run's choice, applied after init_from
 
 
 def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:

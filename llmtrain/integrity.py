@@ -96,6 +96,18 @@ def listed_files(directory: str | Path, fix: str | None = None) -> list[str]:
     return sorted(_read_checksums(Path(directory), fix or _FIX))
 
 
+def listed_digest(directory: str | Path, only: Iterable[str]) -> str:
+    """One sha256 over what checksums.json records (name, size, sha256) for the files under the prefixes
+    `only`: it names the directory's content without reading the files (a LoRA checkpoint keeps it to
+    know its frozen base again). CheckpointError when checksums.json is missing or lists none of them."""
+    prefixes = tuple(only)
+    recorded = _read_checksums(Path(directory), _FIX)
+    entries = {n: [v["size"], v["sha256"]] for n, v in sorted(recorded.items()) if n.startswith(prefixes)}
+    if not entries:
+        raise CheckpointError(f"{Path(directory) / CHECKSUMS} lists no {', '.join(prefixes)}; {_FIX}")
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
 def verify_files(directory: str | Path, names: Iterable[str], fix: str | None = None) -> None:
     """Check these listed files (a share of `listed_files`: ranks can split the work)."""
     root, fix = Path(directory), fix or _FIX

@@ -181,10 +181,10 @@ def write_model_dir(
     `tokenizer_config` (special tokens, chat template) goes beside the tokenizer as tokenizer_config.json."""
     import torch
 
-    from llmtrain.models import build_model
+    from llmtrain.models.converters import build_converted_model
 
-    with torch.device("meta"):
-        names = [n for n, _ in build_model(cfg).named_parameters()]  # first names: tied copies once
+    with torch.device("meta"):  # first names (tied copies once), a converter's (LoRA adapters) included
+        names = [n for n, _ in build_converted_model(cfg).named_parameters()]
     with writing(out_dir, replace) as tmp:
         write_weights(tmp, {n: state_dict[n].float() for n in names})
         write_config_text(tmp, model_config_yaml(cfg))

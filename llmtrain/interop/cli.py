@@ -9,6 +9,12 @@ from llmtrain.interop.hf import export_hf, import_hf, read_hf_weights, write_mod
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.adapter:
+        from llmtrain.interop.peft import export_adapter
+
+        out = export_adapter(args.checkpoint, args.out_dir, replace=args.replace)
+        print(f"exported the LoRA adapters of {args.checkpoint} -> {out} (peft.PeftModel.from_pretrained(base, OUT))")
+        return 0
     out = export_hf(args.checkpoint, args.out_dir, replace=args.replace)
     print(f"exported {args.checkpoint} -> {out} (transformers from_pretrained loads it)")
     return 0
@@ -34,11 +40,18 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "export-hf",
         help="write a checkpoint as a Hugging Face transformers model directory",
         description="Write a checkpoint of any layout as a Hugging Face transformers model directory "
-        "(config.json, model.safetensors, tokenizer) that transformers loads as it is.",
+        "(config.json, model.safetensors, tokenizer) that transformers loads as it is; a LoRA model is "
+        "written merged (W + alpha/r B A), or with --adapter as a PEFT adapter.",
     )
     p.add_argument("checkpoint", help="run, checkpoint, consolidated or imported directory")
     p.add_argument("out_dir", help="new (or empty) directory")
     p.add_argument("--replace", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA checkpoint: write its adapters as a PEFT adapter (adapter_config.json + "
+        "adapter_model.safetensors) for the exported base, instead of the merged model",
+    )
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser(
         "import-hf",

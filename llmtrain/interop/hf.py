@@ -27,15 +27,17 @@ if TYPE_CHECKING:  # torch loads on first use, so `llmtrain --help` stays fast
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
-    """Write the checkpoint's model (any layout, read one parameter at a time) as a transformers directory
-    (the output policy of llmtrain/model_dir.py: atomic, a non-empty `out_dir` only with `replace`)."""
+    """Write the checkpoint's model (any layout, read one parameter at a time; LoRA adapters merged into their
+    weights) as a transformers directory (the output policy of llmtrain/model_dir.py: atomic, a non-empty `out_dir` only with `replace`)."""
     from llmtrain.inference import checkpoint_tokenizer
     from llmtrain.interop import family_for_config
     from llmtrain.interop.hf_quant import export_quantized_hf, is_quantized
+    from llmtrain.models.lora import merge_lora
     from llmtrain.parallel.consolidate import load_model_weights
 
     check_output(out_dir, replace)
     cfg, weights = load_model_weights(checkpoint)
+    cfg, weights = merge_lora(cfg, weights)  # a LoRA model exports merged: W + (alpha / r) B A, a plain model
     if is_quantized(cfg):  # `llmtrain quantize` output: compressed-tensors int8/int4 (interop/hf_quant.py)
         del weights
         return export_quantized_hf(checkpoint, out_dir, replace)

@@ -34,9 +34,10 @@ What a converter must do:
   0-based index of that step, and once before the first one (after a resume: the index of the last step
   run), so the state is a function of the step and a resume restores it without checkpointing anything.
   Modules whose forward a tensor-parallel layer replaces keep a `weight_transform` (see tensor_parallel.py).
-- Freeze with `requires_grad_(False)`: the optimizer leaves frozen parameters out. (The layout-independent
-  checkpoint stores trainable parameters only today; a converter that freezes base weights, such as
-  LoRA, must extend `universal.py` to store them as weights without optimizer state.)
+- Freeze with `requires_grad_(False)`: the optimizer leaves frozen parameters out, and the layout-independent
+  checkpoint stores them as weights only, or, when the model came from `model.init_from`, not at all: a
+  pointer to that base (llmtrain/parallel/universal.py) from which resumes and readers rebuild them
+  (LoRA: llmtrain/models/lora.py).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _REGISTRY: dict[str, ConverterFactory] = {}
 _UNCONVERT: dict[str, Convert] = {}
 
 # Converters that ship with llmtrain: the module registers them when imported, on first use of the name.
-BUILTIN: dict[str, str] = {"quantized_weights": "llmtrain.compress.quant.linear"}
+BUILTIN: dict[str, str] = {"quantized_weights": "llmtrain.compress.quant.linear", "lora": "llmtrain.models.lora"}
 
 
 def register_converter(name: str, factory: ConverterFactory, unconvert: Convert | None = None) -> None:

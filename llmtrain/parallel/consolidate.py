@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import yaml
@@ -110,6 +110,9 @@ def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
             f"model.init_from={path}: the checkpoint has no '{missing[0]}' ({len(missing)} "
             f"parameters missing); set the model.* keys to the checkpoint's shape"
         )
+    # Where the weights came from: a checkpoint of this model whose base stays frozen (LoRA) points at it
+    # instead of storing it (universal.py).
+    setattr(model, "llmtrain_init_from", str(path))
     return padded
 
 
@@ -227,14 +230,47 @@ def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
                 tensor = f.get_tensor(name)  # integer buffers (quantised weights) keep their dtype
                 yield name, tensor.float() if tensor.is_floating_point() else tensor
         return
+    rebuilt = _rebuilt_base(source, cfg)  # a fine-tuning checkpoint stores only what trains
     for name, shape in _plain_names(cfg).items():
         file = source / f"{name}.safetensors"
+        if name in rebuilt and not file.is_file():
+            yield name, rebuilt.pop(name)
+            continue
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: the checkpoint under {source.parent} is incomplete")
         with safe_open(str(file), framework="pt") as f:
             tensor = f.get_tensor("fp32")
         assert tuple(tensor.shape) == shape, (name, tensor.shape, shape)
         yield name, tensor
+
+
+def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The frozen weights of a checkpoint that points at its base instead of storing them (universal.py):
+    the model rebuilt as training built it (init_weights with the run's seed, the base's weights, the
+    converters). Empty for a checkpoint that stores every weight."""
+    import dataclasses
+
+    from llmtrain.models import build_model
+    from llmtrain.models.converters import apply_converters
+    from llmtrain.parallel.universal import frozen_base
+
+    base = frozen_base(source.parent)
+    if base is None:
+        return {}
+    seed = ((yaml.safe_load((source.parent / CONFIG).read_text()) or {}).get("train") or {}).get("seed", 0)
+    unconverted: dict[str, Any] = {
+        "init_from": None,
+        "converters": [],
+        **({"lora": None} if hasattr(cfg, "lora") else {}),
+    }
+    plain = dataclasses.replace(cfg, **unconverted)
+    model = build_model(plain)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model.init_weights()  # type: ignore[operator]
+        init_model_from(model, base)
+        apply_converters(model, cfg)
+    return {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

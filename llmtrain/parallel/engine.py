@@ -189,10 +189,12 @@ def param_groups(
         if not p.requires_grad:
             continue
         (no_decay if skip_decay(name, p) else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # an empty group (LoRA adapters are all matrices) would be dropped by DeepSpeed behind the LR schedule's back
+    return [g for g in groups if g["params"]]
 
 
 if TYPE_CHECKING:
@@ -314,6 +316,29 @@ def get_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Te
         "fp32": param.detach().float(),
         **{k: state[k] if k in state else torch.zeros_like(param, dtype=torch.float32) for k in ADAM_KEYS},
     }
+
+
+def get_full_weight(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole weight of a frozen parameter (no optimizer state), gathered under ZeRO-3; collective
+    over the data-parallel group there."""
+    if ds_compat.is_zero3_param(param):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().float().clone()
+    return param.detach().float()
+
+
+def set_full_weight(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write the whole `value` into a frozen parameter (every rank passes the same value; ZeRO-3 keeps
+    this rank's partition of it); collective over the data-parallel group under ZeRO-3."""
+    if ds_compat.is_zero3_param(param):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value.to(param.dtype))
+        return
+    param.data.copy_(value.to(param.dtype))
 
 
 def link_optimizer_state(engine: Any) -> None:

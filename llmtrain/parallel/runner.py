@@ -158,7 +158,8 @@ def save_engine(engine: Any, universal: UniversalCheckpoint | None, directory: P
 
     errors: list[BaseException] = []
     with deferred_write_errors(engine, errors):
-        engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+        # frozen weights (a LoRA base) are not state: the universal copy points at their base instead
+        engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
     if universal is not None:
         universal.save(engine, directory)
     if errors:

@@ -142,7 +142,8 @@ class TPShard(Protocol):
 def _shard_param(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> nn.Parameter:
     if isinstance(index, slice):
         index = torch.arange(index.start, index.stop)
-    p = nn.Parameter(full.detach().index_select(dim, index.to(full.device)).clone())
+    # a frozen weight (a LoRA base) stays frozen
+    p = nn.Parameter(full.detach().index_select(dim, index.to(full.device)).clone(), requires_grad=full.requires_grad)
     shard = cast(TPShard, p)
     shard.tensor_model_parallel = True
     shard.llmtrain_tp_shard = (dim, index)  # which rows/columns of the whole tensor: for checkpoints
@@ -161,7 +162,28 @@ def weight_transform_of(linear: nn.Linear) -> Any:
     return getattr(linear, "weight_transform", None) or _identity
 
 
+def _lora_shards(
+    module: nn.Module, linear: nn.Linear, b_rows: torch.Tensor | None = None, a_cols: slice | None = None
+) -> bool:
+    """Give the tensor-parallel `module` the adapters of a LoRA `linear` (llmtrain/models/lora.py) under their
+    plain names (`lora_a`, `lora_b`): B sharded on its output rows (column parallel) or A on its input
+    columns (row parallel), as the base weight is, the other one whole. False for a plain linear."""
+    a, b = getattr(linear, "lora_a", None), getattr(linear, "lora_b", None)
+    if a is None or b is None:
+        return False
+    module.register_parameter("lora_a", _shard_param(a, a_cols, 1) if a_cols is not None else a)
+    module.register_parameter("lora_b", _shard_param(b, b_rows, 0) if b_rows is not None else b)
+    setattr(module, "lora_scale", getattr(linear, "lora_scale"))
+    setattr(module, "lora_dropout", getattr(linear, "lora_dropout"))
+    return True
+
+
 class ColumnParallelLinear(nn.Module):
+    lora_a: nn.Parameter  # LoRA adapters, where the linear had them (`_lora_shards`)
+    lora_b: nn.Parameter
+    lora_scale: float
+    lora_dropout: nn.Module
+
     def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int, blocks: list[int] | None = None):
         super().__init__()
         blocks = blocks or [linear.out_features]
@@ -178,13 +200,25 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _shard_param(linear.weight, rows, 0)
         self.bias = _shard_param(linear.bias, rows, 0) if linear.bias is not None else None
         self.weight_transform = weight_transform_of(linear)
+        self.lora = _lora_shards(self, linear, b_rows=rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_transform(self.weight)
-        return F.linear(_CopyToTP.apply(x, self.group), weight, self.bias)  # (..., out / tp)
+        y = F.linear(_CopyToTP.apply(x, self.group), weight, self.bias)  # (..., out / tp)
+        if not self.lora:
+            return y
+        # LoRA: A is whole on every rank and B split by output rows like W. Each rank's B rows see all of
+        # h = A x, so h's gradient is summed over the TP ranks (f), which makes A's gradient whole everywhere.
+        h = _CopyToTP.apply(F.linear(self.lora_dropout(x), self.lora_a), self.group)  # (..., r)
+        return y + self.lora_scale * F.linear(h, self.lora_b)
 
 
 class RowParallelLinear(nn.Module):
+    lora_a: nn.Parameter  # LoRA adapters, where the linear had them (`_lora_shards`)
+    lora_b: nn.Parameter
+    lora_scale: float
+    lora_dropout: nn.Module
+
     def __init__(self, linear: nn.Linear, group: Any, rank: int, size: int):
         super().__init__()
         local = linear.in_features // size
@@ -192,9 +226,14 @@ class RowParallelLinear(nn.Module):
         self.weight = _shard_param(linear.weight, slice(rank * local, (rank + 1) * local), 1)
         self.bias = linear.bias  # replicated: added once, after the sum
         self.weight_transform = weight_transform_of(linear)
+        self.lora = _lora_shards(self, linear, a_cols=slice(rank * local, (rank + 1) * local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _ReduceFromTP.apply(F.linear(x, self.weight_transform(self.weight)), self.group)  # (..., out)
+        if self.lora:
+            # LoRA: A split by input columns like W (partial A x summed over the ranks), B whole on every rank
+            h = _ReduceFromTP.apply(F.linear(self.lora_dropout(x), self.lora_a), self.group)  # (..., r)
+            y = y + self.lora_scale * F.linear(h, self.lora_b)
         return y + self.bias if self.bias is not None else y
 
 

@@ -14,6 +14,13 @@ DeepSpeed's own `state/*.pt` files are pickles, which torch.load would run code 
 written for DeepSpeed's tools but never read. meta.json therefore also carries what DeepSpeed's state
 held beyond the tensors: Adam's own step count (behind the trainer's after skipped updates) and the
 fp16 loss scaler.
+
+Frozen parameters (a LoRA base, llmtrain/models/lora.py) have no optimizer state. When the model's weights
+came from `model.init_from` (a fine-tuning run), they are not written at all: meta.json's `base` records the
+base's directory and a digest of its checksums.json entries (llmtrain/integrity.py:listed_digest), and a
+resume or a reader rebuilds them from it (init_weights with the run's seed, the base's weights, the
+converters), refusing a base that is missing or changed. Without a base, each is written with its weight
+only (key `fp32`).
 """
 
 from __future__ import annotations
@@ -73,11 +80,16 @@ def save_universal(
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from llmtrain.parallel.engine import get_full_state, link_optimizer_state
+    from llmtrain.parallel.engine import get_full_state, get_full_weight, link_optimizer_state
 
     (directory / FOLDER).mkdir(parents=True, exist_ok=True)
     link_optimizer_state(engine)
     failed: OSError | None = None
+    for param in _local_params(engine, names, trainable=False):  # frozen, with no base to rebuild them from
+        try:
+            _write_tensors(directory, names[id(param)], param, {"fp32": get_full_weight(param)}, tp_group, writer)
+        except OSError as exc:
+            failed = failed or exc
     for param in _local_params(engine, names):
         state = get_full_state(engine, param)
         if hasattr(param, "llmtrain_tp_shard"):
@@ -96,6 +108,23 @@ def save_universal(
         (directory / FOLDER / "meta.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
 
 
+def _write_tensors(
+    directory: Path, name: str, param: torch.nn.Parameter, state: dict[str, torch.Tensor], tp_group: Any, writer: bool
+) -> None:
+    """Gather `state`'s tensor-parallel shards (collective) and, on the writer, save them as `name`'s file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    if hasattr(param, "llmtrain_tp_shard"):
+        state = {k: _gather_tp(v, param, tp_group) for k, v in state.items()}
+    if writer and not is_pipe_replicated(param):
+        path = _file(directory, name)
+        try:
+            save_file({k: v.detach().cpu().float().contiguous() for k, v in state.items()}, str(path))
+        except (OSError, SafetensorError) as exc:
+            raise OSError(getattr(exc, "errno", None), getattr(exc, "strerror", None) or str(exc), str(path)) from None
+
+
 def saved_layout(directory: Path) -> dict[str, Any] | None:
     meta = directory / FOLDER / "meta.json"
     return json.loads(meta.read_text())["layout"] if meta.is_file() else None
@@ -107,7 +136,13 @@ def load_universal(engine: Any, names: dict[int, str], directory: Path, load_opt
     from safetensors import safe_open
 
     from llmtrain.parallel.ds_compat import set_global_steps
-    from llmtrain.parallel.engine import finish_set_state, prepare_set_state, set_full_state, set_loss_scaler
+    from llmtrain.parallel.engine import (
+        finish_set_state,
+        prepare_set_state,
+        set_full_state,
+        set_full_weight,
+        set_loss_scaler,
+    )
 
     meta = read_meta(directory)
     check_same_parameters(directory, names)
@@ -124,6 +159,9 @@ def load_universal(engine: Any, names: dict[int, str], directory: Path, load_opt
         if not load_optimizer:
             values = {"fp32": values["fp32"], **{k: torch.zeros_like(values["fp32"]) for k in values if k != "fp32"}}
         set_full_state(engine, param, {k: v.to(param.device) for k, v in values.items()})
+    for param in _local_params(engine, names, trainable=False):  # frozen weights written without a base
+        with safe_open(str(_file(directory, names[id(param)])), framework="pt") as f:
+            set_full_weight(param, _local_slice(f.get_tensor("fp32"), param).to(param.device))
     finish_set_state(engine, meta.get("adam_step", meta["optimizer_step"]) if load_optimizer else 0)
     if load_optimizer:
         set_global_steps(engine, meta["optimizer_step"])  # counts skipped updates too, unlike Adam's step
@@ -188,9 +226,10 @@ def _local_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     return full
 
 
-def _local_params(engine: Any, names: dict[int, str]) -> list[torch.nn.Parameter]:
-    """This rank's trainable parameters in the plain model's order (the same on every peer)."""
-    local = {id(p): p for p in engine.module.parameters() if p.requires_grad}
+def _local_params(engine: Any, names: dict[int, str], trainable: bool = True) -> list[torch.nn.Parameter]:
+    """This rank's trainable (or frozen) parameters among `names`, in the plain model's order (the same on
+    every peer)."""
+    local = {id(p): p for p in engine.module.parameters() if p.requires_grad == trainable}
     missing = [n for i, n in names.items() if i in local and not n]
     assert not missing, missing
     return [local[i] for i in names if i in local]
@@ -208,7 +247,12 @@ class UniversalCheckpoint:
     def __init__(self, model: torch.nn.Module, layout: dict[str, Any], tp_group: Any, writer: bool):
         # Taken from the plain model after tensor parallel, before the pipeline split: the engines keep
         # these very Parameter objects, so identity gives each one its plain name on every layout.
-        self.names = {id(p): n for n, p in model.named_parameters()}
+        named = dict(model.named_parameters())
+        # A fine-tuned model's frozen weights come from its base (model.init_from, recorded by
+        # init_model_from as `llmtrain_init_from`): only a pointer to it is stored, not the weights.
+        init_from = getattr(model, "llmtrain_init_from", None)
+        self.base = base_pointer(init_from) if init_from and any(not p.requires_grad for p in named.values()) else None
+        self.names = {id(p): n for n, p in named.items() if p.requires_grad or self.base is None}
         self.layout, self.tp_group, self.writer = layout, tp_group, writer
 
     def save(self, engine: Any, directory: Path) -> None:
@@ -219,6 +263,7 @@ class UniversalCheckpoint:
             "adam_step": adam_step(engine),
             "loss_scaler": get_loss_scaler(engine),
             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "base": self.base,
         }
         save_universal(engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state)
 
@@ -236,3 +281,52 @@ class UniversalCheckpoint:
                 f"loading {directory / FOLDER}"
             )
         load_universal(engine, self.names, directory, load_optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen base of a fine-tuned (LoRA) checkpoint
+
+
+def _weights_of(path: str | Path) -> tuple[Path, list[str]]:
+    """(directory, the files that hold its weights) of a model directory or any checkpoint path."""
+    from llmtrain.parallel.checkpoint_paths import resolve_checkpoint
+
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path, ["model.safetensors", "config.yaml"]
+    return resolve_checkpoint(path), [f"{FOLDER}/", "config.yaml"]
+
+
+def base_pointer(init_from: str | Path) -> dict[str, str]:
+    """{"path", "digest"}: the resolved base directory and one digest of its weight files' checksums."""
+    from llmtrain.integrity import listed_digest
+
+    where, files = _weights_of(init_from)
+    return {"path": str(where.resolve()), "digest": listed_digest(where, files)}
+
+
+def frozen_base(directory: Path) -> Path | None:
+    """The base directory a checkpoint's frozen weights come from (None when it stores them itself),
+    after checking it is there and unchanged since the checkpoint was written."""
+    base = read_meta(directory).get("base")
+    if not base:
+        return None
+    path = Path(base["path"])
+    fix = (
+        f"restore the base model at {path} as it was when this run started, or start a new run "
+        f"from a base with model.init_from"
+    )
+    if not path.exists():
+        raise CheckpointError(
+            f"{directory} holds only adapters over the frozen base {path} (model.init_from), which is missing; {fix}"
+        )
+    try:
+        now = base_pointer(path)
+    except (CheckpointError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: its frozen base {path} cannot be read ({exc})") from None
+    if now["digest"] != base["digest"]:
+        raise CheckpointError(
+            f"{directory} holds only adapters over the frozen base {path}, which changed since the "
+            f"checkpoint was written (its checksums.json differs); {fix}"
+        )
+    return path

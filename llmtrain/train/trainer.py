@@ -18,6 +18,7 @@ from llmtrain.evaluation.training import check_eval_tasks, eval_task_metrics
 from llmtrain.parallel.compile import attention_backend
 from llmtrain.parallel.launch_env import check_launcher_settings
 from llmtrain.parallel.runner import Runner
+from llmtrain.parallel.universal import frozen_base
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train import flops
 from llmtrain.train.metrics import MetricsSink, format_line, perplexity, plot_losses
@@ -107,13 +108,19 @@ def train(cfg: Config, objective: Objective | None = None) -> dict[str, Any]:
     data.check_eval(cfg.train.eval_batches)  # an empty or too small validation split fails now, not after training
     check_eval_tasks(cfg.train, cfg.model)  # unknown train.eval_tasks too
     model = build_model_for(cfg, data.vocab_size)
-    if cfg.model.init_from and resume_from is None:  # a resume restores the weights anyway
+    # A resume restores the weights, except a frozen base that the checkpoint only points at (LoRA)
+    init_from = cfg.model.init_from if resume_from is None else frozen_base(resume_from)
+    if init_from:
         from llmtrain.parallel.consolidate import init_model_from
 
-        check_init_from_tokenizer(cfg.model.init_from, data.tokenizer)
-        padded = init_model_from(model, cfg.model.init_from)
+        check_init_from_tokenizer(str(init_from), data.tokenizer)
+        padded = init_model_from(model, init_from)
         print0(
-            f"model weights initialised from {cfg.model.init_from}; optimizer fresh, step 0"
+            (
+                f"model weights initialised from {init_from}; optimizer fresh, step 0"
+                if resume_from is None
+                else f"frozen base weights read from {init_from} (unchanged since the checkpoint)"
+            )
             + (f"; vocabulary padded to {cfg.model.vocab_size} rows in {', '.join(padded)}" if padded else "")
         )
     if cfg.model.converters:  # after init_from, before any parallelism (llmtrain/models/converters.py)

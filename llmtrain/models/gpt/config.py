@@ -8,6 +8,7 @@ from typing import Literal
 
 from llmtrain.errors import UserError
 from llmtrain.models.config import ModelConfig, RopeScaling
+from llmtrain.models.lora import LoraConfig, lora_config, target_suffixes
 
 
 @dataclass
@@ -28,6 +29,9 @@ class GPTConfig(ModelConfig):
     rope_theta: float = 10000.0
     # Rotary frequency scaling (pos=rope) for a longer context, as Llama 3.1 configs carry; None = plain rotary.
     rope_scaling: RopeScaling | None = None
+    # LoRA adapters on the frozen model (llmtrain/models/lora.py: rank, alpha, dropout, targets); setting it
+    # appends the `lora` converter to model.converters. None = no adapters.
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
@@ -38,3 +42,11 @@ class GPTConfig(ModelConfig):
                     f"valid: {', '.join(sorted(known))}"
                 )
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        # LoRA: the section and the converter go together (either one given brings the other)
+        self.lora = lora_config(self.lora)
+        if self.lora is None and "lora" in self.converters:
+            self.lora = LoraConfig()
+        if self.lora is not None:
+            target_suffixes(self.lora, self.mlp == "swiglu")  # a target this flavour lacks fails here
+            if "lora" not in self.converters:
+                self.converters = [*self.converters, "lora"]
