@@ -229,6 +229,7 @@ def merge_in_place(model: nn.Module) -> None:
         base_cls = type(module).__mro__[2]  # LoRA<cls> -> (LoRAMixin, cls)
         del module._parameters["lora_a"], module._parameters["lora_b"]
         del module._modules["lora_dropout"]
+        module.__dict__.pop("lora_scale", None)
         module.__class__ = base_cls
         with torch.no_grad():
             if base_cls is nn.Linear:
