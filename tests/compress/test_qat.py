@@ -140,17 +140,27 @@ def test_tp2_qat_matches_one_rank(qat_run, tmp_path):
     assert_losses_match(losses(out), losses(qat_run), TOL)
 
 
-def test_qad_with_cached_teacher_logits_learns(tmp_path):
-    """launchers/distill.py with the teacher's top-k logits cached and the student fake-quantised (int8)."""
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny freshly initialised teacher in the consolidated layout (what `llmtrain prune` writes)."""
     from llmtrain.compress.cli import write_model
 
+    out = tmp_path_factory.mktemp("teacher") / "t"
     cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY)
     torch.manual_seed(0)
-    teacher = build_model(cfg.model)
-    teacher.init_weights()
-    write_model(tmp_path / "teacher", cfg, teacher, {})
+    model = build_model(cfg.model)
+    model.init_weights()
+    write_model(out, cfg, model, {})
+    return out
+
+
+def _qad(out, teacher, *overrides, nproc=1):
+    """recipes/qad_gpt_debug.yaml shrunk: a fresh 1 x 32 student of the tiny teacher, fake-quantised from step 1."""
+    from helpers import BIN, free_port
+
+    launch = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] if nproc > 1 else []
     cmd = [
-        sys.executable,
+        *(launch or [sys.executable]),
         str(ROOT / "launchers" / "distill.py"),
         str(ROOT / "recipes" / "qad_gpt_debug.yaml"),
         *TINY,
@@ -158,24 +168,39 @@ def test_qad_with_cached_teacher_logits_learns(tmp_path):
         "model.n_layer=1",
         "model.n_embd=32",
         "optim.lr=3e-3",
-        "quant.bits=8",
         "quant.group_size=32",
-        "quant.start_step=0",
-        f"train.max_steps={STEPS}",
-        f"distill.teacher={tmp_path / 'teacher'}",
-        f"distill.cache_dir={tmp_path / 'cache'}",
-        "distill.top_k=8",
         "distill.alpha=0.5",
-        f"out_dir={tmp_path / 'student'}",
+        f"distill.teacher={teacher}",
+        f"out_dir={out}",
+        *overrides,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_qad_with_cached_teacher_logits_learns(tmp_path, teacher):
+    """launchers/distill.py with the teacher's top-k logits cached and the student fake-quantised (int8)."""
+    cache = [f"distill.cache_dir={tmp_path / 'cache'}", "distill.top_k=8", "quant.bits=8"]
+    proc = _qad(tmp_path / "student", teacher, *cache, f"train.max_steps={STEPS}")
     assert "quantisation-aware training: int8" in proc.stdout and (tmp_path / "cache" / "meta.json").is_file()
     got = losses(tmp_path / "student")
     assert got[STEPS] < got[1] - 0.1, got
 
 
-def test_from_qat_export_computes_the_fake_quantised_logits(qat_run, tmp_path, capsys):
+@pytest.mark.slow
+def test_qad_with_a_zero3_teacher_equals_a_whole_teacher(tmp_path, teacher):
+    """2 ranks, the int4 student on ZeRO-1: the teacher partitioned (ZeRO-3) or whole gives the same losses."""
+    runs = {}
+    for stage in (3, 0):
+        out = tmp_path / f"t{stage}"
+        _qad(out, teacher, "train.max_steps=3", "parallel.zero_stage=1", f"distill.teacher_zero_stage={stage}", nproc=2)
+        runs[stage] = losses(out)
+    assert sorted(runs[3]) == [1, 2, 3]
+    assert_losses_match(runs[3], runs[0], TOL)
+
+
+def test_from_qat_export_computes_the_fake_quantised_logits(qat_run, teacher, tmp_path, capsys):
     """`llmtrain quantize --method from-qat` packs the QAT run's weights on its own grid (int4, group 32 from
     its quant: section, whatever --bits says): the packed model's logits are the fake-quantised model's."""
     from llmtrain.cli import main
@@ -206,9 +231,6 @@ def test_from_qat_export_computes_the_fake_quantised_logits(qat_run, tmp_path, c
         a, b = qat.eval()(ids), packed.eval()(ids)
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item(), (a - b).abs().max()
     print(f"max |logit difference| packed vs fake-quantised: {(a - b).abs().max().item():.2e}")
-
-    from llmtrain.compress.cli import write_model
-
-    write_model(tmp_path / "plain", load_config(ROOT / "recipes" / "gpt_debug.yaml", TINY), qat, {})  # no quant:
-    assert main(["quantize", str(tmp_path / "plain"), "--method", "from-qat", "--out", str(tmp_path / "x")]) == 2
+    # a model trained without quant.bits (the tiny teacher) has no grid to export
+    assert main(["quantize", str(teacher), "--method", "from-qat", "--out", str(tmp_path / "x")]) == 2
     assert "was not trained with quantisation-aware training" in capsys.readouterr().err
