@@ -510,10 +510,11 @@ def _check_context_parallel(cfg: Config) -> None:
 
     p, m, t = cfg.parallel, cfg.model, cfg.train
     key = f"parallel.cp={p.cp}"
-    if p.cp_method == "ulysses" and m.n_head % p.cp:
+    if p.cp_method == "ulysses" and (m.n_head // p.tp) % p.cp:
         raise ConfigError(
-            f"model.n_head={m.n_head} is not divisible by {key}: parallel.cp_method=ulysses gives each cp rank "
-            f"whole heads of the whole sequence; choose a parallel.cp that divides {m.n_head} or cp_method=ring"
+            f"model.n_head={m.n_head} (per tensor-parallel rank: {m.n_head // p.tp}) is not divisible by {key}: "
+            f"parallel.cp_method=ulysses gives each cp rank whole heads of the whole sequence; choose a "
+            f"parallel.cp that divides {m.n_head // p.tp} or parallel.cp_method=ring"
         )
     if t.seq_len % (2 * p.cp):
         raise ConfigError(
@@ -526,12 +527,6 @@ def _check_context_parallel(cfg: Config) -> None:
             "parallel.pp=1",
             "pipeline stages pass only hidden states, while every block's attention "
             "must exchange keys and values with the other chunks of the sequence",
-        ),
-        (
-            p.tp > 1,
-            "parallel.tp=1",
-            "tensor parallel builds DeepSpeed's data-parallel group from its own grid, "
-            "which has no context axis to fold into it yet",
         ),
         (
             not isinstance(family_of(m).objective(), CausalLM),

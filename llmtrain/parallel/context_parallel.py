@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.errors import UserError
+from llmtrain.models.objective import local_loss
 from llmtrain.parallel.runner import EngineRunner
 
 Shift = Callable[[torch.Tensor], torch.Tensor]  # send a tensor to the next ring rank, return the previous one's
@@ -400,12 +401,13 @@ class ContextParallelObjective:
         logits = self.objective.logits(model, local)  # (B, Tl, V)
         total = F.cross_entropy(
             logits.float().flatten(0, 1), local["labels"].flatten(), ignore_index=-100, reduction="sum"
-        )
-        return total * (self.cp.size / n_scored.clamp(min=1))
+        )  # with tp > 1 (vocabulary-parallel logits, under loss_parallel) a replicated DTensor
+        return local_loss(total) * (self.cp.size / n_scored.clamp(min=1))
 
 
 class ContextParallelRunner(EngineRunner):
-    """Data parallel with ZeRO 0-3 over dp x cp ranks, each sequence split over the cp ranks of a replica."""
+    """Data parallel with ZeRO 0-3 over dp x cp ranks (tensor parallel inside), each sequence split over the
+    cp ranks of a replica."""
 
     def __init__(self, *args: Any, cp: ContextParallel, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -268,10 +268,12 @@ def build_engine(
 
 
 def process_topology(dims: ParallelDims) -> Any:
-    """DeepSpeed's process topology for our rank order (`ParallelDims`: pipe, data, model; model fastest)."""
+    """DeepSpeed's process topology for our rank order (`ParallelDims`: pipe, data, context, model; model
+    fastest). Context-parallel ranks fold into DeepSpeed's data axis (data index = dp * cp + context: the
+    same rank order), so gradients are averaged, and ZeRO partitions, over dp x cp ranks."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    return PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+    return PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp * dims.cp)
 
 
 def process_grid(dims: ParallelDims) -> Any:

@@ -67,14 +67,14 @@ def build_runner(
             universal=universal,
         )
     mpu = dims.ds_grid() if dims.tp > 1 else None
-    # With cp > 1 (tp = pp = 1, config.py) DeepSpeed's data-parallel group is the whole world: the cp ranks
-    # reduce gradients (and hold ZeRO partitions) as extra data-parallel ranks.
+    # With cp > 1 the cp ranks reduce gradients (and hold ZeRO partitions) as extra data-parallel ranks:
+    # DeepSpeed's data-parallel group is the world without tp, or the grid's dp x cp group with it.
     engine, optimizer = build_engine(model, cfg, derived, lr_lambda, mpu=mpu)
     if cp is not None:
         from llmtrain.parallel.context_parallel import ContextParallelRunner
 
         return ContextParallelRunner(
-            engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, universal=universal, cp=cp
+            engine, optimizer, device, where.dp, dims.dp, tp=dims.tp, mpu=mpu, universal=universal, cp=cp
         )
     return EngineRunner(
         engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu, universal=universal

@@ -1,8 +1,9 @@
 """Context parallel (parallel.cp): ring attention against full attention on one process (the ring simulated
 with one thread per rank), the whole decoder on simulated ranks against its one-rank loss and gradients, the
-layout checks, then real runs through torchrun: cp2 against the pinned one-rank golden losses, a cp2
-checkpoint resumed on one rank, and cp2 x dp2 (ZeRO-3, activation checkpointing, RoPE, packed documents
-crossing the chunk borders) against the one-rank run of the same config.
+layout checks, then real runs through torchrun: cp2 (ring; Ulysses) and tp2 x cp2 against the pinned
+one-rank golden losses, a cp2 checkpoint resumed on one rank, and cp2 x dp2 (ZeRO-3, activation
+checkpointing, RoPE, packed documents crossing the chunk borders) against the one-rank run of the same
+config.
 
 Tolerances: the simulated ring in float64 equals full attention to rounding (1e-12); in float32 the ring adds
 the same products in another order (scores per chunk pair, softmax sums merged by log-sum-exp), ~1e-7
@@ -204,6 +205,11 @@ def test_layout_puts_cp_between_dp_and_tp():
         assert rank == ((c.pp * dims.dp + c.dp) * dims.cp + c.cp) * dims.tp + c.tp == dims.rank_of(c)
     assert dims.coords(5) == Coords(dp=1, pp=0, tp=1, cp=0)
     assert dims.as_dict() == {"tp": 2, "pp": 1, "dp": 2, "cp": 2}
+    # DeepSpeed's data-parallel groups (gradient average, ZeRO partitions): every dp x cp rank of one tp index
+    from llmtrain.parallel.engine import process_topology
+
+    assert process_topology(dims).get_axis_comm_lists("data") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert process_topology(dims).get_axis_comm_lists("model") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert ParallelDims.for_world(4).as_dict() == {"tp": 1, "pp": 1, "dp": 4}  # older checkpoints compare equal
 
 
@@ -215,10 +221,9 @@ BASE = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.seq_len=
     [
         (["parallel.cp=3"], r"train.seq_len=64 is not divisible by 2\*parallel.cp = 6"),
         (["parallel.cp=2", "parallel.pp=2"], "parallel.cp=2 needs parallel.pp=1: pipeline stages pass only"),
-        (["parallel.cp=2", "parallel.tp=2"], "parallel.cp=2 needs parallel.tp=1"),
         (
             ["parallel.cp=4", "parallel.cp_method=ulysses", "train.seq_len=64", "model.n_head=6"],
-            "model.n_head=6 is not divisible by parallel.cp=4",
+            r"model.n_head=6 \(per tensor-parallel rank: 6\) is not divisible by parallel.cp=4",
         ),
         (["parallel.cp=2", "model.dropout=0.1"], "parallel.cp=2 needs model.dropout=0"),
         (["parallel.cp=2", "model.name=bert_debug", "data.sample_kind=bert"], "the ring attention is causal"),
@@ -314,7 +319,7 @@ def test_cp2_dp2_zero3_packed_documents_rope_match_one_rank(tmp_path):
     data = tmp_path / "docs"
     prepare(train_tokenizer(make_docs(100, seed=99), "bpe", 300), data, make_docs(300, seed=1, max_words=60))
     common = [
-        "train.max_steps=4",
+        "train.max_steps=3",
         "train.seq_len=256",
         f"data.path={data}",
         "data.doc_mask=true",
@@ -346,3 +351,18 @@ def test_cp2_ulysses_matches_one_rank_golden(tmp_path):
     )  # fmt: skip
     assert "x cp 2 (ulysses, 32 tokens per rank)" in proc.stdout
     assert_losses_match(losses(out), {s: v for s, v in golden_losses().items() if s <= 3}, TOL)
+
+
+@pytest.mark.slow
+def test_tp2_cp2_matches_one_rank_golden(tmp_path):
+    """Tensor parallel inside each cp rank: heads and vocabulary split over tp, the ring over the ranks of one
+    tp index; DeepSpeed's grid averages gradients over dp x cp = 2 ranks (ZeRO-1), the golden's first 3 steps
+    and the end-of-run sample from whole sequences."""
+    out = tmp_path / "run"
+    proc = train(
+        out, "train.max_steps=3", "parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=1", "train.sample_tokens=4",
+        launcher="torchrun", nproc=4,
+    )  # fmt: skip
+    assert "(dp 1 x tp 2 x pp 1 x cp 2 (ring" in proc.stdout and "sample:" in proc.stdout
+    assert_losses_match(losses(out), {s: v for s, v in golden_losses().items() if s <= 3}, TOL)
+    assert_norms_match(grad_norms(out), {s: v for s, v in golden_grad_norms().items() if s <= 3})
