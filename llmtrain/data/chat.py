@@ -281,9 +281,12 @@ def preference_pair(record: dict[str, Any], where: str) -> tuple[list[dict[str, 
 
 def iter_records(spec: str, *, split: str = "train", name: str | None = None) -> Iterator[dict[str, Any]]:
     """Every record of an input (JSONL/JSON/Parquet file, directory or glob, or a `datasets` loader name), or
-    of the built-in verse instructions for `bundled:verses`."""
+    of the built-in verse instructions for `bundled:verses` (their preference pairs for `bundled:verse-pairs`)."""
     if spec == VERSES_INPUT:
         yield from build_verse_instructions()[0]
+        return
+    if spec == VERSE_PAIRS_INPUT:
+        yield from build_verse_preferences()
         return
     from llmtrain.data.reader import local_files, open_stream
 
@@ -607,6 +610,27 @@ def build_verse_instructions(
                 msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                 out.append({"messages": msgs, "task": task, "answer": answer, "verse": f"{book} {chapter}:{v}"})
     return train, held
+
+
+VERSE_PAIRS_INPUT = "bundled:verse-pairs"
+
+
+def build_verse_preferences(downloads: str | Path | None = None, *, offset: int = 101) -> list[dict[str, Any]]:
+    """Preference pairs (`--format preference` records) from the training verse instructions: the question as
+    the prompt, the right answer chosen, and as rejected the answer of the same task `offset` records further on
+    (another verse's continuation, mostly another book). The held-out verses stay out, as in
+    `build_verse_instructions`."""
+    train = build_verse_instructions(downloads)[0]
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in train:
+        by_task.setdefault(r["task"], []).append(r)
+    pairs = []
+    for rows in by_task.values():
+        for i, r in enumerate(rows):
+            other = rows[(i + offset) % len(rows)]["answer"]
+            if other != r["answer"]:
+                pairs.append({"prompt": r["messages"][0]["content"], "chosen": r["answer"], "rejected": other})
+    return pairs
 
 
 # -- talking with a model (`llmtrain generate --chat`) -------------------------------------------------------

@@ -86,7 +86,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         default="text",
         help="text documents (default); chat: {messages: [{role, content}]} records, trained on assistant turns "
         "only; preference: {prompt, chosen, rejected} records for DPO. --input bundled:verses: the built-in "
-        "verse instructions",
+        "verse instructions (bundled:verse-pairs: their preference pairs)",
     )
     chat.add_argument("--seq-len", type=int, default=0, help="chat/preference: the train.seq_len of the runs")
     chat.add_argument(
