@@ -13,6 +13,7 @@ term is the attention matrix (scores, softmax, dropout mask); flash / memory-eff
 SDPA runs on GPU) never stores it, so by default the plan drops it (`--no-flash` keeps it).
 With context parallel (`parallel.cp`) each rank holds s/cp tokens of every sequence, so every term above
 is taken at s/cp; the ring attention keeps no attention matrix (it recomputes each block in backward).
+ZeRO partitions model states over dp x cp ranks (the cp ranks are data-parallel ranks to DeepSpeed).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def make_plan(
     n = sum(x.numel() for x in model.parameters())
     psi = n / (p.tp * p.pp)
     mixed = cfg.precision in ("bf16", "fp16")  # bf16-autocast keeps fp32 weights and gradients
-    states = model_state_bytes(psi, derived.dp_size, p.zero_stage, mixed, p.offload_optimizer, p.offload_params)
+    zero_ranks = derived.dp_size * p.cp  # ZeRO partitions over the cp ranks too (they reduce gradients as dp)
+    states = model_state_bytes(psi, zero_ranks, p.zero_stage, mixed, p.offload_optimizer, p.offload_params)
     layers_here = m.n_layer / p.pp
     # 1F1B keeps up to pp micro-batches in flight on the first stage.
     in_flight = min(p.pp, derived.grad_accum) if p.pp > 1 else 1
