@@ -36,7 +36,8 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
     if not family.generative:
         raise UserError(
             f"{path} holds a model.arch={family.name} model; generate and eval need a decoder "
-            f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)})"
+            f"(a generative family: {', '.join(f.name for f in FAMILIES.values() if f.generative)}); "
+            f"a BERT model takes `llmtrain eval MODEL --tasks bert_mlm,bert_classify`"
         )
     with torch.device("meta"):
         model = build_converted_model(cfg)  # the checkpoint's converters too: their parameters are in weights

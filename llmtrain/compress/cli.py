@@ -22,7 +22,7 @@ from llmtrain.compress.prune_checkpoint import (
 
 def cmd_prune(args: argparse.Namespace) -> int:
     recipe = load_prune_recipe(args.recipe, args.overrides)
-    f = run_prune(args.checkpoint, recipe, args.out, replace=args.replace)
+    f = run_prune(args.checkpoint, recipe, args.out, replace=args.replace, data_dir=args.data)
     print(
         f"params: {f['params_before'] / 1e6:.3f}M -> {f['params_after'] / 1e6:.3f}M "
         f"({f['params_after'] / f['params_before']:.1%})"
@@ -63,5 +63,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="recipe YAML with a prune: section, e.g. recipes/prune_gpt_debug.yaml")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.yaml)")
     p.add_argument("--replace", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument(
+        "--data",
+        default="",
+        help="prepared dataset (prepare-data) for calibration and held-out figures, e.g. for an imported model "
+        "(default: the checkpoint's training data)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe, e.g. prune.n_layer=2")
     p.set_defaults(fn=cmd_prune)

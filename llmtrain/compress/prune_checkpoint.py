@@ -59,9 +59,12 @@ def write_model(
     return write_model_dir(out, cfg, model, {"prune.json": extra}, replace)
 
 
-def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path, replace: bool = False) -> dict[str, Any]:
+def run_prune(
+    checkpoint: str, recipe: PruneConfig, out: str | Path, replace: bool = False, data_dir: str = ""
+) -> dict[str, Any]:
     """Prune `checkpoint` per `recipe` into the model directory `out` (a non-empty one only with
-    `replace`); returns the figures it printed."""
+    `replace`); returns the figures it printed. `data_dir`: a prepared dataset directory for the calibration and
+    held-out batches instead of the checkpoint's own training data (an imported model has none)."""
     from tqdm import tqdm
 
     from llmtrain.compress.prune import activation_importance, magnitude_importance, prune
@@ -80,6 +83,8 @@ def run_prune(checkpoint: str, recipe: PruneConfig, out: str | Path, replace: bo
         )
     model_cfg = dataclasses.replace(model_cfg, init_from=None)
     cfg = source_config(checkpoint, model_cfg)
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_dir))
     model = build_model(model_cfg)
     model.load_state_dict(weights)
     seq_len = recipe.seq_len or cfg.train.seq_len

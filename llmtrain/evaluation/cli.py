@@ -84,8 +84,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     """`llmtrain eval MODEL --tasks TASKS`: a results table on stdout and the full results as JSON. Under
-    torchrun (WORLD_SIZE > 1) each rank loads the model and scores its share of the documents."""
+    torchrun (WORLD_SIZE > 1) each rank loads the model and scores its share of the documents. BERT models
+    take bert_mlm / bert_classify (llmtrain/evaluation/bert.py), reported in the same format."""
+    from llmtrain.evaluation.bert import is_bert_spec
     from llmtrain.evaluation.run import run_tasks, write_results
+
+    if is_bert_spec(args.tasks):
+        from llmtrain.evaluation.bert import results_table, run_bert_tasks
+
+        res = run_bert_tasks(
+            args.checkpoint, args.tasks, args.device, args.batch_size, args.limit, args.batches, args.seq_len
+        )
+        print(results_table(res))
+        print(f"results: {write_results(res, args.output)}")
+        return 0
 
     results = run_tasks(
         args.checkpoint,
@@ -154,9 +166,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         default="",
         help="lm-evaluation-harness tasks instead of perplexity: comma-separated "
         "task names (llmtrain_cloze, llmtrain_next_verse offline) or paths to task YAMLs "
-        "(needs `pip install -e .[eval]`)",
+        "(needs `pip install -e .[eval]`); for a BERT model bert_mlm (masked-LM accuracy) and/or "
+        "bert_classify (a fine-tuned classifier's accuracy)",
     )
-    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
+    p.add_argument(
+        "--limit", type=int, default=None, help="--tasks: at most this many documents (BERT: sequences) per task"
+    )
     p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="--tasks: bootstrap samples for stderrs")
     p.add_argument("--output", default="eval_results.json", help="--tasks: where the results JSON goes")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError, Derived, derive, save_config, to_dict
-from llmtrain.evaluation.training import check_eval_tasks, eval_task_metrics
+from llmtrain.evaluation.training import check_eval_tasks, eval_task_metrics, shards_documents
 from llmtrain.parallel.compile import attention_backend
 from llmtrain.parallel.launch_env import check_launcher_settings
 from llmtrain.parallel.runner import Runner
@@ -438,7 +438,8 @@ def log_eval(
 ) -> float:
     loss = evaluate(runner, objective, held_out_batches(cfg, data))
     extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
-    extra.update(eval_task_metrics(cfg.train, cfg.model.block_size, runner, data.tokenizer))  # train.eval_tasks
+    shard = shards_documents(cfg.parallel)  # train.eval_tasks: documents over the data-parallel ranks when it can
+    extra.update(eval_task_metrics(cfg.train, cfg.model.block_size, runner, data.tokenizer, shard))
     sink.log(
         {"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
         console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
