@@ -49,7 +49,7 @@ def shards_documents(parallel: ParallelConfig) -> bool:
     forward its own (ZeRO 0-2, no tensor, pipeline or context split; ZeRO-3 gathers parameters collectively)."""
     import torch.distributed as dist
 
-    split = parallel.zero_stage == 3 or parallel.tp > 1 or parallel.pp > 1 or getattr(parallel, "cp", 1) > 1
+    split = parallel.zero_stage == 3 or parallel.tp > 1 or parallel.pp > 1 or parallel.cp > 1
     return not split and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
