@@ -169,7 +169,8 @@ def load_chat_template(tokenizer_path: str | Path, name: str = "") -> ChatTempla
     if not isinstance(template, str) or not template:
         raise DataError(
             f"{tdir}: the tokenizer has no chat template ({TOKENIZER_CONFIG} with 'chat_template', or "
-            f"{TEMPLATE_FILE}); name one: --chat-template chatml (built-in) or --chat-template FILE.jinja"
+            f"{TEMPLATE_FILE}; a model imported before llmtrain kept templates: import it again); name one: "
+            "--chat-template chatml (built-in) or --chat-template FILE.jinja"
         )
     return ChatTemplate(
         template,
@@ -295,10 +296,8 @@ def iter_records(spec: str, *, split: str = "train", name: str | None = None) ->
         for f in files:
             yield from _json_records(f)
         return
-    for batch in open_stream(spec, split=split, name=name).iter(batch_size=256):
-        keys = list(batch)
-        for i in range(len(batch[keys[0]]) if keys else 0):
-            yield {k: batch[k][i] for k in keys}
+    # record by record: column batches of nested records (messages) made pyarrow abort at exit
+    yield from open_stream(spec, split=split, name=name)
 
 
 def _is_json(path: str) -> bool:

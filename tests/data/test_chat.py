@@ -311,3 +311,18 @@ def test_verify_checks_the_mask(tmp_path, chat_tok, capsys):
     mask.write_bytes(bytes(raw))
     assert llmtrain_main(["verify", str(out), "--no-progress"]) == 2
     assert "train_00000.mask" in one_error_line(capsys.readouterr().err)
+
+
+def test_parquet_input_gives_the_same_dataset_as_jsonl(tmp_path, chat_tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmtrain.data.chat import iter_records
+
+    recs = conversations(30, seed=4)
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "c.parquet")
+    _, from_jsonl, _ = prepare(tmp_path, chat_tok, recs, "j")
+    from_parquet, _ = write_chat_dataset(
+        iter_records(str(tmp_path / "c.parquet")), chat_tok, chatml(), tmp_path / "pq", seq_len=T
+    )
+    assert from_parquet["checksums"]["files"] == from_jsonl["checksums"]["files"]
