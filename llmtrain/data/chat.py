@@ -259,6 +259,11 @@ def preference_pair(record: dict[str, Any], where: str) -> tuple[list[dict[str, 
         rejected = check_messages(record["rejected"], f"{where} rejected")
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise DataError(f"{where}: without a 'prompt', chosen and rejected must end with an assistant turn")
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(
+                f"{where}: without a 'prompt', chosen and rejected must be the same conversation up to their last "
+                "turn (the shared prompt); give a 'prompt' field instead"
+            )
         return chosen[:-1], chosen[-1:], rejected[-1:]
     p = record["prompt"]
     prompt = (

@@ -240,6 +240,11 @@ def test_preference_batches(tmp_path, chat_tok):
         ("It.<|im_end|>\n", "No, not it.<|im_end|>\n"),
         ("Thou art.<|im_end|>\n", "Go.<|im_end|>\n"),
     }
+    from llmtrain.data.chat import preference_pair
+
+    differ = {"chosen": recs[2]["chosen"], "rejected": [{"role": "user", "content": "Ho."}, recs[2]["rejected"][1]]}
+    with pytest.raises(DataError, match="same conversation up to their last turn"):
+        preference_pair(differ, "r")
 
 
 @pytest.mark.parametrize(
