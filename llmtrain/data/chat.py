@@ -3,7 +3,8 @@
 `llmtrain prepare-data --format chat` reads records `{"messages": [{"role": "system"|"user"|"assistant",
 "content": str}, ...]}` (JSONL, Parquet, a `datasets` loader), renders each with a chat template (jinja2,
 as transformers' `apply_chat_template` does: the same ids for the same tokenizer) and marks the tokens of the
-assistant turns as the only training targets (`last_turn_only`: the last assistant turn only). A turn's
+assistant turns as the only training targets (`train_on`: "assistant", "last-assistant" for the last assistant
+turn only, or "all" tokens of the conversation, the baseline the mask is measured against). A turn's
 tokens are the rendering of the conversation up to it minus the rendering up to its generation prompt, so
 its end-of-turn marker (`<|im_end|>`) is trained and the model learns to stop.
 
@@ -55,6 +56,7 @@ CHATML = (
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 BUILTIN_END = {"chatml": "<|im_end|>"}
+TRAIN_ON = ("assistant", "last-assistant", "all")  # which tokens of a conversation are targets
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -217,12 +219,13 @@ def encode_chat(
     template: ChatTemplate,
     tok: Tokenizer,
     *,
-    last_turn_only: bool = False,
+    train_on: str = "assistant",
     first_trained: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, loss mask) of one conversation, without EOS. The ids are those of the whole rendering
     (what apply_chat_template gives); mask 1 on the tokens that start inside an assistant turn at message
-    index >= `first_trained` (only the last one with `last_turn_only`). TemplateError when it cannot render."""
+    index >= `first_trained` (only the last one with `train_on="last-assistant"`; every token with "all").
+    TemplateError when it cannot render."""
     full = template.render(messages)
     spans = []
     for i, m in enumerate(messages):
@@ -236,8 +239,10 @@ def encode_chat(
                 "the assistant turn's tokens cannot be located"
             )
         spans.append((len(before), len(upto)))
-    if last_turn_only:
+    if train_on == "last-assistant":
         spans = spans[-1:]
+    elif train_on == "all":
+        spans = [(0, len(full))]
     enc = tok.hf.encode(full, add_special_tokens=False)
     ids = np.asarray(enc.ids, dtype=np.int64)
     starts = np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
@@ -432,7 +437,7 @@ def write_chat_dataset(
     kind: str = "chat",
     seq_len: int,
     overlong: str = "drop",
-    last_turn_only: bool = False,
+    train_on: str = "assistant",
     val_fraction: float = 0.0,
     seed: int = 0,
     shard_tokens: int = 100_000_000,
@@ -456,6 +461,8 @@ def write_chat_dataset(
 
     if kind not in ("chat", "preference"):
         raise DataError(f"--format {kind}: chat data is 'chat' or 'preference'")
+    if train_on not in TRAIN_ON or (kind == "preference" and train_on == "all"):
+        raise DataError(f"--train-on {train_on}: use {' or '.join(TRAIN_ON)} (not all with preference data)")
     if overlong not in ("drop", "truncate"):
         raise DataError(f"--overlong {overlong}: use drop or truncate")
     if seq_len < 2:
@@ -473,9 +480,7 @@ def write_chat_dataset(
     for i, record in enumerate(records):
         stats.records += 1
         where = f"{label} record {i}"
-        seqs = _encode_record(
-            record, kind, template, tok, seq_len, overlong, last_turn_only, where, stats, messages_field
-        )
+        seqs = _encode_record(record, kind, template, tok, seq_len, overlong, train_on, where, stats, messages_field)
         if seqs is None:
             continue
         split = "val" if is_val(np.array([i]), val_fraction, seed)[0] else "train"
@@ -519,7 +524,7 @@ def write_chat_dataset(
         "chat": {
             "template": template.source,
             "overlong": overlong,
-            "last_turn_only": last_turn_only,
+            "train_on": train_on,
             **stats.as_dict(),
         },
         "checksums": {"algorithm": CHECKSUM_ALGORITHM, "block_size": BLOCK_SIZE, "files": files},
@@ -535,7 +540,7 @@ def _encode_record(
     tok: Tokenizer,
     seq_len: int,
     overlong: str,
-    last_turn_only: bool,
+    train_on: str,
     where: str,
     stats: ChatStats,
     messages_field: str,
@@ -554,7 +559,7 @@ def _encode_record(
     seqs = []
     for messages, first in convs:
         try:
-            ids, mask = encode_chat(messages, template, tok, last_turn_only=last_turn_only, first_trained=first)
+            ids, mask = encode_chat(messages, template, tok, train_on=train_on, first_trained=first)
         except TemplateError as exc:
             stats.unrenderable += 1
             stats.skip(where, f"cannot render: {exc}")

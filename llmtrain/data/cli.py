@@ -98,7 +98,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         default="drop",
         help="conversations longer than --seq-len: drop them (default) or keep their first --seq-len tokens",
     )
-    chat.add_argument("--last-turn-only", action="store_true", help="train on the last assistant turn only")
+    chat.add_argument(
+        "--train-on",
+        choices=["assistant", "last-assistant", "all"],
+        default="assistant",
+        help="the targets: every assistant turn (default), the last one only, or all tokens of the conversation "
+        "(the baseline an assistant-only loss is measured against)",
+    )
     chat.add_argument("--messages-field", default="messages", help="chat: record field holding the messages")
     p.set_defaults(fn=cmd_prepare_data)
 
@@ -266,7 +272,7 @@ def cmd_prepare_chat(args: argparse.Namespace) -> int:
         kind=args.format,
         seq_len=args.seq_len,
         overlong=args.overlong,
-        last_turn_only=args.last_turn_only,
+        train_on=args.train_on,
         val_fraction=args.val_fraction,
         seed=args.seed,
         shard_tokens=args.shard_tokens,

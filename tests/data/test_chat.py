@@ -86,9 +86,12 @@ def test_rendering_equals_transformers_apply_chat_template(chat_tok):
         theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
         assert ids.tolist() == list(theirs)
         # the trained tokens are exactly the assistant replies with their end-of-turn marker
-        trained = chat_tok.decode(ids[mask == 1].tolist())
-        want = "".join(m["content"] + "<|im_end|>\n" for m in rec["messages"] if m["role"] == "assistant")
-        assert trained == want
+        replies = [m["content"] + "<|im_end|>\n" for m in rec["messages"] if m["role"] == "assistant"]
+        assert chat_tok.decode(ids[mask == 1].tolist()) == "".join(replies)
+        _, last = encode_chat(rec["messages"], t, chat_tok, train_on="last-assistant")
+        assert chat_tok.decode(ids[last == 1].tolist()) == replies[-1]
+        _, every = encode_chat(rec["messages"], t, chat_tok, train_on="all")
+        assert every.all()
 
 
 def test_smollm2_imported_template_equals_transformers(tmp_path):
