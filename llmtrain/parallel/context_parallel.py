@@ -8,8 +8,9 @@ Causal load balance: the sequence is cut into 2P chunks and rank r holds chunks 
 a back one), so every rank has the same share of the causal triangle's work.
 
 Ring attention: each rank keeps its queries; the keys and values of its two chunks travel around the ring
-(send to the next rank, receive from the previous one, P-1 times), and each arriving block is merged into
-the output with an online softmax (running log-sum-exp per query row). The backward is written out
+(send to the next rank, receive from the previous one, P-1 times, each shift in flight while the block at
+hand is computed), and each arriving block is merged into the output with an online softmax (running
+log-sum-exp per query row). The backward is written out
 (`_RingAttention.backward`): the keys and values travel the same way again while the gradients of each
 block's keys and values travel with it, collecting every rank's share, and reach their owner after the
 P-th shift. Exact: the same sums as full attention in another order (the tests compare both on one
@@ -47,7 +48,9 @@ from llmtrain.errors import UserError
 from llmtrain.models.objective import local_loss
 from llmtrain.parallel.runner import EngineRunner
 
-Shift = Callable[[torch.Tensor], torch.Tensor]  # send a tensor to the next ring rank, return the previous one's
+# Start sending a tensor to the next ring rank (on a channel: 0 keys/values, 1 their gradients) and receiving
+# the previous rank's; the returned call waits for both and gives the received tensor.
+Shift = Callable[[torch.Tensor, int], Callable[[], torch.Tensor]]
 
 # A finite floor for the running log-sum-exp: a query row that has seen no visible key yet (its document
 # starts in a later chunk) stays at it, and exp(floor - lse) is exactly 0 once a visible key arrives.
@@ -136,14 +139,15 @@ def ring_forward(
     kv = torch.stack([k, v])  # travels in the model's dtype
     for step in range(plan.size):
         src = (plan.rank - step) % plan.size
+        incoming = plan.shift(kv, 0) if step < plan.size - 1 else None  # in flight while this block computes
         ks, vs = _rep(kv[0].to(f), nh).split(tc, dim=2), _rep(kv[1].to(f), nh).split(tc, dim=2)
         for i, j, cq, ck in _pairs(plan, src):
             s = _pair_scores(qs[i], ks[j], cq, ck, tc, plan.doc_ids, scale)
             new = torch.logaddexp(lse[i], s.logsumexp(-1))
             out[i] = out[i] * (lse[i] - new).exp()[..., None] + (s - new[..., None]).exp() @ vs[j]
             lse[i] = new
-        if step < plan.size - 1:
-            kv = plan.shift(kv)
+        if incoming is not None:
+            kv = incoming()
     return torch.cat(out, dim=2).to(q.dtype), torch.cat(lse, dim=2)
 
 
@@ -167,9 +171,10 @@ def ring_backward(
     delta = (dout.to(f) * out.to(f)).sum(-1).split(tc, dim=2)  # (B, nh, Tc): rowsum(dO * O)
     dq = [torch.zeros_like(x) for x in qs]
     kv = torch.stack([k, v])
-    dkv = torch.zeros(kv.shape, dtype=f, device=q.device)  # travels with the block it belongs to
+    arriving = None  # the gradient of the block being computed, summed by the ranks it visited before
     for step in range(plan.size):
         src = (plan.rank - step) % plan.size
+        incoming = plan.shift(kv, 0) if step < plan.size - 1 else None  # in flight while this block computes
         kf, vf = _rep(kv[0].to(f), nh), _rep(kv[1].to(f), nh)
         ks, vs = kf.split(tc, dim=2), vf.split(tc, dim=2)
         dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
@@ -180,10 +185,15 @@ def ring_backward(
             ds = p * (dos[i] @ vs[j].transpose(-1, -2) - delta[i][..., None])
             dq[i].add_((ds @ ks[j]) * scale)
             dks[j].add_((ds.transpose(-1, -2) @ qs[i]) * scale)
-        dkv += torch.stack([_unrep(dk, n_kv), _unrep(dv, n_kv)])
-        if step < plan.size - 1:
-            kv = plan.shift(kv)
-        dkv = plan.shift(dkv) if plan.size > 1 else dkv  # after the P-th shift: back at its owner
+        dkv = torch.stack([_unrep(dk, n_kv), _unrep(dv, n_kv)])
+        if arriving is not None:
+            dkv += arriving()
+        if plan.size > 1:  # on to the next rank; after the P-th shift the block's gradient is at its owner
+            arriving = plan.shift(dkv, 1)
+        if incoming is not None:
+            kv = incoming()
+    if arriving is not None:
+        dkv = arriving()
     return torch.cat(dq, dim=2).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
@@ -211,19 +221,24 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ring
 
 def process_group_shift(group: Any, ranks: list[int], me: int) -> Shift:
     """The ring's shift over a torch.distributed group (global `ranks` in ring order, this rank at index
-    `me`): isend to the next rank and irecv from the previous one, both in flight at once (gloo and NCCL)."""
+    `me`): isend to the next rank and irecv from the previous one, in flight until the returned call (gloo and
+    NCCL). Each channel has its own tag; a channel's next shift starts only after its last one was waited for."""
     import torch.distributed as dist
 
     nxt, prv = ranks[(me + 1) % len(ranks)], ranks[(me - 1) % len(ranks)]
 
-    def shift(t: torch.Tensor) -> torch.Tensor:
+    def shift(t: torch.Tensor, channel: int) -> Callable[[], torch.Tensor]:
         t = t.contiguous()
         got = torch.empty_like(t)
-        reqs = [dist.isend(t, nxt, group=group), dist.irecv(got, prv, group=group)]
-        for req in reqs:
-            if req is not None:  # None only on a rank outside `group`, which never calls this
-                req.wait()
-        return got
+        reqs = [dist.isend(t, nxt, group=group, tag=channel), dist.irecv(got, prv, group=group, tag=channel)]
+
+        def wait() -> torch.Tensor:
+            for req in reqs:
+                if req is not None:  # None only on a rank outside `group`, which never calls this
+                    req.wait()
+            return got
+
+        return wait
 
     return shift
 

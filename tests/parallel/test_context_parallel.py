@@ -58,12 +58,12 @@ class ThreadRing:
         self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n)
 
     def shift_for(self, r: int):
-        def shift(t: torch.Tensor) -> torch.Tensor:
+        def shift(t: torch.Tensor, channel: int):  # exchanged at once; the caller's wait just returns it
             self.slots[(r + 1) % self.n] = t.clone()
             self.barrier.wait()
             got = self.slots[r]
             self.barrier.wait()
-            return got
+            return lambda: got
 
         return shift
 
