@@ -7,8 +7,8 @@ For each model size: full fine-tuning and LoRA (rank 8 and 16 on every linear of
 frozen), one DeepSpeed engine each, as training builds it (`build_engine`), one step on random tokens.
 Counted as benchmarks/zero_memory.py counts them (unique storages, views of flat buffers once): the
 gradients held after the boundary's backward and the optimizer state after the step (fp32 master
-partitions where DeepSpeed keeps them, and the Adam moments). The weights are not counted: the frozen
-base is the same in both. The aim (issue 16): LoRA <= 10% of full fine-tuning's optimizer + gradients.
+partitions where DeepSpeed keeps them, and the Adam moments), and, apart, the weights this rank holds
+(parameters and buffers: QLoRA's int4 base, `qlora_r8`, is smaller). The aim (issue 16): LoRA <= 10% of full fine-tuning's optimizer + gradients.
 
 `measure(overrides, world_size)` is the function other benchmarks (benchmarks/finetune.py) call, inside an
 initialised process group (llmtrain.parallel.engine.init_distributed).
@@ -79,10 +79,12 @@ def measure(overrides: list[str], world_size: int = 1, recipe: str = "recipes/ll
     grads = _nbytes(_grads(engine.optimizer, params))
     engine.step()
     optimizer = _nbytes(_optimizer_tensors(engine.optimizer))
+    weights = _nbytes([p.data for p in params] + list(engine.module.buffers()))
     del engine
     return {
         "trainable_params": trainable,
         "params": total,
+        "weight_bytes": weights,
         "grad_bytes": grads,
         "optimizer_bytes": optimizer,
         "optimizer_plus_grad_bytes": grads + optimizer,
@@ -93,6 +95,14 @@ CASES = {
     "full": [],
     "lora_r8": ["model.lora.rank=8", "model.lora.targets=[all]"],
     "lora_r16": ["model.lora.rank=16", "model.lora.targets=[all]"],
+    # QLoRA: the base's block linears int4 (groups of 64 input columns), rank 8 adapters in float
+    "qlora_r8": [
+        "model.converters=[quantized_weights]",
+        "model.weight_quant.bits=4",
+        "model.weight_quant.group_size=64",
+        "model.lora.rank=8",
+        "model.lora.targets=[all]",
+    ],
 }
 
 

@@ -382,6 +382,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     if cfg.log.interval < 1:
         raise ConfigError("log.interval must be >= 1")
+    if getattr(cfg.model, "lora", None) is not None and "quantized_weights" in cfg.model.converters and p.tp > 1:
+        raise ConfigError(
+            "QLoRA (model.lora over model.converters: [quantized_weights]) needs parallel.tp=1: tensor-parallel "
+            "shards hold float weights; use ZeRO (parallel.zero_stage) to spread it, or LoRA on a float base"
+        )
     if cfg.data.doc_mask and p.pp > 1:
         raise ConfigError(
             "data.doc_mask needs parallel.pp=1 (pipeline stages pass only hidden states, not the "

@@ -232,11 +232,12 @@ def merge_in_place(model: nn.Module) -> None:
         module.__dict__.pop("lora_scale", None)
         module.__class__ = base_cls
         with torch.no_grad():
-            if base_cls is nn.Linear:
-                module.weight.copy_(merged_weight(module.weight, a, b, scale).to(module.weight.dtype))
+            merged = merged_weight(module.weight, a, b, scale)
+            if base_cls is nn.Linear:  # a new tensor: the weight loaded into the module is not modified
+                module.weight = nn.Parameter(merged.to(module.weight.dtype), module.weight.requires_grad)
                 continue
             plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device=a.device)
-            plain.weight.copy_(merged_weight(module.weight, a, b, scale))
+            plain.weight.copy_(merged)
             if module.bias is not None:
                 plain.bias.copy_(module.bias)
         parent, _, child = name.rpartition(".")
@@ -256,19 +257,24 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
 
 
 def merge_lora(model_cfg: Any, state_dict: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(config without LoRA, plain state dict) of a LoRA model's state dict: each adapted weight becomes
-    W + (alpha / r) B A and the adapters are dropped. Configs without LoRA come back unchanged."""
-    lora = getattr(model_cfg, "lora", None)
-    if lora is None:
+    """(config without LoRA, plain float state dict) of a LoRA model's state dict: each adapted weight becomes
+    W + (alpha / r) B A and the adapters are dropped. A quantised base (QLoRA) is dequantised, so the result
+    is always a float model without converters. Configs without LoRA come back unchanged. `state_dict` is
+    not modified."""
+    from llmtrain.models.converters import build_converted_model, unconvert
+
+    if getattr(model_cfg, "lora", None) is None:
         return model_cfg, state_dict
-    out = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b"))}
-    for key in state_dict:
-        if key.endswith(".lora_a"):
-            stem = key[: -len(".lora_a")]
-            out[f"{stem}.weight"] = merged_weight(
-                state_dict[f"{stem}.weight"], state_dict[key], state_dict[f"{stem}.lora_b"], lora.scale
-            )
-    if "lm_head.weight" in out and getattr(model_cfg, "tie_embeddings", False):
-        out["lm_head.weight"] = out["wte.weight"]
-    converters = [c for c in model_cfg.converters if c != "lora"]
-    return dataclasses.replace(model_cfg, lora=None, converters=converters), out
+    with torch.device("meta"):
+        model = build_converted_model(model_cfg)
+    model.load_state_dict(state_dict, assign=True)
+    if not unconvert(model, model_cfg):  # LoRA's merge, then the other converters' way back
+        raise ConfigError(
+            f"cannot merge: a converter of model.converters={model_cfg.converters} has no way back to a plain model"
+        )
+    plain: dict[str, Any] = {
+        "lora": None,
+        "converters": [],
+        **({"weight_quant": None} if hasattr(model_cfg, "weight_quant") else {}),
+    }
+    return dataclasses.replace(model_cfg, **plain), {k: v.detach().float() for k, v in model.state_dict().items()}

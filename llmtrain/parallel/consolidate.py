@@ -30,6 +30,7 @@ from llmtrain.model_dir import (
     model_config_yaml,
     stream_weights,
     write_config_text,
+    write_weights,
     writing,
 )
 from llmtrain.models import ModelConfig
@@ -154,7 +155,12 @@ def consolidate(
     shapes = _shapes(source, cfg)
     tensors = tqdm(_tensors(source, cfg), total=len(shapes), unit="param", desc="consolidate", disable=None)
     with writing(out_dir, replace) as tmp:
-        stream_weights(tmp, shapes, tensors, dtype, metadata={"source": str(source)})
+        if source.name != CONSOLIDATED and _has_buffers(cfg):  # integer buffers (QLoRA's base) keep their dtype
+            write_weights(
+                tmp, {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors}, {"source": str(source)}
+            )
+        else:
+            stream_weights(tmp, shapes, tensors, dtype, metadata={"source": str(source)})
         write_config_text(tmp, _config_text(cfg, source))
     return Path(out_dir) / CONSOLIDATED
 
@@ -205,6 +211,12 @@ def _model_config(config_file: Path) -> ModelConfig:
     return model_config_from_dict(model, str(config_file))
 
 
+def _has_buffers(cfg: ModelConfig) -> bool:
+    with torch.device("meta"):
+        model = build_converted_model(cfg)
+    return len(model.state_dict()) > len(dict(model.named_parameters(remove_duplicate=False)))
+
+
 def _plain_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Each parameter's first name and shape, in the model's order (built on the meta device: no memory)."""
     with torch.device("meta"):
@@ -231,7 +243,8 @@ def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
                 yield name, tensor.float() if tensor.is_floating_point() else tensor
         return
     rebuilt = _rebuilt_base(source, cfg)  # a fine-tuning checkpoint stores only what trains
-    for name, shape in _plain_names(cfg).items():
+    shapes = _plain_names(cfg)
+    for name, shape in shapes.items():
         file = source / f"{name}.safetensors"
         if name in rebuilt and not file.is_file():
             yield name, rebuilt.pop(name)
@@ -242,12 +255,13 @@ def _tensors(source: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
             tensor = f.get_tensor("fp32")
         assert tuple(tensor.shape) == shape, (name, tensor.shape, shape)
         yield name, tensor
+    yield from ((n, t) for n, t in rebuilt.items() if n not in shapes)  # buffers, after the parameters
 
 
 def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The frozen weights of a checkpoint that points at its base instead of storing them (universal.py):
-    the model rebuilt as training built it (init_weights with the run's seed, the base's weights, the
-    converters). Empty for a checkpoint that stores every weight."""
+    """What a checkpoint does not store: the frozen weights when it points at its base (universal.py) and
+    the buffers of its converters (a quantised base): the model rebuilt as training built it (init_weights
+    with the run's seed, the base's weights, the converters). Empty for a checkpoint that stores everything."""
     import dataclasses
 
     from llmtrain.models import build_model
@@ -255,7 +269,10 @@ def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from llmtrain.parallel.universal import frozen_base
 
     base = frozen_base(source.parent)
-    if base is None:
+    with torch.device("meta"):
+        converted = build_converted_model(cfg)
+    buffers = set(converted.state_dict()) - {n for n, _ in converted.named_parameters(remove_duplicate=False)}
+    if base is None and not buffers:
         return {}
     seed = ((yaml.safe_load((source.parent / CONFIG).read_text()) or {}).get("train") or {}).get("seed", 0)
     unconverted: dict[str, Any] = {
@@ -268,9 +285,13 @@ def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model.init_weights()  # type: ignore[operator]
-        init_model_from(model, base)
+        if base is not None:
+            init_model_from(model, base)
         apply_converters(model, cfg)
-    return {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    # frozen parameters (only when a base stands in for them) and a converter's buffers (a quantised base,
+    # QLoRA: what the converters make of those weights; never in universal/)
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad and base is not None}
+    return {**frozen, **{n: t for n, t in model.state_dict().items() if n in buffers}}
 
 
 def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

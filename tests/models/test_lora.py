@@ -134,13 +134,16 @@ def test_llama_merged_and_peft_exports_match_through_transformers(tmp_path):
 
 
 def test_bad_lora_settings_are_one_line_exit_2(capsys):
-    for override, message in [
-        ("model.lora.rank=0", "model.lora.rank must be an integer >= 1"),
-        ("model.lora.targets=[qkv, q_proj]", "unknown target 'q_proj' (q, k and v are one fused projection here"),
-        ("model.lora.targets=[gate]", "'gate' needs the Llama flavour"),
-        ("model.lora.alpha=0", "model.lora.alpha must be > 0"),
+    qlora = ["model.weight_quant.bits=4", "model.lora.rank=4"]
+    for overrides, message in [
+        (["model.lora.rank=0"], "model.lora.rank must be an integer >= 1"),
+        (["model.lora.targets=[qkv, q_proj]"], "unknown target 'q_proj' (q, k and v are one fused projection here"),
+        (["model.lora.targets=[gate]"], "'gate' needs the Llama flavour"),
+        (["model.lora.alpha=0"], "model.lora.alpha must be > 0"),
+        (["model.converters=[lora, quantized_weights]", *qlora], "list quantized_weights before lora"),
+        (["model.converters=[quantized_weights]", *qlora, "parallel.tp=2"], "QLoRA (model.lora over"),
     ]:
-        assert main(["train", "recipes/gpt_debug.yaml", override]) == 2
+        assert main(["train", "recipes/gpt_debug.yaml", *overrides]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") or message in err, err
         assert err.count("\n") == 1, err

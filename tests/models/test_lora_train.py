@@ -24,6 +24,7 @@ from llmtrain.interop.peft import export_adapter
 from llmtrain.model_dir import write_model_dir
 from llmtrain.models import build_model
 from llmtrain.models.converters import build_converted_model
+from llmtrain.models.lora import merge_lora
 from llmtrain.parallel.consolidate import consolidate, load_model_weights
 from llmtrain.parallel.universal import frozen_base
 
@@ -130,18 +131,44 @@ def _continue_from(run, step: int, copy):
     return copy
 
 
-def test_without_a_base_frozen_weights_are_stored_and_resume_exactly(tmp_path):
-    """No model.init_from: the (seeded) base is written weight-only, and a resume reads it back."""
-    common = ["model.lora.rank=2", "model.lora.targets=[attn]", "optim.decay_steps=4", "train.max_steps=4"]
+QLORA = ["model.converters=[quantized_weights]", "model.weight_quant.bits=4", "model.weight_quant.group_size=32"]
+
+
+def test_qlora_without_a_base_stores_frozen_weights_and_resumes_exactly(tmp_path):
+    """QLoRA on the seeded base (no model.init_from): the float frozen weights (embedding, norms, biases) are
+    written weight-only, the int4 base is rebuilt by the converters, and a resume is bit-exact."""
+    common = [*QLORA, "model.lora.rank=2", "model.lora.targets=[attn]", "optim.decay_steps=4", "train.max_steps=4"]
     full = tmp_path / "full"
-    train(full, *common, "checkpoint.interval=2")
+    assert "model converters applied: quantized_weights, lora" in train(full, *common, "checkpoint.interval=2").stdout
     universal = full / "checkpoints" / "step_00000002" / "universal"
     assert json.loads((universal / "meta.json").read_text())["base"] is None
     with safe_open(str(universal / "wte.weight.safetensors"), "pt") as f:
         assert list(f.keys()) == ["fp32"]  # a weight without optimizer state
+    assert not list(universal.glob("*weight_q*"))  # the packed base is never stored: the converter rebuilds it
     part = _continue_from(full, 2, tmp_path / "part")
     assert "resumed from" in train(part, *common, "checkpoint.interval=2").stdout
     assert [losses(part)[s] for s in (3, 4)] == [losses(full)[s] for s in (3, 4)]
+
+
+def test_qlora_on_a_base_trains_and_merges_to_a_float_model(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    train(out, *QLORA, *LORA, f"model.init_from={base}")
+    assert losses(out)[STEPS] < losses(out)[1]
+    files = list((out / "checkpoints" / "step_00000006" / "universal").glob("*.safetensors"))
+    assert len(files) == 16 and all(".lora_" in f.name for f in files)
+    cfg, weights = load_model_weights(out)  # the int4 base rebuilt from the base's weights
+    assert weights["blocks.0.mlp.up.weight_q"].dtype == torch.uint8
+    model = build_converted_model(cfg)
+    model.load_state_dict(weights)
+    assert type(model.get_submodule("blocks.0.mlp.up")).__name__ == "LoRAQuantLinear"
+    merged_cfg, merged = merge_lora(cfg, weights)
+    assert merged_cfg.converters == [] and all(t.dtype == torch.float32 for t in merged.values())
+    export_hf(out, tmp_path / "hf")  # merged: a plain float transformers model
+    ids = torch.randint(0, 8000, (2, 32))
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(hf(ids).logits, model.eval()(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_trained_run_exports_merged_and_as_peft_adapter(ref, base, tmp_path):

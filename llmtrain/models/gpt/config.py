@@ -50,3 +50,8 @@ class GPTConfig(ModelConfig):
             target_suffixes(self.lora, self.mlp == "swiglu")  # a target this flavour lacks fails here
             if "lora" not in self.converters:
                 self.converters = [*self.converters, "lora"]
+            if "quantized_weights" in self.converters[self.converters.index("lora") :]:
+                raise UserError(
+                    "model.converters: list quantized_weights before lora (QLoRA quantises the base, then adds "
+                    "float adapters to it)"
+                )
