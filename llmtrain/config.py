@@ -541,6 +541,12 @@ def _check_context_parallel(cfg: Config) -> None:
         (m.dropout > 0, "model.dropout=0", "the ring attention has no attention dropout"),
         (t.compile, "train.compile=false", "compiling blocks around the ring's send/recv was not tried"),
         (bool(cfg.distill.teacher), "distill.teacher=''", "the teacher would need the same sequence split"),
+        (
+            t.objective != "family",
+            "train.objective=family",
+            f"train.objective={t.objective} scores whole sequences (log-probs of chosen and rejected answers); "
+            f"context parallel splits the causal LM loss only",
+        ),
     ]
     for refused, fix, reason in refusals:
         if refused:

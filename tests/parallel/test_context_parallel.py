@@ -226,6 +226,7 @@ BASE = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.seq_len=
             r"model.n_head=6 \(per tensor-parallel rank: 6\) is not divisible by parallel.cp=4",
         ),
         (["parallel.cp=2", "model.dropout=0.1"], "parallel.cp=2 needs model.dropout=0"),
+        (["parallel.cp=2", "train.objective=dpo"], "parallel.cp=2 needs train.objective=family"),
         (["parallel.cp=2", "model.name=bert_debug", "data.sample_kind=bert"], "the ring attention is causal"),
     ],
 )
