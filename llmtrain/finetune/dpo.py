@@ -168,10 +168,11 @@ def validate_dpo(cfg: Config) -> None:
             "dpo.cache_dir is built by rank 0 alone with the whole reference; set dpo.reference_zero_stage=0 "
             "(or dpo.cache_dir='')"
         )
-    if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
+    if cfg.parallel.pp > 1 or cfg.parallel.tp > 1 or cfg.parallel.cp > 1:
         raise ConfigError(
             "train.objective=dpo runs on data parallel with ZeRO 0-3 (the reference whole, ZeRO-3 or cached), "
-            "not on a pipeline or tensor parallel; set parallel.pp=1 and parallel.tp=1"
+            "not on a pipeline, tensor or context parallel (an answer's log-probability is summed over its whole "
+            "sequence); set parallel.pp=1, parallel.tp=1 and parallel.cp=1"
         )
     if cfg.data.doc_mask:
         raise ConfigError("preference pairs are one answer per row; set data.doc_mask=false with train.objective=dpo")

@@ -195,6 +195,26 @@ def test_batches_without_pairs_are_a_data_error():
         DPO(DPOConfig(), LLAMA, reference=_frozen(policy))(policy, batch)
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["dpo.beta=0"], "dpo.beta must be > 0"),
+        (["dpo.reference_zero_stage=2"], "dpo.reference_zero_stage must be 0"),
+        (["dpo.reference_zero_stage=3", "dpo.cache_dir=x"], "dpo.cache_dir is built by rank 0"),
+        (["parallel.cp=2"], "not on a pipeline, tensor or context parallel"),
+        (["data.doc_mask=true"], "data.doc_mask=false"),
+    ],
+)
+def test_dpo_settings_are_checked(overrides, match):
+    from llmtrain.config import load_config
+    from llmtrain.errors import ConfigError
+    from llmtrain.finetune.dpo import validate_dpo
+
+    cfg = load_config(ROOT / "recipes" / "dpo_llama_debug.yaml", overrides)
+    with pytest.raises(ConfigError, match=match):
+        validate_dpo(cfg)
+
+
 def _cli(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, TRAIN, str(ROOT / "recipes" / "gpt_debug.yaml"), *TINY, f"out_dir={tmp_path / 'run'}"]
     return subprocess.run(
