@@ -157,7 +157,8 @@ class PreparedSource:
             raise DataError(
                 f"{self.path}: prepared ({self.kind} data) for train.seq_len={want} (conversations are packed "
                 f"whole into windows of that length) but this run has train.seq_len={seq_len}; set "
-                f"train.seq_len={want}, or prepare the data again with --seq-len {seq_len}"
+                f"train.seq_len={want} (llmtrain eval: --seq-len {want}), or prepare the data again with "
+                f"--seq-len {seq_len}"
             )
 
 

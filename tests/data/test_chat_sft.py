@@ -83,3 +83,12 @@ def test_tiny_sft_run_loss_falls_and_generate_chat_answers(tmp_path, capsys, mon
     monkeypatch.setattr("sys.stdin", io.StringIO("Who shall inherit the earth?\nAnd the kingdom?\n\n"))
     assert llmtrain_main(["generate", str(out), "--chat", "--temperature", "0", "--max-new-tokens", "24"]) == 0
     assert capsys.readouterr().out.split("\n") == [REPLY, REPLY, ""]
+    # the exported tokenizer carries the template: transformers' apply_chat_template renders as we do
+    from transformers import AutoTokenizer
+
+    assert llmtrain_main(["export-hf", str(out), str(tmp_path / "hf")]) == 0
+    msgs = [{"role": "user", "content": "Who?"}]
+    rendered = AutoTokenizer.from_pretrained(str(tmp_path / "hf")).apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n"
