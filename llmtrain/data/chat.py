@@ -183,9 +183,10 @@ def load_chat_template(tokenizer_path: str | Path, name: str = "") -> ChatTempla
 
 
 def _end_of(template: str, special: dict[str, str]) -> str:
-    """What ends an assistant turn: the tokenizer's eos_token, else ChatML's marker when the template uses it
-    (chatml on a tokenizer without chat tokens), else nothing (generation stops at EOS only)."""
-    return special.get("eos_token") or ("<|im_end|>" if "<|im_end|>" in template else "")
+    """What ends an assistant turn: ChatML's marker when the template uses it (also chatml rendered as plain text,
+    whose tokenizer's eos_token is the document separator), else the tokenizer's eos_token, else nothing
+    (generation stops at EOS only)."""
+    return "<|im_end|>" if "<|im_end|>" in template else special.get("eos_token", "")
 
 
 # -- conversations -> tokens + loss mask ----------------------------------------------------------------

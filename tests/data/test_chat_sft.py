@@ -92,3 +92,9 @@ def test_tiny_sft_run_loss_falls_and_generate_chat_answers(tmp_path, capsys, mon
         msgs, tokenize=False, add_generation_prompt=True
     )
     assert rendered == "<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n"
+    # ... and import-hf keeps it: the imported model talks through it and stops at ChatML's end of turn
+    assert llmtrain_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    capsys.readouterr()
+    args = ["generate", str(tmp_path / "imported"), "--chat", "--temperature", "0", "--prompt", "Who shall live?"]
+    assert llmtrain_main([*args, "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out.strip() == REPLY
