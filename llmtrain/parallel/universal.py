@@ -249,9 +249,14 @@ class UniversalCheckpoint:
         # these very Parameter objects, so identity gives each one its plain name on every layout.
         named = dict(model.named_parameters())
         # A fine-tuned model's frozen weights come from its base (model.init_from, recorded by
-        # init_model_from as `llmtrain_init_from`): only a pointer to it is stored, not the weights.
+        # init_model_from as `llmtrain_init_from`): only a pointer to it is stored, not the weights. So do
+        # the buffers a converter made of the base's weights (a quantised base), which are never stored.
         init_from = getattr(model, "llmtrain_init_from", None)
-        self.base = base_pointer(init_from) if init_from and any(not p.requires_grad for p in named.values()) else None
+        frozen = any(not p.requires_grad for p in named.values())
+        converted_buffers = bool(getattr(model.cfg, "converters", None)) and len(model.state_dict()) > len(
+            dict(model.named_parameters(remove_duplicate=False))
+        )
+        self.base = base_pointer(init_from) if init_from and (frozen or converted_buffers) else None
         self.names = {id(p): n for n, p in named.items() if p.requires_grad or self.base is None}
         self.layout, self.tp_group, self.writer = layout, tp_group, writer
 
