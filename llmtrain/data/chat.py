@@ -35,6 +35,7 @@ name (`chatml`) or a jinja file. The prepared dataset keeps the template it used
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,6 +366,7 @@ class ChatStats:
         return dict(self.__dict__)
 
 
+SHARD_FILE = re.compile(r"(train|val)_\d{5}\.(bin|idx|mask)(\.tmp)?")
 OPEN_WINDOWS = 64  # windows kept open for first-fit packing (the oldest is written when one more is needed)
 
 
@@ -472,8 +474,9 @@ def write_chat_dataset(
     if (out / MANIFEST).exists():
         raise DataError(f"{out}: already holds a prepared dataset; delete it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.tmp"), *out.glob("train_*"), *out.glob("val_*")]:  # an interrupted earlier run
-        stale.unlink()
+    for stale in out.iterdir():  # shards of an interrupted earlier run (only files named as ours)
+        if SHARD_FILE.fullmatch(stale.name) and stale.is_file():
+            stale.unlink()
     tok.save(out)
     (out / TOKENIZER_CONFIG).write_text(json.dumps(template.config(), indent=1))
     stats, dtype = ChatStats(), token_dtype(tok.vocab_size)

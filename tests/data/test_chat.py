@@ -334,3 +334,17 @@ def test_parquet_input_gives_the_same_dataset_as_jsonl(tmp_path, chat_tok):
         iter_records(str(tmp_path / "c.parquet")), chat_tok, chatml(), tmp_path / "pq", seq_len=T
     )
     assert from_parquet["checksums"]["files"] == from_jsonl["checksums"]["files"]
+
+
+def test_rerun_after_interruption_removes_only_its_own_shards(tmp_path, chat_tok):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "train_00000.bin").write_bytes(b"half-written")  # an interrupted run's shard
+    (out / "train_chat.jsonl").write_text("the user's input\n")  # not ours: kept
+    recs = conversations(10)
+    from llmtrain.data.chat import iter_records
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_chat_dataset(iter_records(str(tmp_path / "c.jsonl")), chat_tok, chatml(), out, seq_len=T)
+    assert (out / "train_chat.jsonl").read_text() == "the user's input\n"
+    assert llmtrain_main(["verify", str(out), "--no-progress"]) == 0
