@@ -1,9 +1,9 @@
 """Context parallel (parallel.cp): ring attention against full attention on one process (the ring simulated
 with one thread per rank), the whole decoder on simulated ranks against its one-rank loss and gradients, the
-layout checks, then real runs through torchrun: cp2 (ring; Ulysses) and tp2 x cp2 against the pinned
-one-rank golden losses, a cp2 checkpoint resumed on one rank, and cp2 x dp2 (ZeRO-3, activation
-checkpointing, RoPE, packed documents crossing the chunk borders) against the one-rank run of the same
-config.
+layout checks, then real runs through torchrun: cp2 and tp2 x cp2 against the pinned one-rank golden
+losses, a cp2 checkpoint resumed on one rank and that run's checkpoint resumed at cp2 with Ulysses, and
+cp2 x dp2 (ZeRO-3, activation checkpointing, RoPE, packed documents crossing the chunk borders) against the
+one-rank run of the same config.
 
 Tolerances: the simulated ring in float64 equals full attention to rounding (1e-12); in float32 the ring adds
 the same products in another order (scores per chunk pair, softmax sums merged by log-sum-exp), ~1e-7
@@ -299,14 +299,39 @@ def test_cp2_matches_one_rank_golden(cp2):
     assert_norms_match(grad_norms(cp2), golden_grad_norms())
 
 
-@pytest.mark.slow
-def test_cp2_checkpoint_resumes_on_one_rank(cp2, tmp_path):
-    out = tmp_path / "resumed"
-    proc = train(out, f"train.max_steps={STEPS}", f"train.resume={cp2 / 'checkpoints' / 'step_00000003'}")
+@pytest.fixture(scope="module")
+def resumed(cp2, tmp_path_factory):
+    """cp2's step-3 checkpoint continued on one rank to step 6, checkpointing every step."""
+    out = tmp_path_factory.mktemp("resumed") / "run"
+    proc = train(
+        out,
+        f"train.max_steps={STEPS}",
+        f"train.resume={cp2 / 'checkpoints' / 'step_00000003'}",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=3",
+    )
     assert "resuming across layouts" in proc.stdout and "parallel.cp 2 -> 1" in proc.stdout
-    got = losses(out)
+    return out
+
+
+@pytest.mark.slow
+def test_cp2_checkpoint_resumes_on_one_rank(resumed):
+    got = losses(resumed)
     assert sorted(got) == [4, 5, 6]
     assert_losses_match(got, {s: v for s, v in golden_losses().items() if s > 3}, TOL)
+
+
+@pytest.mark.slow
+def test_one_rank_checkpoint_resumes_on_cp2_ulysses(resumed, tmp_path):
+    """And back: the one-rank step-4 checkpoint continued at cp2 with Ulysses (the all-to-all over heads; TINY
+    has 2 heads, one per rank) and ZeRO-1 follows the golden curve."""
+    out = tmp_path / "run"
+    proc = train(
+        out, f"train.max_steps={STEPS}", f"train.resume={resumed / 'checkpoints' / 'step_00000004'}",
+        "parallel.cp=2", "parallel.cp_method=ulysses", "parallel.zero_stage=1", launcher="torchrun", nproc=2,
+    )  # fmt: skip
+    assert "x cp 2 (ulysses, 32 tokens per rank)" in proc.stdout and "resuming across layouts" in proc.stdout
+    assert_losses_match(losses(out), {s: v for s, v in golden_losses().items() if s > 4}, TOL)
 
 
 @pytest.mark.slow
@@ -341,18 +366,6 @@ def test_cp2_dp2_zero3_packed_documents_rope_match_one_rank(tmp_path):
     assert "(dp 2 x tp 1 x pp 1 x cp 2" in four.stdout and "(dp 1 x tp 1 x pp 1)" in one.stdout
     assert_losses_match(losses(tmp_path / "four"), losses(tmp_path / "one"), TOL)
     assert_norms_match(grad_norms(tmp_path / "four"), grad_norms(tmp_path / "one"))
-
-
-@pytest.mark.slow
-def test_cp2_ulysses_matches_one_rank_golden(tmp_path):
-    """The all-to-all over heads (TINY has 2 heads: one per rank), ZeRO-1, the golden's first 3 steps."""
-    out = tmp_path / "run"
-    proc = train(
-        out, "train.max_steps=3", "parallel.cp=2", "parallel.cp_method=ulysses", "parallel.zero_stage=1",
-        launcher="torchrun", nproc=2,
-    )  # fmt: skip
-    assert "x cp 2 (ulysses, 32 tokens per rank)" in proc.stdout
-    assert_losses_match(losses(out), {s: v for s, v in golden_losses().items() if s <= 3}, TOL)
 
 
 @pytest.mark.slow
