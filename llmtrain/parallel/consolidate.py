@@ -135,7 +135,7 @@ def _unconverted(
             f"converters are applied; initialise from its unconverted source, or resume the run"
         )
     with torch.device("meta"):  # each tied parameter once, under its first name (as the plain model lists it)
-        names = [n for n, _ in build_converted_model(dataclasses.replace(cfg, converters=[])).named_parameters()]
+        names = [n for n, _ in build_converted_model(_plain_config(cfg)).named_parameters()]
     params = dict(model.named_parameters(remove_duplicate=False))
     return iter([(n, params[n].detach().float()) for n in names])
 
@@ -262,8 +262,6 @@ def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """What a checkpoint does not store: the frozen weights when it points at its base (universal.py) and
     the buffers of its converters (a quantised base): the model rebuilt as training built it (init_weights
     with the run's seed, the base's weights, the converters). Empty for a checkpoint that stores everything."""
-    import dataclasses
-
     from llmtrain.models import build_model
     from llmtrain.models.converters import apply_converters
     from llmtrain.parallel.universal import frozen_base
@@ -275,13 +273,7 @@ def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     if base is None and not buffers:
         return {}
     seed = ((yaml.safe_load((source.parent / CONFIG).read_text()) or {}).get("train") or {}).get("seed", 0)
-    unconverted: dict[str, Any] = {
-        "init_from": None,
-        "converters": [],
-        **({"lora": None} if hasattr(cfg, "lora") else {}),
-    }
-    plain = dataclasses.replace(cfg, **unconverted)
-    model = build_model(plain)
+    model = build_model(dataclasses.replace(_plain_config(cfg), init_from=None))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model.init_weights()  # type: ignore[operator]
@@ -292,6 +284,12 @@ def _rebuilt_base(source: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     # QLoRA: what the converters make of those weights; never in universal/)
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad and base is not None}
     return {**frozen, **{n: t for n, t in model.state_dict().items() if n in buffers}}
+
+
+def _plain_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` without its converters (and without `model.lora`, which would add its converter back)."""
+    plain: dict[str, Any] = {"converters": [], **({"lora": None} if hasattr(cfg, "lora") else {})}
+    return dataclasses.replace(cfg, **plain)
 
 
 def _tied_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from llmtrain.model_dir import write_model_dir
 from llmtrain.models import build_model
 from llmtrain.models.converters import build_converted_model
 from llmtrain.models.lora import merge_lora
-from llmtrain.parallel.consolidate import consolidate, load_model_weights
+from llmtrain.parallel.consolidate import consolidate, init_model_from, load_model_weights
 from llmtrain.parallel.universal import frozen_base
 
 STEPS = 6
@@ -164,6 +164,9 @@ def test_qlora_on_a_base_trains_and_merges_to_a_float_model(base, tmp_path):
     assert type(model.get_submodule("blocks.0.mlp.up")).__name__ == "LoRAQuantLinear"
     merged_cfg, merged = merge_lora(cfg, weights)
     assert merged_cfg.converters == [] and all(t.dtype == torch.float32 for t in merged.values())
+    plain = build_model(merged_cfg)
+    init_model_from(plain, out)  # a new run may start from it: the converters' unconvert merges the same way
+    assert all(torch.equal(plain.state_dict()[k], merged[k]) for k in merged)
     export_hf(out, tmp_path / "hf")  # merged: a plain float transformers model
     ids = torch.randint(0, 8000, (2, 32))
     with torch.no_grad():
