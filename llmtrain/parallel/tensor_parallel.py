@@ -227,14 +227,24 @@ class RowParallelLinear(nn.Module):
         self.bias = linear.bias  # replicated: added once, after the sum
         self.weight_transform = weight_transform_of(linear)
         self.lora = _lora_shards(self, linear, a_cols=slice(rank * local, (rank + 1) * local))
+        self.cols, self.in_features = slice(rank * local, (rank + 1) * local), linear.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _ReduceFromTP.apply(F.linear(x, self.weight_transform(self.weight)), self.group)  # (..., out)
         if self.lora:
             # LoRA: A split by input columns like W (partial A x summed over the ranks), B whole on every rank
-            h = _ReduceFromTP.apply(F.linear(self.lora_dropout(x), self.lora_a), self.group)  # (..., r)
+            h = _ReduceFromTP.apply(F.linear(self._lora_dropout(x), self.lora_a), self.group)  # (..., r)
             y = y + self.lora_scale * F.linear(h, self.lora_b)
         return y + self.bias if self.bias is not None else y
+
+    def _lora_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's dropout on this rank's input columns: one mask over the whole width (the same draw on
+        every TP rank, which share the RNG state), sliced, so the ranks' columns get independent masks."""
+        p = getattr(self.lora_dropout, "p", 0.0)
+        if not self.training or p == 0:
+            return x
+        keep = torch.empty(*x.shape[:-1], self.in_features, device=x.device, dtype=x.dtype).bernoulli_(1 - p)
+        return x * keep[..., self.cols] / (1 - p)
 
 
 class VocabParallelEmbedding(nn.Module):
