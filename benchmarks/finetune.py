@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -216,7 +217,7 @@ def run_one(name: str, steps: int, micro: int, seed: int, cache: Path, per_book:
         model, trains = build(model_dir, method, rank)
     except NotOnMain as exc:
         return {**rec, "status": f"not run: {exc} not on main"}
-    rec["trains"] = trains
+    rec["trains"], rec["threads"] = trains, torch.get_num_threads()
     enc = Encoder(model_dir)
     train_recs, eval_recs = task_records(seed, per_book)
     choices = [enc.tok.encode(b)[0] for b in BOOKS]
@@ -320,8 +321,17 @@ def write(out: Path, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 r["accuracy_before"] = before  # the same float base (LoRA's B = 0: exactly the base)
     doc = {
         "command": "nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune.py",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "task": {
+            "books": list(BOOKS),
+            "verse_words": [4, MAX_WORDS],
+            "system_prompt": SYSTEM,
+            "eval": "rank classification over the books' first tokens; one held-out example = "
+            + ", ".join(
+                sorted({f"{100 / r['eval_examples']:.1f} points" for r in rows.values() if "eval_examples" in r})
+            ),
+        },
         "rows": [rows[n] for n in CONFIGS if n in rows],
         "aims": aims(rows),
     }
@@ -332,20 +342,32 @@ def write(out: Path, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def table(doc: dict[str, Any]) -> str:
     lines = [
-        "| run | trains | mask | acc. before | acc. after | trainable params | grad + AdamW state | peak RSS | tokens/s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | trains | mask | acc. before | acc. after | trainable params | weights | grad + AdamW state "
+        "| peak RSS | tokens/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in doc["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['name']} | {r.get('status')} | | | | | | | |")
+            lines.append(f"| {r['name']} | {r.get('status')} | | | | | | | | |")
             continue
         mib = (r["grad_bytes"] + r["optimizer_bytes"]) / 2**20
+        before = f"{100 * r['accuracy_before']:.1f}%" if "accuracy_before" in r else "-"
+        rate = f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") else "-"
         lines.append(
-            f"| {r['name']} | {r['trains']} | {r['mask']} | {100 * r['accuracy_before']:.1f}% | "
-            f"{100 * r['accuracy_after']:.1f}% | {r['trainable_params'] / 1e6:.2f}M | {mib:.1f} MiB | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['tokens_per_s']:.0f} |"
+            f"| {r['name']} | {r['trains']} | {r['mask']} | {before} | {100 * r['accuracy_after']:.1f}% | "
+            f"{r['trainable_params'] / 1e6:.2f}M | {r['weights_bytes'] / 2**20:.0f} MiB | {mib:.1f} MiB | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {rate} |"
         )
     return "\n".join(lines)
+
+
+def merge(files: list[Path], out: Path) -> dict[str, Any]:
+    """One results file from the files of configurations run apart (each row from the file that has it)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for f in files:
+        for r in json.loads(f.read_text()).get("rows", []):
+            if r.get("status") == "ok" or r["name"] not in rows:
+                rows[r["name"]] = r
+    return write(out, rows)
 
 
 def main() -> int:
@@ -360,7 +382,11 @@ def main() -> int:
     p.add_argument("--cache", type=Path, default=None, help="data cache (default: llmtrain's)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    p.add_argument("--merge", type=Path, nargs="+", help="merge these results files into --out and exit")
     args = p.parse_args()
+    if args.merge:
+        print(table(merge(args.merge, args.out)))
+        return 0
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return 0

@@ -121,3 +121,18 @@ def test_model_speed_benchmark_runs_llmtrain_and_the_reference_on_the_same_shape
     assert case["llmtrain_tokens_per_s"] > 0 and case["reference_tokens_per_s"] > 0
     # the reference is the same shape as llmtrain's model: tied embeddings, GPT-2 blocks
     assert abs(case["reference_params"] - 8192 * 192 - 128 * 192 - 12 * 192 * 192) < 20 * 192
+
+
+def test_finetune_benchmark_table_of_its_committed_results(tmp_path):
+    """benchmarks/finetune.py needs SmolLM2 and minutes of CPU per configuration: its committed results are
+    checked here (every configuration ran or says why not; aims computed), and --merge / --table read them."""
+    results = ROOT / "benchmarks" / "results" / "finetune.json"
+    proc = _run("benchmarks/finetune.py", "--merge", str(results), "--out", str(tmp_path / "f.json"))
+    doc = json.loads((tmp_path / "f.json").read_text())
+    names = [r["name"] for r in doc["rows"]]
+    assert names == ["full", "lora8", "lora16", "qlora16", "full_all_tokens", "lora16_all_tokens"]
+    assert all(r["status"] == "ok" or r["status"].startswith("not run") for r in doc["rows"])
+    assert proc.stdout.count("\n| ") == len(names) + 1  # header rule + one line per configuration
+    full = doc["rows"][0]
+    assert full["grad_bytes"] + full["optimizer_bytes"] == 12 * full["trainable_params"]  # fp32 grad + 2 moments
+    assert set(doc["aims"]) >= {"lora8", "lora16", "mask_full", "mask_lora16"}
