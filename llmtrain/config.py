@@ -110,6 +110,9 @@ class ParallelConfig:
     # Context-parallel degree: each sequence is cut into 2*cp chunks, rank r of a replica's ring holds chunks
     # r and 2cp-1-r (causal load balance); the cp ranks see the same samples (llmtrain/parallel/context_parallel.py).
     cp: int = 1
+    # Expert-parallel degree (model.moe): the experts of each MoE block are computed on ep data-parallel ranks,
+    # E/ep each, tokens sent to them all-to-all (llmtrain/parallel/expert_parallel.py); ep divides the dp size.
+    ep: int = 1
     # How attention spans the chunks of one sequence with cp > 1: ring (keys and values passed around the ring,
     # online softmax) or ulysses (all-to-all over heads: each rank attends whole sequences of n_head/cp heads).
     cp_method: Literal["ring", "ulysses"] = "ring"
@@ -395,6 +398,7 @@ def validate(cfg: Config) -> None:
     _check_model_family(cfg)
     if p.cp > 1:
         _check_context_parallel(cfg)
+    _check_moe(cfg)
     _check_quant(cfg)
 
 
@@ -482,7 +486,7 @@ _ZERO_OFF = ("train.grad_clip", "train.eval_interval", "train.sample_tokens", "c
 def derive(cfg: Config, world_size: int) -> Derived:
     """Layout checks that need the world size, and the values derived from it."""
     t, p = cfg.train, cfg.parallel
-    dims = ParallelDims.for_world(world_size, tp=p.tp, pp=p.pp, cp=p.cp)
+    dims = ParallelDims.for_world(world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)
     dp = dims.dp
     _check_model_split(cfg)
     per_step = t.micro_batch_size * dp
@@ -551,6 +555,33 @@ def _check_context_parallel(cfg: Config) -> None:
     for refused, fix, reason in refusals:
         if refused:
             raise ConfigError(f"{key} needs {fix}: {reason}")
+
+
+def _check_moe(cfg: Config) -> None:
+    """What model.moe and parallel.ep work with (llmtrain/models/gpt/moe.py, parallel/expert_parallel.py)."""
+    p, moe = cfg.parallel, getattr(cfg.model, "moe", None)
+    if isinstance(p.ep, bool) or not isinstance(p.ep, int) or p.ep < 1:
+        raise ConfigError(f"parallel.ep must be an integer >= 1, got {p.ep!r}")
+    if moe is None:
+        if p.ep > 1:
+            raise ConfigError(
+                f"parallel.ep={p.ep} splits mixture-of-experts layers, and this model has none; set model.moe "
+                f"(model.moe.num_experts=...) or parallel.ep=1"
+            )
+        return
+    if moe.num_experts % p.ep:
+        raise ConfigError(
+            f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: each expert-parallel "
+            f"rank computes num_experts/ep whole experts; choose a parallel.ep that divides {moe.num_experts}"
+        )
+    refusals = [
+        (p.tp > 1, "parallel.tp=1", "the tensor-parallel plans do not shard expert weights"),
+        (p.pp > 1, "parallel.pp=1", "pipeline stages pass only hidden states, not the router's auxiliary losses"),
+        (p.cp > 1, "parallel.cp=1", "the router's load-balance statistics would be per sequence chunk"),
+    ]
+    for refused, fix, reason in refusals:
+        if refused:
+            raise ConfigError(f"model.moe needs {fix}: {reason}")
 
 
 def _check_model_split(cfg: Config) -> None:

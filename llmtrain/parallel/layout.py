@@ -15,8 +15,9 @@ then pipeline stages. With cp = 1 the order is DeepSpeed's. The trainer asks for
 before anything is built, so it picks the right slice of each global batch (every cp rank of a replica
 gets the same samples and keeps its own chunks of them: llmtrain/parallel/context_parallel.py).
 
-`ep` (expert parallel) has a place here and is 1 today: a layout that asks for more is refused before
-anything starts (DEVELOPERS.md, "Adding a parallel axis").
+`ep` (expert parallel, llmtrain/parallel/expert_parallel.py) folds over data parallel and adds no mesh axis:
+ep consecutive data-parallel replicas form one expert-parallel group (`ep_group`), exchanging tokens so that
+each computes num_experts/ep of every MoE block's experts. The rank order does not change with ep.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallel: each sequence split over ranks (llmtrain/parallel/context_parallel.py)
-    ep: int = 1  # expert parallel: MoE experts split over ranks (not implemented yet: 1)
+    ep: int = 1  # expert parallel: MoE experts' computation split over ep dp replicas (expert_parallel.py)
     # Process groups, the mesh and DeepSpeed's grid, made on first use (creating them is collective)
     _built: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
@@ -56,8 +57,8 @@ class ParallelDims:
             size = getattr(self, axis)
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"parallel axis {axis} must be an int >= 1; got {size!r}")
-        if self.ep != 1:
-            raise ValueError(f"ep={self.ep}: expert parallel is not implemented yet")
+        if self.dp % self.ep:
+            raise ValueError(f"ep={self.ep} must divide dp={self.dp} (expert parallel folds over data parallel)")
 
     @classmethod
     def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1) -> ParallelDims:
@@ -65,8 +66,6 @@ class ParallelDims:
         Raises ConfigError naming the `parallel.*` keys to change."""
         from llmtrain.errors import ConfigError
 
-        if ep != 1:
-            raise ConfigError(f"parallel.ep={ep}: this axis is not implemented yet; set parallel.ep=1")
         model_par = tp * pp * cp
         if world_size < 1 or world_size % model_par:
             keys, sizes = (
@@ -75,6 +74,12 @@ class ParallelDims:
             raise ConfigError(
                 f"world size {world_size} is not divisible by parallel.{keys} = {sizes}; "
                 f"launch a multiple of {model_par} processes or change tp/pp{'/cp' if cp > 1 else ''}"
+            )
+        if (world_size // model_par) % ep:
+            raise ConfigError(
+                f"parallel.ep={ep} does not divide the data-parallel size {world_size // model_par} (expert "
+                f"parallel groups are ep consecutive data-parallel replicas); launch a multiple of "
+                f"{model_par * ep} processes or change parallel.ep"
             )
         return cls(dp=world_size // model_par, tp=tp, pp=pp, cp=cp, ep=ep)
 
@@ -115,6 +120,8 @@ class ParallelDims:
             stages.append(
                 f"stage {s}: ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"stage {s}: rank {ranks[0]}"
             )
+        if self.ep > 1:  # only with tp = pp = cp = 1 (config.py:_check_moe)
+            return "; ".join(stages) + f" (dp replicas on every rank, ep groups of {self.ep} adjacent ranks)"
         if self.cp == 1:
             return "; ".join(stages) + f" (tp groups of {self.tp} adjacent ranks, dp replicas every {self.tp} ranks)"
         return "; ".join(stages) + (
@@ -125,7 +132,13 @@ class ParallelDims:
     def as_dict(self) -> dict[str, int]:
         """The axis sizes, as checkpoints record the layout they were saved from (cp only when > 1, so the
         layouts recorded before the axis existed still compare equal)."""
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"cp": self.cp} if self.cp > 1 else {})}
+        return {
+            "tp": self.tp,
+            "pp": self.pp,
+            "dp": self.dp,
+            **({"cp": self.cp} if self.cp > 1 else {}),
+            **({"ep": self.ep} if self.ep > 1 else {}),
+        }
 
     # -- process groups: collective on first call (every rank must call them in the same order) --
 
@@ -162,6 +175,25 @@ class ParallelDims:
                             mine = (group, ranks)
             self._built["cp_group"] = mine
         return self._built["cp_group"]
+
+    def ep_group(self) -> tuple[Any, list[int]]:
+        """(process group, its global ranks) of this rank's expert-parallel peers: ep consecutive data-parallel
+        replicas of one pipeline stage, tensor-parallel shard and context chunk. Collective on first call."""
+        if "ep_group" not in self._built:
+            import torch.distributed as dist
+
+            me = dist.get_rank()
+            mine: tuple[Any, list[int]] = (None, [me])
+            for pp in range(self.pp):  # every rank creates every group, in the same order
+                for c in range(self.cp):
+                    for tp in range(self.tp):
+                        for first in range(0, self.dp, self.ep):
+                            ranks = [self.rank_of(Coords(d, pp, tp, c)) for d in range(first, first + self.ep)]
+                            group = dist.new_group(ranks)
+                            if me in ranks:
+                                mine = (group, ranks)
+            self._built["ep_group"] = mine
+        return self._built["ep_group"]
 
     def ds_topology(self) -> Any:
         """DeepSpeed's process topology for this layout (what its PipelineModule takes)."""

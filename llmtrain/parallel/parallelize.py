@@ -45,6 +45,8 @@ def build_runner(
         writer=where.dp == 0 and where.tp == 0 and where.cp == 0,
     )
     cp = _context_parallel(model, dims, p.cp_method) if dims.cp > 1 else None
+    if dims.ep > 1:
+        _expert_parallel(model, dims)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if cfg.train.compile:
         from llmtrain.parallel.compile import compile_blocks
@@ -79,6 +81,19 @@ def build_runner(
     return EngineRunner(
         engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu, universal=universal
     )
+
+
+def _expert_parallel(model: torch.nn.Module, dims: ParallelDims) -> None:
+    """Every MoE block's experts computed over this rank's ep group (tokens all-to-all), applied to the plain
+    model after tensor parallel and before activation checkpointing (so checkpointed blocks recompute it)."""
+    import torch.distributed as dist
+
+    from llmtrain.parallel.expert_parallel import ExpertParallel, apply_expert_parallel
+    from llmtrain.utils import print0
+
+    group, ranks = dims.ep_group()
+    n = apply_expert_parallel(model, ExpertParallel(group, dims.ep, ranks.index(dist.get_rank())))
+    print0(f"expert parallel: {n} MoE blocks, experts split over ep groups of {dims.ep} ranks ({ranks})")
 
 
 def _context_parallel(model: torch.nn.Module, dims: ParallelDims, method: str) -> ContextParallel:

@@ -249,14 +249,21 @@ def print_layout(cfg: Config, derived: Derived, info: DistInfo, model: torch.nn.
     n = sum(full_numel(p) for p in model.parameters())  # ZeRO-3 leaves numel() 0
     print0(
         f"llmtrain | model {cfg.model.name} {n / 1e6:.2f}M params | world {derived.world_size} "
-        f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}{_cp_part(cfg)}) on {info.device.type}/"
+        f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}{_cp_part(cfg)}{_moe_part(cfg)}) on {info.device.type}/"
         f"{info.backend} | "
         f"ZeRO-{cfg.parallel.zero_stage} {cfg.precision} | micro {cfg.train.micro_batch_size} x accum "
         f"{derived.grad_accum} x dp {derived.dp_size} = {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} tokens"
         f" | activation checkpointing {cfg.parallel.activation_checkpointing}"
     )
-    if cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp > 1:
+    if cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp * cfg.parallel.ep > 1:
         print0(f"layout: {derived.dims.describe()}")
+
+
+def _moe_part(cfg: Config) -> str:
+    moe = getattr(cfg.model, "moe", None)
+    if moe is None:
+        return ""
+    return f" | MoE {moe.num_experts} experts, top {moe.top_k}, ep {cfg.parallel.ep}"
 
 
 def _cp_part(cfg: Config) -> str:

@@ -24,7 +24,8 @@ def test_derive_builds_the_layout_once_and_refuses_bad_worlds():
     assert derived.dims == ParallelDims(dp=2, tp=2, pp=1) and derived.dp_size == derived.dims.dp == 2
     with pytest.raises(ConfigError, match=r"world size 3 is not divisible by parallel.tp\*parallel.pp = 2\*1"):
         ParallelDims.for_world(3, tp=2)
-    with pytest.raises(ConfigError, match="parallel.ep=2: this axis is not implemented yet"):
-        ParallelDims.for_world(4, ep=2)
+    assert ParallelDims.for_world(4, ep=2) == ParallelDims(dp=4, ep=2)  # ep folds over dp: no new mesh axis
+    with pytest.raises(ConfigError, match="parallel.ep=4 does not divide the data-parallel size 2"):
+        ParallelDims.for_world(4, tp=2, ep=4)
     with pytest.raises(ValueError, match="axis tp must be an int >= 1"):
         ParallelDims(dp=1, tp=0)

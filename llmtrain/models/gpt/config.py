@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from llmtrain.errors import UserError
+from llmtrain.errors import ConfigError, UserError
 from llmtrain.models.config import ModelConfig, RopeScaling
+from llmtrain.models.gpt.moe import MoEConfig, moe_config
 from llmtrain.models.lora import LoraConfig, lora_config, target_suffixes
 
 
@@ -32,6 +33,9 @@ class GPTConfig(ModelConfig):
     # LoRA adapters on the frozen model (llmtrain/models/lora.py: rank, alpha, dropout, targets); setting it
     # appends the `lora` converter to model.converters. None = no adapters.
     lora: LoraConfig | None = None
+    # Mixture-of-experts feed-forward in every block (llmtrain/models/gpt/moe.py: num_experts, top_k,
+    # capacity_factor, aux_loss_coef, z_loss_coef, shared_expert); needs model.mlp=swiglu. None = dense MLP.
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # read from a saved config.yaml
@@ -42,6 +46,11 @@ class GPTConfig(ModelConfig):
                     f"valid: {', '.join(sorted(known))}"
                 )
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.moe = moe_config(self.moe)
+        if self.moe is not None and self.mlp != "swiglu":
+            raise ConfigError(
+                f"model.moe: experts are SwiGLU MLPs (Mixtral); set model.mlp=swiglu (got {self.mlp}) or remove model.moe"
+            )
         # LoRA: the section and the converter go together (either one given brings the other)
         self.lora = lora_config(self.lora)
         if self.lora is None and "lora" in self.converters:

@@ -27,6 +27,7 @@ from torch import nn
 from llmtrain.errors import UserError
 from llmtrain.models.config import RopeScaling
 from llmtrain.models.gpt.config import GPTConfig
+from llmtrain.models.gpt.moe import MoE
 
 
 class LayerKV:
@@ -228,7 +229,11 @@ class Block(nn.Module):
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module
+        if cfg.moe is not None:  # mixture of experts (Mixtral-style), moe.py
+            self.mlp = MoE(cfg.n_embd, cfg.intermediate_size or 4 * cfg.n_embd, cfg.moe, cfg.dropout)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(
         self,
@@ -323,9 +328,13 @@ class GPT(nn.Module):
                 nn.init.zeros_(bias)
         # Each block adds two residual branches; scale their output projections so the residual
         # stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+        down_std = std / math.sqrt(2 * self.cfg.n_layer)
         for block in cast("Iterable[Block]", self.blocks):
-            for proj in (block.attn.proj, block.mlp.down):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=down_std)
+            if isinstance(block.mlp, MoE):
+                block.mlp.init_weights(std, down_std)
+            else:
+                nn.init.normal_(cast("MLP", block.mlp).down.weight, mean=0.0, std=down_std)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once

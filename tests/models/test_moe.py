@@ -1,0 +1,129 @@
+"""Mixture of experts (model.moe, llmtrain/models/gpt/moe.py) on one process: the layer against transformers'
+MixtralSparseMoeBlock, capacity drops, the router losses through the objective, a dense model unchanged, and
+the config checks of model.moe / parallel.ep (one line, exit 2, nothing built)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import ROOT, TINY
+
+from llmtrain.config import ConfigError, derive, load_config
+from llmtrain.models.gpt.config import GPTConfig
+from llmtrain.models.gpt.model import GPT
+from llmtrain.models.gpt.moe import MoE, MoEConfig
+from llmtrain.models.gpt.objective import CausalLM
+
+
+def _cfg(**moe) -> GPTConfig:
+    return GPTConfig(
+        name="t", arch="gpt", n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16, dropout=0.0,
+        bias=False, pos="rope", norm="rmsnorm", mlp="swiglu", intermediate_size=48, moe=moe or None,
+    )  # fmt: skip
+
+
+def test_layer_matches_transformers_mixtral_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    layer = MoE(32, 48, MoEConfig(num_experts=4, top_k=2))
+    layer.init_weights(0.2, 0.2)
+    hf = MixtralSparseMoeBlock(
+        MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    ).eval()
+    with torch.no_grad():
+        hf.gate.weight.copy_(layer.router.weight)
+        hf.experts.gate_up_proj.copy_(torch.cat([layer.experts.gate, layer.experts.up], dim=1))
+        hf.experts.down_proj.copy_(layer.experts.down)
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(layer(x), hf(x), rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_drops_later_tokens_and_reports_the_fraction():
+    torch.manual_seed(0)
+    layer = MoE(16, 24, MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5))
+    layer.init_weights(0.5, 0.5)
+    x = torch.randn(40, 16)
+    top_i, _, keep = layer.route(x)
+    capacity = math.ceil(0.5 * 40 * 2 / 4)  # 10 assignments per expert
+    for e in range(4):
+        routed = (top_i == e).flatten()
+        kept = (keep & (top_i == e)).flatten()
+        assert int(kept.sum()) == min(capacity, int(routed.sum()))
+        # the kept ones are the first `capacity` in token order
+        assert torch.equal(kept, routed & (routed.cumsum(0) <= capacity))
+    assert float(layer.aux["dropped"]) == pytest.approx(1 - float(keep.float().mean()))
+    assert float(layer.aux["dropped"]) > 0
+    # a dropped assignment contributes nothing: zero every kept weight, and the output is zero
+    y = layer.dispatch(x, top_i, torch.ones_like(top_i, dtype=x.dtype), torch.zeros_like(keep))
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_router_losses_join_the_training_loss_and_are_reported():
+    torch.manual_seed(0)
+    model = GPT(_cfg(num_experts=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.25, shared_expert=True))
+    model.init_weights()
+    ids = torch.randint(0, 64, (2, 16))
+    obj = CausalLM()
+    loss = obj(model, {"input_ids": ids, "labels": ids})
+    m = obj.pop_metrics(True)
+    assert set(m) == {"lm_loss", "moe_balance_loss", "moe_z_loss", "moe_dropped"}
+    assert float(loss.detach()) == pytest.approx(
+        float(m["lm_loss"] + 0.5 * m["moe_balance_loss"] + 0.25 * m["moe_z_loss"])
+    )
+    assert float(m["moe_balance_loss"]) >= 1.0 - 1e-6  # E * sum f_e P_e is 1 when balanced, more otherwise
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():  # eval: the cross-entropy alone (perplexity stays a perplexity)
+        ev = obj(model, {"input_ids": ids, "labels": ids})
+    assert float(ev) == pytest.approx(float(obj.pop_metrics(False)["lm_loss"]))
+
+
+def test_dense_model_is_unchanged():
+    torch.manual_seed(0)
+    model = GPT(_cfg())
+    model.init_weights()
+    assert not any(isinstance(m, MoE) for m in model.modules())
+    obj = CausalLM()
+    ids = torch.randint(0, 64, (2, 16))
+    obj(model, {"input_ids": ids, "labels": ids})
+    assert obj.pop_metrics(True) == {}
+
+
+BASE = [f"{ROOT}/recipes/moe_debug.yaml"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parallel.ep=3"], r"model.moe.num_experts=4 is not divisible by parallel.ep=3"),
+        (["parallel.tp=2"], r"model.moe needs parallel.tp=1"),
+        (["parallel.pp=2"], r"model.moe needs parallel.pp=1"),
+        (["model.moe.top_k=5"], r"model.moe.top_k=5 exceeds model.moe.num_experts=4"),
+        (["model.moe.capacity_factor=-1"], r"model.moe.capacity_factor must be a number >= 0"),
+        (["model.mlp=gelu"], r"model.moe: experts are SwiGLU MLPs"),
+    ],
+)
+def test_bad_moe_layouts_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE[0], overrides)
+
+
+def test_ep_must_divide_the_data_parallel_size():
+    cfg = load_config(BASE[0], ["parallel.ep=2", "train.micro_batch_size=1", "train.global_batch_size=12"])
+    assert derive(cfg, 4).dims.ep == 2
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 does not divide the data-parallel size 3"):
+        derive(cfg, 3)
+
+
+def test_ep_without_moe_exits_2_before_anything_runs(tmp_path, capsys):
+    from llmtrain.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "recipes" / "llama_debug.yaml"), *TINY, f"out_dir={out}", "parallel.ep=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: parallel.ep=2 splits mixture-of-experts layers")
+    assert not out.exists()
