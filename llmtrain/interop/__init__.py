@@ -1,7 +1,7 @@
 """Hugging Face interop: llmtrain models <-> `transformers` models, one module per Hugging Face twin.
 
 Each model family's spec lists its adapter modules (`hf_adapters`: `gpt2.py` and `llama.py` for the
-decoder, `bert.py` for the encoder); each defines:
+decoder, `mixtral.py` for its mixture-of-experts flavour, `bert.py` for the encoder); each defines:
 
     HF_MODEL_TYPES: tuple[str, ...]      # transformers `config.model_type` values it imports
     def exports(model_cfg: ModelConfig) -> bool:          # whether to_hf handles this config of its family
@@ -55,7 +55,8 @@ def family_for_config(model_cfg: ModelConfig) -> ModuleType:
     raise UserError(
         f"model.arch={family.name} with pos={getattr(model_cfg, 'pos', None)}, norm={getattr(model_cfg, 'norm', None)}, "
         f"mlp={getattr(model_cfg, 'mlp', None)} has no Hugging Face twin; exportable are GPT-2 (learned or "
-        f"sinusoidal positions, layernorm, gelu, bias) and Llama (rope, rmsnorm, swiglu) decoders and BERT"
+        f"sinusoidal positions, layernorm, gelu, bias), Llama (rope, rmsnorm, swiglu) and Mixtral (Llama with model.moe) "
+        f"decoders and BERT"
     )
 
 

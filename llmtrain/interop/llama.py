@@ -38,8 +38,8 @@ _BLOCK_BIAS = {
 _TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
 
 
-def exports(c: GPTConfig) -> bool:
-    return c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+def exports(c: GPTConfig) -> bool:  # a mixture-of-experts model is Mixtral's (mixtral.py)
+    return c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and getattr(c, "moe", None) is None
 
 
 def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:

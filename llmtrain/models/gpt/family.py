@@ -89,5 +89,5 @@ FAMILY = ModelFamily(
     no_decay=_no_decay,
     prune_block_axes=_PRUNE_BLOCK_AXES,
     prune_top_axes=_PRUNE_TOP_AXES,
-    hf_adapters=("llmtrain.interop.gpt2", "llmtrain.interop.llama"),
+    hf_adapters=("llmtrain.interop.gpt2", "llmtrain.interop.llama", "llmtrain.interop.mixtral"),
 )
