@@ -376,6 +376,11 @@ def check_exportable(cfg: Any, source: str | Path) -> str:
         )
     from llmtrain.interop import gpt2, llama
 
+    if getattr(cfg, "moe", None) is not None:
+        raise UserError(
+            f"{source}: model.moe is set: GGUF export writes dense decoders; a mixture-of-experts model exports "
+            f"through llmtrain export-hf (Mixtral)"
+        )
     if llama.exports(cfg):
         if cfg.bias:
             raise UserError(f"{source}: model.bias=true: GGUF llama files from llmtrain have no biases")

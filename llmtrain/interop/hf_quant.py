@@ -109,11 +109,13 @@ def export_quantized_hf(checkpoint: str | Path, out_dir: str | Path, replace: bo
         raise UserError(f"{checkpoint}: converters {others} besides quantized_weights have no Hugging Face export")
     family = family_for_config(dataclass_without_converters(cfg))
     if family is not llama:
-        raise UserError(
-            f"{checkpoint}: a quantised {family.HF_ARCHITECTURE} export is not written: transformers' GPT-2 keeps "
-            f"its projections in Conv1D layers, which compressed-tensors does not quantise; use llmtrain "
-            f"export-gguf for it"
+        why = (
+            "transformers' GPT-2 keeps its projections in Conv1D layers, which compressed-tensors does not "
+            "quantise; use llmtrain export-gguf for it"
+            if family.HF_ARCHITECTURE == "GPT2LMHeadModel"
+            else "the quantised export writes the dense Llama flavour only; export the unquantised source instead"
         )
+        raise UserError(f"{checkpoint}: a quantised {family.HF_ARCHITECTURE} export is not written: {why}")
     spec = spec_of(weight_quant_of(cfg))
     modules = sorted(n.removesuffix(".weight_q") for n in weights if n.endswith(".weight_q"))
     ints: dict[str, torch.Tensor] = {}
