@@ -90,6 +90,8 @@ class Plan:
     step_time_s: float
     mfu_assumed: float
     peak_tflops: float
+    params_active: float = 0.0  # per token (a mixture of experts runs top_k of its experts); = params_total if dense
+    ep: int = 1
 
 
 def make_plan(
@@ -112,6 +114,8 @@ def make_plan(
     with torch.device("meta"):
         model = build_model(m)
     n = sum(x.numel() for x in model.parameters())
+    # mixture of experts: a token runs through top_k of num_experts experts (moe.py's llmtrain_active_fraction)
+    active = sum(x.numel() * getattr(x, "llmtrain_active_fraction", 1.0) for x in model.parameters())
     psi = n / (p.tp * p.pp)
     mixed = cfg.precision in ("bf16", "fp16")  # bf16-autocast keeps fp32 weights and gradients
     zero_ranks = derived.dp_size * p.cp  # ZeRO partitions over the cp ranks too (they reduce gradients as dp)
@@ -154,6 +158,8 @@ def make_plan(
         step_time_s=step_flops / (gpus * peak_tflops * 1e12 * mfu),
         mfu_assumed=mfu,
         peak_tflops=peak_tflops,
+        params_active=active,
+        ep=p.ep,
     )
 
 
@@ -161,8 +167,10 @@ def format_plan(pl: Plan) -> str:
     ms, act = pl.model_states_gib, pl.activations_gib
     verdict = "fits" if pl.fits else "does NOT fit"
     lines = [
-        f"{pl.recipe}: {pl.params_total / 1e9:.3f}B params on {pl.gpus} GPUs (dp {pl.dp} x tp {pl.tp} x pp {pl.pp}"
-        f"{f' x cp {pl.cp}' if pl.cp > 1 else ''}), ZeRO-{pl.zero_stage}",
+        f"{pl.recipe}: {pl.params_total / 1e9:.3f}B params"
+        f"{f' ({pl.params_active / 1e9:.3f}B active per token)' if pl.params_active < pl.params_total else ''}"
+        f" on {pl.gpus} GPUs (dp {pl.dp} x tp {pl.tp} x pp {pl.pp}"
+        f"{f' x cp {pl.cp}' if pl.cp > 1 else ''}{f', ep {pl.ep}' if pl.ep > 1 else ''}), ZeRO-{pl.zero_stage}",
         f"  per GPU, model states: params {ms['params']:.2f} GiB + grads {ms['grads']:.2f} GiB + "
         f"optimizer {ms['optimizer']:.2f} GiB = {ms['total']:.2f} GiB",
         f"  per GPU, activations: none {act['none']:.2f} GiB | selective {act['selective']:.2f} GiB | "

@@ -41,7 +41,14 @@ def peak_flops(device_name: str | None) -> float | None:
 def block_params(named_params: Iterable[tuple[str, Any]]) -> int:
     """Parameters inside the transformer blocks (`blocks.*`): the part activation checkpointing recomputes
     (the embedding lookup and the output head run once)."""
-    return sum(p.numel() for name, p in named_params if name.startswith("blocks."))
+    # a mixture-of-experts stack counts the share a token runs through (moe.py's llmtrain_active_fraction)
+    return int(
+        sum(
+            p.numel() * getattr(p, "llmtrain_active_fraction", 1.0)
+            for name, p in named_params
+            if name.startswith("blocks.")
+        )
+    )
 
 
 def model_flops_per_token(n_matmul_params: float, n_layer: int, d_model: int, seq_len: int) -> float:

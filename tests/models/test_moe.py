@@ -127,3 +127,30 @@ def test_ep_without_moe_exits_2_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: parallel.ep=2 splits mixture-of-experts layers")
     assert not out.exists()
+
+
+def test_flops_and_plan_count_active_parameters():
+    """A token runs through top_k of num_experts experts: FLOPs count that share of the expert stacks (on a
+    model built on meta and materialised, as the trainer does), and `llmtrain plan` reports it."""
+    from llmtrain.models.gpt.moe import active_numel
+    from llmtrain.plan import format_plan, make_plan
+    from llmtrain.train import flops
+
+    cfg = _cfg(num_experts=4, top_k=1)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    dense = GPT(_cfg())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sum(active_numel(p) for p in model.parameters()) == pytest.approx(
+        sum(p.numel() for p in model.parameters()) - 3 * experts / 4
+    )
+    # top_1 of 4 experts of the dense MLP's width: the dense model's FLOPs plus the router's
+    router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
+    got, _ = flops.flops_per_token(model, 2, 32, 16)
+    want, _ = flops.flops_per_token(dense, 2, 32, 16)
+    assert got == pytest.approx(want + 6 * router)
+    plan = make_plan(load_config(BASE[0], ["parallel.ep=2", "train.global_batch_size=64"]), "moe_debug", 1, 8, 80)
+    assert plan.params_active < plan.params_total and ", ep 2)" in format_plan(plan)
+    assert "B active per token)" in format_plan(plan)

@@ -8,6 +8,7 @@ from torch import nn
 
 from llmtrain.models.gpt.config import GPTConfig
 from llmtrain.models.gpt.model import GPT
+from llmtrain.models.gpt.moe import active_numel
 from llmtrain.models.gpt.objective import CausalLM
 from llmtrain.models.gpt.pipeline import gpt_split
 from llmtrain.models.gpt.tp import tp_plan
@@ -29,9 +30,9 @@ def _tp_heads(m: GPTConfig) -> dict[str, int]:
 
 
 def _matmul_params_per_token(named: NamedParams, seq_len: int, data: DataConfig | None) -> float:
-    """Every parameter but the lookups: a position table, and a token embedding that is not also the
+    """Every (active) parameter but the lookups: a position table, and a token embedding that is not also the
     output head (untied `wte`: only `lm_head` multiplies). A tied head is listed once, as wte.weight."""
-    sizes = {name: p.numel() for name, p in named}
+    sizes = {name: active_numel(p) for name, p in named}  # a token runs through top_k of E experts
     lookups = {n for n in sizes if "wpe" in n or "position" in n}
     if "lm_head.weight" in sizes:
         lookups |= {n for n in sizes if n.endswith("wte.weight")}

@@ -80,13 +80,23 @@ def moe_config(value: object) -> MoEConfig | None:
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts, stacked: expert e maps x (n, C) to down[e] (silu(gate[e] x) * up[e] x)."""
+    """E SwiGLU experts, stacked: expert e maps x (n, C) to down[e] (silu(gate[e] x) * up[e] x).
 
-    def __init__(self, num_experts: int, n_embd: int, hidden: int):
+    Each parameter carries `llmtrain_active_fraction` = top_k / E, the share of it one token runs through:
+    FLOPs / MFU (llmtrain/train/flops.py) and `llmtrain plan` count active parameters with it."""
+
+    def __init__(self, num_experts: int, n_embd: int, hidden: int, top_k: int | None = None):
         super().__init__()
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, n_embd))
         self.up = nn.Parameter(torch.empty(num_experts, hidden, n_embd))
         self.down = nn.Parameter(torch.empty(num_experts, n_embd, hidden))
+        self.active_fraction = (top_k or num_experts) / num_experts
+        self.tag()
+
+    def tag(self) -> None:
+        """Mark the parameters with the active fraction (again after `to_empty`, which makes new ones)."""
+        for p in (self.gate, self.up, self.down):
+            p.llmtrain_active_fraction = self.active_fraction  # type: ignore[attr-defined]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate[e])) * F.linear(x, self.up[e]), self.down[e])
@@ -101,7 +111,7 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.capacity_factor = moe.num_experts, moe.top_k, moe.capacity_factor
         self.aux_loss_coef, self.z_loss_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.router = nn.Linear(n_embd, moe.num_experts, bias=False)
-        self.experts = Experts(moe.num_experts, n_embd, hidden)
+        self.experts = Experts(moe.num_experts, n_embd, hidden, moe.top_k)
         self.shared = Experts(1, n_embd, hidden) if moe.shared_expert else None  # always on, weight 1
         self.dropout = nn.Dropout(dropout)
         self.aux: dict[str, torch.Tensor] = {}
@@ -109,6 +119,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float, down_std: float) -> None:
         nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        self.experts.tag()
         for experts in (self.experts, self.shared) if self.shared is not None else (self.experts,):
             nn.init.normal_(experts.gate, mean=0.0, std=std)
             nn.init.normal_(experts.up, mean=0.0, std=std)
@@ -156,6 +167,11 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared.expert(0, flat)
         return self.dropout(y.view(shape))
+
+
+def active_numel(p: torch.Tensor) -> float:
+    """The parameters of `p` one token runs through: all of them, or top_k / E of an expert stack."""
+    return p.numel() * getattr(p, "llmtrain_active_fraction", 1.0)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
