@@ -491,8 +491,15 @@ def _write_meta(w: Any, arch: str, c: GPTConfig, meta: dict[str, Any], kind: str
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_rope_freq_base(c.rope_theta)
         if c.rope_scaling is not None:  # linear (check_exportable refuses the rest)
+            from llmtrain.utils import eprint
+
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(c.rope_scaling.factor)
+            eprint(
+                "note: linear rope scaling is written as llama.rope.scaling.*, which llama.cpp and llmtrain "
+                "import-hf read; transformers' GGUF loader ignores it: load the file there with rope_parameters="
+                f"{{'rope_type': 'linear', 'factor': {c.rope_scaling.factor}, 'rope_theta': {c.rope_theta}}}"
+            )
     else:
         w.add_layer_norm_eps(c.norm_eps)
     w.add_tokenizer_model("gpt2")

@@ -231,6 +231,27 @@ def test_gpt2_flavour_exports_as_gguf_gpt2(tmp_path):
         assert (logits - ref).abs().max().item() <= bound * ref.abs().max().item(), kind
 
 
+def test_linear_rope_scaling_round_trips(tmp_path, capsys):
+    """Linear rotary scaling is written as llama.rope.scaling.* (the project's importer reads it back);
+    transformers' GGUF loader ignores those keys, so export-gguf says to pass rope_parameters, and with
+    them transformers' logits match ours (without, they are far off)."""
+    from llmtrain.models import RopeScaling
+
+    model_dir, model, ids, tok = _model_dir(tmp_path, dict(rope_scaling=RopeScaling("linear", 4.0)))
+    path = tmp_path / "scaled.gguf"
+    assert main(["export-gguf", str(model_dir), str(path)]) == 0
+    assert "rope_parameters=" in capsys.readouterr().err
+    cfg, _ = _imported(path)
+    assert cfg.rope_scaling == RopeScaling("linear", 4.0)
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0}
+    with torch.no_grad():
+        ref = model(ids)
+        scaled = _transformers(path, rope_parameters=rope)(ids).logits
+        plain = _transformers(path)(ids).logits
+    top = ref.abs().max().item()
+    assert (scaled - ref).abs().max().item() <= 2e-3 * top < (plain - ref).abs().max().item()
+
+
 def test_bad_inputs_are_one_line_exit_2(llama, tmp_path, capsys):
     """A BERT model, an existing output, a name without .gguf, a Llama with biases: exit 2, one line."""
     from llmtrain.model_dir import write_model_dir
