@@ -47,6 +47,11 @@ def ffn_width(cfg: ModelConfig) -> int:
 
 def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
     """The pruned model's config; ValueError naming the recipe key when a target is impossible."""
+    if getattr(cfg, "moe", None) is not None:
+        raise UserError(
+            "pruning a mixture-of-experts model (model.moe) is not implemented: the expert stacks would need "
+            "their own axes (and dropping whole experts, prune.experts, does not exist yet)"
+        )
     nh, nkv = cfg.n_head, kv_heads(cfg)
     new: dict[str, Any] = {
         "n_layer": p.n_layer or cfg.n_layer,

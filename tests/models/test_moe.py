@@ -154,3 +154,36 @@ def test_flops_and_plan_count_active_parameters():
     plan = make_plan(load_config(BASE[0], ["parallel.ep=2", "train.global_batch_size=64"]), "moe_debug", 1, 8, 80)
     assert plan.params_active < plan.params_total and ", ep 2)" in format_plan(plan)
     assert "B active per token)" in format_plan(plan)
+
+
+def test_moe_student_distils_from_an_moe_teacher_and_logs_its_router():
+    """Distillation wraps CausalLM.scored, so a mixture-of-experts student's router losses join its loss and
+    its moe_* metrics are reported (the teacher's router statistics are not)."""
+    from llmtrain.compress.config import DistillConfig
+    from llmtrain.compress.distill import Distill
+
+    torch.manual_seed(0)
+    teacher_cfg, student_cfg = _cfg(num_experts=4, top_k=2), _cfg(num_experts=2, top_k=1, capacity_factor=1.0)
+    teacher, student = GPT(teacher_cfg), GPT(student_cfg)
+    teacher.init_weights(), student.init_weights()
+    teacher.eval().requires_grad_(False)
+    objective = Distill(DistillConfig(alpha=0.5, temperature=2.0), student_cfg, teacher, teacher_cfg)
+    objective.attach(student)
+    ids = torch.randint(0, 64, (2, 16))
+    loss = objective(student, {"input_ids": ids, "labels": ids.roll(-1, 1)})
+    loss.backward()
+    assert student.blocks[0].mlp.router.weight.grad is not None
+    metrics = objective.pop_metrics(True)
+    assert {"kd_loss", "ce_loss", "moe_balance_loss", "moe_dropped"} <= set(metrics)
+    assert float(metrics["moe_dropped"]) == pytest.approx(
+        float(student.blocks[1].mlp.aux["dropped"] + student.blocks[0].mlp.aux["dropped"]) / 2
+    )
+
+
+def test_pruning_an_moe_model_is_refused():
+    from llmtrain.compress.config import PruneConfig
+    from llmtrain.compress.prune import target_config
+    from llmtrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"pruning a mixture-of-experts model \(model.moe\) is not implemented"):
+        target_config(_cfg(num_experts=4, top_k=2), PruneConfig(n_layer=1))

@@ -147,4 +147,8 @@ class Distill:
         return (q + k + v) / 3
 
     def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
-        return self.sums.pop(training)
+        # a mixture-of-experts student's router statistics (moe_*) from its own objective, too
+        own = self.base.pop_metrics(training) if hasattr(self.base, "pop_metrics") else {}
+        if self.teacher_base is not self.base and hasattr(self.teacher_base, "pop_metrics"):
+            self.teacher_base.pop_metrics(training)  # an MoE teacher's: not the student's
+        return {**{k: v for k, v in own.items() if k.startswith("moe_")}, **self.sums.pop(training)}
