@@ -51,6 +51,10 @@ class PruneConfig:
     intermediate_size: int | None = None
     # Target hidden width (None keeps it).
     n_embd: int | None = None
+    # Target experts per mixture-of-experts block (model.moe; None keeps all): the least used ones go (router
+    # top-k assignments over the calibration batches; method=magnitude: router-row x expert weight norms).
+    # Only on its own (no other target): the rest of an MoE model is not pruned.
+    experts: int | None = None
     # Calibration micro-batches from the checkpoint's training data (method=activation).
     calib_batches: int = 16
     # Held-out micro-batches for the perplexity printed before and after pruning.

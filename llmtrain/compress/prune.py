@@ -49,9 +49,11 @@ def target_config(cfg: ModelConfig, p: PruneConfig) -> ModelConfig:
     """The pruned model's config; ValueError naming the recipe key when a target is impossible."""
     if getattr(cfg, "moe", None) is not None:
         raise UserError(
-            "pruning a mixture-of-experts model (model.moe) is not implemented: the expert stacks would need "
-            "their own axes (and dropping whole experts, prune.experts, does not exist yet)"
+            "pruning a mixture-of-experts model (model.moe) by layers, heads or widths is not implemented (the "
+            "expert stacks would need their own axes); drop whole experts with the recipe key experts"
         )
+    if p.experts is not None:
+        raise UserError("prune recipe: experts needs a mixture-of-experts model (model.moe)")
     nh, nkv = cfg.n_head, kv_heads(cfg)
     new: dict[str, Any] = {
         "n_layer": p.n_layer or cfg.n_layer,
@@ -307,6 +309,77 @@ def prune(model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, imp: Importan
                 f"leave that prune key unset (e.g. intermediate_size for BERT, whose MLP is 4 * n_embd)"
             )
     return new, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole experts of a mixture-of-experts model (prune.experts)
+
+
+def _moe_blocks(model: nn.Module) -> list[Any]:
+    from llmtrain.models.gpt.moe import MoE
+
+    layers = [getattr(b, "mlp", None) for b in _blocks(model)]
+    if not all(isinstance(m, MoE) for m in layers):
+        raise UserError("prune recipe: experts needs a mixture-of-experts model (model.moe)")
+    return layers
+
+
+@torch.no_grad()
+def expert_usage(model: nn.Module, cfg: ModelConfig, batches: Iterable[dict[str, torch.Tensor]] | None) -> torch.Tensor:
+    """(L, E) importance of each block's experts: the share of router top-k assignments over `batches`, or
+    without batches (method=magnitude) the router row's norm times the expert's weight norms."""
+    layers = _moe_blocks(model)
+    usage = torch.zeros(len(layers), layers[0].num_experts)
+    if batches is None:
+        for i, m in enumerate(layers):
+            e = m.experts
+            usage[i] = m.router.weight.float().norm(dim=1) * (
+                e.gate.norm(dim=(1, 2)) + e.up.norm(dim=(1, 2)) + e.down.norm(dim=(1, 2))
+            )
+        return usage
+    handles = []
+    for i, m in enumerate(layers):
+
+        def hook(_m, _args, out, i=i, k=m.top_k, n=m.num_experts):
+            usage[i] += torch.bincount(out.topk(k, dim=-1).indices.flatten().cpu(), minlength=n).float()
+
+        handles.append(m.router.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            _call(model, cfg, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if usage.sum() == 0:
+        raise UserError("expert usage needs at least one calibration batch (prune recipe: calib_batches)")
+    return usage / usage.sum(dim=1, keepdim=True)
+
+
+def prune_experts(
+    model: nn.Module, cfg: ModelConfig, recipe: PruneConfig, usage: torch.Tensor
+) -> tuple[ModelConfig, dict]:
+    """(config with moe.num_experts = recipe.experts, state_dict) keeping each block's most used experts, in
+    their order. The router keeps those rows: a token whose top-k experts all stay is routed as before, with
+    the same renormalised weights."""
+    moe, n = getattr(cfg, "moe", None), recipe.experts
+    others = [k for k in ("n_layer", "n_head", "n_kv_head", "intermediate_size", "n_embd") if getattr(recipe, k)]
+    if others:
+        raise UserError(f"prune recipe: experts prunes on its own; unset {', '.join(others)} (or prune in two runs)")
+    if moe is None or n is None:
+        raise UserError("prune recipe: experts needs a mixture-of-experts model (model.moe)")
+    if not 1 <= n <= moe.num_experts:
+        raise UserError(f"prune recipe: experts={n} must be between 1 and the model's {moe.num_experts}")
+    state = dict(model.state_dict())
+    for i in range(usage.size(0)):
+        keep = _top(usage[i], n)
+        for suffix in ("router.weight", "experts.gate", "experts.up", "experts.down"):
+            name = f"blocks.{i}.mlp.{suffix}"
+            state[name] = state[name].index_select(0, keep).contiguous()
+    new_moe = dataclasses.replace(moe, num_experts=n, top_k=min(moe.top_k, n))
+    return dataclasses.replace(cfg, moe=new_moe), state  # type: ignore[call-arg]
 
 
 def num_params(cfg: ModelConfig) -> int:

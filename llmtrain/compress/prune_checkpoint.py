@@ -67,7 +67,13 @@ def run_prune(
     held-out batches instead of the checkpoint's own training data (an imported model has none)."""
     from tqdm import tqdm
 
-    from llmtrain.compress.prune import activation_importance, magnitude_importance, prune
+    from llmtrain.compress.prune import (
+        activation_importance,
+        expert_usage,
+        magnitude_importance,
+        prune,
+        prune_experts,
+    )
     from llmtrain.data import build_data
     from llmtrain.model_dir import check_output
     from llmtrain.models import build_model
@@ -100,15 +106,19 @@ def run_prune(
     val = data.val_batches(recipe.eval_batches)
     objective = objective_for(model_cfg)
     before = held_out_loss(model, objective, val)
-    if recipe.method == "activation":
-        calib = (
-            data.train_batches(s)[0]
-            for s in tqdm(range(recipe.calib_batches), desc="calibration", unit="batch", disable=None)
-        )
-        imp = activation_importance(model, model_cfg, calib)
+    calib = (
+        data.train_batches(s)[0]
+        for s in tqdm(range(recipe.calib_batches), desc="calibration", unit="batch", disable=None)
+    )
+    if recipe.experts is not None:  # whole experts of an MoE model, by router usage
+        usage = expert_usage(model, model_cfg, calib if recipe.method == "activation" else None)
+        new_cfg, state = prune_experts(model, model_cfg, recipe, usage)
     else:
-        imp = magnitude_importance(model, model_cfg)
-    new_cfg, state = prune(model, model_cfg, recipe, imp)
+        if recipe.method == "activation":
+            imp = activation_importance(model, model_cfg, calib)
+        else:
+            imp = magnitude_importance(model, model_cfg)
+        new_cfg, state = prune(model, model_cfg, recipe, imp)
     small = build_model(new_cfg)
     small.load_state_dict(state)
     after = held_out_loss(small, objective, val)

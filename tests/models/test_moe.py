@@ -180,10 +180,46 @@ def test_moe_student_distils_from_an_moe_teacher_and_logs_its_router():
     )
 
 
-def test_pruning_an_moe_model_is_refused():
+def test_pruning_an_moe_model_is_refused_but_for_whole_experts():
     from llmtrain.compress.config import PruneConfig
     from llmtrain.compress.prune import target_config
     from llmtrain.errors import UserError
 
-    with pytest.raises(UserError, match=r"pruning a mixture-of-experts model \(model.moe\) is not implemented"):
+    with pytest.raises(UserError, match=r"drop whole experts with the recipe key experts"):
         target_config(_cfg(num_experts=4, top_k=2), PruneConfig(n_layer=1))
+    with pytest.raises(UserError, match=r"experts needs a mixture-of-experts model"):
+        target_config(_cfg(), PruneConfig(experts=2))
+
+
+def test_prune_experts_drops_the_least_used_and_keeps_the_routing_of_the_rest():
+    """Usage is the share of router top-k assignments; pruning 4 -> 3 experts drops the least used one, and
+    every token whose top-2 did not include it gets the same logits (same experts, same renormalised
+    weights) from the pruned one-block model."""
+    import dataclasses
+
+    from llmtrain.compress.config import PruneConfig
+    from llmtrain.compress.prune import expert_usage, prune_experts
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(_cfg(num_experts=4, top_k=2), n_layer=1)
+    model = GPT(cfg).eval()
+    model.init_weights()
+    ids = torch.randint(0, 64, (2, 16))
+    seen = []
+    hook = model.blocks[0].mlp.router.register_forward_hook(lambda m, a, out: seen.append(out.topk(2).indices))
+    usage = expert_usage(model, cfg, [{"input_ids": ids}])
+    hook.remove()
+    top = seen[0]  # (N, 2)
+    want = torch.bincount(top.flatten(), minlength=4).float() / top.numel()
+    torch.testing.assert_close(usage[0], want)
+    new_cfg, state = prune_experts(model, cfg, PruneConfig(experts=3), usage)
+    dropped = int(usage[0].argmin())
+    assert new_cfg.moe.num_experts == 3 and state["blocks.0.mlp.experts.gate"].shape[0] == 3
+    small = GPT(new_cfg).eval()
+    small.load_state_dict(state)
+    untouched = ~(top == dropped).any(dim=1)  # (N,)
+    assert untouched.any() and not untouched.all()
+    with torch.no_grad():
+        a, b = small(ids).flatten(0, 1), model(ids).flatten(0, 1)
+    torch.testing.assert_close(a[untouched], b[untouched], rtol=1e-5, atol=1e-6)
+    assert expert_usage(model, cfg, None).shape == (1, 4)  # method=magnitude: weight norms, no data
