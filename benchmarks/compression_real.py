@@ -4,6 +4,12 @@ on the bundled text and the offline task accuracies (llmtrain_cloze, llmtrain_ne
 
     python benchmarks/compression_real.py --steps 48 --out benchmarks/results/compression_real.json
     python benchmarks/compression_real.py --steps 1000 --seeds 3 --work runs/compression_real   # a longer run
+    # lanes, after a first call has imported, prepared and pruned (and one distilled run built the cache):
+    # parallel processes on one --work dir, each with its own runs, then one call that reports
+    python benchmarks/compression_real.py --steps 48 --only teacher,scratch_ce@0.001 &
+    python benchmarks/compression_real.py --steps 48 --only pruned_ce@0.001 & wait
+    python benchmarks/compression_real.py --steps 48 --out benchmarks/results/compression_real.json
+    python benchmarks/compression_real.py --table benchmarks/results/compression_real.json   # the README table
 
 Every run goes through the real commands (`import-hf`, `prepare-data`, `prune`, `launchers/train.py`,
 `launchers/distill.py`, `llmtrain eval --tasks`). A --work directory keeps what is done: a rerun reuses the
@@ -157,6 +163,35 @@ def with_stderr(scores: dict[str, float], n: int) -> dict[str, float]:
     return out
 
 
+def table(r: dict) -> str:
+    """The README's markdown table of a results JSON."""
+    names = {
+        "teacher": "teacher SmolLM2-135M",
+        "pruned_distilled": "(a) pruned + distilled",
+        "pruned_ce": "(b) pruned + CE",
+        "scratch_ce": "(c) scratch CE",
+        "scratch_distilled": "(d) scratch distilled",
+    }
+    rows = [
+        "| model | LR | held-out ppl | gap closed (loss / ppl) | cloze acc | next-verse acc | next-verse acc_norm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, name in names.items():
+        t = r["tasks"][key]
+        accs = [
+            f"{t[k]:.3f} ± {t[k + '_stderr']:.3f}"
+            for k in ("llmtrain_cloze_acc", "llmtrain_next_verse_acc", "llmtrain_next_verse_acc_norm")
+        ]
+        gap = (
+            f"{r['gap_closed_loss'][key]:.2f} / {r['gap_closed_ppl'][key]:.2f}"
+            if key in r["gap_closed_loss"]
+            else ("1 / 1" if key == "teacher" else "0 / 0")
+        )
+        lr = f"{r['chosen_lr'][key]:g}" if key in r["chosen_lr"] else ""
+        rows.append(f"| {name} | {lr} | {r['heldout_ppl'][key]:.1f} | {gap} | {' | '.join(accs)} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps of every student run (the token budget)")
@@ -187,7 +222,11 @@ def main() -> int:
     ap.add_argument("--task-limit", type=int, default=0, help="documents per offline task (0 = all 144)")
     ap.add_argument("--work", default="runs/compression_real", help="work directory (reused by a rerun)")
     ap.add_argument("--out", default="benchmarks/results/compression_real.json")
+    ap.add_argument("--table", default="", help="print the README table of a results JSON and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
