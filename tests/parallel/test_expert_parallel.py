@@ -1,7 +1,8 @@
 """Expert parallel (parallel.ep, llmtrain/parallel/expert_parallel.py) in real runs: a tiny MoE decoder (4 experts,
 top 2, capacity 1.0 so some assignments drop, z-loss on) on one rank is this module's own reference; ep2 over
 torchrun (gloo all-to-all, ZeRO-2) follows its losses and gradient norms, logs the router metrics, and its
-step-2 checkpoint resumes on one rank (ep1) on the reference curve.
+step-2 checkpoint resumes on one rank (ep1) on the reference curve; ep2 on 4 ranks (two ep groups, dp 4, ZeRO-3,
+full activation checkpointing) follows it too.
 
 Tolerances: the ZeRO parity tests' 1e-5 on losses and 2e-6 relative on gradient norms (ep computes the same
 products on other ranks and sums them in the same order; seen equal to the printed digits)."""
@@ -21,6 +22,7 @@ MOE = [
     "model.moe.top_k=2",
     "model.moe.capacity_factor=1.0",
     "model.moe.z_loss_coef=0.001",
+    "train.micro_batch_size=2",  # the same micro-batches on 1, 2 and 4 ranks (router statistics are per micro-batch)
 ]
 RECIPE = "recipes/moe_debug.yaml"
 
@@ -75,3 +77,15 @@ def test_ep2_checkpoint_resumes_on_one_rank(one_rank, ep2, tmp_path):
     got = losses(out)
     assert sorted(got) == [3, 4]
     assert_losses_match(got, {s: v for s, v in losses(one_rank).items() if s > 2}, TOL)
+
+
+@pytest.mark.slow
+def test_ep2_over_dp4_zero3_matches_one_rank(one_rank, tmp_path):
+    out = tmp_path / "run"
+    proc = train(
+        out, *MOE, "parallel.ep=2", "parallel.zero_stage=3", "parallel.activation_checkpointing=full",
+        recipe=RECIPE, launcher="torchrun", nproc=4,
+    )  # fmt: skip
+    assert "world 4 (dp 4 x tp 1 x pp 1 | MoE 4 experts, top 2, ep 2)" in proc.stdout
+    assert_losses_match(losses(out), losses(one_rank), TOL)
+    assert_norms_match(grad_norms(out), grad_norms(one_rank))
