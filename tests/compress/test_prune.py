@@ -203,3 +203,32 @@ def test_init_from_a_pruned_checkpoint_adopts_its_shape(tmp_path, capsys):
         ROOT / "recipes" / "gpt_debug.yaml", [*rest, f"model.init_from={tmp_path / 'pruned'}", "model.n_layer=2"]
     )
     assert (kept.model.n_layer, kept.model.n_embd) == (2, 32)  # the command's key wins, the rest is adopted
+
+
+def test_prune_data_flag_reads_another_prepared_dataset(tmp_path, capsys):
+    """`llmtrain prune --data DIR` calibrates and evaluates on DIR (an imported model has no training data):
+    the bundled dataset's own directory gives the figures of the source's `data.path=bundled`; a missing
+    one is one line, exit 2."""
+    from helpers import ROOT, TINY
+
+    from llmtrain.cli import main
+    from llmtrain.compress.cli import write_model
+    from llmtrain.config import load_config
+    from llmtrain.data.bundled import bundled_dataset_dir
+
+    cfg = load_config(ROOT / "recipes" / "gpt_debug.yaml", [*TINY, "out_dir=runs/src"])
+    torch.manual_seed(0)
+    source = build_model(cfg.model)
+    source.init_weights()
+    write_model(tmp_path / "src", cfg, source, {})
+    args = ["prune", str(tmp_path / "src"), "--recipe", str(ROOT / "recipes" / "prune_gpt_debug.yaml")]
+    args += ["prune.n_head=1", "prune.n_embd=32", "prune.intermediate_size=64", "prune.calib_batches=2"]
+    args += ["prune.eval_batches=2", "prune.micro_batch_size=2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--data", str(bundled_dataset_dir(cfg.data))]) == 0
+    a, b = (json.loads((tmp_path / d / "prune.json").read_text()) for d in "ab")
+    assert (a["loss_before"], a["loss_after"]) == (b["loss_before"], b["loss_after"])
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "c"), "--data", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "nothing") in err[0], err
