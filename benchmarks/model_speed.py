@@ -292,12 +292,22 @@ def profile_both(path: str, case: Case, ours_block, ref_block, steps: int) -> No
 
     from llmtrain.utils import rank
 
-    tables = []
+    tables, counts = [], []
     for name, block in (("llmtrain", ours_block), ("reference", ref_block)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             block(steps)
+        averages = prof.key_averages()
         tables.append(f"== {case.name}: {name}, {steps} steps ==\n")
-        tables.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+        counts.append({e.key: (e.count, e.self_cpu_time_total / 1e3) for e in averages})
+    # op counts are what noise cannot move: every op whose call count differs between the two sides
+    ours_n, ref_n = counts
+    tables.append(f"== {case.name}: ops whose call counts differ (llmtrain vs reference, {steps} steps) ==")
+    tables.append(f"{'op':<60} {'llmtrain':>9} {'reference':>9} {'llmtrain self ms':>17} {'ref self ms':>12}")
+    for key in sorted(set(ours_n) | set(ref_n), key=lambda k: -ours_n.get(k, (0, 0.0))[1]):
+        (a, ta), (b, tb) = ours_n.get(key, (0, 0.0)), ref_n.get(key, (0, 0.0))
+        if a != b:
+            tables.append(f"{key[:60]:<60} {a:>9} {b:>9} {ta:>17.1f} {tb:>12.1f}")
     if rank() == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("\n".join(tables))
