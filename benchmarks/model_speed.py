@@ -8,7 +8,8 @@
 
 The reference is written out below and is what users compare a trainer with (nanoGPT's shape of a GPT-2):
 token + learned position embeddings, pre-LayerNorm blocks with one fused QKV linear,
-`F.scaled_dot_product_attention(is_causal=True)`, exact GELU, tied embeddings, torch AdamW (foreach) on
+`F.scaled_dot_product_attention(is_causal=True)`, exact GELU (`--reference-gelu tanh`: GPT-2's tanh
+approximation, which llmtrain's GPT-2 keeps for Hugging Face parity), tied embeddings, torch AdamW (foreach) on
 the same two parameter groups, gradient clipping, the same LR schedule, DDP over the same process group
 when there are 2 ranks. llmtrain runs its real `run_loop` (DeepSpeed engine, ZeRO stage of the case, fp32,
 logging every `log.interval` steps, stop-signal agreement, metrics sink). Both sides train on the same
@@ -93,7 +94,7 @@ BY_NAME = {c.name: c for c in CASES}
 # the reference: a minimal GPT-2 in plain PyTorch
 
 
-def reference_gpt(vocab: int, n_layer: int, n_head: int, n_embd: int, seq_len: int):
+def reference_gpt(vocab: int, n_layer: int, n_head: int, n_embd: int, seq_len: int, gelu: str = "none"):
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -111,7 +112,7 @@ def reference_gpt(vocab: int, n_layer: int, n_head: int, n_embd: int, seq_len: i
             q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
-            return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+            return x + self.fc2(F.gelu(self.fc(self.ln2(x)), approximate=gelu))
 
     class GPT(nn.Module):
         def __init__(self) -> None:
@@ -188,7 +189,8 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
     runner = build_runner(ours_model, cfg, derived, info.device, lr_at)
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
-    ref = reference_gpt(m.vocab_size, m.n_layer, m.n_head, m.n_embd, cfg.train.seq_len).to(info.device)
+    ref = reference_gpt(m.vocab_size, m.n_layer, m.n_head, m.n_embd, cfg.train.seq_len, args.reference_gelu)
+    ref = ref.to(info.device)
     if case.compile:
         for i, block in enumerate(ref.blocks):
             ref.blocks[i] = torch.compile(block)
@@ -269,6 +271,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         "steps_per_block": steps,
         "threads_per_rank": torch.get_num_threads(),
         "device": str(info.device) if not cuda else torch.cuda.get_device_name(),
+        "reference_gelu": args.reference_gelu,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
@@ -324,7 +327,7 @@ def launch(case: Case, args: argparse.Namespace, out: Path) -> dict:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.ranks}"]
     cmd += [__file__, "--worker", case.name, "--worker-out", str(out), "--recipe", args.recipe,
             "--rounds", str(args.rounds), "--steps", str(args.steps), "--threads", str(args.threads),
-            "--device", args.device]  # fmt: skip
+            "--device", args.device, "--reference-gelu", args.reference_gelu]  # fmt: skip
     if args.profile:
         cmd += ["--profile", args.profile]
     if not args.warmup:
@@ -363,6 +366,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="steps per block (large shapes use fewer)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--reference-gelu",
+        choices=["none", "tanh"],
+        default="none",
+        help="the reference's GELU: exact (default, nanoGPT's) or tanh (GPT-2's and llmtrain's)",
+    )
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="count the first block too")
     ap.add_argument("--profile", default="", help="write per-op self times of both sides to this file")
     ap.add_argument("--set", action="append", default=[], help="extra config override for llmtrain, repeatable")
