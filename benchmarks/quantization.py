@@ -23,9 +23,11 @@ copy of itself for 200 steps x 16 x 128 tokens (recipes/distill_gpt_debug.yaml's
 RTN on the held-out batches: where perplexity cannot tell int4 from fp32, the KL still measures how far each
 int4 model's predictions are from the fp32 model's.
 
-Rows still to fill by other work (kept in the JSON as "pending" with who fills them): GGUF q8_0 / q4_k
-(export-gguf, through transformers). Fill them with `--only ROW` after adding a producer to ROWS; the other rows
-are kept (and so are the file's earlier commands: an --only run adds its own under "later").
+GGUF q8_0 / q4_k: `llmtrain export-gguf` of the fp32 model, then perplexity, bytes (the .gguf file) and generate
+tokens/s through transformers' `from_pretrained(dir, gguf_file=...)` on the same held-out batches
+(benchmarks/quantization_gguf.py: transformers dequantises GGUF to fp32, so the speed is not llama.cpp's).
+`--only ROW` re-measures rows; the other rows are kept (and so are the file's earlier commands: an --only run
+adds its own under "later").
 """
 
 from __future__ import annotations
@@ -149,8 +151,9 @@ ROWS: dict[str, Producer | str | None] = {
     "int4 GPTQ (group 32)": quantized(4, "gptq", group=32),  # llama.cpp's q4 block size
     # pending rows (a str says who fills them and how)
     "int4 QAD": qad,  # quantisation-aware distillation exported on its own grid
-    "GGUF q8_0": "pending: `llmtrain export-gguf --type q8_0`, perplexity through transformers' gguf_file loader",
-    "GGUF q4_k": "pending: `llmtrain export-gguf --type q4_k`, perplexity through transformers' gguf_file loader",
+    # `llmtrain export-gguf`, measured through transformers' gguf_file loader (benchmarks/quantization_gguf.py)
+    "GGUF q8_0": "gguf",
+    "GGUF q4_k": "gguf",
 }
 
 
@@ -232,7 +235,9 @@ def run_model(name: str, work: Path, gen_tokens: int, only: set[str], results: d
     for row, producer in ROWS.items():
         if only and row not in only:
             continue
-        if isinstance(producer, str) or (name, row) in SKIP:
+        if producer == "gguf" and (name, row) not in SKIP:
+            todo[row] = producer
+        elif isinstance(producer, str) or (name, row) in SKIP:
             rows[row] = {"status": SKIP.get((name, row), producer)}
         else:
             todo[row] = producer
@@ -240,6 +245,13 @@ def run_model(name: str, work: Path, gen_tokens: int, only: set[str], results: d
         return
     src, data = MODELS[name](work)
     for row, producer in todo.items():
+        if producer == "gguf":
+            from quantization_gguf import GGUF_ROWS, measure_gguf
+
+            print(f"[{name}] {row}: export-gguf, measuring through transformers", flush=True)
+            rows[row] = measure_gguf(src, data, s, GGUF_ROWS[row], work / "gguf", gen_tokens)
+            print(f"[{name}] {row}: {json.dumps(rows[row])}", flush=True)
+            continue
         t0 = time.time()
         d = (
             src
