@@ -41,6 +41,11 @@ REQUIRED: tuple[tuple[str, str, str, str], ...] = (
     (*_ENGINE, "clip_fp32_gradients", "attr"),
     (*_ENGINE, "global_steps", "set"),
     (*_ENGINE, "checkpoint_engine", "set"),
+    (*_ENGINE, "enable_backward_allreduce", "set"),
+    (*_ENGINE, "dp_world_size", "set"),
+    (*_ENGINE, "seq_dp_world_size", "set"),
+    (*_ENGINE, "has_moe_layers", "set"),
+    (*_ENGINE, "_autoep_folding_spec", "set"),
     ("deepspeed.utils.mixed_precision_linkage", "", "_hp_mapping", "set"),
     ("deepspeed.utils.tensor_fragment", "tensor_fragment", "optim_fragment", "attr"),
     ("deepspeed.runtime.zero.partition_parameters", "", "ds_id", "set"),
@@ -179,6 +184,23 @@ def refresh_zero3_partitions(optimizer: Any) -> None:
     refresh = _require(optimizer, "_reassign_or_swap_out_partitioned_parameters", type(optimizer).__name__)
     for sub_group_id in range(len(optimizer.fp16_groups)):
         refresh(sub_group_id)
+
+
+def skip_identity_allreduce(engine: Any) -> None:
+    """With one data-parallel replica DeepSpeed (ZeRO-0) still reduces the gradients after the last
+    backward of each step: it flattens every gradient into one buffer (a copy of the whole model),
+    multiplies it by 1/1, all-reduces it over a group of one and copies it back. Each of those leaves
+    the gradients bit for bit as they were, so on one replica the whole pass is switched off."""
+    where = "DeepSpeedEngine"
+    if (
+        engine.zero_optimization_stage() == 0
+        and _require(engine, "dp_world_size", where) == 1
+        and _require(engine, "seq_dp_world_size", where) == 1
+        and not _require(engine, "has_moe_layers", where)
+        and getattr(engine, "_autoep_folding_spec", None) is None
+    ):
+        _require(engine, "enable_backward_allreduce", where)
+        engine.enable_backward_allreduce = False
 
 
 def global_steps(engine: Any) -> int:

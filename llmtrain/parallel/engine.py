@@ -264,23 +264,8 @@ def build_engine(
         config=deepspeed_config(cfg, derived),
         mpu=mpu,
     )
-    skip_identity_allreduce(engine)
+    ds_compat.skip_identity_allreduce(engine)
     return engine, optimizer
-
-
-def skip_identity_allreduce(engine: Any) -> None:
-    """With one data-parallel replica DeepSpeed (ZeRO-0) still reduces the gradients after the last
-    backward of each step: it flattens every gradient into one buffer (a copy of the whole model),
-    multiplies it by 1/1, all-reduces it over a group of one and copies it back. Each of those leaves
-    the gradients bit for bit as they were, so on one replica the whole pass is switched off."""
-    if (
-        engine.zero_optimization_stage() == 0
-        and engine.dp_world_size == 1
-        and engine.seq_dp_world_size == 1
-        and not engine.has_moe_layers
-        and getattr(engine, "_autoep_folding_spec", None) is None
-    ):
-        engine.enable_backward_allreduce = False
 
 
 def process_topology(dims: ParallelDims) -> Any:

@@ -23,6 +23,8 @@ class CausalLM:
     def with_router_losses(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
         """`loss` plus the MoE router losses of the forward just run (unchanged for a dense model); an eval
         forward (no autograd) returns the cross-entropy alone, so eval_loss and perplexity stay comparable."""
+        if not isinstance(model, torch.nn.Module):
+            return loss  # a pipeline stage passes its logits as a callable (MoE refuses pipeline parallel)
         aux = moe_aux_losses(model)
         if aux is None:
             return loss
