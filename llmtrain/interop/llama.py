@@ -42,6 +42,28 @@ def exports(c: GPTConfig) -> bool:  # a mixture-of-experts model is Mixtral's (m
     return c.pos == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and getattr(c, "moe", None) is None
 
 
+def decoder_hf_kwargs(c: GPTConfig) -> dict[str, Any]:
+    """The config keys a Llama-shaped transformers decoder (Llama, Mixtral) takes from ours."""
+    return dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size or 4 * c.n_embd,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head or c.n_head,
+        head_dim=c.head_dim or c.n_embd // c.n_head,
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings,
+        hidden_act="silu",
+        attention_dropout=c.dropout,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
 def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig
 
@@ -50,24 +72,9 @@ def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, tor
     n_kv, hs = c.n_kv_head or c.n_head, c.head_dim or c.n_embd // c.n_head
     # transformers' LlamaConfig signature lacks rope_theta / rope_scaling, which its __init__ takes (**kwargs)
     cfg = LlamaConfig(  # type: ignore[call-arg]
-        vocab_size=c.vocab_size,
-        hidden_size=c.n_embd,
-        intermediate_size=c.intermediate_size or 4 * c.n_embd,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=n_kv,
-        head_dim=hs,
-        max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings,
+        **decoder_hf_kwargs(c),
         attention_bias=c.bias,
         mlp_bias=c.bias,
-        hidden_act="silu",
-        attention_dropout=c.dropout,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
         rope_scaling=_hf_rope_scaling(c.rope_scaling),
     )
     out = {hf: sd[ours] for ours, hf in _TOP.items()}

@@ -46,28 +46,12 @@ def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, tor
         raise UserError("Mixtral export: Mixtral has no shared expert; set model.moe.shared_expert=false")
     if c.bias:
         raise UserError("Mixtral export: Mixtral has no biases; set model.bias=false")
-    n_kv, hs = c.n_kv_head or c.n_head, c.head_dim or c.n_embd // c.n_head
     cfg = MixtralConfig(  # type: ignore[call-arg]
-        vocab_size=c.vocab_size,
-        hidden_size=c.n_embd,
-        intermediate_size=c.intermediate_size or 4 * c.n_embd,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=n_kv,
-        head_dim=hs,
-        max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings,
+        **llama.decoder_hf_kwargs(c),
         num_local_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k,
         router_aux_loss_coef=moe.aux_loss_coef,
-        hidden_act="silu",
-        attention_dropout=c.dropout,
         sliding_window=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
     if c.rope_scaling is not None:
         raise UserError("Mixtral export: model.rope_scaling is not written for Mixtral; remove it")
