@@ -46,7 +46,7 @@ def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, tor
         raise UserError("Mixtral export: Mixtral has no shared expert; set model.moe.shared_expert=false")
     if c.bias:
         raise UserError("Mixtral export: Mixtral has no biases; set model.bias=false")
-    cfg = MixtralConfig(  # type: ignore[call-arg]
+    cfg = MixtralConfig(
         **llama.decoder_hf_kwargs(c),
         num_local_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k,
