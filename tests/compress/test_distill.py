@@ -347,9 +347,10 @@ def test_zero3_teacher_matches_a_whole_teacher(tmp_path, teacher):
     [
         (["distill.teacher_zero_stage=2"], "distill.teacher_zero_stage must be 0"),
         (["distill.teacher_zero_stage=3", "distill.cache_dir=c"], "distill.teacher_zero_stage=0"),
+        (["train.objective=dpo"], "train.objective=dpo is not a distillation objective"),
     ],
 )
-def test_teacher_zero_stage_is_validated(overrides, message):
+def test_distill_settings_are_validated(overrides, message):
     from llmtrain.compress.distill import validate_distill
     from llmtrain.config import load_config
 

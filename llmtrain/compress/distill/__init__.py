@@ -73,6 +73,12 @@ __all__ = [
 def validate_distill(cfg: Config) -> None:
     """The distill.* keys and the layouts distillation supports; ConfigError naming the key and the fix."""
     d = cfg.distill
+    if cfg.train.objective != "family":
+        raise ConfigError(
+            f"train.objective={cfg.train.objective} is not a distillation objective (launchers/distill.py wraps "
+            f"the student family's own loss); set train.objective=family, or run launchers/train.py for "
+            f"{cfg.train.objective}"
+        )
     if not d.teacher and not d.cache_dir:
         raise ConfigError(
             "distillation needs distill.teacher=<checkpoint, run or HF directory> (or a complete distill.cache_dir)"
