@@ -106,6 +106,8 @@ class DPO:
     """Preference loss of the policy against a frozen reference (a module, a ZeRO-3 engine or a cache)."""
 
     generative = True
+    perplexity = False  # the loss is a preference loss, not a token cross-entropy: exp(loss) means nothing
+    headline_metrics = ("reward_accuracy", "reward_margin")  # the final `done:` line's figures after the loss
 
     def __init__(
         self,

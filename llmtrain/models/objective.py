@@ -13,7 +13,10 @@ import torch
 class Objective(Protocol):
     """Optional members the trainer reads with getattr: `generative` (True when the model maps input_ids
     to next-token logits, so an end-of-run text sample makes sense) and `pop_metrics(training)` (means of
-    the loss's parts since the last call, e.g. mlm_loss / nsp_loss, logged beside the loss)."""
+    the loss's parts since the last call, e.g. mlm_loss / nsp_loss, logged beside the loss), `perplexity`
+    (default True; False when the loss is not a mean token cross-entropy, e.g. DPO's: eval records and lines
+    then carry no perplexity) and `headline_metrics` (names of pop_metrics entries the final `done:` line
+    shows after the held-out loss)."""
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Return the scalar loss of `model` on `batch` (mean over non-ignored targets)."""

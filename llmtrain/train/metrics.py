@@ -1,9 +1,10 @@
 """One metrics sink: console line + `<out_dir>/metrics.jsonl` + optional Weights & Biases, rank 0 only.
 
 Every record is one JSON object per line. Training records hold at least step, loss, lr, grad_norm,
-tokens_seen, tokens_per_s; eval records hold step, eval_loss, eval_ppl. A resumed run appends, one
-record per step: when it starts from step s, the records a killed run logged past s (steps it will now
-compute again) move to `metrics.superseded.jsonl` first. A line torn by a crash mid-write is dropped
+tokens_seen, tokens_per_s; eval records hold step, eval_loss, eval_ppl (no eval_ppl when the objective's loss
+is not a token cross-entropy, e.g. DPO's). A resumed run appends, one record per step: when it starts from
+step s, the records a killed run logged past s (steps it will now compute again) move to
+`metrics.superseded.jsonl` first. A line torn by a crash mid-write is dropped
 (and reported) when the next run opens the file; `read_metrics` skips a torn last line and names the
 file and line of any other unreadable one.
 """

@@ -440,19 +440,40 @@ def check_init_from_tokenizer(init_from: str, tokenizer: Tokenizer) -> None:
     check_same_tokenizer(tokenizer, other, f"model.init_from={init_from}")
 
 
+def eval_record(objective: Objective, step: int, loss: float, extra: dict[str, float]) -> tuple[dict[str, Any], str]:
+    """An eval's metrics.jsonl record and console line: a perplexity only when the objective's loss is a mean
+    token cross-entropy (its `perplexity` member, default True; DPO's is not)."""
+    record: dict[str, Any] = {"step": step, "eval_loss": loss}
+    line = f"eval @ step {step}: loss {loss:.4f}"
+    if getattr(objective, "perplexity", True):
+        record["eval_ppl"] = perplexity(loss)
+        line += f" | perplexity {perplexity(loss):.2f}"
+    record.update(extra)
+    return record, line + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items())
+
+
+def done_line(objective: Objective, record: dict[str, Any]) -> str:
+    """The final line's figures: held-out loss, then the perplexity or the objective's `headline_metrics`."""
+    parts = [f"done: step {record['step']}", f"held-out loss {record['eval_loss']:.4f}"]
+    if "eval_ppl" in record:
+        parts.append(f"perplexity {record['eval_ppl']:.2f}")
+    for name in getattr(objective, "headline_metrics", ()):
+        if f"eval_{name}" in record:
+            parts.append(f"{name} {record[f'eval_{name}']:.4f}")
+    return " | ".join(parts)
+
+
 def log_eval(
     cfg: Config, runner: Runner, data: RunData, objective: Objective, state: TrainerState, sink: MetricsSink
-) -> float:
+) -> dict[str, Any]:
+    """Evaluate on the held-out batches (and train.eval_tasks), log it; returns the eval record."""
     loss = evaluate(runner, objective, held_out_batches(cfg, data))
     extra = {f"eval_{k}": _mean_over_ranks(v) for k, v in runner.pop_metrics(objective, False).items()}
     shard = shards_documents(cfg.parallel)  # train.eval_tasks: documents over the data-parallel ranks when it can
     extra.update(eval_task_metrics(cfg.train, cfg.model.block_size, runner, data.tokenizer, shard))
-    sink.log(
-        {"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), **extra},
-        console=f"eval @ step {state.step}: loss {loss:.4f} | perplexity {perplexity(loss):.2f}"
-        + "".join(f" | {k[5:]} {v:.4f}" for k, v in extra.items()),
-    )
-    return loss
+    record, line = eval_record(objective, state.step, loss, extra)
+    sink.log(record, console=line)
+    return record
 
 
 def save(runner: Runner, cfg: Config, state: TrainerState, data: RunData) -> Path | None:
@@ -475,8 +496,11 @@ def finish(
     path = save(runner, cfg, state, data)
     if path is not None and state.nonfinite_in_a_row == 0:  # the run completed finitely
         ckpt.mark_good(path)
-    eval_loss = log_eval(cfg, runner, data, objective, state, sink)
-    summary: dict[str, Any] = {"step": state.step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+    record = log_eval(cfg, runner, data, objective, state, sink)
+    summary: dict[str, Any] = {k: v for k, v in record.items() if k in ("step", "eval_loss", "eval_ppl")}
+    summary.update(
+        {k: record[k] for k in (f"eval_{n}" for n in getattr(objective, "headline_metrics", ())) if k in record}
+    )
     if rank() == 0:
         png = plot_losses(sink.path, Path(cfg.out_dir) / "loss.png")
         summary["plot"] = str(png) if png else None
@@ -484,8 +508,8 @@ def finish(
         summary["sample"] = sample_text(cfg, runner, data)
         print0(f"sample: {summary['sample']!r}")
     print0(
-        f"done: step {state.step} | held-out loss {eval_loss:.4f} | perplexity {perplexity(eval_loss):.2f} | "
-        f"metrics {sink.path}" + (f" | plot {summary.get('plot')}" if summary.get("plot") else "")
+        f"{done_line(objective, record)} | metrics {sink.path}"
+        + (f" | plot {summary.get('plot')}" if summary.get("plot") else "")
     )
     return summary
 

@@ -169,6 +169,22 @@ def test_a_short_run_learns_the_preference():
     assert last[1]["reward_chosen"] > 0 > last[1]["reward_rejected"]
 
 
+def test_eval_reports_dpo_figures_and_no_perplexity():
+    from llmtrain.models.registry import family_of
+    from llmtrain.train.trainer import done_line, eval_record
+
+    extra = {"eval_reward_accuracy": 0.75, "eval_reward_margin": 0.5}
+    dpo = DPO(DPOConfig(), LLAMA, reference=_model())
+    record, line = eval_record(dpo, 7, 0.6, extra)
+    assert record == {"step": 7, "eval_loss": 0.6, **extra} and "perplexity" not in line
+    assert (
+        done_line(dpo, record) == "done: step 7 | held-out loss 0.6000 | reward_accuracy 0.7500 | reward_margin 0.5000"
+    )
+    record, line = eval_record(family_of(LLAMA).objective(), 7, 0.6, {})  # a token cross-entropy keeps its perplexity
+    assert record["eval_ppl"] == pytest.approx(math.exp(0.6)) and "perplexity 1.82" in line
+    assert done_line(family_of(LLAMA).objective(), record).endswith("| perplexity 1.82")
+
+
 def test_the_cached_reference_gives_the_live_references_losses(tmp_path):
     policy, reference = _model(0), _frozen(_model(1))
     batches = [_pairs(seed=s) for s in range(3)]

@@ -70,32 +70,35 @@ def prepared(tmp_path_factory):
     return root
 
 
-def _run(root, name: str, *extra: str, nproc: int = 1) -> dict[int, float]:
+def _run(root, name: str, *extra: str, nproc: int = 1) -> tuple[dict[int, float], str]:
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run"]
     launch += [] if nproc == 1 else [f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     cmd = [*launch, str(ROOT / "launchers" / "train.py"), RECIPE, *RUN, f"out_dir={root / name}"]
     cmd += [f"data.path={root / 'pairs'}", f"model.init_from={root / 'ref'}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return losses(root / name)
+    return losses(root / name), proc.stdout
 
 
 def test_dpo_runs_live_cached_and_zero3_reference_agree(prepared):
-    live = _run(prepared, "live")
+    live, out = _run(prepared, "live")
     assert live[1] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy is its reference
     assert live[4] < live[1]
     records = read_metrics(prepared / "live" / "metrics.jsonl")
     last = [r for r in records if r.get("step") == 4 and "reward_accuracy" in r][-1]
     assert last["reward_accuracy"] > 0.5 and last["reward_margin"] > 0
-    assert any("eval_reward_accuracy" in r for r in records)
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all("eval_reward_accuracy" in r and "eval_ppl" not in r for r in evals)  # no perplexity of DPO
+    done = [line for line in out.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "reward_accuracy" in done[0] and "perplexity" not in out, done
 
-    cached = _run(prepared, "cached", f"dpo.cache_dir={prepared / 'ref_cache'}")
+    cached, _ = _run(prepared, "cached", f"dpo.cache_dir={prepared / 'ref_cache'}")
     rows = json.loads((prepared / "ref_cache" / "meta.json").read_text())["rows"]
     assert 30 <= rows <= 40, rows  # the pairs of 4 steps of 8 (an epoch of the ~32 training pairs) + held-out ones
     for step in live:
         assert cached[step] == pytest.approx(live[step], abs=1e-6), (step, cached, live)
 
     # both sharded over 2 ranks: the same global batches, so the same losses up to reduction order
-    zero3 = _run(prepared, "zero3", "parallel.zero_stage=3", "dpo.reference_zero_stage=3", nproc=2)
+    zero3, _ = _run(prepared, "zero3", "parallel.zero_stage=3", "dpo.reference_zero_stage=3", nproc=2)
     for step in live:
         assert zero3[step] == pytest.approx(live[step], abs=2e-5), (step, zero3, live)
