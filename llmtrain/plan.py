@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from llmtrain.config import Config, load_config
-from llmtrain.train import flops
+if TYPE_CHECKING:  # torch comes with the config: `llmtrain --help` lists this command without it
+    from llmtrain.config import Config
 
 GiB = 1024**3
 
@@ -108,6 +109,7 @@ def make_plan(
 
     from llmtrain.config import derive
     from llmtrain.models import build_model
+    from llmtrain.train import flops
 
     gpus, p, m, t = nodes * gpus_per_node, cfg.parallel, cfg.model, cfg.train
     derived = derive(cfg, gpus)
@@ -188,6 +190,8 @@ def format_plan(pl: Plan) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from llmtrain.config import load_config
+
     cfg = load_config(args.recipe, args.overrides)
     pl = make_plan(
         cfg,

@@ -9,18 +9,24 @@ llmtrain/compress/distill.py.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-# Re-exported: these names were imported from here before the library moved to prune_checkpoint.py
-from llmtrain.compress.prune_checkpoint import (
-    held_out_loss,  # noqa: F401
-    load_prune_recipe,  # noqa: F401
-    run_prune,  # noqa: F401
-    source_config,  # noqa: F401
-    write_model,  # noqa: F401
-)
+# Names imported from here before the library moved to prune_checkpoint.py, loaded on first use (PEP 562) so
+# that building the parser (`llmtrain --help`) imports no torch
+_MOVED = ("held_out_loss", "load_prune_recipe", "run_prune", "source_config", "write_model")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from llmtrain.compress import prune_checkpoint
+
+        return getattr(prune_checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from llmtrain.compress.prune_checkpoint import load_prune_recipe, run_prune
+
     recipe = load_prune_recipe(args.recipe, args.overrides)
     f = run_prune(args.checkpoint, recipe, args.out, replace=args.replace, data_dir=args.data)
     print(

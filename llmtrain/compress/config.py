@@ -65,6 +65,15 @@ class PruneConfig:
     seq_len: int | None = None
 
 
+# The built-in quantize.method values and their `llmtrain quantize --help` lines, torch-free so that building the
+# parser imports no torch; llmtrain/compress/quant/ptq.py registers each (`register_method` adds more).
+QUANTIZE_METHODS = {
+    "rtn": "round to nearest on the grid (no data)",
+    "gptq": "GPTQ: Hessian-weighted error compensation, calibrated",
+    "from-qat": "a quantisation-aware training run's own grid (its quant: section; --bits/--group-size/--grid ignored)",
+}
+
+
 @dataclass
 class QuantizeConfig:
     # Bits per weight of every linear layer: 8 (int8, symmetric) or 4 (two per byte, asymmetric).

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-# Re-exported: these names were imported from here before the library moved to interop/hf.py
-from llmtrain.interop.hf import export_hf, import_hf, read_hf_weights, write_model_dir  # noqa: F401
+# Names imported from here before the library moved to interop/hf.py, loaded on first use (PEP 562) so that
+# building the parser (`llmtrain --help`) imports no torch
+_MOVED = ("export_hf", "import_hf", "read_hf_weights", "write_model_dir")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from llmtrain.interop import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from llmtrain.interop.hf import export_hf
+
     if args.adapter:
         from llmtrain.interop.peft import export_adapter
 
@@ -21,6 +33,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from llmtrain.interop.hf import import_hf
+
     out = import_hf(args.source, args.out_dir, replace=args.replace)
     print(f"imported {args.source} -> {out} (use it as model.init_from, or with llmtrain eval / generate)")
     return 0

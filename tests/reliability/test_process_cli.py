@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 from helpers import BIN, ROOT, TINY, TRAIN, env, free_port
@@ -17,6 +18,39 @@ def test_every_sub_command_help_has_a_whole_description():
     for name, parser in sub.choices.items():
         text = " ".join((parser.description or "").split())
         assert len(text) > 30 and text[-1] in ".?!)", f"llmtrain {name} --help: {text!r}"
+
+
+HELP_WITHOUT_TORCH = """
+import contextlib, io, runpy, sys
+sys.argv = ["llmtrain", "--help"]
+with contextlib.redirect_stdout(io.StringIO()) as top:
+    try:
+        runpy.run_module("llmtrain.cli", run_name="__main__")  # python -m llmtrain.cli --help
+    except SystemExit:
+        pass
+from llmtrain.cli import build_parser
+parser = build_parser()
+commands = next(a for a in parser._actions if a.dest == "command").choices
+for name in commands:
+    with contextlib.redirect_stdout(io.StringIO()) as page:
+        try:
+            parser.parse_args([name, "--help"])
+        except SystemExit:
+            pass
+    assert page.getvalue().startswith("usage: llmtrain " + name), name
+heavy = sorted(m for m in ("torch", "numpy", "deepspeed", "safetensors", "tokenizers", "yaml") if m in sys.modules)
+print(len(commands), "commands", "quantize" in top.getvalue(), heavy)
+"""
+
+
+def test_help_pages_import_no_torch():
+    """`llmtrain --help` and every `llmtrain COMMAND --help` build the parser without torch, so help is instant."""
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, _, listed, heavy = proc.stdout.split(maxsplit=3)
+    assert int(n) >= 13 and listed == "True" and heavy.strip() == "[]", proc.stdout
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["eval"]])

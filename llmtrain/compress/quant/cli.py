@@ -12,6 +12,8 @@ This module parses and calls; the library is llmtrain/compress/quant/ptq.py.
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import get_args, get_type_hints
 
 # command-line flag -> quantize.* key; a flag given overrides the recipe's value
 FLAGS = ("bits", "method", "group_size", "grid", "calib_batches", "eval_batches", "micro_batch_size", "seq_len",
@@ -48,8 +50,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    from llmtrain.compress.quant.ptq import FLOAT_DTYPES, GRIDS, METHODS
+    from llmtrain.compress.config import QUANTIZE_METHODS, QuantizeConfig
 
+    choices = {k: list(get_args(t)) for k, t in get_type_hints(QuantizeConfig).items()}
+    methods = dict(QUANTIZE_METHODS)
+    ptq = sys.modules.get("llmtrain.compress.quant.ptq")  # imported (torch with it) once a method is registered
+    methods.update({n: m.help for n, m in getattr(ptq, "METHODS", {}).items()})
     p = sub.add_parser(
         "quantize",
         help="post-training weight-only quantisation (int8 / int4, RTN or GPTQ) into a model directory",
@@ -64,16 +70,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, help="8 (int8, symmetric) or 4 (packed, asymmetric); default 8")
     p.add_argument(
         "--method",
-        help="; ".join(f"{n}: {m.help}" for n, m in sorted(METHODS.items())) + " (default rtn)",
+        help="; ".join(f"{n}: {h}" for n, h in sorted(methods.items())) + " (default rtn)",
     )
     p.add_argument("--group-size", type=int, help="input columns per scale (0 = one per row); default 128")
-    p.add_argument("--grid", choices=list(GRIDS), help="auto (default): sym for 8 bits, asym for 4")
+    p.add_argument("--grid", choices=choices["grid"], help="auto (default): sym for 8 bits, asym for 4")
     p.add_argument("--calib-batches", type=int, help="calibration batches of the run's training data (16)")
     p.add_argument("--eval-batches", type=int, help="held-out batches for the before/after figures (16)")
     p.add_argument("--micro-batch-size", type=int, help="sequences per calibration / eval batch (4)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (0, the default: the run's train.seq_len)")
     p.add_argument("--data", help="prepared dataset or 'bundled' (default: the checkpoint's own data section)")
-    p.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), help="storage of the tensors left float (fp32)")
+    p.add_argument("--float-dtype", choices=choices["float_dtype"], help="storage of the tensors left float (fp32)")
     p.add_argument("--replace", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. quantize.bits=4")
     p.set_defaults(fn=cmd_quantize)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from llmtrain.compress.config import QUANTIZE_METHODS
 from llmtrain.compress.quant.grid import QuantSpec, check_spec, group_params, quantize
 from llmtrain.compress.quant.linear import CONVERTER, QuantLinear, quantizable_linears, replace_module, spec_of
 from llmtrain.compress.quant.qat import from_qat_settings
@@ -108,15 +109,15 @@ def gptq(
     return out
 
 
-register_method("rtn", rtn, calibrated=False, help="round to nearest on the grid (no data)")
-register_method("gptq", gptq, calibrated=True, help="GPTQ: Hessian-weighted error compensation, calibrated")
+register_method("rtn", rtn, calibrated=False, help=QUANTIZE_METHODS["rtn"])
+register_method("gptq", gptq, calibrated=True, help=QUANTIZE_METHODS["gptq"])
 # Quantisation-aware training's export: round to nearest on the grid of the run's quant: section, exactly the
 # fake quantisation it trained with (qat.py), so the packed model computes the QAT model's logits.
 register_method(
     "from-qat",
     rtn,
     calibrated=False,
-    help="a quantisation-aware training run's own grid (its quant: section; --bits/--group-size/--grid ignored)",
+    help=QUANTIZE_METHODS["from-qat"],
     settings=from_qat_settings,
 )
 
