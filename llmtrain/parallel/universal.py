@@ -17,7 +17,8 @@ fp16 loss scaler.
 
 Frozen parameters (a LoRA base, llmtrain/models/lora.py) have no optimizer state. When the model's weights
 came from `model.init_from` (a fine-tuning run), they are not written at all: meta.json's `base` records the
-base's directory and a digest of its checksums.json entries (llmtrain/integrity.py:listed_digest), and a
+base's directory (absolute, and relative to the checkpoint, so a run moved together with its base still finds
+it) and a digest of its checksums.json entries (llmtrain/integrity.py:listed_digest), and a
 resume or a reader rebuilds them from it (init_weights with the run's seed, the base's weights, the
 converters), refusing a base that is missing or changed. Without a base, each is written with its weight
 only (key `fp32`).
@@ -26,6 +27,7 @@ only (key `fp32`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -268,7 +270,7 @@ class UniversalCheckpoint:
             "adam_step": adam_step(engine),
             "loss_scaler": get_loss_scaler(engine),
             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "base": self.base,
+            "base": with_relative_path(self.base, directory),
         }
         save_universal(engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state)
 
@@ -310,28 +312,45 @@ def base_pointer(init_from: str | Path) -> dict[str, str]:
     return {"path": str(where.resolve()), "digest": listed_digest(where, files)}
 
 
+def with_relative_path(base: dict[str, str] | None, directory: Path) -> dict[str, str] | None:
+    """The pointer as a checkpoint stores it: also the base's path relative to the checkpoint `directory`
+    (its temp name is a sibling of the final one, so the relative path holds after the rename)."""
+    if base is None:
+        return None
+    return {**base, "relative": os.path.relpath(base["path"], Path(directory).resolve())}
+
+
 def frozen_base(directory: Path) -> Path | None:
     """The base directory a checkpoint's frozen weights come from (None when it stores them itself),
-    after checking it is there and unchanged since the checkpoint was written."""
+    after checking it is there and unchanged since the checkpoint was written. The path relative to the
+    checkpoint comes first (a run directory moved together with its base), then the absolute one (a run
+    moved alone; checkpoints written before the relative path was stored have only this one)."""
     base = read_meta(directory).get("base")
     if not base:
         return None
-    path = Path(base["path"])
+    places = [Path(os.path.normpath(Path(directory).resolve() / base["relative"]))] if base.get("relative") else []
+    present = [p for p in dict.fromkeys([*places, Path(base["path"])]) if p.exists()]
+    path = present[0] if present else Path(base["path"])
     fix = (
         f"restore the base model at {path} as it was when this run started, or start a new run "
         f"from a base with model.init_from"
     )
-    if not path.exists():
+    if not present:
         raise CheckpointError(
             f"{directory} holds only adapters over the frozen base {path} (model.init_from), which is missing; {fix}"
         )
-    try:
-        now = base_pointer(path)
-    except (CheckpointError, ValueError) as exc:
-        raise CheckpointError(f"{directory}: its frozen base {path} cannot be read ({exc})") from None
-    if now["digest"] != base["digest"]:
-        raise CheckpointError(
-            f"{directory} holds only adapters over the frozen base {path}, which changed since the "
-            f"checkpoint was written (its checksums.json differs); {fix}"
-        )
-    return path
+    unreadable = ""
+    for candidate in present:
+        try:
+            now = base_pointer(candidate)
+        except (CheckpointError, ValueError) as exc:
+            unreadable = unreadable or f"{directory}: its frozen base {candidate} cannot be read ({exc})"
+            continue
+        if now["digest"] == base["digest"]:
+            return candidate
+    if unreadable and len(present) == 1:
+        raise CheckpointError(unreadable)
+    raise CheckpointError(
+        f"{directory} holds only adapters over the frozen base {path}, which changed since the "
+        f"checkpoint was written (its checksums.json differs); {fix}"
+    )

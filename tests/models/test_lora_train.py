@@ -10,7 +10,9 @@ a resume on the saved layout must give them bit for bit.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +109,27 @@ def test_resume_is_exact(ref, base, tmp_path):
     assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
     got, want = _adapters(load_model_weights(out)[1]), _adapters(load_model_weights(ref)[1])
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_run_moved_with_its_base_resumes(ref, base, tmp_path):
+    """Run and base copied to another tree and the original base gone: the checkpoint finds the base by its
+    path relative to the checkpoint, and the resume from step 3 is still exact."""
+    meta = json.loads((ref / "checkpoints" / "step_00000003" / "universal" / "meta.json").read_text())
+    common = Path(os.path.commonpath([ref.resolve(), base.resolve()]))
+    assert (ref / "checkpoints" / "step_00000003" / meta["base"]["relative"]).resolve() == base.resolve()
+    tree = tmp_path / "moved"
+    shutil.copytree(base, tree / base.resolve().relative_to(common))
+    out = _continue_from(ref, 3, tree / ref.resolve().relative_to(common))
+    away = base.parent / "away"
+    base.rename(away)
+    try:
+        assert frozen_base(out / "checkpoints" / "step_00000003") == (tree / base.resolve().relative_to(common))
+        proc = train(out, *LORA, f"model.init_from={base}", "checkpoint.interval=3")  # the recipe's own init_from
+    finally:
+        away.rename(base)
+    assert "frozen base weights read from " + str(tree) in proc.stdout and "resumed from" in proc.stdout
+    a, b = losses(ref), losses(out)
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.zero_stage=3"]], ids=["tp2", "zero3_dp2"])
