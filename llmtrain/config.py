@@ -515,8 +515,6 @@ def derive(cfg: Config, world_size: int) -> Derived:
 
 def _check_context_parallel(cfg: Config) -> None:
     """What parallel.cp > 1 works with (llmtrain/parallel/context_parallel.py); each refusal says why."""
-    from llmtrain.models.gpt.objective import CausalLM
-
     p, m, t = cfg.parallel, cfg.model, cfg.train
     key = f"parallel.cp={p.cp}"
     if p.cp_method == "ulysses" and (m.n_head // p.tp) % p.cp:
@@ -538,8 +536,8 @@ def _check_context_parallel(cfg: Config) -> None:
             "must exchange keys and values with the other chunks of the sequence",
         ),
         (
-            not isinstance(family_of(m).objective(), CausalLM),
-            "a decoder (model.arch=gpt)",
+            not family_of(m).context_parallel,
+            "a family that declares context_parallel (a decoder: model.arch=gpt)",
             f"the ring attention is causal; model.arch={family_of(m).name} is not a causal language model",
         ),
         (m.dropout > 0, "model.dropout=0", "the ring attention has no attention dropout"),

@@ -102,6 +102,10 @@ class ModelFamily:
     prune_target: Callable[[Any, dict[str, Any], Any], None] = lambda cfg, new, recipe: None
     # Modules of llmtrain.interop that convert this family to/from Hugging Face (first match wins).
     hf_adapters: tuple[str, ...] = field(default_factory=tuple)
+    # True when parallel.cp > 1 can split its sequences (llmtrain/parallel/context_parallel.py): causal attention
+    # in each block's `attn.attend`, a forward taking `token_index`, and an objective whose loss is the mean
+    # next-token cross-entropy over `labels` of its `logits(model, batch)`.
+    context_parallel: bool = False
 
 
 def no_decay_default(name: str, p: Any) -> bool:

@@ -399,12 +399,12 @@ class ContextParallelObjective:
     mean: P * (sum of this rank's token losses) / (scored tokens of the whole micro-batch)."""
 
     def __init__(self, objective: Any, cp: ContextParallel):
-        from llmtrain.models.gpt.objective import CausalLM
-
-        if not isinstance(objective, CausalLM):
+        # config.py lets only a family that declares `context_parallel` (spec.py) reach here, with its own
+        # objective; anything else in its place has no per-token logits to split
+        if not callable(getattr(objective, "logits", None)):
             raise UserError(
-                f"parallel.cp > 1 supports the causal language-model objective only, not "
-                f"{type(objective).__name__}; set parallel.cp=1"
+                f"parallel.cp > 1 splits the next-token logits of a family's own objective (its logits(model, "
+                f"batch)); {type(objective).__name__} has none; set parallel.cp=1"
             )
         self.objective, self.cp = objective, cp
         self.generative = getattr(objective, "generative", False)

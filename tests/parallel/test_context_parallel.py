@@ -235,6 +235,26 @@ def test_unsupported_cp_layouts_are_config_errors(overrides, message):
         load_config(None, BASE + overrides)
 
 
+def test_cp_support_is_what_the_family_declares(monkeypatch):
+    """No type check: a family without `context_parallel` is refused by config, and the runner refuses an
+    objective without per-token logits to split."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from llmtrain.errors import UserError
+    from llmtrain.models import registry
+    from llmtrain.parallel.context_parallel import ContextParallel, ContextParallelObjective
+
+    monkeypatch.setitem(registry.FAMILIES, "gpt", dataclasses.replace(registry.FAMILIES["gpt"], context_parallel=False))
+    with pytest.raises(ConfigError, match="parallel.cp=2 needs a family that declares context_parallel"):
+        load_config(None, [*BASE, "parallel.cp=2"])
+    monkeypatch.undo()
+    assert load_config(None, [*BASE, "parallel.cp=2"]).parallel.cp == 2
+    cp = ContextParallel(0, 2, lambda *a: None)
+    with pytest.raises(UserError, match="SimpleNamespace has none; set parallel.cp=1"):
+        ContextParallelObjective(SimpleNamespace(), cp)
+
+
 def test_world_must_hold_whole_cp_rings():
     cfg = load_config(None, [*BASE, "parallel.cp=2"])
     assert derive(cfg, 4).dims == ParallelDims(dp=2, cp=2) and derive(cfg, 4).dp_size == 2

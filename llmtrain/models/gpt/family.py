@@ -91,4 +91,5 @@ FAMILY = ModelFamily(
     prune_block_axes=_PRUNE_BLOCK_AXES,
     prune_top_axes=_PRUNE_TOP_AXES,
     hf_adapters=("llmtrain.interop.gpt2", "llmtrain.interop.llama", "llmtrain.interop.mixtral"),
+    context_parallel=True,
 )
