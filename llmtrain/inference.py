@@ -50,7 +50,8 @@ def load_decoder(path: str | Path, device: str = "cpu") -> tuple[Any, torch.nn.M
 
 def checkpoint_tokenizer(path: str | Path) -> Any:
     """The tokenizer a checkpoint was trained with: its own `tokenizer/` folder (import-hf writes one),
-    else the one its saved config's data section names (bundled corpus, prepared dataset or stream)."""
+    else the one its saved config's data section names (data.tokenizer_path, bundled corpus, prepared
+    dataset or stream)."""
     from llmtrain.data import load_tokenizer
     from llmtrain.data.bundled import bundled_tokenizer_dir
 
@@ -59,6 +60,8 @@ def checkpoint_tokenizer(path: str | Path) -> Any:
         if d.is_dir():
             return load_tokenizer(d)
     data = _saved_config(root).data
+    if data.tokenizer_path:  # a classifier's passages built with a model's own tokenizer
+        return load_tokenizer(data.tokenizer_path)
     if data.stream:
         return load_tokenizer(data.stream_tokenizer or bundled_tokenizer_dir(data))
     first = data.sources[0].path if data.sources else data.path

@@ -46,6 +46,11 @@ def build_data(
             "data.doc_mask works on packed causal samples of prepared data only; set data.doc_mask=false "
             "(or data.sample_kind=causal without data.stream)"
         )
+    if cfg.tokenizer_path and cfg.sample_kind != "source_class":
+        raise DataError(
+            f"data.tokenizer_path is read by data.sample_kind=source_class only (prepared data carries its own "
+            f"tokenizer: `llmtrain prepare-data --tokenizer {cfg.tokenizer_path}`); unset it"
+        )
     kwargs = dict(
         seq_len=seq_len,
         seed=seed,

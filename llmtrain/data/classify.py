@@ -8,18 +8,23 @@ classifier never saw. Training samples are class-balanced: sample g has class g 
 with a generator seeded by (seed, g), so batches are a pure function of (seed, step) like every other
 llmtrain data; validation takes the classes in turn, so chance accuracy is 1/3 in both.
 
-The tokenized documents are built once per tokenizer into `<cache>/datasets/source-class-<tokenizer>/`.
+The tokenized documents are built once per tokenizer into `<cache>/datasets/source-class-<tokenizer>/`: the
+bundled one of `data.tokenizer`, or a model's own (`data.tokenizer_path`, e.g. an imported model's `tokenizer/`;
+the directory is then named by the tokenizer's hash).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import DataError
+
+if TYPE_CHECKING:
+    from llmtrain.data.tokenizer import Tokenizer
 
 CLASSES = ("old_testament", "new_testament", "shakespeare")
 _KJV_CHAPTERS, _OT_CHAPTERS = 1189, 929  # Genesis 1 .. Malachi 4 are the first 929 of the 1,189 chapters
@@ -27,19 +32,40 @@ _TOKENS = "tokens.npz"
 _TRAIN = 0xC1A5
 
 
-def source_class_dir(cfg: DataConfig) -> Path:
-    """The bundled documents tokenized with the bundled tokenizer, with their class labels (built once)."""
+def class_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer of the passages: `data.tokenizer_path`, else the bundled WordPiece of `data.tokenizer`."""
+    from llmtrain.data.bundled import bundled_tokenizer_dir
+    from llmtrain.data.tokenizer import BERT_SPECIALS, load_tokenizer
+
+    if not cfg.tokenizer_path:
+        if cfg.tokenizer != "wordpiece":
+            raise DataError(
+                f"data.sample_kind=source_class needs data.tokenizer=wordpiece ([CLS]/[SEP]/[PAD]) or a "
+                f"model's own WordPiece tokenizer in data.tokenizer_path; got data.tokenizer='{cfg.tokenizer}'"
+            )
+        return load_tokenizer(bundled_tokenizer_dir(cfg))
+    tok = load_tokenizer(Path(cfg.tokenizer_path).expanduser())
+    missing = [t for t in BERT_SPECIALS[:4] if t not in tok.specials]
+    if missing:
+        raise DataError(
+            f"data.tokenizer_path={cfg.tokenizer_path}: source_class samples need the special tokens "
+            f"{', '.join(missing)}; point it at a BERT (WordPiece) tokenizer"
+        )
+    return tok
+
+
+def source_class_dir(cfg: DataConfig, tok: Tokenizer) -> Path:
+    """The bundled documents tokenized with `tok`, with their class labels (built once per tokenizer)."""
     from llmtrain.data.bundled import _on_every_node_once, build_once, bundled_tokenizer_dir, cache_root
 
-    tok_dir = bundled_tokenizer_dir(cfg)
-    target = cache_root(cfg.cache_dir) / "datasets" / f"source-class-{tok_dir.name}"
-    return _on_every_node_once(lambda: build_once(target, _TOKENS, lambda tmp: _build(cfg, tok_dir, tmp)))
+    name = f"tok{tok.hash}" if cfg.tokenizer_path else bundled_tokenizer_dir(cfg).name
+    target = cache_root(cfg.cache_dir) / "datasets" / f"source-class-{name}"
+    return _on_every_node_once(lambda: build_once(target, _TOKENS, lambda tmp: _build(cfg, tok, tmp)))
 
 
-def _build(cfg: DataConfig, tok_dir: Path, tmp: Path) -> None:
+def _build(cfg: DataConfig, tok: Tokenizer, tmp: Path) -> None:
     from llmtrain.data.bundled import cache_root
     from llmtrain.data.corpus import bundled_documents
-    from llmtrain.data.tokenizer import load_tokenizer
 
     texts, labels = [], []
     for i, (_name, text) in enumerate(bundled_documents(cache_root(cfg.cache_dir) / "downloads")):
@@ -47,7 +73,7 @@ def _build(cfg: DataConfig, tok_dir: Path, tmp: Path) -> None:
             text = text.split("\n\n", 1)[1]  # the "Book N" heading would give the answer away
         texts.append(text)
         labels.append(0 if i < _OT_CHAPTERS else 1 if i < _KJV_CHAPTERS else 2)
-    ids = load_tokenizer(tok_dir).encode_batch(texts)
+    ids = tok.encode_batch(texts)
     np.savez(
         tmp / _TOKENS,
         tokens=np.concatenate([np.asarray(d, np.int32) for d in ids]),
@@ -73,23 +99,16 @@ class SourceClassData:
         dp_rank: int,
         dp_size: int,
     ) -> None:
-        from llmtrain.data.bundled import bundled_tokenizer_dir
-        from llmtrain.data.tokenizer import load_tokenizer
-
-        if cfg.tokenizer != "wordpiece":
-            raise DataError(
-                f"data.sample_kind=source_class needs data.tokenizer=wordpiece ([CLS]/[SEP]/[PAD]); "
-                f"got '{cfg.tokenizer}'"
-            )
         if seq_len < 8:
             raise DataError(f"source_class samples need train.seq_len >= 8 (got {seq_len})")
-        self.tokenizer = load_tokenizer(bundled_tokenizer_dir(cfg))
+        self.tokenizer = class_tokenizer(cfg)
+        self.own_tokenizer = cfg.tokenizer_path  # a model's own: its vocabulary must match exactly
         self.vocab_size = self.tokenizer.vocab_size
         sp = self.tokenizer.specials
         self.cls, self.sep, self.pad = sp["[CLS]"], sp["[SEP]"], sp["[PAD]"]
         self.seq_len, self.seed, self.B, self.G = seq_len, seed, micro_batch_size, grad_accum
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        with np.load(source_class_dir(cfg) / _TOKENS) as z:
+        with np.load(source_class_dir(cfg, self.tokenizer) / _TOKENS) as z:
             self.tokens, lengths, labels = z["tokens"], z["lengths"], z["labels"]
         self.train, self.val = self._passages(lengths, labels, seq_len - 2)
 
@@ -107,6 +126,12 @@ class SourceClassData:
         return train, val
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
+        if self.own_tokenizer and self.vocab_size != model_vocab_size:
+            raise DataError(
+                f"data.tokenizer_path={self.own_tokenizer} has {self.vocab_size} tokens but "
+                f"model.vocab_size={model_vocab_size}: a model reads only its own tokenizer; point "
+                f"data.tokenizer_path at that model's tokenizer (an imported model's <dir>/tokenizer)"
+            )
         if self.vocab_size > model_vocab_size:
             raise DataError(
                 f"the tokenizer has {self.vocab_size} tokens but model.vocab_size={model_vocab_size}; "

@@ -39,6 +39,9 @@ class DataConfig:
     # What a sample is: 'causal' (packed next-token windows), 'bert' (NSP pairs with MLM masking) or
     # 'source_class' (a bundled passage labelled with its source, for fine-tuning a classifier; data/classify.py).
     sample_kind: Literal["causal", "bert", "source_class"] = "causal"
+    # source_class: a tokenizer directory or tokenizer.json (e.g. an imported model's `tokenizer/`) to build the
+    # passages with, instead of the bundled `tokenizer`; it must have exactly model.vocab_size tokens.
+    tokenizer_path: str = ""
     # BERT: fraction of tokens chosen for masked-LM prediction (80% [MASK], 10% random, 10% kept).
     mlm_prob: float = 0.15
     # Streaming mode: train straight from this input (file, directory, glob or `datasets` loader name), no prepare step.

@@ -83,6 +83,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(
             f"{f}: not a valid HF tokenizer.json ({exc}); re-create it with `llmtrain train-tokenizer`"
         ) from None
+    # A model's shipped tokenizer.json may fix a truncation length and padding (all-MiniLM-L6-v2's: 128);
+    # documents are encoded whole and cut into samples here, so both go (a no-op, hash unchanged, otherwise).
+    hf.no_truncation()
+    hf.no_padding()
     return Tokenizer(hf, str(f))
 
 

@@ -91,7 +91,7 @@ def run_bert_tasks(
         data_cfg = dataclasses.replace(saved.data, sample_kind=kind)
         with torch.no_grad():
             metrics = (_mlm if name == "bert_mlm" else _classify)(
-                model, _val_batches(data_cfg, seq_len, batch_size, n_batches, limit), device
+                model, _val_batches(data_cfg, seq_len, batch_size, n_batches, limit, cfg.vocab_size), device
             )
         results[name] = {"alias": name, **metrics}
     return {
@@ -103,12 +103,15 @@ def run_bert_tasks(
     }
 
 
-def _val_batches(data_cfg: Any, seq_len: int, batch_size: int, n: int, limit: int | None) -> list[dict[str, Any]]:
+def _val_batches(
+    data_cfg: Any, seq_len: int, batch_size: int, n: int, limit: int | None, model_vocab_size: int
+) -> list[dict[str, Any]]:
     from llmtrain.data import build_data
 
     data = build_data(
         data_cfg, seq_len=seq_len, seed=0, micro_batch_size=batch_size, grad_accum=1, dp_rank=0, dp_size=1
     )
+    data.check_model_vocab(model_vocab_size)  # a model reads only its own tokenizer's ids
     batches = data.val_batches(n)
     if limit:  # the last batch cut to `limit` sequences in all
         keep = limit - batch_size * (len(batches) - 1)

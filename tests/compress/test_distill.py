@@ -182,6 +182,39 @@ def test_bert_cached_teacher_logits_equal_the_live_teacher(tmp_path):
     assert parts["kd_loss"] > 0
 
 
+def test_classifier_student_distils_from_the_class_logits():
+    """A classifier (model.num_labels > 0) distils from the teacher classifier's class logits: the loss is
+    distill_loss of the two (B, K) logits; a per-token logit cache does not apply and is refused."""
+    import dataclasses
+
+    from llmtrain.config import ConfigError
+
+    teacher_cfg, student_cfg, _, _ = _tiny_bert_pair()
+    teacher_cfg, student_cfg = (dataclasses.replace(c, num_labels=3, dropout=0.0) for c in (teacher_cfg, student_cfg))
+    torch.manual_seed(0)
+    teacher, student = build_model(teacher_cfg), build_model(student_cfg)
+    teacher.init_weights(), student.init_weights()
+    teacher.eval().requires_grad_(False)
+    ids = torch.randint(5, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "class_labels": torch.tensor([0, 2, 1, 2]),
+    }
+    objective = Distill(DistillConfig(alpha=0.3, temperature=2.0), student_cfg, teacher, teacher_cfg)
+    student.train()
+    got = objective(student, batch)
+    s_logits, t_logits = (m(ids, batch["token_type_ids"], batch["attention_mask"]) for m in (student, teacher))
+    want = distill_loss(s_logits, t_logits, batch["class_labels"], 0.3, 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert objective.pop_metrics(True)["kd_loss"] > 0
+    first, last = _steps(objective, student, batch)
+    assert last < first
+    with pytest.raises(ConfigError, match="a classifier student"):
+        Distill(DistillConfig(), student_cfg, None, teacher_cfg, cache=object())  # type: ignore[arg-type]
+
+
 def test_teacher_from_a_hugging_face_directory(tmp_path):
     import transformers  # the hf and dev extras
 

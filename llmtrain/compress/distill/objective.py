@@ -65,6 +65,11 @@ class Distill:
                 "teacher's forward: set distill.hidden_weight=0 and distill.attention_weight=0, or "
                 "distill.cache_dir=''"
             )
+        if cache is not None and getattr(student_cfg, "num_labels", None):
+            raise ConfigError(
+                "distill.cache_dir holds per-token logits; a classifier student (model.num_labels > 0) "
+                "distils from its teacher's class logits: set distill.cache_dir='' (the teacher runs live)"
+            )
         if teacher is not None and teacher_cfg is None:
             raise TypeError("Distill: a teacher needs its model config (teacher_cfg)")
         self.cfg, self.student_cfg, self.teacher, self.cache = cfg, student_cfg, teacher, cache

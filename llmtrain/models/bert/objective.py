@@ -58,11 +58,16 @@ class SequenceClassification:
         self.sums = MetricSums()
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scored(model, batch)[2]
+
+    def scored(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(class logits (B, K), labels (B,), loss): distillation compares the class distributions."""
         labels = batch["class_labels"]
         logits = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))  # (B, K)
-        loss = F.cross_entropy(logits.float(), labels)
         self.sums.add(accuracy=(logits.argmax(-1) == labels).float().mean())
-        return loss
+        return logits, labels, F.cross_entropy(logits.float(), labels)
 
     def pop_metrics(self, training: bool) -> dict[str, torch.Tensor]:
         return self.sums.pop(training)
@@ -84,7 +89,8 @@ class BertObjective:
     def scored(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Distillation scores the masked-LM positions of pre-training batches (see MaskedLMWithNSP.scored)."""
-        return self.pretrain.scored(model, batch)
+        """Distillation scores the masked-LM positions of pre-training batches (see MaskedLMWithNSP.scored),
+        the class logits of classifier batches."""
+        return (self.classify if "class_labels" in batch else self.pretrain).scored(model, batch)
 
     positions = staticmethod(MaskedLMWithNSP.positions)
