@@ -255,10 +255,11 @@ def _adopt_init_from_shape(model: dict[str, Any], user_keys: set[str]) -> None:
         return  # training names the problem when it loads the weights
     if family_of(saved).name != family_of(model.get("arch", ModelConfig.arch), ConfigError).name:
         return
+    unset = dataclasses.asdict(type(saved)())  # a key the preset leaves out has its class default
     adopted = {
         k: v
         for k, v in dataclasses.asdict(saved).items()
-        if k not in _NOT_ADOPTED and k not in user_keys and model.get(k) != v
+        if k not in _NOT_ADOPTED and k not in user_keys and model.get(k, unset.get(k)) != v
     }
     if adopted:
         model.update(adopted)

@@ -198,6 +198,7 @@ def test_init_from_a_pruned_checkpoint_adopts_its_shape(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (run.model.n_layer, run.model.n_head, run.model.n_embd, run.model.intermediate_size) == (1, 1, 32, 64)
     assert "adopted the checkpoint's shape" in printed and "model.n_layer=1" in printed
+    assert "model.pos=" not in printed and "model.bias=" not in printed  # only keys whose value it changes
     init_model_from(build_model(run.model), tmp_path / "pruned")  # the weights fit
     kept = load_config(
         ROOT / "recipes" / "gpt_debug.yaml", [*rest, f"model.init_from={tmp_path / 'pruned'}", "model.n_layer=2"]
