@@ -581,6 +581,12 @@ def _check_moe(cfg: Config) -> None:
     for refused, fix, reason in refusals:
         if refused:
             raise ConfigError(f"model.moe needs {fix}: {reason}")
+    if p.ep > 1 and p.zero_stage == 3:
+        raise ConfigError(
+            f"parallel.ep={p.ep} works with parallel.zero_stage 0, 1 or 2: each ep rank holds other experts, and "
+            f"ZeRO-3 partitions every parameter over all data-parallel ranks; set parallel.zero_stage=2 or "
+            f"parallel.ep=1"
+        )
 
 
 def _check_model_split(cfg: Config) -> None:

@@ -14,6 +14,8 @@ SDPA runs on GPU) never stores it, so by default the plan drops it (`--no-flash`
 With context parallel (`parallel.cp`) each rank holds s/cp tokens of every sequence, so every term above
 is taken at s/cp; the ring attention keeps no attention matrix (it recomputes each block in backward).
 ZeRO partitions model states over dp x cp ranks (the cp ranks are data-parallel ranks to DeepSpeed).
+With expert parallel (`parallel.ep`) a rank holds num_experts/ep of each MoE block's routed experts, their
+states partitioned over the dp/ep ranks that hold the same experts.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def make_plan(
 
     from llmtrain.config import derive
     from llmtrain.models import build_model
+    from llmtrain.models.gpt.moe import moe_layers
     from llmtrain.train import flops
 
     gpus, p, m, t = nodes * gpus_per_node, cfg.parallel, cfg.model, cfg.train
@@ -118,10 +121,17 @@ def make_plan(
     n = sum(x.numel() for x in model.parameters())
     # mixture of experts: a token runs through top_k of num_experts experts (moe.py's llmtrain_active_fraction)
     active = sum(x.numel() * getattr(x, "llmtrain_active_fraction", 1.0) for x in model.parameters())
-    psi = n / (p.tp * p.pp)
+    # expert parallel: a rank holds E/ep of every block's routed experts, and ZeRO partitions their state over
+    # the dp/ep ranks holding the same experts (MoE runs with tp = pp = cp = 1)
+    routed = sum(x.numel() for layer in moe_layers(model) for x in layer.experts.parameters())
+    psi_experts = routed / p.ep
+    psi = (n - routed) / (p.tp * p.pp) + psi_experts
     mixed = cfg.precision in ("bf16", "fp16")  # bf16-autocast keeps fp32 weights and gradients
     zero_ranks = derived.dp_size * p.cp  # ZeRO partitions over the cp ranks too (they reduce gradients as dp)
-    states = model_state_bytes(psi, zero_ranks, p.zero_stage, mixed, p.offload_optimizer, p.offload_params)
+    offload = (mixed, p.offload_optimizer, p.offload_params)
+    dense = model_state_bytes(psi - psi_experts, zero_ranks, p.zero_stage, *offload)
+    experts = model_state_bytes(psi_experts, derived.dp_size // p.ep, p.zero_stage, *offload)
+    states = ModelStates(*(getattr(dense, k) + getattr(experts, k) for k in ("params", "grads", "optimizer")))
     layers_here = m.n_layer / p.pp
     # 1F1B keeps up to pp micro-batches in flight on the first stage.
     in_flight = min(p.pp, derived.grad_accum) if p.pp > 1 else 1

@@ -45,6 +45,9 @@ REQUIRED: tuple[tuple[str, str, str, str], ...] = (
     (*_ENGINE, "dp_world_size", "set"),
     (*_ENGINE, "seq_dp_world_size", "set"),
     (*_ENGINE, "has_moe_layers", "set"),
+    (*_ENGINE, "_configure_distributed_model", "attr"),
+    ("deepspeed.utils.groups", "", "_create_expert_and_data_parallel", "attr"),
+    ("deepspeed.utils.groups", "", "_get_expert_data_parallel_group_dict", "attr"),
     (*_ENGINE, "_autoep_folding_spec", "set"),
     ("deepspeed.utils.mixed_precision_linkage", "", "_hp_mapping", "set"),
     ("deepspeed.utils.tensor_fragment", "tensor_fragment", "optim_fragment", "attr"),
@@ -201,6 +204,40 @@ def skip_identity_allreduce(engine: Any) -> None:
     ):
         _require(engine, "enable_backward_allreduce", where)
         engine.enable_backward_allreduce = False
+
+
+def create_expert_groups(ep: int) -> str:
+    """DeepSpeed's expert-parallel groups (ep consecutive ranks) and expert-data-parallel groups (ranks i, i + ep,
+    ...) for ep; returns the name its expert parameters carry (`group_name`). Collective, once per ep."""
+    groups = importlib.import_module("deepspeed.utils.groups")
+    name = f"ep_size_{ep}"
+    if name not in _require(groups, "_get_expert_data_parallel_group_dict", "deepspeed.utils.groups")():
+        _require(groups, "_create_expert_and_data_parallel", "deepspeed.utils.groups")(ep)
+    return name
+
+
+@contextmanager
+def moe_engine(enabled: bool) -> Iterator[None]:
+    """Inside (when `enabled`), a DeepSpeedEngine being built sets `has_moe_layers`. DeepSpeed sets it only for
+    models holding its own MoE layer class; it is what turns on its expert paths (expert optimizer groups in
+    ZeRO-1/2 and the bf16 optimizer, the expert-data-parallel gradient reduction of ZeRO-0), which our MoE
+    layer's expert parameters (`allreduce=False`, `group_name`) need. Set right after the model is configured,
+    before the optimizer is."""
+    if not enabled:
+        yield
+        return
+    cls = importlib.import_module("deepspeed.runtime.engine").DeepSpeedEngine
+    original = _require(cls, "_configure_distributed_model", "DeepSpeedEngine")
+
+    def configure(self: Any, model: Any) -> None:
+        original(self, model)
+        self.has_moe_layers = True
+
+    cls._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        cls._configure_distributed_model = original
 
 
 def global_steps(engine: Any) -> int:

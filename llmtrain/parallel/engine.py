@@ -256,16 +256,42 @@ def build_engine(
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    optimizer = skippable_adamw(cfg, param_groups(model, cfg.optim.weight_decay))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=LambdaLR(optimizer, lr_lambda),
-        config=deepspeed_config(cfg, derived),
-        mpu=mpu,
-    )
+    groups = param_groups(model, cfg.optim.weight_decay)
+    experts = any(is_moe_param(p) for g in groups for p in g["params"])
+    if experts:  # expert slices (parallel.ep): their own groups, reduced over the expert-data-parallel ranks
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        named = [{**g, "name": f"group{i}"} for i, g in enumerate(groups)]
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+    optimizer = skippable_adamw(cfg, groups)
+    with ds_compat.moe_engine(experts):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=LambdaLR(optimizer, lr_lambda),
+            config=deepspeed_config(cfg, derived),
+            mpu=mpu,
+        )
     ds_compat.skip_identity_allreduce(engine)
     return engine, optimizer
+
+
+def is_moe_param(param: torch.nn.Parameter) -> bool:
+    """A DeepSpeed expert parameter (tagged by `expert_data_parallel`)."""
+    from deepspeed.moe.utils import is_moe_param as tagged
+
+    return bool(tagged(param))
+
+
+def expert_data_parallel(params: list[torch.nn.Parameter], ep: int) -> None:
+    """Make `params` (this rank's expert slices) DeepSpeed expert parameters of its ep-`ep` groups: gradients
+    averaged over the expert-data-parallel ranks (i, i + ep, ...: those holding the same experts), ZeRO-1/2
+    state partitioned over them. DeepSpeed's expert-parallel groups are ep consecutive ranks, as
+    `ParallelDims.ep_group` (MoE runs with tp = pp = cp = 1). Collective: makes the groups."""
+    name = ds_compat.create_expert_groups(ep)
+    for p in params:
+        p.allreduce = False  # type: ignore[attr-defined]  # DeepSpeed's mark of an expert parameter
+        p.group_name = name  # type: ignore[attr-defined]
 
 
 def process_topology(dims: ParallelDims) -> Any:

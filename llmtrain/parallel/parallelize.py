@@ -9,7 +9,7 @@ checkpointed and compiled like the model's own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,15 +38,15 @@ def build_runner(
 
         apply_tensor_parallel(model, plan_for(model), *tp_group)
     where = dims.coords(rank())
+    ep_group = _expert_parallel(model, dims) if dims.ep > 1 else None
     universal = UniversalCheckpoint(
         model,
         layout_of(dims, p.zero_stage, cfg.precision),
         tp_group[0],
         writer=where.dp == 0 and where.tp == 0 and where.cp == 0,
+        ep_group=ep_group,
     )
     cp = _context_parallel(model, dims, p.cp_method) if dims.cp > 1 else None
-    if dims.ep > 1:
-        _expert_parallel(model, dims)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_n)
     if cfg.train.compile:
         from llmtrain.parallel.compile import compile_blocks
@@ -79,21 +79,42 @@ def build_runner(
             engine, optimizer, device, where.dp, dims.dp, tp=dims.tp, mpu=mpu, universal=universal, cp=cp
         )
     return EngineRunner(
-        engine, optimizer, device, dp_rank=where.dp, dp_size=dims.dp, tp=dims.tp, mpu=mpu, universal=universal
+        engine,
+        optimizer,
+        device,
+        dp_rank=where.dp,
+        dp_size=dims.dp,
+        tp=dims.tp,
+        mpu=mpu,
+        universal=universal,
+        ep_group=ep_group,
     )
 
 
-def _expert_parallel(model: torch.nn.Module, dims: ParallelDims) -> None:
-    """Every MoE block's experts computed over this rank's ep group (tokens all-to-all), applied to the plain
-    model after tensor parallel and before activation checkpointing (so checkpointed blocks recompute it)."""
+def _expert_parallel(model: torch.nn.Module, dims: ParallelDims) -> Any:
+    """Every MoE block's experts held and computed over this rank's ep group (tokens all-to-all), applied to the
+    plain model after tensor parallel and before activation checkpointing (so checkpointed blocks recompute
+    it); the expert slices become DeepSpeed expert parameters. Returns the ep group."""
     import torch.distributed as dist
 
+    from llmtrain.models.gpt.moe import moe_layers
+    from llmtrain.parallel.engine import expert_data_parallel
     from llmtrain.parallel.expert_parallel import ExpertParallel, apply_expert_parallel
     from llmtrain.utils import print0
 
     group, ranks = dims.ep_group()
-    n = apply_expert_parallel(model, ExpertParallel(group, dims.ep, ranks.index(dist.get_rank())))
-    print0(f"expert parallel: {n} MoE blocks, experts split over ep groups of {dims.ep} ranks ({ranks})")
+    ep = ExpertParallel(group, dims.ep, ranks.index(dist.get_rank()))
+    layers = moe_layers(model)
+    sliced = apply_expert_parallel(model, ep)
+    expert_data_parallel(sliced, dims.ep)
+    held = sum(p.numel() for p in sliced)
+    local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print0(
+        f"expert parallel: {len(layers)} MoE blocks, experts split over ep groups of {dims.ep} ranks ({ranks}); "
+        f"this rank holds experts {list(ep.experts_of(layers[0]))} of {layers[0].num_experts}: "
+        f"{held:,} of {held * dims.ep:,} expert parameters, {local_bytes / 2**20:.2f} MiB of parameters in all"
+    )
+    return group
 
 
 def _context_parallel(model: torch.nn.Module, dims: ParallelDims, method: str) -> ContextParallel:

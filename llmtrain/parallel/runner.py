@@ -84,11 +84,28 @@ class EngineRunner:
         tp: int = 1,
         mpu: Any = None,
         universal: UniversalCheckpoint | None = None,
+        ep_group: Any = None,
     ):
         self.engine, self.optimizer = engine, optimizer
         self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
         self.tp, self.mpu = tp, mpu  # with tp > 1: the grid whose model-parallel group holds the shards
         self.universal = universal  # UniversalCheckpoint: resume on another layout
+        self.ep_group = ep_group  # parallel.ep > 1: the ranks whose expert slices make the whole experts
+        from llmtrain.parallel.engine import grad_norm_unreported
+
+        if ep_group is not None and engine.gradient_clipping() > 0 and grad_norm_unreported(engine):
+            # ZeRO-0 fp32 clips with DeepSpeed's clip_grad_norm_, which averages the ranks' local norms (they
+            # differ, each rank holding other experts): clip with the global norm instead
+            from llmtrain.parallel.ds_compat import replace_fp32_clipping
+
+            replace_fp32_clipping(engine, self._clip_fp32)
+
+    def _clip_fp32(self) -> None:
+        norm = self._local_grad_norm()
+        coef = min(1.0, self.engine.gradient_clipping() / (norm + 1e-6))
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
     def train_step(self, objective, micro_batches, measure_norm):
         from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
@@ -115,6 +132,10 @@ class EngineRunner:
         from llmtrain.parallel.layout import model_parallel_grad_norm
 
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if self.ep_group is not None:
+            from llmtrain.parallel.expert_parallel import expert_parallel_grad_norm
+
+            return expert_parallel_grad_norm(params, self.ep_group)
         if self.tp == 1:
             return model_parallel_grad_norm(params)  # gradients already averaged over the dp ranks
         return model_parallel_grad_norm(params, self.mpu.get_model_parallel_group(), self.mpu.get_slice_parallel_rank())

@@ -5,13 +5,14 @@
 moments, plus `meta.json` (the layout it was saved from, optimizer step, LR-schedule state).
 
 Saving gathers one parameter at a time: its ZeRO partitions over the data-parallel group, then its
-tensor-parallel shards, and the first replica of its pipeline stage writes it. No rank ever holds more
-than one whole parameter beyond its own shards, so consolidation never needs a second copy of the model.
-Loading on a layout that differs from the saved one (world size, tp, pp or ZeRO stage) reads each
-local parameter's file, keeps this rank's tensor-parallel slice and hands it to the engine, which keeps
-its own ZeRO partition. Every resume reads this format, on the same layout too (bit-exact there):
-DeepSpeed's own `state/*.pt` files are pickles, which torch.load would run code from, so they are
-written for DeepSpeed's tools but never read. meta.json therefore also carries what DeepSpeed's state
+tensor-parallel shards (or an expert stack's slices over the ep group), and the first replica of its
+pipeline stage writes it. No rank ever holds more than one whole parameter beyond its own shards, so
+consolidation never needs a second copy of the model. Loading on a layout that differs from the saved
+one (world size, tp, pp, ep or ZeRO stage) reads each local parameter's file, keeps this rank's
+tensor-parallel (or expert-parallel) slice and hands it to the engine, which keeps its own ZeRO partition.
+Every resume reads this format, on the same layout too (bit-exact there): DeepSpeed's own `state/*.pt`
+files are pickles, which torch.load would run code from, so they are written for DeepSpeed's tools but
+never read. meta.json therefore also carries what DeepSpeed's state
 held beyond the tensors: Adam's own step count (behind the trainer's after skipped updates) and the
 fp16 loss scaler.
 
@@ -76,9 +77,11 @@ def save_universal(
     tp_group: Any,
     writer: bool,
     step_state: dict[str, Any],
+    ep_group: Any = None,
 ) -> None:
     """Collective. `names` maps id(parameter) -> plain-model name; `writer` is this rank's duty to write
-    the parameters of its stage (first data-parallel replica, tensor-parallel rank 0)."""
+    the parameters of its stage (first data-parallel replica, tensor-parallel rank 0); `ep_group` the ranks
+    whose expert slices (`llmtrain_ep_shard`) make the whole expert stacks."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -96,6 +99,10 @@ def save_universal(
         state = get_full_state(engine, param)
         if hasattr(param, "llmtrain_tp_shard"):
             state = {k: _gather_tp(v, param, tp_group) for k, v in state.items()}
+        if hasattr(param, "llmtrain_ep_shard"):
+            from llmtrain.parallel.expert_parallel import gather_experts
+
+            state = {k: gather_experts(v, ep_group, param.llmtrain_ep_shard[1]) for k, v in state.items()}
         if writer and not is_pipe_replicated(param) and failed is None:
             path = _file(directory, names[id(param)])
             try:
@@ -222,6 +229,10 @@ def check_same_parameters(directory: Path, names: dict[int, str]) -> None:
 
 
 def _local_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    if hasattr(param, "llmtrain_ep_shard"):  # this rank's experts (expert_parallel.py)
+        from llmtrain.parallel.expert_parallel import local_experts
+
+        return local_experts(full, param)
     if hasattr(param, "llmtrain_tp_shard"):
         dim, index = param.llmtrain_tp_shard
         return full.index_select(dim, index.cpu())
@@ -246,7 +257,9 @@ def _jsonable(value: Any) -> Any:
 class UniversalCheckpoint:
     """What a runner needs to write and read the layout-independent format on its layout."""
 
-    def __init__(self, model: torch.nn.Module, layout: dict[str, Any], tp_group: Any, writer: bool):
+    def __init__(
+        self, model: torch.nn.Module, layout: dict[str, Any], tp_group: Any, writer: bool, ep_group: Any = None
+    ):
         # Taken from the plain model after tensor parallel, before the pipeline split: the engines keep
         # these very Parameter objects, so identity gives each one its plain name on every layout.
         named = dict(model.named_parameters())
@@ -260,7 +273,7 @@ class UniversalCheckpoint:
         )
         self.base = base_pointer(init_from) if init_from and (frozen or converted_buffers) else None
         self.names = {id(p): n for n, p in named.items() if p.requires_grad or self.base is None}
-        self.layout, self.tp_group, self.writer = layout, tp_group, writer
+        self.layout, self.tp_group, self.writer, self.ep_group = layout, tp_group, writer, ep_group
 
     def save(self, engine: Any, directory: Path) -> None:
         from llmtrain.parallel.engine import adam_step, get_loss_scaler
@@ -272,7 +285,9 @@ class UniversalCheckpoint:
             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             "base": with_relative_path(self.base, directory),
         }
-        save_universal(engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state)
+        save_universal(
+            engine, self.names, directory, self.layout, self.tp_group, self.writer, step_state, self.ep_group
+        )
 
     def needs_conversion(self, directory: Path) -> bool:
         """True when `directory` was saved on another layout (worth a line in the log)."""

@@ -102,6 +102,7 @@ BASE = [f"{ROOT}/recipes/moe_debug.yaml"]
         (["parallel.ep=3"], r"model.moe.num_experts=4 is not divisible by parallel.ep=3"),
         (["parallel.tp=2"], r"model.moe needs parallel.tp=1"),
         (["parallel.pp=2"], r"model.moe needs parallel.pp=1"),
+        (["parallel.ep=2", "parallel.zero_stage=3"], r"parallel.ep=2 works with parallel.zero_stage 0, 1 or 2"),
         (["model.moe.top_k=5"], r"model.moe.top_k=5 exceeds model.moe.num_experts=4"),
         (["model.moe.capacity_factor=-1"], r"model.moe.capacity_factor must be a number >= 0"),
         (["model.mlp=gelu"], r"model.moe: experts are SwiGLU MLPs"),
@@ -154,6 +155,14 @@ def test_flops_and_plan_count_active_parameters():
     plan = make_plan(load_config(BASE[0], ["parallel.ep=2", "train.global_batch_size=64"]), "moe_debug", 1, 8, 80)
     assert plan.params_active < plan.params_total and ", ep 2)" in format_plan(plan)
     assert "B active per token)" in format_plan(plan)
+    # each ep rank holds num_experts/ep of the routed experts (expert_parallel.py slices them)
+    one = make_plan(load_config(BASE[0], ["train.global_batch_size=64"]), "moe_debug", 1, 8, 80)
+    with torch.device("meta"):
+        moe_model = GPT(load_config(BASE[0]).model)
+    routed = sum(p.numel() for n, p in moe_model.named_parameters() if ".experts." in n)
+    assert routed > 0 and one.params_per_gpu == one.params_total
+    assert plan.params_per_gpu == pytest.approx(one.params_total - routed / 2)
+    assert plan.model_states_gib["params"] < one.model_states_gib["params"]
 
 
 def test_moe_student_distils_from_an_moe_teacher_and_logs_its_router():

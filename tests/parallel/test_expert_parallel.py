@@ -1,8 +1,9 @@
 """Expert parallel (parallel.ep, llmtrain/parallel/expert_parallel.py) in real runs: a tiny MoE decoder (4 experts,
 top 2, capacity 1.0 so some assignments drop, z-loss on) on one rank is this module's own reference; ep2 over
-torchrun (gloo all-to-all, ZeRO-2) follows its losses and gradient norms, logs the router metrics, and its
-step-2 checkpoint resumes on one rank (ep1) on the reference curve; ep2 on 4 ranks (two ep groups, dp 4, ZeRO-3,
-full activation checkpointing) follows it too.
+torchrun (gloo all-to-all, ZeRO-2, each rank holding 2 of the 4 experts) follows its losses and gradient norms,
+logs the router metrics, and its step-2 checkpoint resumes on one rank (ep1) on the reference curve; ep2 on 4
+ranks (two ep groups, dp 4, expert gradients reduced over expert-data-parallel pairs, ZeRO-1, full activation
+checkpointing) follows it too; the one-rank run's step-2 checkpoint resumes on ep2 (ZeRO-0) on its curve.
 
 Tolerances: the ZeRO parity tests' 1e-5 on losses and 2e-6 relative on gradient norms (ep computes the same
 products on other ranks and sums them in the same order; seen equal to the printed digits)."""
@@ -30,7 +31,7 @@ RECIPE = "recipes/moe_debug.yaml"
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe1") / "run"
-    proc = train(out, *MOE, recipe=RECIPE)
+    proc = train(out, *MOE, "checkpoint.interval=2", recipe=RECIPE)
     assert "MoE 4 experts, top 2, ep 1" in proc.stdout
     return out
 
@@ -44,6 +45,8 @@ def ep2(tmp_path_factory):
     )  # fmt: skip
     assert "MoE 4 experts, top 2, ep 2" in proc.stdout and "ep groups of 2 adjacent ranks" in proc.stdout
     assert "expert parallel: 2 MoE blocks" in proc.stdout
+    # rank 0 holds experts 0-1 only: 2 blocks x (gate, up, down) x 2 experts x 512 x 64, half of the 4 experts
+    assert "this rank holds experts [0, 1] of 4: 393,216 of 786,432 expert parameters" in proc.stdout
     return out
 
 
@@ -80,12 +83,28 @@ def test_ep2_checkpoint_resumes_on_one_rank(one_rank, ep2, tmp_path):
 
 
 @pytest.mark.slow
-def test_ep2_over_dp4_zero3_matches_one_rank(one_rank, tmp_path):
+def test_ep2_over_dp4_zero1_matches_one_rank(one_rank, tmp_path):
     out = tmp_path / "run"
     proc = train(
-        out, *MOE, "parallel.ep=2", "parallel.zero_stage=3", "parallel.activation_checkpointing=full",
+        out, *MOE, "parallel.ep=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=full",
         recipe=RECIPE, launcher="torchrun", nproc=4,
     )  # fmt: skip
     assert "world 4 (dp 4 x tp 1 x pp 1 | MoE 4 experts, top 2, ep 2)" in proc.stdout
     assert_losses_match(losses(out), losses(one_rank), TOL)
     assert_norms_match(grad_norms(out), grad_norms(one_rank))
+
+
+@pytest.mark.slow
+def test_one_rank_checkpoint_resumes_on_ep2_zero0(one_rank, tmp_path):
+    # ep1 -> ep2: the whole expert stacks of the one-rank checkpoint sliced per rank; ZeRO-0 fp32 (the recipe's
+    # stage) reduces expert gradients over the expert-data-parallel group and clips with the global norm
+    out = tmp_path / "run"
+    proc = train(
+        out, *MOE, "parallel.ep=2", "parallel.zero_stage=0", f"train.resume={one_rank / 'checkpoints' / 'step_00000002'}",
+        recipe=RECIPE, launcher="torchrun", nproc=2,
+    )  # fmt: skip
+    assert "resuming across layouts" in proc.stdout
+    got = losses(out)
+    assert sorted(got) == [3, 4]
+    assert_losses_match(got, {s: v for s, v in losses(one_rank).items() if s > 2}, TOL)
+    assert_norms_match(grad_norms(out), {s: v for s, v in grad_norms(one_rank).items() if s > 2})
