@@ -247,6 +247,7 @@ def print_layout(cfg: Config, derived: Derived, info: DistInfo, model: torch.nn.
     from llmtrain.parallel.ds_compat import full_numel
 
     n = sum(full_numel(p) for p in model.parameters())  # ZeRO-3 leaves numel() 0
+    n += sum(p.numel() * (p.llmtrain_ep_shard[1] - 1) for p in model.parameters() if hasattr(p, "llmtrain_ep_shard"))
     print0(
         f"llmtrain | model {cfg.model.name} {n / 1e6:.2f}M params | world {derived.world_size} "
         f"(dp {derived.dp_size} x tp {cfg.parallel.tp} x pp {cfg.parallel.pp}{_cp_part(cfg)}{_moe_part(cfg)}) on {info.device.type}/"
