@@ -130,6 +130,9 @@ class ParallelConfig:
     overlap_comm: bool | None = None
     # Elements per communication bucket: gradient reduce, parameter all-gather and ZeRO-3 prefetch.
     comm_bucket_size: int = 500_000_000
+    # ZeRO-0 data parallel: all-reduce gradients in buckets of this many MiB while backward still runs (as
+    # torch DDP does; llmtrain/parallel/grad_overlap.py); 0: DeepSpeed's one all-reduce after backward.
+    grad_overlap_mb: float = 4.0
     # Extra DeepSpeed config keys merged last (logged); for knobs llmtrain does not model itself.
     deepspeed_overrides: dict = field(default_factory=dict)
 

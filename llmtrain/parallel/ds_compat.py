@@ -42,6 +42,11 @@ REQUIRED: tuple[tuple[str, str, str, str], ...] = (
     (*_ENGINE, "global_steps", "set"),
     (*_ENGINE, "checkpoint_engine", "set"),
     (*_ENGINE, "enable_backward_allreduce", "set"),
+    (*_ENGINE, "allreduce_gradients", "attr"),
+    (*_ENGINE, "inside_no_sync_ctxt", "set"),
+    (*_ENGINE, "gradient_average", "set"),
+    (*_ENGINE, "postscale_gradients", "attr"),
+    (*_ENGINE, "gradient_predivide_factor", "attr"),
     (*_ENGINE, "dp_world_size", "set"),
     (*_ENGINE, "seq_dp_world_size", "set"),
     (*_ENGINE, "has_moe_layers", "set"),
@@ -238,6 +243,28 @@ def moe_engine(enabled: bool) -> Iterator[None]:
         yield
     finally:
         cls._configure_distributed_model = original
+
+
+def replace_allreduce_gradients(engine: Any, reduce: Callable[..., None]) -> None:
+    """Make the engine call `reduce` where it would all-reduce the gradients itself (at the end of each
+    backward; llmtrain/parallel/grad_overlap.py)."""
+    _require(engine, "allreduce_gradients", "DeepSpeedEngine")
+    engine.allreduce_gradients = reduce
+
+
+def inside_no_sync(engine: Any) -> bool:
+    """Inside the engine's `no_sync()` context: backward accumulates without reducing."""
+    return bool(_require(engine, "inside_no_sync_ctxt", "DeepSpeedEngine"))
+
+
+def default_grad_averaging(engine: Any) -> bool:
+    """The engine averages gradients DeepSpeed's default way: all-reduce a sum, then multiply by 1/dp."""
+    where = "DeepSpeedEngine"
+    return (
+        bool(_require(engine, "gradient_average", where))
+        and _require(engine, "postscale_gradients", where)()
+        and _require(engine, "gradient_predivide_factor", where)() == 1.0
+    )
 
 
 def global_steps(engine: Any) -> int:

@@ -273,6 +273,9 @@ def build_engine(
             mpu=mpu,
         )
     ds_compat.skip_identity_allreduce(engine)
+    from llmtrain.parallel.grad_overlap import install
+
+    install(engine, cfg, derived)
     return engine, optimizer
 
 
