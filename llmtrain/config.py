@@ -590,6 +590,12 @@ def _check_moe(cfg: Config) -> None:
             f"ZeRO-3 partitions every parameter over all data-parallel ranks; set parallel.zero_stage=2 or "
             f"parallel.ep=1"
         )
+    if p.ep > 1 and p.zero_stage == 0 and cfg.precision in ("bf16", "fp16"):
+        raise ConfigError(
+            f"parallel.ep={p.ep} with precision={cfg.precision} needs parallel.zero_stage 1 or 2: DeepSpeed's "
+            f"ZeRO-0 {cfg.precision} optimizer reports the gradient norm of per-rank experts ~2% low (and clips "
+            f"with it); set parallel.zero_stage=1"
+        )
 
 
 def _check_model_split(cfg: Config) -> None:

@@ -103,6 +103,7 @@ BASE = [f"{ROOT}/recipes/moe_debug.yaml"]
         (["parallel.tp=2"], r"model.moe needs parallel.tp=1"),
         (["parallel.pp=2"], r"model.moe needs parallel.pp=1"),
         (["parallel.ep=2", "parallel.zero_stage=3"], r"parallel.ep=2 works with parallel.zero_stage 0, 1 or 2"),
+        (["parallel.ep=2", "precision=bf16"], r"parallel.ep=2 with precision=bf16 needs parallel.zero_stage 1 or 2"),
         (["model.moe.top_k=5"], r"model.moe.top_k=5 exceeds model.moe.num_experts=4"),
         (["model.moe.capacity_factor=-1"], r"model.moe.capacity_factor must be a number >= 0"),
         (["model.mlp=gelu"], r"model.moe: experts are SwiGLU MLPs"),
