@@ -136,3 +136,18 @@ def test_finetune_benchmark_table_of_its_committed_results(tmp_path):
     full = doc["rows"][0]
     assert full["grad_bytes"] + full["optimizer_bytes"] == 12 * full["trainable_params"]  # fp32 grad + 2 moments
     assert set(doc["aims"]) >= {"lora8", "lora16", "mask_full", "mask_lora16"}
+
+
+def test_bert_compression_benchmark_table_of_its_committed_results():
+    """benchmarks/compression_real_bert.py needs all-MiniLM-L6-v2 and an hour of CPU: its committed results are
+    checked here (gap closed is the accuracies' ratio; the aim's flag agrees with them) and --table reads them."""
+    results = ROOT / "benchmarks" / "results" / "compression_real_bert.json"
+    doc = json.loads(results.read_text())
+    acc = {k: v["acc"] for k, v in doc["accuracy"].items()}
+    for v, gap in doc["gap_closed_acc"].items():
+        assert abs(gap - (acc[v] - acc["scratch_ce"]) / (acc["teacher"] - acc["scratch_ce"])) < 1e-9
+    a = acc["pruned_distilled"]
+    met = doc["gap_closed_acc"]["pruned_distilled"] >= 0.8 and a > acc["pruned_ce"] and a > acc["scratch_ce"]
+    assert doc["aim_a_closes_0.8_and_beats_b_c"] == met
+    proc = _run("benchmarks/compression_real_bert.py", "--table", str(results))
+    assert proc.stdout.count("\n| ") == 6  # header rule + teacher + four students
