@@ -60,7 +60,7 @@ class Case:
 _DEBUG = ()  # recipes/gpt_debug.yaml as it is: 4 layers x 192, 6 heads, seq 128, micro 8 x accum 2
 _MID = ("model.n_layer=6", "model.n_embd=384", "model.n_head=6", "train.seq_len=256", "train.micro_batch_size=4",
         "train.global_batch_size=8")  # fmt: skip
-_BIG = ("model.n_layer=12", "model.n_embd=768", "model.n_head=12", "train.seq_len=512", "train.micro_batch_size=2",
+_BIG = ("model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.block_size=512", "train.seq_len=512", "train.micro_batch_size=2",
         "train.global_batch_size=4")  # fmt: skip
 
 CASES = [
