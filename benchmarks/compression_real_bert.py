@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,28 +61,8 @@ NAMES = {
 }
 
 
-def run(cmd: list[str], log: Path) -> None:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(ROOT),
-    )
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
-    print(f"  {time.time() - t0:6.0f} s  {log.stem}", flush=True)
-
-
-def metrics(out: Path) -> list[dict]:
-    m = out / "metrics.jsonl"
-    return [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else []
-
-
-def finished(out: Path, steps: int) -> bool:
-    return any(r.get("step") == steps and "eval_loss" in r for r in metrics(out))
+# the same subprocess, metrics and finished-run helpers as the decoder benchmark
+from compression_real import finished, metrics, run  # noqa: E402
 
 
 def class_data(tokenizer: Path, seq_len: int, micro: int):  # noqa: ANN201 (SourceClassData)
