@@ -391,6 +391,12 @@ def check_exportable(cfg: Any, source: str | Path) -> str:
             )
         return "llama"
     if gpt2.exports(cfg):
+        if cfg.gelu_approximate != "tanh":
+            raise UserError(
+                f"{source}: model.gelu_approximate={cfg.gelu_approximate}: llama.cpp's gpt2 graph runs the tanh GELU, "
+                f"so this model would compute differently there; train with the default model.gelu_approximate=tanh "
+                f"(or export it with llmtrain export-hf)"
+            )
         return "gpt2"
     raise UserError(
         f"{source}: model.pos={cfg.pos}, norm={cfg.norm}, mlp={cfg.mlp} is neither the Llama flavour "

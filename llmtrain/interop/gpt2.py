@@ -1,4 +1,7 @@
-"""GPT-2 <-> the GPT-2 flavour of llmtrain's decoder (learned positions, LayerNorm, GELU-tanh, biases).
+"""GPT-2 <-> the GPT-2 flavour of llmtrain's decoder (learned positions, LayerNorm, GELU, biases).
+
+GELU: GPT-2's tanh form (model.gelu_approximate=tanh) is transformers' activation_function "gelu_new" (or
+"gelu_pytorch_tanh"); the exact one (none) is "gelu".
 
 transformers' GPT-2 stores linear weights as Conv1D (in, out); ours are nn.Linear (out, in): transposed.
 A model with fixed sinusoidal positions (model.pos=sinusoidal) exports too: GPT-2 adds `wpe[p]` to the token
@@ -10,7 +13,7 @@ reads the export back as model.pos=learned).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -21,6 +24,9 @@ from llmtrain.models.gpt.config import GPTConfig
 
 HF_MODEL_TYPES = ("gpt2",)
 HF_ARCHITECTURE = "GPT2LMHeadModel"
+
+# transformers' activation_function -> model.gelu_approximate; export writes the first name of each
+_ACTIVATIONS: dict[str, Literal["tanh", "none"]] = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 # our block name -> (HF block name, is a Conv1D weight)
 _BLOCK = {
@@ -72,7 +78,7 @@ def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, tor
         n_layer=c.n_layer,
         n_head=c.n_head,
         n_inner=c.intermediate_size,
-        activation_function="gelu_new",
+        activation_function=next(k for k, v in _ACTIVATIONS.items() if v == c.gelu_approximate),
         resid_pdrop=c.dropout,
         embd_pdrop=c.dropout,
         attn_pdrop=c.dropout,
@@ -95,8 +101,11 @@ def to_hf(c: GPTConfig, sd: dict[str, torch.Tensor]) -> tuple[Any, dict[str, tor
 
 
 def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"GPT-2 import: activation '{cfg.activation_function}' is not the tanh GELU llmtrain uses")
+    if cfg.activation_function not in _ACTIVATIONS:
+        raise UserError(
+            f"GPT-2 import: activation_function '{cfg.activation_function}' is not supported; llmtrain's GPT-2 "
+            f"flavour runs {', '.join(_ACTIVATIONS)} (model.gelu_approximate tanh or none)"
+        )
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):
         raise UserError("GPT-2 import: only the standard 1/sqrt(head size) attention scaling is supported")
     sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
@@ -114,6 +123,7 @@ def from_hf(cfg: Any, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str,
         tie_embeddings=tied,
         norm_eps=cfg.layer_norm_epsilon,
         intermediate_size=cfg.n_inner,
+        gelu_approximate=_ACTIVATIONS[cfg.activation_function],
     )
     out = {ours: sd[hf.removeprefix("transformer.")].float() for ours, hf in _TOP.items()}
     for i in range(c.n_layer):

@@ -3,8 +3,12 @@ grouped-query attention."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmtrain.models import MODEL_SIZES, ModelConfig, build_model
 from llmtrain.models.gpt import apply_rope, rope_cos_sin
@@ -128,3 +132,40 @@ def test_cached_logits_equal_full_forward():
     pieces += [model(ids[:, t : t + 1], cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 20
+
+
+def test_gelu_approximate_picks_the_mlp_gelu():
+    """model.gelu_approximate: tanh (GPT-2's, the default) or none (exact erf GELU) in the GELU MLP."""
+    base = dict(n_layer=1, n_head=4, n_embd=32, vocab_size=64, block_size=16)
+    assert ModelConfig(**base).gelu_approximate == "tanh"
+    x = 30 * torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))  # pre-activations of a few units
+    out = {}
+    for approx in ("tanh", "none"):
+        torch.manual_seed(1)
+        model = build_model(ModelConfig(**base, **({} if approx == "tanh" else {"gelu_approximate": approx})))
+        model.init_weights()
+        mlp = model.blocks[0].mlp
+        with torch.no_grad():
+            out[approx] = mlp(x)
+            ref = mlp.down(F.gelu(mlp.up(x), approximate="tanh") if approx == "tanh" else F.gelu(mlp.up(x)))
+        torch.testing.assert_close(out[approx], ref, rtol=0, atol=0)
+    assert (out["tanh"] - out["none"]).abs().max().item() > 1e-5  # the two GELUs differ there
+
+
+def test_gelu_approximate_config():
+    """Only the GELU MLP has the key: with mlp=swiglu a non-default value is one line naming it; a saved
+    config.yaml from before the key loads with the tanh GELU it was trained with."""
+    from llmtrain.config import load_config
+    from llmtrain.errors import ConfigError
+    from llmtrain.models.config import model_config_from_dict
+
+    root = Path(__file__).resolve().parents[2]
+    exact = load_config(root / "recipes/gpt_debug.yaml", ["model.gelu_approximate=none"]).model
+    assert exact.gelu_approximate == "none"
+    with pytest.raises(ConfigError, match=r"^model\.gelu_approximate=none applies to model\.mlp=gelu only.*remove"):
+        load_config(root / "recipes/llama_debug.yaml", ["model.gelu_approximate=none"])
+    with pytest.raises(ConfigError, match="gelu_approximate"):
+        load_config(root / "recipes/gpt_debug.yaml", ["model.gelu_approximate=erf"])
+    saved = dataclasses.asdict(load_config(root / "recipes/gpt_debug.yaml").model)
+    del saved["gelu_approximate"]
+    assert model_config_from_dict(saved, "config.yaml").gelu_approximate == "tanh"

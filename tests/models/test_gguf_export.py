@@ -300,3 +300,19 @@ def test_llama_cpp_logits_match(llama):
         top = ref.abs().max().item()
         assert (theirs - ref).abs().max().item() <= 2e-2 * top, kind
         assert (theirs.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+def test_exact_gelu_gpt2_flavour_is_refused(tmp_path, capsys):
+    """llama.cpp's gpt2 graph runs the tanh GELU: a model.gelu_approximate=none model is refused in one line
+    saying why and what to do, and no file is written."""
+    from llmtrain.model_dir import write_model_dir
+
+    cfg = ModelConfig(n_layer=1, n_head=4, n_embd=32, vocab_size=64, block_size=16, gelu_approximate="none")
+    with torch.device("meta"):
+        sd = build_model(cfg).state_dict()
+    model_dir = write_model_dir(cfg, {k: torch.zeros(v.shape) for k, v in sd.items()}, tmp_path / "exact")
+    assert main(["export-gguf", str(model_dir), str(tmp_path / "exact.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "model.gelu_approximate=none" in err and "tanh GELU" in err and "train with the default" in err, err
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".tmp-*"))

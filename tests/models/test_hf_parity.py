@@ -258,3 +258,55 @@ def test_gpt2_export_of_sinusoidal_positions():
     back.load_state_dict(back_sd)
     with torch.no_grad():
         torch.testing.assert_close(back(ids), mine(ids), **TOL)
+
+
+def test_gpt2_exact_gelu_both_directions():
+    """activation_function="gelu" (exact) is model.gelu_approximate=none both ways, "gelu_new" the default
+    tanh. The feed-forward weights are scaled up so that pre-activations reach a few units, where the two
+    GELUs differ: the same weights with the tanh GELU are off by more than 5x the tolerance."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=16,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            activation_function="gelu",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    ).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(("mlp.c_fc.weight", "mlp.c_proj.weight")):
+                p.mul_(20)
+    ids = torch.randint(0, VOCAB, (2, 16))
+
+    cfg, sd = family_for_hf("gpt2").from_hf(hf.config, hf.state_dict())
+    assert cfg.gelu_approximate == "none"
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(sd)
+    _assert_parity(hf, ours, ids)
+    tanh = build_model(dataclasses.replace(cfg, gelu_approximate="tanh")).eval()
+    tanh.load_state_dict(sd)
+    with torch.no_grad():
+        assert (tanh(ids) - hf(ids).logits).abs().max().item() > 5 * TOL["atol"]
+
+    hf_cfg, hf_sd = family_for_config(cfg).to_hf(cfg, ours.state_dict())
+    assert hf_cfg.activation_function == "gelu"
+    back = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    back.load_state_dict(hf_sd, strict=False)
+    back.tie_weights()
+    _assert_parity(back, ours, ids)
+    assert family_for_config(tanh.cfg).to_hf(tanh.cfg, sd)[0].activation_function == "gelu_new"
+
+
+def test_gpt2_import_refuses_other_activations():
+    with pytest.raises(ValueError, match="activation_function 'relu' is not supported.*gelu_approximate"):
+        family_for_hf("gpt2").from_hf(transformers.GPT2Config(activation_function="relu"), {})

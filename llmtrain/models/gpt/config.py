@@ -22,6 +22,9 @@ class GPTConfig(ModelConfig):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     # Decoder feed-forward: gelu (down(gelu(up x)), GPT-2) or swiglu (down(silu(gate x) * up x), Llama).
     mlp: Literal["gelu", "swiglu"] = "gelu"
+    # GELU of mlp=gelu (litgpt's key): tanh (GPT-2's, Hugging Face gelu_new; the default) or none (exact erf
+    # GELU, nanoGPT's; faster on CPU).
+    gelu_approximate: Literal["tanh", "none"] = "tanh"
     # Key/value heads (grouped-query attention when < n_head); None means n_head.
     n_kv_head: int | None = None
     # Attention head size; None means n_embd // n_head (a pruned model keeps its heads' size with fewer heads).
@@ -46,6 +49,11 @@ class GPTConfig(ModelConfig):
                     f"valid: {', '.join(sorted(known))}"
                 )
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.gelu_approximate != "tanh" and self.mlp != "gelu":
+            raise ConfigError(
+                f"model.gelu_approximate={self.gelu_approximate} applies to model.mlp=gelu only (got "
+                f"mlp={self.mlp}); remove model.gelu_approximate"
+            )
         self.moe = moe_config(self.moe)
         if self.moe is not None and self.mlp != "swiglu":
             raise ConfigError(

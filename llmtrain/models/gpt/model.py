@@ -210,6 +210,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = cfg.intermediate_size or 4 * cfg.n_embd
         self.swiglu = cfg.mlp == "swiglu"
+        self.approximate = cfg.gelu_approximate  # tanh (GPT-2) or none (exact erf)
         if self.swiglu:
             self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
@@ -217,7 +218,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")  # (B, T, H)
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, H)
+        else:
+            h = F.gelu(self.up(x), approximate=self.approximate)  # (B, T, H)
         return self.dropout(self.down(h))
 
 
