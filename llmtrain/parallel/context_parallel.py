@@ -428,8 +428,10 @@ class ContextParallelRunner(EngineRunner):
         super().__init__(*args, **kwargs)
         self.cp = cp
 
-    def train_step(self, objective, micro_batches, measure_norm):
-        return super().train_step(ContextParallelObjective(objective, self.cp), micro_batches, measure_norm)
+    def train_step(self, objective, micro_batches, measure_norm, stop_requested=False):
+        return super().train_step(
+            ContextParallelObjective(objective, self.cp), micro_batches, measure_norm, stop_requested
+        )
 
     def eval_loss(self, objective, batch):
         return super().eval_loss(ContextParallelObjective(objective, self.cp), batch)

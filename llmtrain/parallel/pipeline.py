@@ -134,7 +134,8 @@ class PipelineRunner:
     def _pairs(self, micro_batches: list[dict[str, torch.Tensor]]) -> Any:
         return iter([(self.split.inputs(mb), self.split.labels(mb)) for mb in micro_batches])
 
-    def train_step(self, objective, micro_batches, measure_norm):
+    def train_step(self, objective, micro_batches, measure_norm, stop_requested=False):
+        # no collective of ours here to carry the stop agreement: StepResult.stop stays None
         if (
             not isinstance(self.engine.module.loss_fn, ObjectiveLoss)
             or self.engine.module.loss_fn.objective is not objective

@@ -24,16 +24,20 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # mean loss over this rank's micro-batches (detached)
     grad_norm: float | None  # global norm before clipping, when measured
     skipped: bool  # the update was skipped on every rank: the loss was not finite somewhere
+    # Whether some rank was asked to stop, agreed by the step's own all-reduce (None: not carried; the
+    # trainer then agrees with a collective of its own)
+    stop: bool | None = None
 
 
-def all_ranks_finite(value: torch.Tensor) -> bool:
-    """Collective: True when `value` is finite on every rank."""
+def all_ranks_agree(value: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """Collective, one all-reduce: (`value` is finite on every rank, some rank was asked to stop)."""
     import torch.distributed as dist
 
-    flag = torch.isfinite(value).float().reshape(1)
+    flag = torch.stack([torch.isfinite(value).float(), torch.full_like(value, 0.0 if stop_requested else 1.0)])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    finite, go_on = flag.tolist()
+    return finite == 1.0, go_on == 0.0
 
 
 class Runner(Protocol):
@@ -43,10 +47,16 @@ class Runner(Protocol):
     dp_size: int
 
     def train_step(
-        self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]], measure_norm: bool
+        self,
+        objective: Objective,
+        micro_batches: list[dict[str, torch.Tensor]],
+        measure_norm: bool,
+        stop_requested: bool = False,
     ) -> StepResult:
         """One optimizer step over the accumulation micro-batches. When the loss is not finite on any
-        rank, every rank skips the parameter update (weights and optimizer moments stay as they were)."""
+        rank, every rank skips the parameter update (weights and optimizer moments stay as they were).
+        `stop_requested`: this rank got a stop signal; a runner whose step has a collective anyway may agree on
+        it there (`StepResult.stop`), saving the trainer one synchronisation per step."""
         ...
 
     def eval_loss(self, objective: Objective, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,6 +109,28 @@ class EngineRunner:
             from llmtrain.parallel.ds_compat import replace_fp32_clipping
 
             replace_fp32_clipping(engine, self._clip_fp32)
+        elif engine.mpu is None and engine.gradient_clipping() > 0 and grad_norm_unreported(engine):
+            from llmtrain.parallel.ds_compat import replace_fp32_clipping
+
+            replace_fp32_clipping(engine, self._clip_fp32_replicated)
+
+    def _clip_fp32_replicated(self) -> None:
+        """DeepSpeed's ZeRO-0 fp32 clipping (`deepspeed.runtime.utils.clip_grad_norm_`) less its all-reduce.
+
+        Same arithmetic: each gradient's L2 norm, the root of the sum of their squares, coefficient
+        min(1, max_norm / (norm + 1e-6)) multiplied into every gradient. DeepSpeed then averages the norm over
+        the data-parallel ranks for the sake of MoE, whose expert gradients differ between ranks (that case
+        has `_clip_fp32`). Here every rank holds the same all-reduced gradients, so the average is the norm
+        itself (bit for bit at 1 and 2 ranks, within an ulp beyond) and the all-reduce was one more point per
+        step where every rank waits for the slowest. The per-gradient loops become foreach calls
+        (the same kernels, the same bits)."""
+        grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float().pow(0.5)
+        max_norm = torch.tensor([float(self.engine.gradient_clipping())], device=norm.device)
+        coef = torch.min(torch.ones(1, device=norm.device), max_norm / (norm + 1e-6))
+        torch._foreach_mul_(grads, coef.reshape(()))
 
     def _clip_fp32(self) -> None:
         norm = self._local_grad_norm()
@@ -107,26 +139,27 @@ class EngineRunner:
             if p.grad is not None:
                 p.grad.mul_(coef)
 
-    def train_step(self, objective, micro_batches, measure_norm):
+    def train_step(self, objective, micro_batches, measure_norm, stop_requested=False):
         from llmtrain.parallel.engine import grad_norm_unreported, reported_grad_norm
         from llmtrain.parallel.tensor_parallel import loss_context
 
         engine = self.engine
-        total, norm, skipped = torch.zeros((), device=self.device), None, False
+        total, norm, skipped, stop = torch.zeros((), device=self.device), None, False, None
         for i, mb in enumerate(micro_batches):
             with loss_context(self.tp):  # vocab-parallel cross-entropy, forward and backward
                 loss = local_loss(objective(engine, _to(mb, self.device)))
                 engine.backward(loss)
             total += loss.detach().float()
             if i == len(micro_batches) - 1:  # the boundary: engine.step() below updates the weights
-                skipped = not all_ranks_finite(total)
+                finite, stop = all_ranks_agree(total, stop_requested)
+                skipped = not finite
                 self.optimizer.skip_next = skipped
                 if measure_norm and grad_norm_unreported(engine):
                     norm = self._local_grad_norm()
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         if measure_norm and norm is None:
             norm = reported_grad_norm(engine)
-        return StepResult(total / len(micro_batches), norm, skipped)
+        return StepResult(total / len(micro_batches), norm, skipped, stop)
 
     def _local_grad_norm(self) -> float:
         from llmtrain.parallel.layout import model_parallel_grad_norm

@@ -2,8 +2,9 @@
 
 SIGTERM (SLURM preemption, `scancel`, `kill`), SIGUSR1 (`#SBATCH --signal`) and SIGINT (Ctrl-C, which a
 terminal sends to the launcher and every rank) all mean "checkpoint and stop": the handler only sets a
-flag; at each step boundary the ranks agree (one all-reduce of a flag, MAX) so that all of them
-checkpoint at the same step and exit 0 together; a rank that got no signal still stops. A second Ctrl-C
+flag; at each step the ranks agree (an all-reduce of a flag: the step's own finiteness check carries it
+where the runner has one, else `agreed`) so that all of them checkpoint at the same step and exit 0
+together; a rank that got no signal still stops. A second Ctrl-C
 interrupts at once.
 
 A rank also stops when its launcher dies (llmtrain/train/orphan.py): it sends itself SIGTERM, which
@@ -39,6 +40,11 @@ class StopRequest:
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
         self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        """This rank was signalled (not a collective; see `agreed`)."""
+        return self.signum is not None
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank has been signalled (collective)."""

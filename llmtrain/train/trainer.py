@@ -299,7 +299,7 @@ def run_loop(
             if model is not None:
                 at_step(model, state.step)
             log_now = (state.step + 1) % cfg.log.interval == 0 or state.step + 1 == t.max_steps
-            result = runner.train_step(objective, loader.batches(state.step), log_now)
+            result = runner.train_step(objective, loader.batches(state.step), log_now, stop.requested)
             check_finite(cfg, state, result.skipped)
             state.step += 1
             state.tokens_seen += derived.tokens_per_step
@@ -312,7 +312,9 @@ def run_loop(
                 log_eval(cfg, runner, data, objective, state, sink)
             if _due(cfg.checkpoint.interval, state.step, t.max_steps) and state.nonfinite_in_a_row == 0:
                 save(runner, cfg, state, data)  # never rotate good checkpoints out during a divergence
-            if state.step < t.max_steps and stop.agreed(runner.device):
+            # the step's own all-reduce carried the ranks' agreement where it could (one sync point less)
+            stopping = result.stop if result.stop is not None else stop.agreed(runner.device)
+            if state.step < t.max_steps and stopping:
                 return False
         return True
     finally:
