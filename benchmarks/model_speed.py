@@ -8,12 +8,17 @@
 
 The reference is written out below and is what users compare a trainer with (nanoGPT's shape of a GPT-2):
 token + learned position embeddings, pre-LayerNorm blocks with one fused QKV linear,
-`F.scaled_dot_product_attention(is_causal=True)`, exact GELU (`--reference-gelu tanh`: GPT-2's tanh
-approximation, which llmtrain's GPT-2 keeps for Hugging Face parity), tied embeddings, torch AdamW (foreach) on
-the same two parameter groups, gradient clipping, the same LR schedule, DDP over the same process group
-when there are 2 ranks. llmtrain runs its real `run_loop` (DeepSpeed engine, ZeRO stage of the case, fp32,
-logging every `log.interval` steps, stop-signal agreement, metrics sink). Both sides train on the same
+`F.scaled_dot_product_attention(is_causal=True)`, exact GELU, tied embeddings, torch AdamW built as nanoGPT
+builds it (torch's default implementation on CPU, which is its per-parameter loop there; `fused=True` on
+CUDA) on the same two parameter groups, gradient clipping, the same LR schedule, DDP over the same process
+group when there are 2 ranks. llmtrain runs its real `run_loop` (DeepSpeed engine, ZeRO stage of the case,
+fp32, logging every `log.interval` steps, stop-signal agreement, metrics sink). Both sides train on the same
 batches of the bundled text (llmtrain's data object), one CPU thread per rank.
+
+Same computation on both sides by default: llmtrain runs `model.gelu_approximate=none` (exact GELU, as the
+reference). `--gelu recipe` keeps the recipe's GELU (GPT-2's tanh approximation, which llmtrain keeps by
+default for Hugging Face parity; its kernel is slower on CPU) against the exact reference;
+`--gelu tanh --reference-gelu tanh` compares both in tanh.
 
 Each case runs in a process of its own (`torchrun --nproc_per_node 2` for the 2-rank cases); inside it,
 blocks of `--steps` steps alternate llmtrain / reference over `--rounds` rounds (the order flips every round,
@@ -168,6 +173,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         [
             *case.shape,
             *case.extra,
+            *([f"model.gelu_approximate={args.gelu}"] if args.gelu != "recipe" else []),
             *args.set,
             f"parallel.zero_stage={case.zero_stage}",
             f"precision={'bf16' if cuda else 'fp32'}",
@@ -196,7 +202,8 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
             ref.blocks[i] = torch.compile(block)
     o = cfg.optim
     groups = param_groups(ref, o.weight_decay, skip_decay=lambda name, p: p.dim() < 2)  # nanoGPT's rule
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    # nanoGPT's configure_optimizers: fused where CUDA is, torch's default elsewhere
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **({"fused": True} if cuda else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model = ref
     if world > 1:
@@ -272,6 +279,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         "threads_per_rank": torch.get_num_threads(),
         "device": str(info.device) if not cuda else torch.cuda.get_device_name(),
         "reference_gelu": args.reference_gelu,
+        "llmtrain_gelu": m.gelu_approximate,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
@@ -327,7 +335,7 @@ def launch(case: Case, args: argparse.Namespace, out: Path) -> dict:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.ranks}"]
     cmd += [__file__, "--worker", case.name, "--worker-out", str(out), "--recipe", args.recipe,
             "--rounds", str(args.rounds), "--steps", str(args.steps), "--threads", str(args.threads),
-            "--device", args.device, "--reference-gelu", args.reference_gelu]  # fmt: skip
+            "--device", args.device, "--reference-gelu", args.reference_gelu, "--gelu", args.gelu]  # fmt: skip
     if args.profile:
         cmd += ["--profile", args.profile]
     if not args.warmup:
@@ -343,14 +351,15 @@ def launch(case: Case, args: argparse.Namespace, out: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| case | ranks | ZeRO | compile | llmtrain tok/s | reference tok/s | ratio median (min–max) |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = ["| case | ranks | ZeRO | compile | GELU llmtrain / ref | llmtrain tok/s | reference tok/s | ratio median (min–max) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['case']} | | | | | | error: {r['error']} |")
+            rows.append(f"| {r['case']} | | | | | | | error: {r['error']} |")
             continue
+        gelu = f"{r.get('llmtrain_gelu', 'tanh')} / {r.get('reference_gelu', 'none')}"  # older files: tanh / exact
         rows.append(
-            f"| {r['case']} | {r['ranks']} | {r['zero_stage']} | {'yes' if r['compile'] else 'no'} | "
+            f"| {r['case']} | {r['ranks']} | {r['zero_stage']} | {'yes' if r['compile'] else 'no'} | {gelu} | "
             f"{r['llmtrain_tokens_per_s']:.0f} | {r['reference_tokens_per_s']:.0f} | "
             f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) |"
         )
@@ -370,7 +379,14 @@ def main() -> int:
         "--reference-gelu",
         choices=["none", "tanh"],
         default="none",
-        help="the reference's GELU: exact (default, nanoGPT's) or tanh (GPT-2's and llmtrain's)",
+        help="the reference's GELU: exact (default, nanoGPT's) or tanh (GPT-2's)",
+    )
+    ap.add_argument(
+        "--gelu",
+        choices=["none", "tanh", "recipe"],
+        default="none",
+        help="llmtrain's model.gelu_approximate: none (default: exact, as the reference), tanh, or recipe (keep "
+        "the recipe's: tanh for GPT-2)",
     )
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="count the first block too")
     ap.add_argument("--profile", default="", help="write per-op self times of both sides to this file")

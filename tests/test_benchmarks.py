@@ -119,6 +119,7 @@ def test_model_speed_benchmark_runs_llmtrain_and_the_reference_on_the_same_shape
     (case,) = json.loads(out.read_text())["cases"]
     assert case["case"] == "debug-1p" and case["shape"]["n_layer"] == 1 and len(case["ratios"]) == 2
     assert case["llmtrain_tokens_per_s"] > 0 and case["reference_tokens_per_s"] > 0
+    assert case["llmtrain_gelu"] == case["reference_gelu"] == "none"  # the same computation by default
     # the reference is the same shape as llmtrain's model: tied embeddings, GPT-2 blocks
     assert abs(case["reference_params"] - 8192 * 192 - 128 * 192 - 12 * 192 * 192) < 20 * 192
 
