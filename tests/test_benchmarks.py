@@ -124,6 +124,17 @@ def test_model_speed_benchmark_runs_llmtrain_and_the_reference_on_the_same_shape
     assert abs(case["reference_params"] - 8192 * 192 - 128 * 192 - 12 * 192 * 192) < 20 * 192
 
 
+def test_adamw_cpu_benchmark_times_and_compares_the_three_forms(tmp_path):
+    """The figures behind keeping torch's default AdamW on CPU: foreach gives the loop's bits, fused does not
+    (it rounds differently), each timed."""
+    out = tmp_path / "adamw.json"
+    _run("benchmarks/adamw_cpu.py", "--set", "model.n_layer=1", "--steps", "3", "--rounds", "2", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert set(doc["ms_per_step"]) == {"loop", "foreach", "fused"} and doc["steps_compared"] == 6
+    assert doc["same_bits_as_loop"] == {"foreach": True, "fused": False}
+    assert all(ms > 0 for ms in doc["ms_per_step"].values())
+
+
 def test_finetune_benchmark_table_of_its_committed_results(tmp_path):
     """benchmarks/finetune.py needs SmolLM2 and minutes of CPU per configuration: its committed results are
     checked here (every configuration ran or says why not; aims computed), and --merge / --table read them."""
