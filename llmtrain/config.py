@@ -132,9 +132,7 @@ class ParallelConfig:
     comm_bucket_size: int = 500_000_000
     # ZeRO-0 data parallel: all-reduce gradients in buckets of this many MiB while backward still runs (as
     # torch DDP does; llmtrain/parallel/grad_overlap.py); 0: DeepSpeed's one all-reduce after backward.
-    # Unset: 4 on GPU (NCCL reduces on its own stream), off on CPU, where gloo's reduction thread competes
-    # with the ranks' compute threads (benchmarks/model_speed.py measured it slower there).
-    grad_overlap_mb: float | None = None
+    grad_overlap_mb: float = 4.0
     # Extra DeepSpeed config keys merged last (logged); for knobs llmtrain does not model itself.
     deepspeed_overrides: dict = field(default_factory=dict)
 

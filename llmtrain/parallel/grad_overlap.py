@@ -142,7 +142,7 @@ class GradOverlap:
 def why_not(engine: Any, cfg: Config, derived: Derived) -> str | None:
     """Why the overlapped reduction does not apply to this engine, or None when it does."""
     dims, p = derived.dims, cfg.parallel
-    if bucket_mb(cfg) <= 0:
+    if p.grad_overlap_mb <= 0:
         return "parallel.grad_overlap_mb=0"
     if engine.zero_optimization_stage() != 0:
         return f"ZeRO-{engine.zero_optimization_stage()} reduces gradients itself"
@@ -156,14 +156,7 @@ def why_not(engine: Any, cfg: Config, derived: Derived) -> str | None:
         return "non-default DeepSpeed gradient averaging"
     if dist.get_world_size() != dims.dp:
         return "data-parallel group is not the world"
-    if p.grad_overlap_mb is None and engine.device.type == "cpu":
-        return "parallel.grad_overlap_mb unset: off on CPU, where it measured slower (set a size to turn it on)"
     return None
-
-
-def bucket_mb(cfg: Config) -> float:
-    """The bucket size in MiB: parallel.grad_overlap_mb, or 4 where it is unset (GPU; `why_not` has CPU)."""
-    return 4.0 if cfg.parallel.grad_overlap_mb is None else cfg.parallel.grad_overlap_mb
 
 
 def install(engine: Any, cfg: Config, derived: Derived) -> GradOverlap | None:
@@ -173,10 +166,10 @@ def install(engine: Any, cfg: Config, derived: Derived) -> GradOverlap | None:
     params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
     if any(p.dtype != torch.float32 or p.is_sparse for p in params):
         return None
-    overlap = GradOverlap(engine, params, dist.get_world_size(), bucket_mb(cfg))
+    overlap = GradOverlap(engine, params, dist.get_world_size(), cfg.parallel.grad_overlap_mb)
     ds_compat.replace_allreduce_gradients(engine, overlap.finish)
     print0(
         f"gradient all-reduce overlapped with backward: {len(overlap.buckets)} buckets of <= "
-        f"{bucket_mb(cfg):g} MiB (parallel.grad_overlap_mb)"
+        f"{cfg.parallel.grad_overlap_mb:g} MiB (parallel.grad_overlap_mb)"
     )
     return overlap
